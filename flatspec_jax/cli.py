@@ -1,0 +1,97 @@
+"""The ``flatspec`` command: one verb per pipeline stage, each reading a typed YAML config.
+
+    flatspec <verb> --config configs/<name>.yaml [--run-dir DIR] [--set key.path=value ...]
+
+Stage code lives in its own modules; this file only parses arguments, applies the
+overrides and dispatches, importing the heavy modules lazily so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from flatspec_jax.config import Config, ConfigError, load_config
+
+log = logging.getLogger("flatspec")
+
+# verb -> (module:function, help). Each function takes (Config, argparse.Namespace) -> int.
+VERBS: dict[str, tuple[str, str]] = {
+    "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("--run-dir", help="run directory (overrides run_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flatspec", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        _add_common(sub)
+        _VERB_ARGUMENTS.get(verb, lambda p: None)(sub)
+    return parser
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--draft", help="draft checkpoint directory: decode speculatively")
+    parser.add_argument("--max-new-tokens", type=int, help="decode.max_new_tokens")
+    parser.add_argument("--temperature", type=float, help="decode.temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, help="decode.top_p")
+
+
+_VERB_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "generate": _generate_arguments,
+}
+
+# Verb flags that are shorthands for config fields.
+_FLAG_TO_KEY = {
+    "max_new_tokens": "decode.max_new_tokens",
+    "temperature": "decode.temperature",
+    "top_p": "decode.top_p",
+    "run_dir": "run_dir",
+}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    for flag, key in _FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as err:
+        print(f"flatspec {args.verb}: config error: {err}", file=sys.stderr)
+        return 2
+    from flatspec_jax import runtime
+
+    runtime.initialize_distributed(cfg.distributed)
+    runtime.setup_logging(args.verbose)
+    runtime.enable_compilation_cache()
+    module_name, function_name = VERBS[args.verb][0].split(":")
+    handler = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(handler(cfg, args) or 0)
+    except KeyboardInterrupt:
+        log.warning("interrupted; finished work is saved and a re-run resumes from it")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

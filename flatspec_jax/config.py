@@ -1,0 +1,434 @@
+"""Typed run configuration: one frozen dataclass per stage, loaded from YAML and validated.
+
+A run is described by one YAML file (see ``configs/``) whose top-level keys are the
+fields of :class:`Config`. Every value is checked against its type hint when loaded, so
+a typo or a wrong type fails at start-up with the key path at fault rather than hours
+into a run. ``--set key.path=value`` on the command line goes through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key at fault."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The frozen target model."""
+
+    path: str | None = None
+    """HF directory (config.json + safetensors) or a .gguf file; null = embedded SmolLM2."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activation/compute dtype of the target forward."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the target parameters are stored in on device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where conversations come from and how they become token sequences."""
+
+    source: str = "sharegpt"
+    """'sharegpt' (embedded file), or a path to ShareGPT JSON, JSONL or parquet."""
+    limit: int | None = None
+    """Maximum number of valid conversations to use (file order); null = all."""
+    max_length: int = 512
+    """Tokens per sample after the chat template; longer samples are truncated."""
+    selection: str | None = None
+    """Selection manifest for training: a path, 'run' (the run directory's selection.json) or null (all data)."""
+    heldout: int = 16
+    """Samples held out of training (the last ones in file order) for draft agreement metrics."""
+    shuffle_seed: int = 0
+    """Seed of the training data order."""
+    num_workers: int = 0
+    """Grain worker processes (0 = in-process)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 8, "data.max_length", "must be >= 8")
+        _require(self.limit is None or self.limit > 0, "data.limit", "must be positive or null")
+        _require(self.heldout >= 0, "data.heldout", "must be >= 0")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """The flatness scoring pass."""
+
+    temperature: float = 1.0
+    """Temperature T of p = softmax(z / T) for every statistic."""
+    vocab_chunk: int = 8192
+    """Vocabulary rows per chunk of the fused LM-head + statistics kernel."""
+    row_length: int = 512
+    """Tokens per packed row; several samples share a row."""
+    rows_per_batch: int = 4
+    """Packed rows per scoring step (global, across data-parallel devices)."""
+    flush_every: int = 8
+    """Batches between atomic writes of finished rows (bounds work lost to a crash)."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "score.temperature", "must be > 0")
+        _require(self.vocab_chunk > 0, "score.vocab_chunk", "must be > 0")
+        _require(self.row_length >= 8, "score.row_length", "must be >= 8")
+        _require(self.rows_per_batch > 0, "score.rows_per_batch", "must be > 0")
+        _require(self.flush_every > 0, "score.flush_every", "must be > 0")
+
+
+SelectRule = Literal["sfdd", "random", "entropy", "flatness_low", "nll", "all"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Which scored samples train the draft."""
+
+    rule: SelectRule = "sfdd"
+    """sfdd: highest flatness; random (seeded); entropy: highest; flatness_low: lowest; nll: highest; all."""
+    keep: float = 0.5
+    """Fraction of samples kept, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.keep <= 1.0, "select.keep", "must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """The EAGLE draft head."""
+
+    num_layers: int = 1
+    """Decoder layers in the head (the reference uses 1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers >= 1, "draft.num_layers", "must be >= 1")
+
+
+LossName = Literal["eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Draft-head training."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    batch_tokens: int = 2048
+    """Tokens per optimizer step (rows x row_length x grad_accum)."""
+    row_length: int = 512
+    """Tokens per packed training row."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    loss: LossName = "eagle"
+    """Token term: eagle (soft cross-entropy), kl, tvd, tvdpp, lk (-log acceptance), lk_hybrid."""
+    feature_weight: float = 1.0
+    """v_w: weight of the SmoothL1 feature-regression term (0 disables it)."""
+    token_weight: float = 0.1
+    """p_w: weight of the token-distribution term."""
+    noise: float = 0.2
+    """Uniform noise amplitude on input features, U(-a/2, a/2) scaled by 512/row_length as in EAGLE."""
+    features: Literal["online", "offline"] = "online"
+    """online: the frozen target runs inside the train step; offline: read a feature cache."""
+    learning_rate: float = 3e-5
+    warmup_steps: int = 20
+    """Linear warm-up steps (capped at train.steps)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 0.5
+    """Global-norm gradient clipping threshold."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Draft compute dtype; master parameters stay float32."""
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_tokens", "row_length", "grad_accum", "log_every", "eval_every",
+                     "save_every", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _require(self.batch_tokens % (self.row_length * self.grad_accum) == 0, "train.batch_tokens",
+                 f"must be a multiple of train.row_length x train.grad_accum "
+                 f"({self.row_length} x {self.grad_accum})")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+        _require(self.feature_weight >= 0 and self.token_weight >= 0, "train.feature_weight",
+                 "loss weights must be >= 0")
+
+    @property
+    def rows_per_step(self) -> int:
+        """Packed rows per micro-batch."""
+        return self.batch_tokens // (self.row_length * self.grad_accum)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: axis sizes multiply to the device count; -1 takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        _require(all(s == -1 or s >= 1 for s in sizes), "mesh", "axis sizes must be >= 1 or -1")
+        _require(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process start-up (jax.distributed). Unset fields are read from the environment."""
+
+    enabled: bool | None = None
+    """null: initialise when the environment names a cluster (TPU pod, SLURM, the variables below)."""
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Generation and speculative decoding."""
+
+    method: Literal["ar", "chain", "tree"] = "tree"
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    gamma: int = 4
+    """Chain speculation: drafted tokens per round."""
+    depth: int = 5
+    """Tree speculation: draft levels per round."""
+    top_k: int = 8
+    """Tree speculation: children expanded per level."""
+    total_tokens: int = 63
+    """Tree speculation: drafted nodes verified per round."""
+    max_cache_length: int = 2048
+    """KV-cache slots per row (prompt + generated + one round of drafts)."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, "decode.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "decode.top_p", "must be in (0, 1]")
+        _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be > 0")
+        _require(self.gamma >= 1 and self.depth >= 1 and self.top_k >= 1, "decode.gamma",
+                 "gamma, depth and top_k must be >= 1")
+        _require(1 <= self.total_tokens <= self.top_k * self.depth * self.top_k, "decode.total_tokens",
+                 "must be between 1 and top_k x depth x top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Speculative-decoding evaluation."""
+
+    prompts: str = "mtbench"
+    """'mtbench' (embedded 80 questions) or a JSONL of prompts ({'prompt': ...} or {'turns': [...]})."""
+    limit: int | None = None
+    """Number of prompts (file order); null = all."""
+    turns: int = 1
+    """MT-bench turns per question (1 or 2)."""
+    warmup: int = 1
+    """Prompts run once before timing, to exclude compilation."""
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.turns in (1, 2), "eval.turns", "must be 1 or 2")
+        _require(self.limit is None or self.limit > 0, "eval.limit", "must be positive or null")
+        _require(self.warmup >= 0 and self.batch_size >= 1, "eval.warmup", "warmup >= 0 and batch_size >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: every stage of score -> select -> train -> eval."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    draft: DraftConfig = DraftConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    decode: DecodeConfig = DecodeConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0
+    run_dir: str = "runs/default"
+    """Where every output of the run is written."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Short content hash of the named top-level sections (what a stage's output depends on)."""
+        payload = json.dumps({s: _jsonable(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults when ``path`` is None) and applies ``key.path=value`` overrides.
+
+    Raises:
+      ConfigError: naming the file and key for an unknown key, a wrong type or a value out of range.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected key.path=value")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+    try:
+        return _build(Config, raw, prefix="")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Checks ``value`` against a type hint, converting only where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its type, default and description (for the README)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        for field in dataclasses.fields(cls):
+            hint = hints[field.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{field.name}.")
+                continue
+            default = field.default
+            type_name = _type_name(hint)
+            lines.append(f"| `{prefix}{field.name}` | {type_name} | `{json.dumps(default)}` | "
+                         f"{docs.get(field.name, '')} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Reads the string literal that follows each field in the class body (its attribute docstring)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

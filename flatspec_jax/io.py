@@ -1,0 +1,40 @@
+"""Atomic file writes: a reader never sees a half-written file, and a crash never destroys the old one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp_path)`` on a temporary file beside ``path``, fsyncs it, then renames it over ``path``.
+
+    The rename is atomic on POSIX file systems, so ``path`` holds either the old or the new
+    content, whatever happens mid-write (including ``kill -9``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Writes JSON with sorted keys and a trailing newline (byte-for-byte reproducible)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

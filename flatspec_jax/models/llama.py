@@ -1,0 +1,308 @@
+"""Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), SmolLM2 (tied embeddings).
+
+Shape legend:
+  B batch, T new tokens, S key positions (cache slots, or T without a cache), D model dim,
+  N query heads, K key/value heads, G = N // K query heads per KV head, H head dim,
+  F MLP dim, V vocabulary, L layers.
+
+Layers are stacked along a leading ``layers`` axis and run under ``jax.lax.scan``, so
+compile time does not grow with depth. Every parameter carries ``logical_axes`` metadata
+that :mod:`flatspec_jax.sharding` maps to a device mesh. Attention takes an explicit
+boolean mask ``[B, T, S]``: causal, packed (segment-wise causal) and tree-shaped masks are
+all built by :mod:`flatspec_jax.models.masks`, so one forward serves scoring, training,
+decoding and tree verification.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flatspec_jax.weights.arch import ArchSpec, RopeScaling
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype,
+           fan_in: int) -> nnx.Param:
+    """A normally-initialised weight with std 1/sqrt(fan_in) (real weights overwrite it on load)."""
+    value = jax.random.normal(rngs.params(), shape, dtype) * (fan_in ** -0.5)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated key/value cache of every layer. Slot s of a row holds position s.
+
+    Attributes:
+      k: [L, B, S, K, H] keys after RoPE.
+      v: [L, B, S, K, H] values.
+    """
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(cls, arch: ArchSpec, num_layers: int, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
+        shape = (num_layers, batch, length, arch.num_kv_heads, arch.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class ModelOutput(NamedTuple):
+    """hidden: [B, T, D] last hidden states after the final norm; logits: [B, T, V] or None."""
+
+    hidden: Array
+    logits: Array | None
+    cache: KVCache | None
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype = jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        """x: [..., D] -> [..., D]; normalised in float32 as the reference implementations do."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """[H // 2] float32 inverse frequencies, with Llama 3 frequency-dependent scaling when given."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos, sin: [B, T, H] for integer positions [B, T] (halves duplicated, HF layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [B, T, heads, H] rotated by position (non-interleaved halves, as in HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        d, n, k, h = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.dtype = dtype
+        self.num_kv_heads = k
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype, d)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype, d)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype, d)
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype, n * h)
+        if arch.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n, h), param_dtype), logical_axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((k, h), param_dtype), logical_axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((k, h), param_dtype), logical_axes=("kv_heads", "head_dim"))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+
+    def _project(self, x: Array, weight: nnx.Param, bias: nnx.Param | None) -> Array:
+        out = jnp.einsum("btd,dnh->btnh", x, weight[...].astype(self.dtype))
+        return out if bias is None else out + bias[...].astype(self.dtype)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 cache: tuple[Array, Array] | None, cache_index: Array | None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """Self-attention of the T new tokens over S keys.
+
+        Args:
+          x: [B, T, D] normed input.
+          cos, sin: [B, T, H] rotary tables of the new tokens' positions.
+          mask: [B, T, S] True where query t may attend key s.
+          cache: this layer's (k, v), each [B, S, K, H], or None (keys are the new tokens, S = T).
+          cache_index: [B] slot where each row's first new token is written.
+
+        Returns:
+          [B, T, D] output and the updated (k, v) cache of this layer (None without a cache).
+        """
+        b, t, _ = x.shape
+        q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
+        k = apply_rope(self._project(x, self.k_proj, self.k_bias), cos, sin)
+        v = self._project(x, self.v_proj, self.v_bias)
+        if cache is not None:
+            slots = cache_index[:, None] + jnp.arange(t)[None, :]
+            rows = jnp.arange(b)[:, None]
+            k_all = cache[0].at[rows, slots].set(k.astype(cache[0].dtype), mode="drop")
+            v_all = cache[1].at[rows, slots].set(v.astype(cache[1].dtype), mode="drop")
+            cache = (k_all, v_all)
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        n_heads, head_dim = q.shape[2], q.shape[3]
+        q = q.reshape(b, t, self.num_kv_heads, n_heads // self.num_kv_heads, head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (head_dim ** -0.5)
+        # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n_heads, head_dim)
+        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        d, f = arch.hidden_size, arch.intermediate_size
+        self.dtype = dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype, d)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype, d)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype, f)
+
+    def __call__(self, x: Array) -> Array:
+        """[B, T, D] -> [B, T, D]: down(silu(gate(x)) * up(x))."""
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm Llama decoder layer. ``input_norm=False`` drops the attention input norm
+    (the EAGLE head's first layer, whose input is already the fused feature)."""
+
+    def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32, input_norm: bool = True):
+        self.input_layernorm = (RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype)
+                                if input_norm else None)
+        self.self_attn = Attention(arch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(arch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 cache: tuple[Array, Array] | None, cache_index: Array | None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x: [B, T, D] residual stream -> [B, T, D]; see :meth:`Attention.__call__` for the rest."""
+        h = x if self.input_layernorm is None else self.input_layernorm(x)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class DecoderStack(nnx.Module):
+    """``num_layers`` identical decoder layers stored stacked ([L, ...] parameters), run by scan."""
+
+    def __init__(self, arch: ArchSpec, num_layers: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.num_layers = num_layers
+
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0,
+                  transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(arch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        self.layers = make_layers(rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache: KVCache | None,
+                 cache_index: Array | None) -> tuple[Array, KVCache | None]:
+        """x: [B, T, D] -> [B, T, D]; the cache (if any) is [L, B, S, K, H] per tensor."""
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, layer):
+            h, cache_k, cache_v = carry
+            index, state = layer
+            layer_cache = None if cache_k is None else (cache_k[index], cache_v[index])
+            h, layer_cache = nnx.merge(graphdef, state)(h, cos, sin, mask, layer_cache, cache_index)
+            if layer_cache is not None:
+                cache_k = cache_k.at[index].set(layer_cache[0])
+                cache_v = cache_v.at[index].set(layer_cache[1])
+            return (h, cache_k, cache_v), None
+
+        init = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        (x, cache_k, cache_v), _ = jax.lax.scan(body, init, (jnp.arange(self.num_layers), layer_state))
+        return x, None if cache is None else KVCache(k=cache_k, v=cache_v)
+
+
+class Llama(nnx.Module):
+    """The target model: embedding, stacked decoder layers, final norm, LM head (tied or not)."""
+
+    def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.arch = arch
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(
+            (jax.random.normal(rngs.params(), (arch.vocab_size, arch.hidden_size)) * 0.02).astype(param_dtype),
+            logical_axes=("vocab", "embed"))
+        self.layers = DecoderStack(arch, arch.num_layers, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (None if arch.tie_word_embeddings else
+                        _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), param_dtype,
+                               arch.hidden_size))
+
+    def embed(self, tokens: Array) -> Array:
+        """tokens: [B, T] int -> [B, T, D] embeddings in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+
+    def lm_head_weight(self) -> Array:
+        """[V, D] vocabulary-major LM head (the embedding table when tied)."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return weight[...]
+
+    def logits(self, hidden: Array) -> Array:
+        """[..., D] final hidden states -> [..., V] float32 logits."""
+        return jnp.einsum("...d,vd->...v", hidden, self.lm_head_weight().astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
+                 cache_index: Array | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """Runs the decoder over T new tokens per row.
+
+        Args:
+          tokens: [B, T] token ids.
+          positions: [B, T] position of each token (RoPE), e.g. per-segment when packed.
+          mask: [B, T, S] attention mask (see :mod:`flatspec_jax.models.masks`).
+          cache: KV cache to read and extend, or None for a cache-free forward (S = T).
+          cache_index: [B] slot of each row's first new token (required with a cache).
+          return_logits: compute [B, T, V] logits; skip when only hidden states are needed
+            (e.g. fused flatness scoring or EAGLE features).
+        """
+        if cache is not None and cache_index is None:
+            raise ValueError("cache_index is required when a cache is given")
+        inv_freq = rope_inverse_frequencies(self.arch.head_dim, self.arch.rope_theta, self.arch.rope_scaling)
+        cos, sin = rope_tables(positions, inv_freq)
+        mask = mask & sliding_window_mask(positions, mask.shape[-1], cache is not None, self.arch.sliding_window)
+        x, cache = self.layers(self.embed(tokens), cos, sin, mask, cache, cache_index)
+        hidden = self.norm(x)
+        return ModelOutput(hidden, self.logits(hidden) if return_logits else None, cache)
+
+
+def sliding_window_mask(positions: Array, num_keys: int, cached: bool, window: int | None) -> Array:
+    """[B, T, S] True where the key lies within the sliding window of the query (all True without one).
+
+    With a cache, key slot s holds position s; without one, keys are the new tokens themselves.
+    """
+    if window is None:
+        return jnp.ones((1, 1, 1), bool)
+    key_positions = jnp.arange(num_keys)[None, None, :] if cached else positions[:, None, :]
+    return positions[:, :, None] - key_positions < window
+
+
+def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32") -> Llama:
+    """A randomly initialised model (tests and abstract shapes; real weights come from the loader)."""
+    return Llama(arch, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
