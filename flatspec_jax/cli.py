@@ -20,6 +20,7 @@ log = logging.getLogger("flatspec")
 
 # verb -> (module:function, help). Each function takes (Config, argparse.Namespace) -> int.
 VERBS: dict[str, tuple[str, str]] = {
+    "score": ("flatspec_jax.stages.score:run", "score every sample's flatness -> scores.parquet"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
 
@@ -87,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        return int(handler(cfg, args) or 0)
+        handler(cfg, args)
+        return 0
     except KeyboardInterrupt:
         log.warning("interrupted; finished work is saved and a re-run resumes from it")
         return 130

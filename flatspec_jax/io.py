@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, fsyncs it, then renames it over ``path``.
 
@@ -20,6 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _FILE_MODE)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:

@@ -41,6 +41,8 @@ class ShardingRules:
     mlp: MeshAxes = "tensor"
     layers: MeshAxes = None
     norm: MeshAxes = None
+    fused: MeshAxes = None
+    """The EAGLE fc input (embedding ++ feature, 2D wide)."""
 
     def mesh_axes(self, logical: str | None) -> MeshAxes:
         if logical is None:

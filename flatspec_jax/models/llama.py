@@ -30,8 +30,13 @@ Array = jax.Array
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype,
            fan_in: int) -> nnx.Param:
-    """A normally-initialised weight with std 1/sqrt(fan_in) (real weights overwrite it on load)."""
-    value = jax.random.normal(rngs.params(), shape, dtype) * (fan_in ** -0.5)
+    """A weight drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear default.
+
+    Target weights are always overwritten on load; the EAGLE head trains from this
+    initialisation, so it matches the reference's starting point.
+    """
+    bound = fan_in ** -0.5
+    value = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 

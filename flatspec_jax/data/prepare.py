@@ -1,0 +1,67 @@
+"""The run's tokenized samples: conversations -> chat template + loss mask -> ``tokens.npz``.
+
+Built once per run directory and reused by every stage (scoring, selection, training,
+held-out metrics), so they agree on each sample's tokens by construction. Samples whose
+kept tokens contain no assistant token (a long first user turn cut by ``max_length``)
+cannot train a draft and are dropped here, with a count in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+
+from flatspec_jax.config import DataConfig
+from flatspec_jax.data.chat import tokenize_conversations
+from flatspec_jax.data.sources import iter_conversations
+from flatspec_jax.data.conversations import SkipReport
+from flatspec_jax.data.tokenized import TokenizedDataset
+
+log = logging.getLogger(__name__)
+
+TOKENS_FILE = "tokens.npz"
+
+
+def tokens_fingerprint(data: DataConfig, model_path: str) -> str:
+    """What the tokenized samples depend on: the source, its limit, the max length and the tokenizer."""
+    payload = json.dumps({"source": data.source, "limit": data.limit, "max_length": data.max_length,
+                          "tokenizer": str(Path(model_path).resolve())}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_samples(data: DataConfig, model_path: str, tokenizer, run_dir: Path) -> TokenizedDataset:
+    """Loads ``run_dir/tokens.npz`` if it was built from the same settings, else builds and saves it.
+
+    Every process builds the same samples (the work is deterministic); only process 0 writes.
+    """
+    path = run_dir / TOKENS_FILE
+    fingerprint = tokens_fingerprint(data, model_path)
+    cached = TokenizedDataset.load(path, fingerprint)
+    if cached is not None:
+        log.info("using %d tokenized samples from %s", len(cached), path)
+        return cached
+    report = SkipReport()
+    conversations = iter_conversations(data.source, report, data.limit)
+    kept, untrainable = [], 0
+    for sample in tokenize_conversations(tokenizer, conversations, data.max_length):
+        if sample.n_trained == 0:
+            untrainable += 1
+            continue
+        kept.append((sample.id, sample.input_ids, sample.loss_mask, sample.truncated))
+    log.info("%s: %s", data.source, report.summary())
+    if untrainable:
+        log.info("dropped %d samples with no assistant token within data.max_length=%d", untrainable,
+                 data.max_length)
+    if not kept:
+        raise ValueError(f"data.source={data.source!r} gave no sample with an assistant token "
+                         f"(data.limit={data.limit}, data.max_length={data.max_length})")
+    dataset = TokenizedDataset.from_samples(kept, fingerprint)
+    if jax.process_index() == 0:
+        dataset.save(path)
+    log.info("tokenized %d samples (%d tokens, %d truncated)", len(dataset), len(dataset.tokens),
+             int(dataset.truncated.sum()))
+    return dataset

@@ -1,0 +1,231 @@
+"""Flatness scoring: every sample through the frozen target, one parquet row of statistics per sample.
+
+Samples are packed into fixed ``[rows, row_length]`` batches by a best-fit plan computed
+once from their lengths (:mod:`flatspec_jax.data.packing`), so the jitted step compiles
+once and a resumed run rebuilds exactly the same batches. The step runs the target without
+materialising logits and feeds the final hidden states to the fused, vocabulary-chunked
+statistics of :mod:`flatspec_jax.flatness`; batches are sharded over the mesh's batch axes
+(``data`` x ``fsdp``) and parameters follow the sharding rules.
+
+Progress is saved every ``score.flush_every`` batches as an atomically written parquet part
+tagged with a fingerprint of everything the scores depend on. Re-running after an
+interruption (``kill -9`` included) skips the batches whose part exists, and the merged
+``scores.parquet`` equals an uninterrupted run's, because each batch is computed by the
+same program from the same inputs either way.
+
+Conventions: the statistics at position t describe the target's prediction of token t+1;
+a sample's ``flatness`` averages the positions whose next token is an assistant token (the
+tokens a draft is trained on), ``flatness_all`` every position with a next token in the
+same sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from flatspec_jax.config import ConfigError, ScoreConfig
+from flatspec_jax.data.packing import PackedRows, pack_rows, padding_fraction, plan_rows
+from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
+from flatspec_jax.io import atomic_write
+from flatspec_jax.models.llama import Llama
+from flatspec_jax.models.masks import segment_causal_mask
+from flatspec_jax.sharding import ShardingRules, batch_sharding
+
+log = logging.getLogger(__name__)
+
+STAT_COLUMNS = ("flatness", "flatness_all", "entropy", "top1_prob", "nll")
+"""Per-sample means written to scores.parquet (float64 columns; NaN where nothing to average)."""
+FINGERPRINT_KEY = b"flatspec_fingerprint"
+MIN_SAMPLE_TOKENS = 16
+"""Packing cap: a row holds at most row_length // MIN_SAMPLE_TOKENS samples."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorePlan:
+    """Which samples share which row of which batch.
+
+    Attributes:
+      batches: per batch, its rows; a row is a tuple of sample indices (empty = padding row).
+      max_segments: M, segment slots per row.
+      padding: share of token slots holding padding in the packed rows (excluding empty rows).
+    """
+
+    batches: list[list[tuple[int, ...]]]
+    max_segments: int
+    padding: float
+
+
+def make_plan(lengths: np.ndarray, cfg: ScoreConfig) -> ScorePlan:
+    """Packs samples (already at most ``cfg.row_length`` long) into batches of ``cfg.rows_per_batch`` rows."""
+    max_segments = max(1, cfg.row_length // MIN_SAMPLE_TOKENS)
+    rows = plan_rows([int(n) for n in lengths], cfg.row_length, max_segments)
+    padding = padding_fraction(rows, lengths, cfg.row_length)
+    while len(rows) % cfg.rows_per_batch:
+        rows.append(())
+    batches = [rows[i:i + cfg.rows_per_batch] for i in range(0, len(rows), cfg.rows_per_batch)]
+    return ScorePlan(batches, max_segments, padding)
+
+
+def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.rows_per_batch % shards:
+        raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "
+                          "data-parallel shards (mesh.data x mesh.fsdp)")
+
+
+def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+                segment_ids: jax.Array, loss_mask: jax.Array, *, num_segments: int, temperature: float,
+                vocab_chunk: int) -> dict[str, jax.Array]:
+    """Per-segment statistics of packed rows: [R, L] inputs -> dict of [R, M] arrays."""
+    model: Llama = nnx.merge(graphdef, params)
+    with jax.named_scope("target_forward"):
+        hidden = model(tokens, positions, segment_causal_mask(segment_ids), return_logits=False).hidden
+    next_tokens = jnp.roll(tokens, -1, axis=1)
+    next_segment = jnp.roll(segment_ids, -1, axis=1).at[:, -1].set(0)
+    has_next = (segment_ids > 0) & (next_segment == segment_ids)
+    next_trained = has_next & (jnp.roll(loss_mask, -1, axis=1) > 0)
+    with jax.named_scope("flatness"):
+        stats = token_stats_from_hidden(hidden, model.lm_head_weight(), next_tokens, temperature, vocab_chunk)
+    return segment_stats(stats, next_trained, jnp.where(has_next, segment_ids, 0), num_segments)
+
+
+def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: int, mesh: Mesh,
+                       rules: ShardingRules, param_shardings) -> callable:
+    """The jitted scoring step with explicit shardings: rows over the batch axes, results replicated
+    (they are small), so every process can read them."""
+    rows = batch_sharding(mesh, rules, 2)
+    step = functools.partial(_score_rows, graphdef, num_segments=num_segments, temperature=cfg.temperature,
+                             vocab_chunk=cfg.vocab_chunk)
+    return jax.jit(step, in_shardings=(param_shardings, rows, rows, rows, rows),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _global_rows(packed: PackedRows, sharding: NamedSharding) -> tuple[jax.Array, ...]:
+    """The batch's rows as global arrays; each process contributes only its own slice of rows."""
+    arrays = (packed.tokens, packed.positions, packed.segment_ids, packed.loss_mask)
+    count, index = jax.process_count(), jax.process_index()
+    local_rows = packed.tokens.shape[0] // count
+    local = slice(index * local_rows, (index + 1) * local_rows)
+    return tuple(jax.make_array_from_process_local_data(sharding, a[local], a.shape) for a in arrays)
+
+
+def _rows_to_table(packed: PackedRows, stats: dict[str, np.ndarray], dataset: TokenizedDataset,
+                   fingerprint: str) -> pa.Table:
+    slots = packed.sample_index >= 0
+    index = packed.sample_index[slots]
+    columns = {"index": index.astype(np.int64), "id": dataset.ids[index],
+               "n_tokens": dataset.lengths[index].astype(np.int64),
+               "n_trained_tokens": stats["n_trained_tokens"][slots].astype(np.int64)}
+    for name in STAT_COLUMNS:
+        columns[name] = stats[name][slots].astype(np.float64)
+    columns["config_hash"] = np.full(len(index), fingerprint)
+    return pa.table(columns)
+
+
+def _write_parquet(path: Path, table: pa.Table, fingerprint: str, extra: dict[str, str] | None = None) -> None:
+    metadata = {FINGERPRINT_KEY: fingerprint.encode()}
+    metadata.update({k.encode(): v.encode() for k, v in (extra or {}).items()})
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_fingerprint(path: Path) -> str | None:
+    """The fingerprint a scores file or part was written with; None if unreadable."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = metadata.get(FINGERPRINT_KEY)
+    return value.decode() if value else None
+
+
+def _chunks(num_batches: int, flush_every: int) -> Iterator[range]:
+    for start in range(0, num_batches, flush_every):
+        yield range(start, min(start + flush_every, num_batches))
+
+
+def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules,
+                  out_path: Path, fingerprint: str) -> pa.Table:
+    """Scores every sample of ``dataset`` and writes ``out_path`` (parquet, one row per sample, file order).
+
+    Args:
+      model: the target, placed on ``mesh`` by ``rules``.
+      fingerprint: identifies everything the scores depend on; stored in the file and its parts.
+
+    Returns:
+      The scores table (also when ``out_path`` was already current and nothing ran).
+    """
+    if read_fingerprint(out_path) == fingerprint:
+        log.info("scores in %s are current; nothing to do", out_path)
+        return pq.read_table(out_path)
+    if dataset.lengths.max() > cfg.row_length:
+        raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
+                          f"({dataset.lengths.max()} tokens); set it >= data.max_length")
+    check_mesh_fits(cfg, mesh)
+    plan = make_plan(dataset.lengths, cfg)
+    log.info("scoring %d samples in %d batches of %d x %d tokens (padding %.1f%% of packed slots)",
+             len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
+    parts_dir = out_path.with_name(out_path.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    graphdef, params = nnx.split(model)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    step = compile_score_step(graphdef, cfg, plan.max_segments, mesh, rules, param_shardings)
+    row_sharding = batch_sharding(mesh, rules, 2)
+    is_writer = jax.process_index() == 0
+    progress = tqdm(total=len(dataset), unit="sample", desc="score", file=sys.stderr, disable=not is_writer,
+                    dynamic_ncols=True)
+    tokens_done, start = 0, time.perf_counter()
+    for chunk in _chunks(len(plan.batches), cfg.flush_every):
+        part = parts_dir / f"part-{chunk.start:06d}.parquet"
+        chunk_samples = sum(len(row) for b in chunk for row in plan.batches[b])
+        if read_fingerprint(part) == fingerprint:
+            progress.update(chunk_samples)
+            continue
+        tables = []
+        for b in chunk:
+            packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
+            stats = step(params, *_global_rows(packed, row_sharding))
+            tables.append(_rows_to_table(packed, jax.tree.map(np.asarray, stats), dataset, fingerprint))
+            tokens_done += packed.num_tokens
+            progress.update(int((packed.sample_index >= 0).sum()))
+            progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - start):.0f}")
+        if is_writer:
+            _write_parquet(part, pa.concat_tables(tables), fingerprint)
+    progress.close()
+    multihost_utils.sync_global_devices("flatspec: score parts written")
+    if is_writer:
+        table = _merge_parts(parts_dir, fingerprint, len(dataset))
+        _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}"})
+        for part in parts_dir.glob("part-*.parquet"):
+            part.unlink()
+        parts_dir.rmdir()
+        log.info("wrote %s (%d samples)", out_path, table.num_rows)
+    multihost_utils.sync_global_devices("flatspec: scores written")
+    return pq.read_table(out_path)
+
+
+def _merge_parts(parts_dir: Path, fingerprint: str, num_samples: int) -> pa.Table:
+    """All parts of this fingerprint, sorted into file order, without the bookkeeping column."""
+    tables = [pq.read_table(p) for p in sorted(parts_dir.glob("part-*.parquet")) if read_fingerprint(p) == fingerprint]
+    table = pa.concat_tables(tables).sort_by("index")
+    if table.num_rows != num_samples or not np.array_equal(table["index"].to_numpy(), np.arange(num_samples)):
+        raise RuntimeError(f"scoring parts in {parts_dir} cover {table.num_rows} of {num_samples} samples; "
+                           "delete the directory and re-run")
+    return table.drop(["index"]).replace_schema_metadata(None)
