@@ -21,6 +21,7 @@ log = logging.getLogger("flatspec")
 # verb -> (module:function, help). Each function takes (Config, argparse.Namespace) -> int.
 VERBS: dict[str, tuple[str, str]] = {
     "score": ("flatspec_jax.stages.score:run", "score every sample's flatness -> scores.parquet"),
+    "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
 

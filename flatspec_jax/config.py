@@ -145,11 +145,14 @@ class TrainConfig:
     warmup_steps: int = 20
     """Linear warm-up steps (capped at train.steps)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (PyTorch's AdamW default, which the EAGLE reference uses)."""
     b1: float = 0.9
     b2: float = 0.95
     grad_clip: float = 0.5
-    """Global-norm gradient clipping threshold."""
+    """Gradient clipping threshold."""
+    grad_clip_mode: Literal["norm", "value"] = "norm"
+    """norm: clip the global norm; value: clip each element to +-grad_clip (the EAGLE reference's choice)."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Draft compute dtype; master parameters stay float32."""
     log_every: int = 10

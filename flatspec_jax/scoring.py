@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import sys
 import time
@@ -40,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from flatspec_jax.config import ConfigError, ScoreConfig
-from flatspec_jax.data.packing import PackedRows, pack_rows, padding_fraction, plan_rows
+from flatspec_jax.data.packing import PackedRows, pack_rows, padding_fraction, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
 from flatspec_jax.io import atomic_write
@@ -53,8 +54,7 @@ log = logging.getLogger(__name__)
 STAT_COLUMNS = ("flatness", "flatness_all", "entropy", "top1_prob", "nll")
 """Per-sample means written to scores.parquet (float64 columns; NaN where nothing to average)."""
 FINGERPRINT_KEY = b"flatspec_fingerprint"
-MIN_SAMPLE_TOKENS = 16
-"""Packing cap: a row holds at most row_length // MIN_SAMPLE_TOKENS samples."""
+POSITION_KEY = "flatspec_position_flatness"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ScorePlan:
 
 def make_plan(lengths: np.ndarray, cfg: ScoreConfig) -> ScorePlan:
     """Packs samples (already at most ``cfg.row_length`` long) into batches of ``cfg.rows_per_batch`` rows."""
-    max_segments = max(1, cfg.row_length // MIN_SAMPLE_TOKENS)
+    max_segments = segment_slots(cfg.row_length)
     rows = plan_rows([int(n) for n in lengths], cfg.row_length, max_segments)
     padding = padding_fraction(rows, lengths, cfg.row_length)
     while len(rows) % cfg.rows_per_batch:
@@ -93,7 +93,8 @@ def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
 def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
                 segment_ids: jax.Array, loss_mask: jax.Array, *, num_segments: int, temperature: float,
                 vocab_chunk: int) -> dict[str, jax.Array]:
-    """Per-segment statistics of packed rows: [R, L] inputs -> dict of [R, M] arrays."""
+    """Per-segment statistics of packed rows: [R, L] inputs -> dict of [R, M] arrays, plus
+    ``position_flatness_sum`` / ``position_count`` [L]: token flatness summed by position in the sample."""
     model: Llama = nnx.merge(graphdef, params)
     with jax.named_scope("target_forward"):
         hidden = model(tokens, positions, segment_causal_mask(segment_ids), return_logits=False).hidden
@@ -103,7 +104,13 @@ def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, po
     next_trained = has_next & (jnp.roll(loss_mask, -1, axis=1) > 0)
     with jax.named_scope("flatness"):
         stats = token_stats_from_hidden(hidden, model.lm_head_weight(), next_tokens, temperature, vocab_chunk)
-    return segment_stats(stats, next_trained, jnp.where(has_next, segment_ids, 0), num_segments)
+    per_sample = segment_stats(stats, next_trained, jnp.where(has_next, segment_ids, 0), num_segments)
+    # Token flatness by position inside the sample, summed over the batch (for the report's plot).
+    length = tokens.shape[1]
+    per_sample["position_flatness_sum"] = jnp.zeros(length).at[positions].add(
+        jnp.where(has_next, stats.flatness, 0.0))
+    per_sample["position_count"] = jnp.zeros(length, jnp.int32).at[positions].add(has_next.astype(jnp.int32))
+    return per_sample
 
 
 def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: int, mesh: Mesh,
@@ -199,20 +206,25 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
             progress.update(chunk_samples)
             continue
         tables = []
+        position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)
         for b in chunk:
             packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
-            stats = step(params, *_global_rows(packed, row_sharding))
-            tables.append(_rows_to_table(packed, jax.tree.map(np.asarray, stats), dataset, fingerprint))
+            stats = jax.tree.map(np.asarray, step(params, *_global_rows(packed, row_sharding)))
+            position_sum += stats.pop("position_flatness_sum")
+            position_count += stats.pop("position_count")
+            tables.append(_rows_to_table(packed, stats, dataset, fingerprint))
             tokens_done += packed.num_tokens
             progress.update(int((packed.sample_index >= 0).sum()))
             progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - start):.0f}")
         if is_writer:
-            _write_parquet(part, pa.concat_tables(tables), fingerprint)
+            _write_parquet(part, pa.concat_tables(tables), fingerprint,
+                           {POSITION_KEY: json.dumps([position_sum.tolist(), position_count.tolist()])})
     progress.close()
     multihost_utils.sync_global_devices("flatspec: score parts written")
     if is_writer:
-        table = _merge_parts(parts_dir, fingerprint, len(dataset))
-        _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}"})
+        table, positions = _merge_parts(parts_dir, fingerprint, len(dataset))
+        _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
+                                                      POSITION_KEY: json.dumps(positions)})
         for part in parts_dir.glob("part-*.parquet"):
             part.unlink()
         parts_dir.rmdir()
@@ -221,11 +233,18 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     return pq.read_table(out_path)
 
 
-def _merge_parts(parts_dir: Path, fingerprint: str, num_samples: int) -> pa.Table:
-    """All parts of this fingerprint, sorted into file order, without the bookkeeping column."""
-    tables = [pq.read_table(p) for p in sorted(parts_dir.glob("part-*.parquet")) if read_fingerprint(p) == fingerprint]
-    table = pa.concat_tables(tables).sort_by("index")
+def _merge_parts(parts_dir: Path, fingerprint: str, num_samples: int) -> tuple[pa.Table, list[list[float]]]:
+    """All parts of this fingerprint, sorted into file order without the bookkeeping column,
+    and their summed position statistics ([sums, counts])."""
+    parts = [p for p in sorted(parts_dir.glob("part-*.parquet")) if read_fingerprint(p) == fingerprint]
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("index")
     if table.num_rows != num_samples or not np.array_equal(table["index"].to_numpy(), np.arange(num_samples)):
         raise RuntimeError(f"scoring parts in {parts_dir} cover {table.num_rows} of {num_samples} samples; "
                            "delete the directory and re-run")
-    return table.drop(["index"]).replace_schema_metadata(None)
+    positions = np.sum([read_position_stats(p) for p in parts], axis=0)
+    return table.drop(["index"]).replace_schema_metadata(None), positions.tolist()
+
+
+def read_position_stats(path: Path) -> np.ndarray:
+    """[2, L]: token flatness summed by position in the sample, and the token counts, of a scores file."""
+    return np.asarray(json.loads(pq.read_schema(path).metadata[POSITION_KEY.encode()]))

@@ -133,10 +133,14 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> Any:
-    """NamedSharding for every variable of an (abstract or concrete) NNX state, as a matching tree."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.State:
+    """The state with each variable's array replaced by its rule-given NamedSharding.
+
+    The result has exactly the state's tree structure (variables hold shardings), so it
+    serves as ``in_shardings``/``out_shardings`` and in any ``jax.tree.map`` beside the state.
+    """
     return jax.tree.map(
-        lambda v: rules.sharding(mesh, logical_axes_of(v), v.get_value().shape),
+        lambda v: v.replace(rules.sharding(mesh, logical_axes_of(v), v.get_value().shape)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
@@ -144,11 +148,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> Any:
 
 def place_state(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.State:
     """Moves every array of a state to its rule-given sharding."""
-    shardings = state_shardings(state, mesh, rules)
-    return jax.tree.map(
-        lambda v, s: v.replace(jax.device_put(v.get_value(), s)),
-        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
 def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

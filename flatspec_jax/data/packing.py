@@ -17,6 +17,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 
+MIN_SAMPLE_TOKENS = 16
+"""Rows hold at most row_length // MIN_SAMPLE_TOKENS samples, which bounds the segment slots."""
+
+
+def segment_slots(row_length: int) -> int:
+    """M, the segment slots of a row: the most samples one row may hold."""
+    return max(1, row_length // MIN_SAMPLE_TOKENS)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
     """A batch of packed rows.

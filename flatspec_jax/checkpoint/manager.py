@@ -1,0 +1,190 @@
+"""Orbax checkpoints of the draft head: layout, identity checks and restore onto any mesh.
+
+On-disk layout of ``<run_dir>/checkpoints/<step>/`` (one orbax step directory, written
+atomically by orbax: a half-written step is never visible as a step):
+
+    state/   orbax StandardSave of {"params": {"first_layer/self_attn/q_proj": [...], ...},
+                                    "opt_state": {"000": ..., "001": ...}, "step": []}
+             parameters keyed by their NNX path; optimizer leaves in flattening order
+    data/    the Grain iterator's state (exact data order on resume)
+    meta/    JSON: the resolved config, the draft architecture (ArchSpec), and the target's
+             identity: its ArchSpec and a hash of its tokenizer vocabulary
+
+Arrays are saved with their logical shapes, not their device layout, so a checkpoint
+written on one mesh restores on another: restore is given the target shardings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import checkpoint_managers as policies
+
+from flatspec_jax.models.eagle import EagleHead, create_eagle_head
+from flatspec_jax.sharding import ShardingRules, state_shardings
+from flatspec_jax.weights.arch import ArchSpec
+
+log = logging.getLogger(__name__)
+
+META_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made for another target model or is not a draft checkpoint."""
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token strings in id order)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def draft_meta(config: dict[str, Any], draft: ArchSpec, target: ArchSpec, target_vocab_hash: str,
+               fc_bias: bool) -> dict[str, Any]:
+    """The metadata saved with every checkpoint."""
+    return {"version": META_VERSION, "config": config, "draft_arch": json.loads(draft.to_json()),
+            "fc_bias": fc_bias, "target_arch": json.loads(target.to_json()), "target_vocab_hash": target_vocab_hash}
+
+
+def flatten_params(state: nnx.State) -> dict[str, Any]:
+    """{"first_layer/self_attn/q_proj": array, ...} for every variable of a state."""
+    return {"/".join(str(k) for k in path): value for path, value in nnx.to_flat_state(state)}
+
+
+def unflatten_params(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
+    """Copies ``flat`` (as made by :func:`flatten_params`) into a state of the same structure."""
+    pairs = [(path, flat["/".join(str(k) for k in path)]) for path, _ in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(pairs)
+
+
+def _as_abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: nnx.State, param_shardings: Any,
+                         mesh: Mesh) -> Any:
+    """Moments follow their parameters' shardings; scalars (step counts) are replicated."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+class DraftCheckpointer:
+    """Keeps the last ``keep`` checkpoints plus the best one by held-out loss; saves asynchronously."""
+
+    def __init__(self, directory: Path, keep: int):
+        preservation = policies.AnyPreservationPolicy([
+            policies.preservation_policy.LatestN(n=keep),
+            policies.preservation_policy.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+                                               keep_checkpoints_without_metrics=False),
+        ])
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(preservation_policy=preservation, enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True),
+            item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, iterator: Any, meta: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
+        import grain  # noqa: PLC0415 - keeps grain off the import path of inference-only users
+
+        payload = {"params": flatten_params(state.params),
+                   "opt_state": {f"{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))},
+                   "step": state.step}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(payload), data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+    def restore(self, step: int, abstract_state: Any, shardings: Any, tx: optax.GradientTransformation,
+                iterator: Any) -> Any:
+        """Restores a TrainState-like (step, params, opt_state) onto ``shardings`` and the iterator in place."""
+        import grain  # noqa: PLC0415
+
+        params_abstract = _as_abstract(flatten_params(abstract_state.params), flatten_params(shardings.params))
+        opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
+        opt_abstract = {f"{i:03d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)
+                        for i, (leaf, s) in enumerate(zip(opt_leaves, jax.tree.leaves(shardings.opt_state)))}
+        target = {"params": params_abstract, "opt_state": opt_abstract,
+                  "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings.step)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
+        state = restored["state"]
+        return type(abstract_state)(
+            step=state["step"], params=unflatten_params(abstract_state.params, state["params"]),
+            opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][f"{i:03d}"] for i in range(len(opt_leaves))]))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, metadata) of a checkpoint directory's given or latest step.
+
+    Raises:
+      CheckpointMismatchError: naming the directory when it holds no draft checkpoint.
+    """
+    directory = Path(directory).absolute()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "meta"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise CheckpointMismatchError(f"{directory}/{step}/meta is not flatspec draft metadata "
+                                      f"(version {META_VERSION} expected)")
+    return step, meta
+
+
+def check_target(meta: dict[str, Any], target: ArchSpec, target_vocab_hash: str, source: str) -> None:
+    """Raises CheckpointMismatchError unless the draft was made for this target."""
+    saved = ArchSpec.from_json(json.dumps(meta["target_arch"]), source)
+    if saved != target:
+        diffs = [f"{k}: draft made for {getattr(saved, k)!r}, target has {getattr(target, k)!r}"
+                 for k in target.__dataclass_fields__ if getattr(saved, k) != getattr(target, k)]
+        raise CheckpointMismatchError(f"{source}: the draft was trained for another target model ({'; '.join(diffs)})")
+    if meta["target_vocab_hash"] != target_vocab_hash:
+        raise CheckpointMismatchError(f"{source}: the draft was trained with another tokenizer vocabulary "
+                                      "(vocab hash differs)")
+
+
+def load_draft_head(directory: Path, target: ArchSpec, target_vocab_hash: str, mesh: Mesh, rules: ShardingRules,
+                    *, step: int | None = None, dtype: str = "float32") -> EagleHead:
+    """The draft head's parameters only (no optimizer state), restored onto ``mesh`` for inference.
+
+    Raises:
+      CheckpointMismatchError: when the checkpoint belongs to another target or tokenizer.
+    """
+    directory = Path(directory).absolute()
+    step, meta = read_meta(directory, step)
+    check_target(meta, target, target_vocab_hash, f"{directory}/{step}")
+    draft = ArchSpec.from_json(json.dumps(meta["draft_arch"]), f"{directory}/{step}/meta")
+    abstract = nnx.eval_shape(lambda: create_eagle_head(target, draft.num_layers, dtype=dtype,
+                                                        fc_bias=meta["fc_bias"]))
+    graphdef, params = nnx.split(abstract)
+    shardings = state_shardings(params, mesh, rules)
+    target_tree = {"params": _as_abstract(flatten_params(params), flatten_params(shardings))}
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "meta"))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target_tree, partial_restore=True)))
+    log.info("loaded draft head from %s (step %d)", directory, step)
+    return nnx.merge(graphdef, unflatten_params(params, restored["state"]["params"]))

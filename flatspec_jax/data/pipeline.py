@@ -1,0 +1,121 @@
+"""Grain pipelines that stream packed training rows of the selected samples.
+
+    TokenizedDataset (tokens.npz)  --filter: selection manifest, minus held-out tail-->
+    best-fit packing plan (fixed rows of row_length)  -->  grain.MapDataset.source(rows)
+    -> shuffle(seed) -> repeat() (reshuffled each epoch) -> [process slice]
+    -> map(materialise row) -> batch(rows per process) -> to_iter_dataset() [-> mp_prefetch]
+
+Rows are planned once from the sample lengths, so every epoch sees the same fixed-shape
+rows in a new order; the iterator state is a single index, which orbax saves with every
+checkpoint (``grain.checkpoint.CheckpointSave``), so a resumed run replays exactly the
+batches an uninterrupted run would have seen. Each JAX process reads only its own slice
+of every global batch.
+
+Shape legend: R rows per batch (this process's share), L row length, M segment slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from flatspec_jax.data.packing import pack_rows, plan_rows, segment_slots
+from flatspec_jax.data.tokenized import TokenizedDataset
+
+@dataclasses.dataclass(frozen=True)
+class RowBatch:
+    """A batch of packed rows (numpy; every array [R, L] int32)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
+                              selected_ids: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices to train on (the selection, or all) and the held-out tail.
+
+    The last ``heldout`` samples in file order are never trained on, whatever the
+    selection says, so held-out metrics stay honest.
+
+    Raises:
+      ValueError: naming an id of the selection that the tokenized data does not have.
+    """
+    n = len(dataset)
+    if heldout >= n:
+        raise ValueError(f"data.heldout={heldout} leaves no training sample out of {n}")
+    heldout_indices = np.arange(n - heldout, n)
+    if selected_ids is None:
+        return np.arange(n - heldout), heldout_indices
+    position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
+    missing = [s for s in selected_ids if s not in position]
+    if missing:
+        raise ValueError(f"selection names sample {missing[0]!r} ({len(missing)} in all) that the tokenized "
+                         "data does not contain; was it made from another data config?")
+    chosen = np.asarray(sorted(position[s] for s in selected_ids), np.int64)
+    return chosen[chosen < n - heldout], heldout_indices
+
+
+def plan_training_rows(dataset: TokenizedDataset, indices: np.ndarray, row_length: int) -> list[tuple[int, ...]]:
+    """Best-fit packing of the given samples (truncated to ``row_length``) into rows of dataset indices."""
+    lengths = [min(int(dataset.lengths[i]), row_length) for i in indices]
+    rows = plan_rows(lengths, row_length, segment_slots(row_length))
+    return [tuple(int(indices[j]) for j in row) for row in rows]
+
+
+class _MaterializeRow(grain.transforms.Map):
+    """Row of sample indices -> packed arrays ([L] each)."""
+
+    def __init__(self, dataset: TokenizedDataset, row_length: int):
+        self._dataset = dataset
+        self._row_length = row_length
+
+    def _sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self._dataset[index]
+        return ids[:self._row_length], mask[:self._row_length]
+
+    def map(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
+        packed = pack_rows([row], self._sample, self._row_length, segment_slots(self._row_length))
+        return {"tokens": packed.tokens[0], "positions": packed.positions[0],
+                "segment_ids": packed.segment_ids[0], "loss_mask": packed.loss_mask[0]}
+
+
+def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *, row_length: int,
+                      global_rows_per_batch: int, seed: int, num_workers: int = 0) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator over this process's share of each global batch.
+
+    Yields dicts of ``[global_rows_per_batch // process_count, L]`` int32 arrays
+    (``tokens``, ``positions``, ``segment_ids``, ``loss_mask``).
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if global_rows_per_batch % count:
+        raise ValueError(f"{global_rows_per_batch} rows per batch do not split over {count} processes")
+    if len(rows) < global_rows_per_batch:
+        raise ValueError(f"only {len(rows)} packed rows of training data; a batch needs {global_rows_per_batch}. "
+                         "Select more samples or lower train.batch_tokens")
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+    # Global batch b is rows [b*G, (b+1)*G) of the shuffled stream; process p takes every count-th of them.
+    ds = ds[index::count].map(_MaterializeRow(dataset, row_length)).batch(global_rows_per_batch // count)
+    iter_ds = ds.to_iter_dataset()
+    if num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter_ds.__iter__()
+
+
+def fixed_batches(dataset: TokenizedDataset, indices: np.ndarray, *, row_length: int,
+                  rows_per_batch: int) -> list[RowBatch]:
+    """The held-out samples as a fixed list of packed global batches (last one padded with empty rows)."""
+    rows = plan_training_rows(dataset, indices, row_length)
+    while len(rows) % rows_per_batch:
+        rows.append(())
+    transform = _MaterializeRow(dataset, row_length)
+    batches = []
+    for start in range(0, len(rows), rows_per_batch):
+        items = [transform.map(row) for row in rows[start:start + rows_per_batch]]
+        batches.append(RowBatch(**{k: np.stack([item[k] for item in items]) for k in items[0]}))
+    return batches

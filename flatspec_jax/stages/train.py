@@ -1,0 +1,45 @@
+"""``flatspec train``: train the EAGLE draft head on the selected samples (resumes automatically)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from flatspec_jax.checkpoint.manager import vocab_hash
+from flatspec_jax.config import Config, ConfigError
+from flatspec_jax.data.prepare import prepare_samples
+from flatspec_jax.data.tokenizer import load_tokenizer
+from flatspec_jax.selection import read_manifest
+from flatspec_jax.stages.common import build_mesh, load_target, run_dir, target_path
+from flatspec_jax.train.loop import TrainSummary, train_draft
+
+log = logging.getLogger(__name__)
+
+SELECTION_FILE = "selection.json"
+
+
+def selection_path(cfg: Config) -> Path | None:
+    """The manifest ``data.selection`` names: a path, 'run' (this run's selection.json) or null (all data)."""
+    if cfg.data.selection is None:
+        return None
+    path = Path(cfg.run_dir) / SELECTION_FILE if cfg.data.selection == "run" else Path(cfg.data.selection)
+    if not path.exists():
+        raise ConfigError(f"data.selection: {path} does not exist (run `flatspec select` first, or set it to null "
+                          "to train on all data)")
+    return path
+
+
+def run(cfg: Config, args: argparse.Namespace | None = None) -> TrainSummary:
+    directory = run_dir(cfg)
+    model_path = target_path(cfg)
+    tokenizer = load_tokenizer(model_path)
+    dataset = prepare_samples(cfg.data, model_path, tokenizer, directory)
+    manifest = selection_path(cfg)
+    selected = None if manifest is None else read_manifest(manifest)["ids"]
+    mesh, rules = build_mesh(cfg)
+    target = load_target(cfg, mesh, rules)
+    summary = train_draft(cfg, directory, mesh, rules, target, dataset, selected, vocab_hash(tokenizer))
+    log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
+             ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
+    return summary

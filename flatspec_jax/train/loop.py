@@ -1,0 +1,152 @@
+"""The draft training loop: data, state placement, jitted steps, metrics, checkpoints and resume.
+
+A run resumes from its latest checkpoint automatically: parameters, optimizer state, step
+and the data iterator's position are restored, the noise key is derived from the step,
+and the metrics log is cut back to that step, so a resumed run continues exactly as an
+uninterrupted run would have (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from flatspec_jax.checkpoint.manager import DraftCheckpointer, draft_meta, opt_state_shardings
+from flatspec_jax.config import Config
+from flatspec_jax.data.pipeline import (RowBatch, fixed_batches, plan_training_rows, train_and_heldout_indices,
+                                        training_iterator)
+from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.models.eagle import create_eagle_head
+from flatspec_jax.models.llama import Llama
+from flatspec_jax.sharding import ShardingRules, place_state, state_shardings
+from flatspec_jax.train.metrics import MetricsLog
+from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
+from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    train_samples: int
+    train_tokens_per_step: int
+    final: dict[str, float]
+    heldout: dict[str, float]
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Process-local rows -> global arrays (rows are the second axis: [A, R, L])."""
+    count = jax.process_count()
+
+    def to_global(array: np.ndarray) -> jax.Array:
+        shape = (array.shape[0], array.shape[1] * count) + array.shape[2:]
+        return jax.make_array_from_process_local_data(sharding, array, shape)
+
+    return {name: to_global(array) for name, array in local.items()}
+
+
+def _next_micro_batches(iterator: Any, count: int) -> dict[str, np.ndarray]:
+    batches = [next(iterator) for _ in range(count)]
+    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+
+
+def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State, batches: Sequence[RowBatch],
+                     sharding: NamedSharding) -> dict[str, float]:
+    """Held-out metrics averaged over trained positions (``eval_`` prefixed)."""
+    totals: dict[str, float] = {}
+    positions = 0.0
+    for batch in batches:
+        arrays = {name: jax.device_put(value, sharding) for name, value in dataclasses.asdict(batch).items()}
+        metrics = jax.tree.map(float, evaluate(params, target_params, arrays))
+        count = metrics.pop("positions")
+        positions += count
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * count
+    return {f"eval_{name}": value / max(positions, 1.0) for name, value in totals.items()}
+
+
+def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, target: Llama,
+                dataset: TokenizedDataset, selected_ids: Sequence[str] | None, target_vocab_hash: str) -> TrainSummary:
+    """Trains (or resumes training) the EAGLE head on the selected samples; checkpoints under run_dir."""
+    tcfg = cfg.train
+    train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
+    rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
+    log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
+             tcfg.row_length, len(heldout_indices))
+    iterator = training_iterator(dataset, rows, row_length=tcfg.row_length, global_rows_per_batch=tcfg.rows_per_step,
+                                 seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers)
+    heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step)
+               if len(heldout_indices) else [])
+
+    head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
+    head_graphdef, params = nnx.split(head)
+    param_shardings = state_shardings(params, mesh, rules)
+    params = place_state(params, mesh, rules)
+    tx = build_optimizer(tcfg)
+    opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
+    target_graphdef, target_params = nnx.split(target)
+    target_shardings = jax.tree.map(lambda a: a.sharding, target_params)
+    train_step, evaluate = compile_steps(head_graphdef, target_graphdef, tx, StepSettings.from_config(tcfg, cfg.seed),
+                                         shardings, target_shardings, mesh, rules)
+
+    checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        state = checkpoints.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+                                    shardings, tx, iterator)
+        log.info("resumed from %s/%d", checkpoints.directory, start)
+    meta = draft_meta(cfg.to_dict(), head.arch, target.arch, target_vocab_hash, fc_bias=head.fc_bias is not None)
+    metrics_log = MetricsLog(run_dir, resume_step=start)
+    schedule = learning_rate_schedule(tcfg)
+    rows_sharding = batch_spec(mesh, rules, 1)
+    eval_sharding = batch_spec(mesh, rules, 0)
+    final: dict[str, float] = {}
+    heldout_metrics: dict[str, float] = {}
+    progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start + 1, tcfg.steps + 1):
+        local = _next_micro_batches(iterator, tcfg.grad_accum)
+        window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+        state, metrics = train_step(state, target_params, _global_batch(local, rows_sharding))
+        progress.update(1)
+        eval_metrics = None
+        if heldout and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+            eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
+            heldout_metrics = eval_metrics
+            metrics_log.write({"step": step, **eval_metrics})
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            elapsed = time.perf_counter() - window_start
+            final = {name: float(value) for name, value in metrics.items()}
+            record = {"step": step, **final, "lr": float(schedule(step - 1)),
+                      "tokens_per_s": window_tokens / elapsed}
+            metrics_log.write(record)
+            progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if step % tcfg.save_every == 0 or step == tcfg.steps:
+            checkpoints.save(step, state, iterator, meta,
+                             metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
+    progress.close()
+    checkpoints.wait()
+    checkpoints.close()
+    metrics_log.close()
+    return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
+                        final=final, heldout=heldout_metrics)

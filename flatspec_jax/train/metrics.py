@@ -1,0 +1,63 @@
+"""Training metrics: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events.
+
+Only JAX process 0 writes. On resume the log is cut back to the restored step, so the
+resumed run's log equals an uninterrupted run's instead of holding the lost steps twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from flatspec_jax.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics log (a line cut short by a crash is skipped)."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl`` and TensorBoard scalars to ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / METRICS_FILE
+        self._writer = None
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, writer process only
+
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(name, value, record["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,181 @@
+"""One jitted EAGLE training step: frozen target features -> draft head -> loss -> AdamW update.
+
+Alignment (EAGLE): draft position t reads (f_t + noise, embed(x_{t+1})) and predicts f_{t+1};
+the target's LM head on the prediction gives the draft distribution of x_{t+2}, trained
+against the target's own distribution softmax(lm_head(f_{t+1})). Position t is trained
+when x_{t+1} and x_{t+2} belong to the same packed sample and x_{t+2} is an assistant
+token. (The reference masks by x_t instead, an artefact of its data layout that trains the
+two positions after an assistant turn ends and skips the first two of each turn; masking by
+the predicted token trains exactly the tokens a draft must propose.)
+
+Shape legend: A micro-batches, R rows, L row length, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flatspec_jax.config import TrainConfig
+from flatspec_jax.models.eagle import EagleHead
+from flatspec_jax.models.llama import Llama
+from flatspec_jax.models.masks import segment_causal_mask
+from flatspec_jax.sharding import ShardingRules
+from flatspec_jax.train.losses import LossTerms, draft_loss
+
+Array = jax.Array
+NOISE_REFERENCE_LENGTH = 512
+"""EAGLE scales its feature noise by 512 / sample length."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data iterator's position is saved beside it)."""
+
+    step: Array  # [] int32
+    params: nnx.State  # draft head parameters, float32 master copy
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the compiled step (hashable)."""
+
+    token_loss: str
+    feature_weight: float
+    token_weight: float
+    noise: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, seed: int) -> "StepSettings":
+        return cls(cfg.loss, cfg.feature_weight, cfg.token_weight, cfg.noise, seed)
+
+
+def _shift_left(x: Array, k: int) -> Array:
+    """x[:, t + k] at position t along axis 1, zero-filled past the end."""
+    pad = jnp.zeros((x.shape[0], k) + x.shape[2:], x.dtype)
+    return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def draft_targets(features: Array, tokens: Array, segment_ids: Array, loss_mask: Array
+                  ) -> tuple[Array, Array, Array]:
+    """Next tokens x_{t+1} [R, L], next features f_{t+1} [R, L, D] and the trained-position mask [R, L]."""
+    same_next = (segment_ids > 0) & (_shift_left(segment_ids, 1) == segment_ids)
+    same_after = same_next & (_shift_left(segment_ids, 2) == segment_ids)
+    trained = same_after & (_shift_left(loss_mask, 2) > 0)
+    return _shift_left(tokens, 1), _shift_left(features, 1), trained
+
+
+def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplitude: float) -> Array:
+    """EAGLE's uniform input noise: (U[0,1) - 1/2) * amplitude * 512 / (length of the token's sample)."""
+    num_slots = segment_ids.shape[1] + 1
+    counts = jax.nn.one_hot(segment_ids, num_slots, dtype=jnp.float32).sum(axis=1)  # [R, slots]
+    lengths = jnp.maximum(jnp.take_along_axis(counts, segment_ids, axis=1), 1.0)
+    scale = amplitude * NOISE_REFERENCE_LENGTH / lengths
+    return (jax.random.uniform(key, shape) - 0.5) * scale[..., None]
+
+
+def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], key: Array | None,
+                       settings: StepSettings) -> tuple[Array, tuple[Any, Array]]:
+    """Loss of the head on packed rows ([R, L] arrays; ``features`` [R, L, D] when cached offline).
+
+    ``key`` None means no input noise (evaluation).
+
+    Returns:
+      (loss, (LossTerms, number of trained positions)).
+    """
+    tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
+    mask = segment_causal_mask(segment_ids)
+    if "features" in batch:
+        features = batch["features"].astype(target.dtype)
+    else:
+        with jax.named_scope("target_features"):
+            features = target(tokens, positions, mask, return_logits=False).hidden
+    features = jax.lax.stop_gradient(features)
+    next_tokens, next_features, trained = draft_targets(features, tokens, segment_ids, batch["loss_mask"])
+    inputs = features
+    if key is not None and settings.noise > 0:
+        inputs = features + feature_noise(key, features.shape, segment_ids, settings.noise).astype(features.dtype)
+    with jax.named_scope("draft"):
+        predicted, _ = head(inputs, target.embed(next_tokens), positions, mask)
+    with jax.named_scope("loss"):
+        loss, terms = draft_loss(predicted, next_features, target.logits(predicted),
+                                 jax.lax.stop_gradient(target.logits(next_features)), trained,
+                                 token_loss=settings.token_loss, feature_weight=settings.feature_weight,
+                                 token_weight=settings.token_weight)
+    return loss, (terms, trained.sum())
+
+
+def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
+    """Loggable float32 scalars: loss, loss_feature, loss_token, acceptance, top1, top3."""
+    named = {f"loss_{n}" if n in ("feature", "token") else n: v for n, v in terms._asdict().items()}
+    return {name: value.astype(jnp.float32) for name, value in {"loss": loss, **named}.items()}
+
+
+def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                settings: StepSettings, state: TrainState, target_params: nnx.State,
+                batches: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step over A micro-batches ([A, R, L] arrays): gradients are averaged."""
+    target = nnx.merge(target_graphdef, target_params)
+    base_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
+
+    def micro_loss(params: nnx.State, batch: dict[str, Array], key: Array):
+        head = nnx.merge(head_graphdef, params)
+        return draft_loss_on_rows(head, target, batch, key, settings)
+
+    def accumulate(carry, inputs):
+        grads_sum, metrics_sum = carry
+        index, batch = inputs
+        (loss, (terms, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+            state.params, batch, jax.random.fold_in(base_key, index))
+        return (jax.tree.map(jnp.add, grads_sum, grads),
+                jax.tree.map(jnp.add, metrics_sum, metrics_of(loss, terms))), None
+
+    micro_batches = jax.tree.leaves(batches)[0].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    scalar = jnp.zeros((), jnp.float32)
+    metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metrics_zero), (jnp.arange(micro_batches), batches))
+    grads = jax.tree.map(lambda g: g / micro_batches, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {name: value / micro_batches for name, value in metrics.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, settings: StepSettings,
+               params: nnx.State, target_params: nnx.State, batch: dict[str, Array]) -> dict[str, Array]:
+    """Held-out loss terms of one batch (no noise), with the number of trained positions for weighting."""
+    head = nnx.merge(head_graphdef, params)
+    target = nnx.merge(target_graphdef, target_params)
+    loss, (terms, positions) = draft_loss_on_rows(head, target, batch, None, settings)
+    return {**metrics_of(loss, terms), "positions": positions}
+
+
+def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
+    """Sharding of [*leading, R, L, ...] batch arrays: rows over the batch axes."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), rules.spec(("batch",), mesh=mesh)[0]))
+
+
+def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                  settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
+                  rules: ShardingRules):
+    """The jitted train step (state donated, explicit shardings) and eval step."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train = jax.jit(functools.partial(_train_step, head_graphdef, target_graphdef, tx, settings),
+                    in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1)),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings),
+                       in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 0)),
+                       out_shardings=replicated)
+    return train, evaluate
