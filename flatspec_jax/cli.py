@@ -21,7 +21,10 @@ log = logging.getLogger("flatspec")
 # verb -> (module:function, help). Each function takes (Config, argparse.Namespace) -> int.
 VERBS: dict[str, tuple[str, str]] = {
     "score": ("flatspec_jax.stages.score:run", "score every sample's flatness -> scores.parquet"),
+    "cache": ("flatspec_jax.stages.score:run_cache", "score and cache the target's features for offline training"),
     "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
+    "select": ("flatspec_jax.stages.select:run", "apply select.rule to scores.parquet -> selection.json"),
+    "report": ("flatspec_jax.stages.report:run", "plot scores, selection, training curves and eval -> plots/*.png"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
 
@@ -94,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; finished work is saved and a re-run resumes from it")
         return 130
+    except (ValueError, FileNotFoundError) as err:
+        # Our own errors (bad config, data, weights, checkpoints) are ValueError/FileNotFoundError
+        # subclasses whose message names the file, record or setting; show it without a traceback.
+        if args.verbose or type(err) is ValueError:
+            raise
+        print(f"flatspec {args.verb}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from flatspec_jax.config import ConfigError, ScoreConfig
+from flatspec_jax.data import feature_cache
 from flatspec_jax.data.packing import PackedRows, pack_rows, padding_fraction, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
@@ -92,9 +93,10 @@ def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
 
 def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
                 segment_ids: jax.Array, loss_mask: jax.Array, *, num_segments: int, temperature: float,
-                vocab_chunk: int) -> dict[str, jax.Array]:
+                vocab_chunk: int, return_features: bool) -> dict[str, jax.Array]:
     """Per-segment statistics of packed rows: [R, L] inputs -> dict of [R, M] arrays, plus
-    ``position_flatness_sum`` / ``position_count`` [L]: token flatness summed by position in the sample."""
+    ``position_flatness_sum`` / ``position_count`` [L]: token flatness summed by position in the sample,
+    and with ``return_features`` the last hidden states ``features`` [R, L, D] in bfloat16."""
     model: Llama = nnx.merge(graphdef, params)
     with jax.named_scope("target_forward"):
         hidden = model(tokens, positions, segment_causal_mask(segment_ids), return_logits=False).hidden
@@ -110,16 +112,18 @@ def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, po
     per_sample["position_flatness_sum"] = jnp.zeros(length).at[positions].add(
         jnp.where(has_next, stats.flatness, 0.0))
     per_sample["position_count"] = jnp.zeros(length, jnp.int32).at[positions].add(has_next.astype(jnp.int32))
+    if return_features:
+        per_sample["features"] = hidden.astype(jnp.bfloat16)
     return per_sample
 
 
 def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: int, mesh: Mesh,
-                       rules: ShardingRules, param_shardings) -> callable:
+                       rules: ShardingRules, param_shardings, return_features: bool) -> callable:
     """The jitted scoring step with explicit shardings: rows over the batch axes, results replicated
     (they are small), so every process can read them."""
     rows = batch_sharding(mesh, rules, 2)
     step = functools.partial(_score_rows, graphdef, num_segments=num_segments, temperature=cfg.temperature,
-                             vocab_chunk=cfg.vocab_chunk)
+                             vocab_chunk=cfg.vocab_chunk, return_features=return_features)
     return jax.jit(step, in_shardings=(param_shardings, rows, rows, rows, rows),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -168,18 +172,29 @@ def _chunks(num_batches: int, flush_every: int) -> Iterator[range]:
         yield range(start, min(start + flush_every, num_batches))
 
 
+def _sample_features(packed: PackedRows, features: np.ndarray) -> dict[int, np.ndarray]:
+    """Splits packed [R, L, D] features back into per-sample [length, D] arrays."""
+    out = {}
+    for row, slot in zip(*np.nonzero(packed.sample_index >= 0)):
+        out[int(packed.sample_index[row, slot])] = features[row, packed.segment_ids[row] == slot + 1]
+    return out
+
+
 def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules,
-                  out_path: Path, fingerprint: str) -> pa.Table:
+                  out_path: Path, fingerprint: str, feature_dir: Path | None = None) -> pa.Table:
     """Scores every sample of ``dataset`` and writes ``out_path`` (parquet, one row per sample, file order).
 
     Args:
       model: the target, placed on ``mesh`` by ``rules``.
       fingerprint: identifies everything the scores depend on; stored in the file and its parts.
+      feature_dir: also cache every sample's last hidden states there (same pass, no extra forward);
+        see :mod:`flatspec_jax.data.feature_cache`.
 
     Returns:
-      The scores table (also when ``out_path`` was already current and nothing ran).
+      The scores table (also when everything was already current and nothing ran).
     """
-    if read_fingerprint(out_path) == fingerprint:
+    if read_fingerprint(out_path) == fingerprint and (
+            feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint)):
         log.info("scores in %s are current; nothing to do", out_path)
         return pq.read_table(out_path)
     if dataset.lengths.max() > cfg.row_length:
@@ -193,7 +208,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     parts_dir.mkdir(parents=True, exist_ok=True)
     graphdef, params = nnx.split(model)
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
-    step = compile_score_step(graphdef, cfg, plan.max_segments, mesh, rules, param_shardings)
+    step = compile_score_step(graphdef, cfg, plan.max_segments, mesh, rules, param_shardings,
+                              return_features=feature_dir is not None)
     row_sharding = batch_sharding(mesh, rules, 2)
     is_writer = jax.process_index() == 0
     progress = tqdm(total=len(dataset), unit="sample", desc="score", file=sys.stderr, disable=not is_writer,
@@ -202,21 +218,26 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     for chunk in _chunks(len(plan.batches), cfg.flush_every):
         part = parts_dir / f"part-{chunk.start:06d}.parquet"
         chunk_samples = sum(len(row) for b in chunk for row in plan.batches[b])
-        if read_fingerprint(part) == fingerprint:
+        if read_fingerprint(part) == fingerprint and (
+                feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint)):
             progress.update(chunk_samples)
             continue
-        tables = []
+        tables, features = [], {}
         position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)
         for b in chunk:
             packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
             stats = jax.tree.map(np.asarray, step(params, *_global_rows(packed, row_sharding)))
             position_sum += stats.pop("position_flatness_sum")
             position_count += stats.pop("position_count")
+            if feature_dir is not None:
+                features.update(_sample_features(packed, stats.pop("features")))
             tables.append(_rows_to_table(packed, stats, dataset, fingerprint))
             tokens_done += packed.num_tokens
             progress.update(int((packed.sample_index >= 0).sum()))
             progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - start):.0f}")
         if is_writer:
+            if feature_dir is not None:
+                feature_cache.write_shard(feature_dir, chunk.start, features, fingerprint)
             _write_parquet(part, pa.concat_tables(tables), fingerprint,
                            {POSITION_KEY: json.dumps([position_sum.tolist(), position_count.tolist()])})
     progress.close()
@@ -229,6 +250,10 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
             part.unlink()
         parts_dir.rmdir()
         log.info("wrote %s (%d samples)", out_path, table.num_rows)
+        if feature_dir is not None:
+            feature_cache.write_index(feature_dir, [c.start for c in _chunks(len(plan.batches), cfg.flush_every)],
+                                      model.arch.hidden_size, fingerprint)
+            log.info("cached features of %d samples in %s", len(dataset), feature_dir)
     multihost_utils.sync_global_devices("flatspec: scores written")
     return pq.read_table(out_path)
 

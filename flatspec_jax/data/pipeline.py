@@ -16,25 +16,16 @@ Shape legend: R rows per batch (this process's share), L row length, M segment s
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import grain
 import jax
+import ml_dtypes
 import numpy as np
 
+from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.packing import pack_rows, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
-
-@dataclasses.dataclass(frozen=True)
-class RowBatch:
-    """A batch of packed rows (numpy; every array [R, L] int32)."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-    loss_mask: np.ndarray
-
 
 def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
                               selected_ids: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +60,13 @@ def plan_training_rows(dataset: TokenizedDataset, indices: np.ndarray, row_lengt
 
 
 class _MaterializeRow(grain.transforms.Map):
-    """Row of sample indices -> packed arrays ([L] each)."""
+    """Row of sample indices -> packed arrays: ``tokens``, ``positions``, ``segment_ids``, ``loss_mask``
+    ([L] int32) and, with a feature cache, ``features`` ([L, D] bfloat16, zeros on padding)."""
 
-    def __init__(self, dataset: TokenizedDataset, row_length: int):
+    def __init__(self, dataset: TokenizedDataset, row_length: int, features: FeatureCache | None):
         self._dataset = dataset
         self._row_length = row_length
+        self._features = features
 
     def _sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = self._dataset[index]
@@ -81,16 +74,26 @@ class _MaterializeRow(grain.transforms.Map):
 
     def map(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         packed = pack_rows([row], self._sample, self._row_length, segment_slots(self._row_length))
-        return {"tokens": packed.tokens[0], "positions": packed.positions[0],
-                "segment_ids": packed.segment_ids[0], "loss_mask": packed.loss_mask[0]}
+        out = {"tokens": packed.tokens[0], "positions": packed.positions[0],
+               "segment_ids": packed.segment_ids[0], "loss_mask": packed.loss_mask[0]}
+        if self._features is not None:
+            features = np.zeros((self._row_length, self._features.hidden_size), ml_dtypes.bfloat16)
+            offset = 0
+            for index in row:
+                sample = self._features[index][:self._row_length]
+                features[offset:offset + len(sample)] = sample
+                offset += len(sample)
+            out["features"] = features
+        return out
 
 
 def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *, row_length: int,
-                      global_rows_per_batch: int, seed: int, num_workers: int = 0) -> grain.DatasetIterator:
+                      global_rows_per_batch: int, seed: int, num_workers: int = 0,
+                      features: FeatureCache | None = None) -> grain.DatasetIterator:
     """An endless, checkpointable iterator over this process's share of each global batch.
 
-    Yields dicts of ``[global_rows_per_batch // process_count, L]`` int32 arrays
-    (``tokens``, ``positions``, ``segment_ids``, ``loss_mask``).
+    Yields dicts of ``[global_rows_per_batch // process_count, L, ...]`` arrays (see
+    ``_MaterializeRow`` for the keys).
     """
     count, index = jax.process_count(), jax.process_index()
     if global_rows_per_batch % count:
@@ -100,22 +103,22 @@ def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *,
                          "Select more samples or lower train.batch_tokens")
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
     # Global batch b is rows [b*G, (b+1)*G) of the shuffled stream; process p takes every count-th of them.
-    ds = ds[index::count].map(_MaterializeRow(dataset, row_length)).batch(global_rows_per_batch // count)
+    ds = ds[index::count].map(_MaterializeRow(dataset, row_length, features)).batch(global_rows_per_batch // count)
     iter_ds = ds.to_iter_dataset()
     if num_workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter_ds.__iter__()
 
 
-def fixed_batches(dataset: TokenizedDataset, indices: np.ndarray, *, row_length: int,
-                  rows_per_batch: int) -> list[RowBatch]:
+def fixed_batches(dataset: TokenizedDataset, indices: np.ndarray, *, row_length: int, rows_per_batch: int,
+                  features: FeatureCache | None = None) -> list[dict[str, np.ndarray]]:
     """The held-out samples as a fixed list of packed global batches (last one padded with empty rows)."""
     rows = plan_training_rows(dataset, indices, row_length)
     while len(rows) % rows_per_batch:
         rows.append(())
-    transform = _MaterializeRow(dataset, row_length)
+    transform = _MaterializeRow(dataset, row_length, features)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         items = [transform.map(row) for row in rows[start:start + rows_per_batch]]
-        batches.append(RowBatch(**{k: np.stack([item[k] for item in items]) for k in items[0]}))
+        batches.append({k: np.stack([item[k] for item in items]) for k in items[0]})
     return batches

@@ -1,10 +1,15 @@
-"""``flatspec score``: tokenize the data and write ``scores.parquet`` (resumable)."""
+"""``flatspec score`` / ``flatspec cache``: one pass of the target over the data.
+
+``score`` writes ``scores.parquet`` and, when ``train.features`` is ``offline``, the feature
+cache in the same pass; ``cache`` always writes both. Both resume where they stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,15 +18,16 @@ from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.scoring import score_dataset
+from flatspec_jax.selection import SCORES_FILE
 from flatspec_jax.stages.common import build_mesh, load_target, run_dir, target_path
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.parquet"
+FEATURES_DIR = "features"
 
 
 def score_fingerprint(cfg: Config, tokens_fingerprint: str) -> str:
-    """Scores depend on the tokenized samples, the target and the scoring settings (not on the mesh)."""
+    """Scores and cached features depend on the tokenized samples, the target and the scoring settings."""
     payload = f"{tokens_fingerprint}:{cfg.section_hash('model', 'score')}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -33,13 +39,26 @@ def summarize(table: pa.Table) -> str:
             f"range [{np.nanmin(flatness):.4f}, {np.nanmax(flatness):.4f}]")
 
 
-def run(cfg: Config, args: argparse.Namespace | None = None) -> pa.Table:
+def feature_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / FEATURES_DIR
+
+
+def _score(cfg: Config, with_features: bool) -> pa.Table:
     directory = run_dir(cfg)
     model_path = target_path(cfg)
     dataset = prepare_samples(cfg.data, model_path, load_tokenizer(model_path), directory)
     mesh, rules = build_mesh(cfg)
     model = load_target(cfg, mesh, rules)
     table = score_dataset(model, dataset, cfg.score, mesh, rules, directory / SCORES_FILE,
-                          score_fingerprint(cfg, dataset.fingerprint))
+                          score_fingerprint(cfg, dataset.fingerprint),
+                          feature_dir(cfg) if with_features else None)
     log.info("scores: %s", summarize(table))
     return table
+
+
+def run(cfg: Config, args: argparse.Namespace | None = None) -> pa.Table:
+    return _score(cfg, with_features=cfg.train.features == "offline")
+
+
+def run_cache(cfg: Config, args: argparse.Namespace | None = None) -> pa.Table:
+    return _score(cfg, with_features=True)

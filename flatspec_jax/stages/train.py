@@ -8,16 +8,15 @@ from pathlib import Path
 
 from flatspec_jax.checkpoint.manager import vocab_hash
 from flatspec_jax.config import Config, ConfigError
+from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenizer import load_tokenizer
-from flatspec_jax.selection import read_manifest
+from flatspec_jax.selection import SELECTION_FILE, read_manifest
 from flatspec_jax.stages.common import build_mesh, load_target, run_dir, target_path
+from flatspec_jax.stages.score import feature_dir, score_fingerprint
 from flatspec_jax.train.loop import TrainSummary, train_draft
 
 log = logging.getLogger(__name__)
-
-SELECTION_FILE = "selection.json"
-
 
 def selection_path(cfg: Config) -> Path | None:
     """The manifest ``data.selection`` names: a path, 'run' (this run's selection.json) or null (all data)."""
@@ -37,9 +36,15 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> TrainSummary:
     dataset = prepare_samples(cfg.data, model_path, tokenizer, directory)
     manifest = selection_path(cfg)
     selected = None if manifest is None else read_manifest(manifest)["ids"]
+    features = None
+    if cfg.train.features == "offline":
+        features = FeatureCache(feature_dir(cfg))
+        if features.fingerprint != score_fingerprint(cfg, dataset.fingerprint):
+            raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made from other "
+                              "data or model settings; re-run `flatspec cache`")
     mesh, rules = build_mesh(cfg)
     target = load_target(cfg, mesh, rules)
-    summary = train_draft(cfg, directory, mesh, rules, target, dataset, selected, vocab_hash(tokenizer))
+    summary = train_draft(cfg, directory, mesh, rules, target, dataset, selected, vocab_hash(tokenizer), features)
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
              ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
     return summary

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from flatspec_jax.checkpoint.manager import DraftCheckpointer, draft_meta, opt_state_shardings
 from flatspec_jax.config import Config
-from flatspec_jax.data.pipeline import (RowBatch, fixed_batches, plan_training_rows, train_and_heldout_indices,
-                                        training_iterator)
+from flatspec_jax.data.feature_cache import FeatureCache
+from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_and_heldout_indices, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
@@ -64,13 +64,13 @@ def _next_micro_batches(iterator: Any, count: int) -> dict[str, np.ndarray]:
     return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
 
 
-def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State, batches: Sequence[RowBatch],
-                     sharding: NamedSharding) -> dict[str, float]:
+def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
+                     batches: Sequence[dict[str, np.ndarray]], sharding: NamedSharding) -> dict[str, float]:
     """Held-out metrics averaged over trained positions (``eval_`` prefixed)."""
     totals: dict[str, float] = {}
     positions = 0.0
     for batch in batches:
-        arrays = {name: jax.device_put(value, sharding) for name, value in dataclasses.asdict(batch).items()}
+        arrays = {name: jax.device_put(value, sharding) for name, value in batch.items()}
         metrics = jax.tree.map(float, evaluate(params, target_params, arrays))
         count = metrics.pop("positions")
         positions += count
@@ -80,17 +80,22 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State, batc
 
 
 def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, target: Llama,
-                dataset: TokenizedDataset, selected_ids: Sequence[str] | None, target_vocab_hash: str) -> TrainSummary:
-    """Trains (or resumes training) the EAGLE head on the selected samples; checkpoints under run_dir."""
+                dataset: TokenizedDataset, selected_ids: Sequence[str] | None, target_vocab_hash: str,
+                features: FeatureCache | None = None) -> TrainSummary:
+    """Trains (or resumes training) the EAGLE head on the selected samples; checkpoints under run_dir.
+
+    With ``features`` (train.features=offline) the target's hidden states come from the cache
+    instead of a target forward inside the step.
+    """
     tcfg = cfg.train
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
     log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
              tcfg.row_length, len(heldout_indices))
     iterator = training_iterator(dataset, rows, row_length=tcfg.row_length, global_rows_per_batch=tcfg.rows_per_step,
-                                 seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers)
-    heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step)
-               if len(heldout_indices) else [])
+                                 seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers, features=features)
+    heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step,
+                             features=features) if len(heldout_indices) else [])
 
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)

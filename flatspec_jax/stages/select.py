@@ -1,0 +1,64 @@
+"""``flatspec select``: apply ``select.rule`` to ``scores.parquet`` -> ``selection.json`` (skipped when current)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from flatspec_jax.config import Config
+from flatspec_jax.selection import (
+    SCORES_FILE,
+    SELECTION_FILE,
+    manifest_dict,
+    manifest_is_current,
+    read_manifest,
+    select_samples,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+def summarize(manifest: dict[str, Any]) -> str:
+    """One line: kept N of M samples, share of trained tokens kept, the cut."""
+    summary = manifest["summary"]
+    fraction = summary.get("trained_tokens_kept_fraction")
+    share = "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+    cut = "" if manifest["cut"] is None else f"; cut {manifest['score_column']} {manifest['cut']:.6g}"
+    eligible = "" if manifest["eligible"] == manifest["candidates"] else f"{manifest['eligible']} eligible, "
+    return (f"rule {manifest['rule']}: kept {manifest['count']} of {manifest['candidates']} candidate samples "
+            f"({eligible}{manifest['heldout']} held out), {summary['kept']['trained_tokens']} of "
+            f"{summary['candidates']['trained_tokens']} trained tokens ({share}){cut}")
+
+
+def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Writes ``<run_dir>/selection.json`` and returns the manifest (read back when already current).
+
+    Raises:
+      FileNotFoundError: when the run directory has no scores.parquet yet.
+    """
+    directory = Path(cfg.run_dir)
+    scores_path = directory / SCORES_FILE
+    manifest_path = directory / SELECTION_FILE
+    if not scores_path.is_file():
+        raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
+                                "(and run directory) first")
+    rule, keep, seed, heldout = cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout
+    if manifest_is_current(manifest_path, scores_path, rule, keep, seed, heldout):
+        manifest = read_manifest(manifest_path)
+        log.info("%s is current; nothing to do", manifest_path)
+    else:
+        # Every process computes the same selection (cheap, CPU-only); the first one writes it.
+        import jax
+
+        selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
+        manifest = manifest_dict(selection, scores_path, manifest_path)
+        if jax.process_index() == 0:
+            write_manifest(manifest_path, selection, scores_path)
+            log.info("wrote %s", manifest_path)
+    log.info("selection: %s", summarize(manifest))
+    return manifest

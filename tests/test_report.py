@@ -1,0 +1,155 @@
+"""Tests for flatspec_jax.report and the ``flatspec report`` stage on a fake run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from matplotlib.image import imread
+
+from flatspec_jax import report
+from flatspec_jax.config import Config, DataConfig, SelectConfig
+from flatspec_jax.selection import select_samples, write_manifest
+from flatspec_jax.stages import report as report_stage
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SCORE_PLOTS = {"flatness_histogram.png", "flatness_vs_entropy.png", "position_flatness.png"}
+METRIC_PLOTS = {"training_loss.png", "learning_rate.png", "agreement.png", "throughput.png"}
+
+
+def write_scores(path, n=300, length=128, seed=0, position_stats=True):
+    rng = np.random.default_rng(seed)
+    flatness = rng.beta(2, 8, n)
+    entropy = 6 * flatness + rng.normal(0, 0.3, n)
+    n_trained = rng.integers(20, 100, n)
+    n_trained[:5] = 0
+    flatness[:5] = entropy[:5] = np.nan
+    table = pa.table({"id": [f"conv-{i}" for i in range(n)], "n_tokens": n_trained + 30,
+                      "n_trained_tokens": n_trained, "flatness": flatness, "flatness_all": flatness,
+                      "entropy": entropy, "top1_prob": 1 - flatness, "nll": entropy / 2,
+                      "config_hash": ["f" * 16] * n})
+    counts = np.maximum(n - np.arange(length) * 2, 0)
+    sums = counts * (0.15 + 0.05 * np.sin(np.arange(length) / 10))
+    metadata = {b"flatspec_fingerprint": b"f" * 16, b"padding_fraction": b"0.012000"}
+    if position_stats:
+        metadata[b"flatspec_position_flatness"] = json.dumps([sums.tolist(), counts.tolist()]).encode()
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    return table
+
+
+def write_metrics(path, steps=60):
+    lines = []
+    for step in range(1, steps + 1):
+        lr = 3e-5 * min(1.0, step / 10) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        loss_feature, loss_token = 2.0 / step ** 0.5, 3.0 / step ** 0.3
+        top1 = 0.75 - 0.5 / step ** 0.3
+        lines.append(json.dumps({"step": step, "loss": loss_feature + 0.1 * loss_token, "loss_feature": loss_feature,
+                                 "loss_token": loss_token, "lr": lr, "acceptance": 1 - 0.8 / step ** 0.2,
+                                 "top1": top1, "top3": top1 + 0.1, "grad_norm": 1.0, "tokens_per_s": 5000.0 + step}))
+        if step % 10 == 0:  # held-out evaluation, as train.loop writes it
+            lines.append(json.dumps({"step": step, "eval_loss": 1.1 * (loss_feature + 0.1 * loss_token),
+                                     "eval_loss_feature": 1.1 * loss_feature, "eval_loss_token": 1.1 * loss_token,
+                                     "eval_acceptance": 0.9 - 0.8 / step ** 0.2, "eval_top1": top1 - 0.05,
+                                     "eval_top3": top1 + 0.05}))
+    path.write_text("\n".join(lines) + '\n{"step": 61, "loss": 0.4')  # killed mid-line
+
+
+@pytest.fixture
+def full_run(tmp_path):
+    table = write_scores(tmp_path / "scores.parquet")
+    selection = select_samples(table, "sfdd", 0.3, 0, heldout=16)
+    write_manifest(tmp_path / "selection.json", selection, tmp_path / "scores.parquet")
+    write_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "per_depth_acceptance": [0.81, 0.62, 0.45, 0.31, 0.2], "tau": 3.39, "speedup": 2.41}))
+    return tmp_path
+
+
+def config(directory) -> Config:
+    return Config(run_dir=str(directory), select=SelectConfig(keep=0.3), data=DataConfig(heldout=16))
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 400 and height >= 300 and len(data) > 10_000, (path, width, height, len(data))
+    image = imread(path)
+    assert image.shape[:2] == (height, width)
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_full_run_writes_every_plot(full_run, caplog):
+    with caplog.at_level(logging.INFO):
+        written = report_stage.run(config(full_run))
+    names = {p.name for p in written}
+    assert names == SCORE_PLOTS | METRIC_PLOTS | {"depth_acceptance.png"}
+    assert {p.name for p in (full_run / "plots").iterdir()} == names  # no temporary files left
+    for path in written:
+        assert path.parent == full_run / "plots"
+        assert_png(path)
+    assert "skipped 1 incomplete or invalid line(s) (line 67)" in caplog.text
+    assert "report: wrote 8 plot(s)" in caplog.text
+
+
+def test_scores_only_run_writes_only_score_plots(tmp_path):
+    write_scores(tmp_path / "scores.parquet")
+    written = report_stage.run(config(tmp_path))
+    assert {p.name for p in written} == SCORE_PLOTS
+    for path in written:
+        assert_png(path)
+
+
+def test_stale_manifest_and_missing_position_stats_are_skipped(tmp_path, caplog):
+    table = write_scores(tmp_path / "scores.parquet", position_stats=False)
+    write_manifest(tmp_path / "selection.json", select_samples(table, "sfdd", 0.3, 0, 16), tmp_path / "scores.parquet")
+    write_scores(tmp_path / "scores.parquet", seed=1, position_stats=False)  # re-scored: the manifest is stale
+    with caplog.at_level(logging.WARNING):
+        written = report_stage.run(config(tmp_path))
+    assert {p.name for p in written} == {"flatness_histogram.png", "flatness_vs_entropy.png"}
+    assert "made from other scores" in caplog.text and "token-flatness-by-position" in caplog.text
+
+
+def test_empty_and_missing_run_dirs(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert report_stage.run(config(tmp_path)) == []
+    assert "nothing to plot" in caplog.text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report_stage.run(config(tmp_path / "absent"))
+
+
+def test_read_metrics_skips_truncated_line_and_keeps_last_repeat(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
+                    '{"step": 2, "loss": 1.5, "lr": 1e-5}\n\n{"step": 3, "lo')
+    records = report.read_metrics(path)
+    assert len(records) == 3
+    steps, values = report.metric_series(records, "loss")
+    assert steps.tolist() == [1, 2] and values.tolist() == [3.0, 1.5]
+    assert report.metric_keys(records) == ["loss", "lr"]
+    assert report.agreement_keys([{"step": 1, "eval_top10": 0.9, "eval_top3": 0.5, "eval_top1": 0.2, "top1": 0.3}]) == [
+        "top1", "top3", "top10"]
+    assert report.loss_keys([{"step": 1, "eval_loss": 1.0, "eval_loss_token": 2.0}]) == ["loss", "loss_token"]
+
+
+def test_plot_functions_validate_inputs(tmp_path):
+    with pytest.raises(ValueError, match="no finite sample flatness"):
+        report.plot_flatness_histogram([np.nan], tmp_path / "h.png")
+    with pytest.raises(ValueError, match="shape \\[2, L\\]"):
+        report.plot_position_flatness(np.zeros((3, 4)), tmp_path / "p.png")
+    with pytest.raises(ValueError, match="per_depth_acceptance"):
+        report.plot_depth_acceptance({"tau": 2.0}, tmp_path / "d.png")
+    with pytest.raises(ValueError, match="no loss"):
+        report.plot_training_loss([{"step": 1, "lr": 0.1}], tmp_path / "l.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoothed_position_mean_is_count_weighted():
+    sums, counts = np.array([1.0, 0.0, 9.0]), np.array([1.0, 0.0, 3.0])
+    smoothed = report.smoothed_position_mean(sums, counts, 3)
+    assert smoothed.tolist() == [1.0, 2.5, 3.0]
