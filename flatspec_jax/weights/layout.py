@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from flatspec_jax.weights.errors import WeightsError
+
 Kind = Literal["identity", "linear", "heads_in", "heads_out", "heads_bias"]
 
 
@@ -45,8 +47,10 @@ def hf_to_nnx(kind: Kind, tensor: np.ndarray, nnx_shape: tuple[int, ...], name: 
     """Converts one HF tensor to our layout, checking it has the shape the model expects.
 
     Raises:
-      ValueError: naming the tensor when the shapes disagree.
+      WeightsError: naming the tensor when the shapes disagree.
     """
+    if tensor.size != int(np.prod(nnx_shape)):
+        raise _shape_error(name, tensor, nnx_shape)
     if kind == "identity":
         out = tensor
     elif kind == "linear":
@@ -58,9 +62,13 @@ def hf_to_nnx(kind: Kind, tensor: np.ndarray, nnx_shape: tuple[int, ...], name: 
     else:  # heads_bias: [X*H] -> [X, H]
         out = tensor.reshape(nnx_shape) if tensor.size == int(np.prod(nnx_shape)) else tensor
     if tuple(out.shape) != tuple(nnx_shape):
-        raise ValueError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit the model's "
-                         f"{tuple(nnx_shape)} (HF layout expected)")
+        raise _shape_error(name, tensor, nnx_shape)
     return out
+
+
+def _shape_error(name: str, tensor: np.ndarray, nnx_shape: tuple[int, ...]) -> WeightsError:
+    return WeightsError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit the model's "
+                        f"{tuple(nnx_shape)} (HF [out, in] layout expected)")
 
 
 def nnx_to_hf(kind: Kind, array: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from flatspec_jax.models.llama import Llama, create_model
 from flatspec_jax.sharding import ShardingRules, host_to_global, logical_axes_of
+from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.layout import LAYER_TENSORS, hf_to_nnx
 from flatspec_jax.weights.reader import CheckpointReader, open_checkpoint
 
@@ -65,7 +66,10 @@ def load_target_model(path: str, mesh: Mesh, rules: ShardingRules, *, dtype: str
 
         def load(path: tuple, variable: nnx.Variable) -> nnx.Variable:
             shape = variable.get_value().shape
-            host = _host_tensor(reader, path_names(path), shape).astype(variable.get_value().dtype)
+            try:
+                host = _host_tensor(reader, path_names(path), shape).astype(variable.get_value().dtype)
+            except WeightsError as err:
+                raise WeightsError(f"{reader.source}: {err}") from None
             sharding = rules.sharding(mesh, logical_axes_of(variable), shape)
             return variable.replace(host_to_global(host, sharding))
 
