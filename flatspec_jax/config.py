@@ -138,17 +138,21 @@ class TrainConfig:
     token_weight: float = 0.1
     """p_w: weight of the token-distribution term."""
     noise: float = 0.2
-    """Uniform noise amplitude on input features, U(-a/2, a/2) scaled by 512/row_length as in EAGLE."""
+    """Uniform noise on input features: U(-a/2, a/2) x 512 / (sample length), as in EAGLE."""
     features: Literal["online", "offline"] = "online"
     """online: the frozen target runs inside the train step; offline: read a feature cache."""
     learning_rate: float = 3e-5
+    """Peak learning rate (the EAGLE reference uses 3e-5 on 68k conversations)."""
     warmup_steps: int = 20
     """Linear warm-up steps (capped at train.steps)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up: to 0 at train.steps (cosine, linear) or none (constant)."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay (PyTorch's AdamW default, which the EAGLE reference uses)."""
     b1: float = 0.9
+    """AdamW beta1."""
     b2: float = 0.95
+    """AdamW beta2."""
     grad_clip: float = 0.5
     """Gradient clipping threshold."""
     grad_clip_mode: Literal["norm", "value"] = "norm"
@@ -156,9 +160,13 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Draft compute dtype; master parameters stay float32."""
     log_every: int = 10
+    """Steps between metrics.jsonl records (the only host syncs of the loop)."""
     eval_every: int = 50
+    """Steps between held-out evaluations (top-1/top-3 agreement, losses)."""
     save_every: int = 50
+    """Steps between orbax checkpoints."""
     keep_checkpoints: int = 3
+    """Most recent checkpoints kept (the best by held-out loss is kept as well)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tokens", "row_length", "grad_accum", "log_every", "eval_every",
@@ -184,8 +192,11 @@ class MeshConfig:
     """Device mesh: axis sizes multiply to the device count; -1 takes the remaining devices."""
 
     data: int = -1
+    """Data-parallel axis (batch rows)."""
     fsdp: int = 1
+    """Fully-sharded axis: batch rows and parameters' embed dimension."""
     tensor: int = 1
+    """Tensor-parallel axis: heads, MLP and vocabulary dimensions."""
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
@@ -200,8 +211,11 @@ class DistributedConfig:
     enabled: bool | None = None
     """null: initialise when the environment names a cluster (TPU pod, SLURM, the variables below)."""
     coordinator_address: str | None = None
+    """host:port of process 0 (else JAX_COORDINATOR_ADDRESS or cluster auto-detection)."""
     num_processes: int | None = None
+    """Processes in the job (else JAX_NUM_PROCESSES or auto-detection)."""
     process_id: int | None = None
+    """This process's index (else JAX_PROCESS_ID or auto-detection)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +223,13 @@ class DecodeConfig:
     """Generation and speculative decoding."""
 
     method: Literal["ar", "chain", "tree"] = "tree"
+    """ar: plain autoregressive; chain: gamma drafts in a line; tree: EAGLE-2 dynamic tree."""
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
     max_new_tokens: int = 128
+    """Tokens generated per prompt at most."""
     gamma: int = 4
     """Chain speculation: drafted tokens per round."""
     depth: int = 5
@@ -220,7 +237,7 @@ class DecodeConfig:
     top_k: int = 8
     """Tree speculation: children expanded per level."""
     total_tokens: int = 63
-    """Tree speculation: drafted nodes verified per round."""
+    """Tree speculation: tokens verified per round, the root included (EAGLE's total_token)."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
 
@@ -230,8 +247,8 @@ class DecodeConfig:
         _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be > 0")
         _require(self.gamma >= 1 and self.depth >= 1 and self.top_k >= 1, "decode.gamma",
                  "gamma, depth and top_k must be >= 1")
-        _require(1 <= self.total_tokens <= self.top_k * self.depth * self.top_k, "decode.total_tokens",
-                 "must be between 1 and top_k x depth x top_k")
+        _require(2 <= self.total_tokens <= 1 + self.top_k + self.depth * self.top_k ** 2, "decode.total_tokens",
+                 "must be between 2 and 1 + top_k + depth x top_k^2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +264,7 @@ class EvalConfig:
     warmup: int = 1
     """Prompts run once before timing, to exclude compilation."""
     batch_size: int = 1
+    """Prompts decoded together (rows accept different lengths per round)."""
 
     def __post_init__(self) -> None:
         _require(self.turns in (1, 2), "eval.turns", "must be 1 or 2")
@@ -269,6 +287,7 @@ class Config:
     decode: DecodeConfig = DecodeConfig()
     eval: EvalConfig = EvalConfig()
     seed: int = 0
+    """Seed of the draft's initialisation, training noise and sampling."""
     run_dir: str = "runs/default"
     """Where every output of the run is written."""
 

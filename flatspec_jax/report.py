@@ -12,7 +12,6 @@ agreement and acceptance are fractions in [0, 1].
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -169,33 +168,6 @@ def plot_position_flatness(position_stats: Any, path: str | Path, *, window: int
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     return _save(figure, path)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl``: one JSON object per line.
-
-    A line that is not a complete JSON object -- the last line of a killed run, or one a resumed
-    run appended after it -- is skipped with a warning naming the file and line.
-    """
-    path = Path(path)
-    records, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad.append(number)
-    if bad:
-        log.warning("%s: skipped %d incomplete or invalid line(s) (line %s)", path, len(bad),
-                    ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
-    return records
 
 
 def _is_number(value: Any) -> bool:

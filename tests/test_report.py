@@ -13,6 +13,7 @@ import pytest
 from matplotlib.image import imread
 
 from flatspec_jax import report
+from flatspec_jax.train.metrics import read_metrics
 from flatspec_jax.config import Config, DataConfig, SelectConfig
 from flatspec_jax.selection import select_samples, write_manifest
 from flatspec_jax.stages import report as report_stage
@@ -127,7 +128,7 @@ def test_read_metrics_skips_truncated_line_and_keeps_last_repeat(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
                     '{"step": 2, "loss": 1.5, "lr": 1e-5}\n\n{"step": 3, "lo')
-    records = report.read_metrics(path)
+    records = read_metrics(path)
     assert len(records) == 3
     steps, values = report.metric_series(records, "loss")
     assert steps.tolist() == [1, 2] and values.tolist() == [3.0, 1.5]

@@ -1,7 +1,10 @@
-"""What several stages need: the target model, its tokenizer, the mesh and the run directory."""
+"""What several stages share: the run directory, the target model and tokenizer, the mesh and
+the tokenized samples, loaded lazily and at most once per process (so ``flatspec pipeline``
+loads the target once for all its stages)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -9,6 +12,9 @@ from jax.sharding import Mesh
 
 from flatspec_jax import assets
 from flatspec_jax.config import Config
+from flatspec_jax.data.prepare import prepare_samples
+from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
@@ -16,27 +22,42 @@ from flatspec_jax.weights.to_nnx import load_target_model
 log = logging.getLogger(__name__)
 
 
-def target_path(cfg: Config) -> str:
-    """The target checkpoint: ``model.path`` or the embedded SmolLM2 GGUF."""
-    return cfg.model.path or str(assets.smollm2_gguf())
-
-
-def build_mesh(cfg: Config) -> tuple[Mesh, ShardingRules]:
-    mesh = make_mesh(cfg.mesh)
-    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
-    return mesh, ShardingRules()
-
-
-def load_target(cfg: Config, mesh: Mesh, rules: ShardingRules) -> Llama:
-    return load_target_model(target_path(cfg), mesh, rules, dtype=cfg.model.dtype,
-                             param_dtype=cfg.model.param_dtype)
-
-
-def run_dir(cfg: Config) -> Path:
-    path = Path(cfg.run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+class RunContext:
+    """One run's shared, lazily loaded resources."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+
+    @functools.cached_property
+    def model_path(self) -> str:
+        """The target checkpoint: ``model.path`` or the embedded SmolLM2 GGUF."""
+        return self.cfg.model.path or str(assets.smollm2_gguf())
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.model_path)
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        mesh = make_mesh(self.cfg.mesh)
+        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
+        return mesh
+
+    @functools.cached_property
+    def rules(self) -> ShardingRules:
+        return ShardingRules()
+
+    @functools.cached_property
+    def target(self) -> Llama:
+        return load_target_model(self.model_path, self.mesh, self.rules, dtype=self.cfg.model.dtype,
+                                 param_dtype=self.cfg.model.param_dtype)
+
+    @functools.cached_property
+    def samples(self) -> TokenizedDataset:
+        """The run's tokenized samples (``tokens.npz``)."""
+        return prepare_samples(self.cfg.data, self.model_path, self.tokenizer, self.run_dir)

@@ -13,10 +13,9 @@ from flax import nnx
 
 from flatspec_jax.config import Config
 from flatspec_jax.data.chat import render_prompt
-from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings
-from flatspec_jax.stages.common import build_mesh, load_target, round_up, target_path
+from flatspec_jax.stages.common import RunContext, round_up
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +23,9 @@ PROMPT_BUCKET = 64
 """Prompts are padded to a multiple of this, so similar prompts share one compiled program."""
 
 
-def run(cfg: Config, args: argparse.Namespace) -> int:
-    tokenizer = load_tokenizer(target_path(cfg))
-    mesh, rules = build_mesh(cfg)
-    model = load_target(cfg, mesh, rules)
+def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) -> None:
+    ctx = ctx or RunContext(cfg)
+    tokenizer, model = ctx.tokenizer, ctx.target
     prompt = render_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
     padded = round_up(len(prompt), PROMPT_BUCKET)
     cache_length = min(cfg.decode.max_cache_length, round_up(padded + cfg.decode.max_new_tokens, 128))
@@ -50,4 +48,3 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     log.info("generated %d tokens in %.2f s (compilation included)", len(tokens), elapsed)
     tokens = tokens[~np.isin(tokens, settings.eos_ids)]
     print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return 0

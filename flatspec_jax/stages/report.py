@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from flatspec_jax import report
 from flatspec_jax.config import Config
+from flatspec_jax.train.metrics import METRICS_FILE, read_metrics
 from flatspec_jax.selection import (
     SCORES_FILE,
     SELECTION_FILE,
@@ -34,7 +35,6 @@ from flatspec_jax.selection import (
 log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
-METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 
 
@@ -96,7 +96,7 @@ def score_plots(cfg: Config, scores_path: Path, out: Path) -> list[Path]:
 
 def metrics_plots(metrics_path: Path, out: Path) -> list[Path]:
     """Training curves: loss terms, learning rate, top-k agreement, throughput (those logged)."""
-    records = report.read_metrics(metrics_path)
+    records = read_metrics(metrics_path)
     keys = set(report.metric_keys(records))
     plots: list[tuple[bool, Callable[..., Path], str]] = [
         (bool(report.loss_keys(records)), report.plot_training_loss, "training_loss.png"),

@@ -15,11 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from flatspec_jax.config import Config
-from flatspec_jax.data.prepare import prepare_samples
-from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.scoring import score_dataset
 from flatspec_jax.selection import SCORES_FILE
-from flatspec_jax.stages.common import build_mesh, load_target, run_dir, target_path
+from flatspec_jax.stages.common import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +41,18 @@ def feature_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) / FEATURES_DIR
 
 
-def _score(cfg: Config, with_features: bool) -> pa.Table:
-    directory = run_dir(cfg)
-    model_path = target_path(cfg)
-    dataset = prepare_samples(cfg.data, model_path, load_tokenizer(model_path), directory)
-    mesh, rules = build_mesh(cfg)
-    model = load_target(cfg, mesh, rules)
-    table = score_dataset(model, dataset, cfg.score, mesh, rules, directory / SCORES_FILE,
-                          score_fingerprint(cfg, dataset.fingerprint),
+def _score(cfg: Config, ctx: RunContext | None, with_features: bool) -> pa.Table:
+    ctx = ctx or RunContext(cfg)
+    table = score_dataset(ctx.target, ctx.samples, cfg.score, ctx.mesh, ctx.rules, ctx.run_dir / SCORES_FILE,
+                          score_fingerprint(cfg, ctx.samples.fingerprint),
                           feature_dir(cfg) if with_features else None)
     log.info("scores: %s", summarize(table))
     return table
 
 
-def run(cfg: Config, args: argparse.Namespace | None = None) -> pa.Table:
-    return _score(cfg, with_features=cfg.train.features == "offline")
+def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> pa.Table:
+    return _score(cfg, ctx, with_features=cfg.train.features == "offline")
 
 
-def run_cache(cfg: Config, args: argparse.Namespace | None = None) -> pa.Table:
-    return _score(cfg, with_features=True)
+def run_cache(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> pa.Table:
+    return _score(cfg, ctx, with_features=True)

@@ -9,10 +9,8 @@ from pathlib import Path
 from flatspec_jax.checkpoint.manager import vocab_hash
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
-from flatspec_jax.data.prepare import prepare_samples
-from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.selection import SELECTION_FILE, read_manifest
-from flatspec_jax.stages.common import build_mesh, load_target, run_dir, target_path
+from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import feature_dir, score_fingerprint
 from flatspec_jax.train.loop import TrainSummary, train_draft
 
@@ -29,22 +27,18 @@ def selection_path(cfg: Config) -> Path | None:
     return path
 
 
-def run(cfg: Config, args: argparse.Namespace | None = None) -> TrainSummary:
-    directory = run_dir(cfg)
-    model_path = target_path(cfg)
-    tokenizer = load_tokenizer(model_path)
-    dataset = prepare_samples(cfg.data, model_path, tokenizer, directory)
+def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> TrainSummary:
+    ctx = ctx or RunContext(cfg)
     manifest = selection_path(cfg)
     selected = None if manifest is None else read_manifest(manifest)["ids"]
     features = None
     if cfg.train.features == "offline":
         features = FeatureCache(feature_dir(cfg))
-        if features.fingerprint != score_fingerprint(cfg, dataset.fingerprint):
+        if features.fingerprint != score_fingerprint(cfg, ctx.samples.fingerprint):
             raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made from other "
                               "data or model settings; re-run `flatspec cache`")
-    mesh, rules = build_mesh(cfg)
-    target = load_target(cfg, mesh, rules)
-    summary = train_draft(cfg, directory, mesh, rules, target, dataset, selected, vocab_hash(tokenizer), features)
+    summary = train_draft(cfg, ctx.run_dir, ctx.mesh, ctx.rules, ctx.target, ctx.samples, selected,
+                          vocab_hash(ctx.tokenizer), features)
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
              ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
     return summary

@@ -30,7 +30,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, place_state, state_shardings
-from flatspec_jax.train.metrics import MetricsLog
+from flatspec_jax.train.metrics import MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
 
@@ -153,5 +153,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     checkpoints.wait()
     checkpoints.close()
     metrics_log.close()
+    if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
+        records = read_metrics(metrics_log.path)
+        final = next((r for r in reversed(records) if "loss" in r), {})
+        heldout_metrics = next((r for r in reversed(records) if "eval_loss" in r), {})
     return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
                         final=final, heldout=heldout_metrics)

@@ -20,16 +20,30 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete record of a metrics log (a line cut short by a crash is skipped)."""
-    records = []
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl``: one JSON object per line.
+
+    A line that is not a complete JSON object -- the last line of a killed run, or one a resumed
+    run appended after it -- is skipped with a warning naming the file and line.
+    """
+    path = Path(path)
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d incomplete or invalid line(s) (line %s)", path, len(bad),
+                    ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
     return records
 
 
