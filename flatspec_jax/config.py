@@ -454,3 +454,7 @@ def _field_docs(cls: type) -> dict[str, str]:
                 and isinstance(following.value.value, str)):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
+
+
+if __name__ == "__main__":
+    print(config_reference())
