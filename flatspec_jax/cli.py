@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
     "select": ("flatspec_jax.stages.select:run", "apply select.rule to scores.parquet -> selection.json"),
     "report": ("flatspec_jax.stages.report:run", "plot scores, selection, training curves and eval -> plots/*.png"),
+    "eval": ("flatspec_jax.stages.eval:run", "speculative vs autoregressive decoding on MT-bench -> eval.json"),
+    "pipeline": ("flatspec_jax.stages.pipeline:run", "score, select, train, eval and report in one run directory"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
 
@@ -55,8 +57,14 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, help="decode.top_p")
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", help="draft checkpoint directory (default: the run's checkpoints/)")
+    parser.add_argument("--turns", type=int, choices=(1, 2), help="eval.turns: MT-bench turns per question")
+
+
 _VERB_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "generate": _generate_arguments,
+    "eval": _eval_arguments,
 }
 
 # Verb flags that are shorthands for config fields.
@@ -64,6 +72,7 @@ _FLAG_TO_KEY = {
     "max_new_tokens": "decode.max_new_tokens",
     "temperature": "decode.temperature",
     "top_p": "decode.top_p",
+    "turns": "eval.turns",
     "run_dir": "run_dir",
 }
 

@@ -27,8 +27,10 @@ def setup_logging(verbose: bool = False) -> None:
         level = logging.WARNING
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock"):
+    for noisy in ("jax._src", "orbax", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax logs routine notices (read-only managers, async saves) as absl warnings.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def enable_compilation_cache() -> None:

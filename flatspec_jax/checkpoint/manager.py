@@ -12,6 +12,12 @@ atomically by orbax: a half-written step is never visible as a step):
 
 Arrays are saved with their logical shapes, not their device layout, so a checkpoint
 written on one mesh restores on another: restore is given the target shardings.
+
+A *params-only* step (what ``flatspec import`` writes, see :func:`save_draft_params`) has
+``state/`` = {"params": ..., "step": []} without "opt_state", no ``data/``, and its meta adds
+``"params_only": true`` plus where the parameters came from. :func:`load_draft_head` reads
+both kinds; training cannot resume from a params-only step (it has no optimizer or data
+state), so one is written as step 0, which ``flatspec train`` never restores.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from flatspec_jax.weights.arch import ArchSpec
 log = logging.getLogger(__name__)
 
 META_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+"""A run directory's orbax draft checkpoints."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -135,6 +143,31 @@ class DraftCheckpointer:
         self.manager.close()
 
 
+def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], step: int = 0) -> Path:
+    """Writes a params-only checkpoint step (see the module docstring) and waits until it is complete.
+
+    ``params`` is the head's state (arrays placed on any mesh); every JAX process must call
+    this, as for any orbax save. ``meta`` is :func:`draft_meta`'s dict; ``"params_only": True``
+    is added.
+
+    Raises:
+      CheckpointMismatchError: when ``directory`` already holds this step.
+    """
+    directory = Path(directory).absolute()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+                                    item_names=("state", "data", "meta"))
+    try:
+        if step in manager.all_steps():
+            raise CheckpointMismatchError(f"{directory} already holds step {step}")
+        payload = {"params": flatten_params(params), "step": np.asarray(step, np.int32)}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload),
+                                                   meta=ocp.args.JsonSave({**meta, "params_only": True})))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return directory / str(step)
+
+
 def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, metadata) of a checkpoint directory's given or latest step.
 
@@ -184,7 +217,10 @@ def load_draft_head(directory: Path, target: ArchSpec, target_vocab_hash: str, m
     target_tree = {"params": _as_abstract(flatten_params(params), flatten_params(shardings))}
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_names=("state", "data", "meta"))
+    # PyTreeRestore takes the shardings from restore_args only (the item's ShapeDtypeStruct
+    # shardings are ignored: orbax would fall back to the saved topology's shardings).
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target_tree, partial_restore=True)))
+        state=ocp.args.PyTreeRestore(target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree),
+                                     partial_restore=True)))
     log.info("loaded draft head from %s (step %d)", directory, step)
     return nnx.merge(graphdef, unflatten_params(params, restored["state"]["params"]))

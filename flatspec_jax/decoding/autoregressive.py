@@ -80,7 +80,8 @@ class _LoopState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
 def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_lengths: Array,
              key: Array, settings: GenerationSettings) -> Generation:
-    """Generates up to ``settings.max_new_tokens`` per row, stopping a row at EOS or a full cache.
+    """Generates up to ``settings.max_new_tokens`` per row, stopping a row at EOS or a full cache
+    (the last token generated is the one whose key/value would need slot ``cache_length``).
 
     Args:
       graphdef, params: the target model split with ``nnx.split``.
@@ -97,7 +98,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_l
     tokens = jnp.full((batch, settings.max_new_tokens), settings.pad_id, jnp.int32).at[:, 0].set(first)
     state = _LoopState(
         tokens=tokens, lengths=jnp.ones((batch,), jnp.int32),
-        done=is_eos(first, settings.eos_ids) | (prompt_lengths + 1 >= settings.cache_length)
+        done=is_eos(first, settings.eos_ids) | (prompt_lengths >= settings.cache_length)
         | (settings.max_new_tokens <= 1),
         last=first, cache=prefilled.cache, cache_index=prompt_lengths.astype(jnp.int32), key=key,
         target_calls=jnp.zeros((), jnp.int32))
@@ -115,7 +116,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_l
         lengths = s.lengths + active
         cache_index = s.cache_index + active
         done = (s.done | is_eos(new, settings.eos_ids) | (lengths >= settings.max_new_tokens)
-                | (cache_index + 1 >= settings.cache_length))
+                | (cache_index >= settings.cache_length))
         return _LoopState(tokens=tokens, lengths=lengths, done=done, last=new, cache=out.cache,
                           cache_index=cache_index, key=key, target_calls=s.target_calls + 1)
 

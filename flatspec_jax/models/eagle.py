@@ -29,8 +29,9 @@ Array = jax.Array
 
 
 def draft_arch(target: ArchSpec, num_layers: int) -> ArchSpec:
-    """The head's architecture: the target's layer shape (incl. Qwen2 q/k/v biases), ``num_layers`` deep."""
-    return dataclasses.replace(target, num_layers=num_layers)
+    """The head's architecture: the target's layer shape (incl. Qwen2 q/k/v biases), ``num_layers`` deep,
+    with full causal attention (EAGLE heads use no sliding window)."""
+    return dataclasses.replace(target, num_layers=num_layers, sliding_window=None)
 
 
 class EagleHead(nnx.Module):

@@ -300,7 +300,10 @@ class Llama(nnx.Module):
 def sliding_window_mask(positions: Array, num_keys: int, cached: bool, window: int | None) -> Array:
     """[B, T, S] True where the key lies within the sliding window of the query (all True without one).
 
-    With a cache, key slot s holds position s; without one, keys are the new tokens themselves.
+    With a cache, key slot s is taken to hold position s; without one, keys are the new tokens
+    themselves. A draft tree being verified breaks the first assumption (slot n + j holds
+    position n + depth(j)), which overstates distances inside the tree by less than its size:
+    it matters only for windows shorter than the tree, far below any real model's window.
     """
     if window is None:
         return jnp.ones((1, 1, 1), bool)

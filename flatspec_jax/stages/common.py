@@ -11,19 +11,17 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from flatspec_jax import assets
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, load_draft_head, vocab_hash
 from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
+from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
 
 log = logging.getLogger(__name__)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class RunContext:
@@ -61,3 +59,16 @@ class RunContext:
     def samples(self) -> TokenizedDataset:
         """The run's tokenized samples (``tokens.npz``)."""
         return prepare_samples(self.cfg.data, self.model_path, self.tokenizer, self.run_dir)
+
+    def draft_head(self, directory: str | Path | None = None) -> EagleHead:
+        """The draft head of an orbax checkpoint directory (default: this run's ``checkpoints/``),
+        checked against this target and tokenizer."""
+        directory = Path(directory) if directory else self.run_dir / CHECKPOINT_DIR
+        return load_draft_head(directory, self.target.arch, vocab_hash(self.tokenizer), self.mesh, self.rules,
+                               dtype=self.cfg.model.dtype)
+
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.target.arch.eos_token_ids or (self.tokenizer.eos_token_id,)
+
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from flatspec_jax.checkpoint.manager import DraftCheckpointer, draft_meta, opt_state_shardings
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, DraftCheckpointer, draft_meta, opt_state_shardings
 from flatspec_jax.config import Config
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_and_heldout_indices, training_iterator
@@ -35,9 +35,6 @@ from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainSummary:

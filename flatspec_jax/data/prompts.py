@@ -1,0 +1,49 @@
+"""Evaluation prompts: MT-bench's 80 two-turn questions, or any JSONL of prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from flatspec_jax import assets
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One evaluation item: an id, its category and its user turns (answered one after another)."""
+
+    id: str
+    category: str
+    turns: tuple[str, ...]
+
+
+def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[Prompt]:
+    """Reads ``source`` ('mtbench' or a JSONL path) in file order, keeping the first ``turns`` turns.
+
+    A JSONL line is ``{"prompt": "..."}`` or ``{"turns": ["...", ...]}``, optionally with
+    ``question_id``/``id`` and ``category``.
+
+    Raises:
+      ValueError: naming the file and line of a record without a usable prompt.
+    """
+    path = assets.mtbench_questions() if source == "mtbench" else Path(source)
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            texts = record.get("turns") or ([record["prompt"]] if "prompt" in record else None)
+            if not isinstance(record, dict) or not texts or not all(isinstance(t, str) and t for t in texts):
+                raise ValueError(f"{path}:{number}: expected a non-empty 'prompt' string or 'turns' list of strings")
+            prompt_id = str(record.get("question_id", record.get("id", number)))
+            prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts

@@ -1,0 +1,154 @@
+"""Running the EAGLE head: catching up on committed tokens, drafting a chain or an EAGLE-2 tree.
+
+Shape legend: B batch, C pairs per catch-up, D model dim, V vocab, k ``top_k``, L ``depth``,
+N draft nodes, S_d draft cache slots.
+
+The head works on pairs: draft position t reads (target feature f_t, embedding of x_{t+1}) and
+predicts f_{t+1}; the target's LM head on that prediction is the draft distribution of x_{t+2}.
+Draft cache slot t holds pair t. Committed pairs always use the target's true features; while
+drafting, the head feeds back its own predictions. Draft entries written past the committed
+pairs are scratch: the next catch-up overwrites them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
+from flatspec_jax.decoding.tree import DraftTree, build_tree
+from flatspec_jax.models.eagle import EagleHead
+from flatspec_jax.models.llama import KVCache, Llama
+from flatspec_jax.models.masks import cached_mask, causal_mask
+
+Array = jax.Array
+
+
+def catch_up(head: EagleHead, target: Llama, cache: KVCache, features: Array, next_tokens: Array, count: Array,
+             start: Array) -> tuple[Array, KVCache]:
+    """Writes newly committed pairs into the draft cache and returns the prediction after the last.
+
+    Args:
+      features: [B, C] + [D] target features f_t of positions start .. start + C - 1.
+      next_tokens: [B, C] the token after each of them, x_{t+1}.
+      count: [B] how many pairs of each row are real (1..C); the rest is padding, written to
+        slots past the row's committed pairs, where nothing reads it before it is overwritten.
+      start: [B] position (= draft slot) of each row's first pair.
+
+    Returns:
+      [B, D] the head's prediction of the feature after the last real pair, and the cache.
+    """
+    batch, length = next_tokens.shape
+    positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    mask = cached_mask(start, causal_mask(batch, length), cache.length)
+    out, cache = head(features, target.embed(next_tokens), positions, mask, cache, start)
+    last = jnp.take_along_axis(out, (count - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache
+
+
+def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, committed: Array, key: Array,
+                gamma: int, sampling: SamplingSettings) -> tuple[Array, Array | None, KVCache]:
+    """Drafts gamma tokens autoregressively after the root.
+
+    Each draft is drawn from the warped draft distribution (argmax when greedy), the same
+    warping the target is verified with, so the recorded q is the one the token came from.
+
+    Args:
+      root_hidden: [B, D] the head's prediction of the root's feature (from :func:`catch_up`).
+      committed: [B] committed tokens n; the root sits at position n, draft j (1-based) at n + j.
+
+    Returns:
+      drafts [B, gamma]; their draft distributions q [B, gamma, V] (None when greedy); the cache.
+    """
+    batch = committed.shape[0]
+    keys = jax.random.split(key, gamma)
+
+    def propose(step_key: Array, hidden: Array) -> tuple[Array, Array | None]:
+        logits = target.logits(hidden)
+        if sampling.greedy:
+            return sample(step_key, logits, sampling), None
+        log_q = warped_log_probs(logits, sampling)
+        return jax.random.categorical(step_key, log_q, axis=-1).astype(jnp.int32), jnp.exp(log_q)
+
+    def step(carry, inputs):
+        hidden, token, cache = carry
+        index, step_key = inputs
+        # Pair (predicted feature at position n + index, draft token index + 1) -> next feature.
+        slot = committed + index
+        mask = cached_mask(slot, jnp.ones((batch, 1, 1), bool), cache.length)
+        out, cache = head(hidden[:, None], target.embed(token[:, None]), slot[:, None], mask, cache, slot)
+        hidden = out[:, 0]
+        token, probs = propose(step_key, hidden)
+        return (hidden, token, cache), (token, probs)
+
+    first, first_probs = propose(keys[0], root_hidden)
+    (_, _, cache), (rest, rest_probs) = jax.lax.scan(
+        step, (root_hidden, first, cache), (jnp.arange(gamma - 1, dtype=jnp.int32), keys[1:]))
+    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
+    if sampling.greedy:
+        return drafts, None, cache
+    return drafts, jnp.concatenate([first_probs[:, None], jnp.moveaxis(rest_probs, 0, 1)], axis=1), cache
+
+
+def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, root: Array, committed: Array,
+               top_k: int, depth: int, total_tokens: int) -> tuple[DraftTree, KVCache]:
+    """EAGLE-2 dynamic tree drafting (the reference's ``topK_genrate``) for every row at once.
+
+    The root's children are the top-k tokens of the draft; then ``depth`` times the k best
+    beams (by cumulative draft log-prob) run through the head and each proposes its top-k
+    children. Every proposed child joins the candidate pool (k + depth k^2 candidates over
+    depth + 1 levels); the ``total_tokens`` best of the pool form the tree. Drafting always
+    ranks the raw draft log-softmax, whatever the sampling settings (drafts are deterministic
+    top-k picks; verification accounts for that).
+
+    Args:
+      root_hidden: [B, D] the head's prediction of the root's feature (from :func:`catch_up`).
+      root: [B] the root token; committed: [B] committed tokens n (the root's position).
+
+    Returns:
+      The tree (N = total_tokens draft nodes, up to depth + 1 levels) and the draft cache,
+      whose slots n .. n + depth k - 1 now hold the beams (scratch).
+    """
+    batch = root.shape[0]
+    vocab = target.arch.vocab_size
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({vocab})")
+    k = top_k
+    rows = jnp.arange(batch)[:, None]
+
+    root_scores, root_children = jax.lax.top_k(jax.nn.log_softmax(target.logits(root_hidden), axis=-1), k)
+    # Ancestry among the beams' draft-cache slots: level i's k beams sit at slots n + i k ...
+    # (i from 0). One spare level of rows lets the last step write its (unused) beams.
+    width = (depth + 1) * k
+    level_eye = jnp.eye(k, width, dtype=bool)
+    beam_ancestry = jnp.zeros((batch, width, width), bool).at[:, :k].set(level_eye)
+
+    def step(carry, level):
+        hidden, tokens, scores, pool_index, ancestry, cache = carry
+        slot = committed + level * k
+        # Committed pairs are all visible; among the beams, a beam sees its ancestors and itself.
+        mask = jax.lax.dynamic_slice_in_dim(cached_mask(committed, ancestry, cache.length), level * k, k, axis=1)
+        positions = jnp.broadcast_to((committed + level)[:, None], (batch, k))
+        out, cache = head(hidden, target.embed(tokens), positions, mask, cache, slot)
+        child_scores, children = jax.lax.top_k(jax.nn.log_softmax(target.logits(out), axis=-1), k)  # [B, k, k]
+        cumulative = (child_scores + scores[:, :, None]).reshape(batch, k * k)
+        children = children.reshape(batch, k * k)
+        parents = jnp.repeat(pool_index, k, axis=1)
+        best_scores, best = jax.lax.top_k(cumulative, k)
+        parent_beam = best // k
+        beam_rows = jax.lax.dynamic_slice_in_dim(ancestry, level * k, k, axis=1)[rows, parent_beam]
+        next_level = jnp.roll(level_eye, (level + 1) * k, axis=1)
+        ancestry = jax.lax.dynamic_update_slice_in_dim(ancestry, beam_rows | next_level, (level + 1) * k, axis=1)
+        carry = (out[rows, parent_beam], children[rows, best], best_scores, k + level * k * k + best, ancestry, cache)
+        return carry, (cumulative, children, parents)
+
+    init = (jnp.broadcast_to(root_hidden[:, None], (batch, k, root_hidden.shape[-1])), root_children, root_scores,
+            jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k)), beam_ancestry, cache)
+    (*_, cache), (scores, tokens, parents) = jax.lax.scan(step, init, jnp.arange(depth, dtype=jnp.int32))
+
+    def pool(level_one: Array, deeper: Array) -> Array:  # [B, k] and [depth, B, k^2] -> [B, k + depth k^2]
+        return jnp.concatenate([level_one, jnp.moveaxis(deeper, 0, 1).reshape(batch, -1)], axis=1)
+
+    tree = build_tree(root, pool(root_scores, scores), pool(root_children, tokens),
+                      pool(jnp.full((batch, k), -1, jnp.int32), parents), total_tokens, min(depth + 1, total_tokens))
+    return tree, cache

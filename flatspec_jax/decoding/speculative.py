@@ -1,0 +1,240 @@
+"""Jitted EAGLE speculative decoding (chain or EAGLE-2 tree drafts) with per-row acceptance.
+
+Shape legend: B batch rows, P padded prompt length, M max new tokens, S target cache slots,
+D model dim, A the most drafts one round can accept, T tokens per verification forward.
+
+Like :func:`flatspec_jax.decoding.autoregressive.generate`, the whole generation is one
+``jax.lax.while_loop`` inside one ``jax.jit`` with static shapes; every row carries its own
+committed length, so rows accept different numbers of drafts in the same round.
+
+State between rounds, per row: n committed tokens (prompt + emitted, except the last emitted
+token) whose target KV fills slots 0..n-1; the root, i.e. the last emitted token, at position
+n; the draft cache holding pairs 0..n-1; and the head's prediction of the root's feature.
+A round:
+  1. drafts from that prediction: a chain of gamma tokens, or an EAGLE-2 tree;
+  2. runs the target once over [root, drafts...] at positions n + depth, with the tree's
+     ancestry (causal for a chain) as mask; this writes slots n..n+T-1;
+  3. verifies (greedy or lossless sampling), emitting the a accepted drafts and a bonus token;
+  4. compacts the target cache to the accepted path (trees only: a chain's path is in place);
+  5. catches the draft up: pairs (f_{n+i}, x_{n+i+1}) for i = 0..a, with the target's features
+     of the root and accepted nodes, padded to A + 1 pairs. Its last prediction is the next
+     round's starting point, so the draft needs no catch-up at the start of a round. The
+     prompt's prefill ends the same way (pairs 0..P-1, the last one with the first token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flatspec_jax.decoding.autoregressive import GenerationSettings, is_eos, prefill
+from flatspec_jax.decoding.commit import append_tokens, compact_cache, emitted_tokens
+from flatspec_jax.decoding.drafting import catch_up, draft_chain, draft_tree
+from flatspec_jax.decoding.sampling import sample
+from flatspec_jax.decoding.tree import chain_tree
+from flatspec_jax.decoding.verify import (verify_greedy_chain, verify_greedy_tree, verify_sampling_chain,
+                                          verify_sampling_tree)
+from flatspec_jax.models.llama import KVCache
+from flatspec_jax.models.masks import cached_mask
+
+Array = jax.Array
+
+METHODS = ("chain", "tree")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeSettings:
+    """Static settings of one speculative decoding program.
+
+    Attributes:
+      generation: max_new_tokens, cache_length (target cache slots), eos_ids, sampling, pad_id,
+        as for autoregressive decoding.
+      method: "chain" (gamma drafts in a line) or "tree" (EAGLE-2 dynamic tree).
+      gamma: chain drafts per round.
+      depth: tree expansion steps after the root's (the reference's ``depth``): the tree has
+        up to depth + 1 levels.
+      top_k: tree children per expanded node and beams per level.
+      total_tokens: draft nodes in the tree, root excluded (the reference's ``total_token``
+        counts the root: its 60 is 59 here).
+    """
+
+    generation: GenerationSettings
+    method: str = "tree"
+    gamma: int = 4
+    depth: int = 5
+    top_k: int = 8
+    total_tokens: int = 59
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.gamma < 1 or self.depth < 1 or self.top_k < 1:
+            raise ValueError("gamma, depth and top_k must be positive")
+        pool = self.top_k + self.depth * self.top_k ** 2
+        if not 1 <= self.total_tokens <= pool:
+            raise ValueError(f"total_tokens must be in 1..{pool} (top_k + depth * top_k^2)")
+
+    @property
+    def max_accept(self) -> int:
+        """A: the most drafts one round can accept (the deepest level of a tree)."""
+        return self.gamma if self.method == "chain" else min(self.depth + 1, self.total_tokens)
+
+    @property
+    def verify_tokens(self) -> int:
+        """T: tokens in each target verification forward, the root included. A row keeps going
+        while committed + T <= cache_length."""
+        return 1 + (self.gamma if self.method == "chain" else self.total_tokens)
+
+    @property
+    def draft_cache_length(self) -> int:
+        """Draft cache slots: the committed pairs plus the drafting scratch of the last round
+        that fits the target cache (a tree's depth * top_k beams may outnumber its T tokens)."""
+        if self.method == "chain":
+            return self.generation.cache_length
+        return self.generation.cache_length + max(0, self.depth * self.top_k - self.verify_tokens)
+
+
+class SpeculativeGeneration(NamedTuple):
+    """Result of :func:`speculative_generate`.
+
+    Attributes:
+      tokens: [B, M] generated ids (EOS included, ``pad_id`` after), as in ``Generation``.
+      lengths: [B] generated tokens, the prefill's first token included.
+      rounds: [B] verification forwards of the target while the row was active; like
+        ``Generation.target_calls`` it excludes the prefill.
+      accept_counts: [B, A + 1] histogram over the row's rounds of the accepted draft count
+        (bonus excluded), counted before any cut at EOS or max_new_tokens.
+    """
+
+    tokens: Array
+    lengths: Array
+    rounds: Array
+    accept_counts: Array
+
+    def tau(self) -> Array:
+        """[B] tokens emitted per verification forward: (lengths - 1) / rounds.
+
+        The prefill's token is not a round's, so tau is 1 for autoregressive decoding
+        ((lengths - 1) / target_calls) and the reference's mean acceptance length for EAGLE
+        (up to the cut at EOS / max_new_tokens in the last round). 0 for rows with no round.
+        """
+        return jnp.where(self.rounds > 0, (self.lengths - 1) / jnp.maximum(self.rounds, 1), 0.0)
+
+    def acceptance_rates(self) -> Array:
+        """[A] over all rows: P(depth d accepted | depth d - 1 accepted), d = 1..A (0 if never reached)."""
+        counts = jnp.sum(self.accept_counts, axis=0)
+        reached = jnp.cumsum(counts[::-1])[::-1]  # rounds accepting at least d drafts, d = 0..A
+        return jnp.where(reached[:-1] > 0, reached[1:] / jnp.maximum(reached[:-1], 1), 0.0)
+
+
+@flax.struct.dataclass
+class _LoopState:
+    tokens: Array  # [B, M]
+    lengths: Array  # [B]
+    done: Array  # [B] bool
+    rounds: Array  # [B]
+    accept_counts: Array  # [B, A + 1]
+    root: Array  # [B] last emitted token, at position `committed`
+    committed: Array  # [B] n: target cache slots and draft pairs holding the committed sequence
+    draft_hidden: Array  # [B, D] the head's prediction of the root's feature
+    target_cache: KVCache
+    draft_cache: KVCache
+    key: Array
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "settings"))
+def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State, head_graphdef: nnx.GraphDef,
+                         head_params: nnx.State, prompts: Array, prompt_lengths: Array, key: Array,
+                         settings: SpeculativeSettings) -> SpeculativeGeneration:
+    """Generates up to ``max_new_tokens`` per row with EAGLE drafts verified by the target.
+
+    Greedy output equals :func:`~flatspec_jax.decoding.autoregressive.generate`'s token for
+    token; sampled output has the same distribution. A row stops at EOS, at max_new_tokens, or
+    when the target cache cannot hold another round (committed + T > cache_length, earlier than
+    autoregressive decoding, which needs one free slot).
+
+    Args:
+      target_graphdef, target_params: the target ``Llama`` split with ``nnx.split``.
+      head_graphdef, head_params: the ``EagleHead`` split with ``nnx.split``.
+      prompts: [B, P] right-padded prompt ids; prompt_lengths: [B] their true lengths (>= 1).
+      key: PRNG key (unused when greedy).
+    """
+    target = nnx.merge(target_graphdef, target_params)
+    head = nnx.merge(head_graphdef, head_params)
+    gen = settings.generation
+    sampling = gen.sampling
+    batch, prompt_width = prompts.shape
+    max_accept, verify_tokens = settings.max_accept, settings.verify_tokens
+    rows = jnp.arange(batch)
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+
+    target_cache = KVCache.zeros(target.arch, target.arch.num_layers, batch, gen.cache_length, target.dtype)
+    prefilled, last_logits = prefill(target, prompts, prompt_lengths, target_cache)
+    key, first_key = jax.random.split(key)
+    first = sample(first_key, last_logits, sampling)
+    # Draft prefill: pair t is (f_t, x_{t+1}); the last real pair's next token is the first token.
+    shifted = jnp.concatenate([prompts[:, 1:], jnp.full((batch, 1), gen.pad_id, prompts.dtype)], axis=1)
+    next_tokens = jnp.where(jnp.arange(prompt_width)[None, :] == prompt_lengths[:, None] - 1, first[:, None], shifted)
+    draft_cache = KVCache.zeros(head.arch, head.arch.num_layers, batch, settings.draft_cache_length, head.dtype)
+    draft_hidden, draft_cache = catch_up(head, target, draft_cache, prefilled.hidden, next_tokens, prompt_lengths,
+                                         jnp.zeros((batch,), jnp.int32))
+
+    state = _LoopState(
+        tokens=jnp.full((batch, gen.max_new_tokens), gen.pad_id, jnp.int32).at[:, 0].set(first),
+        lengths=jnp.ones((batch,), jnp.int32),
+        done=(is_eos(first, gen.eos_ids) | (gen.max_new_tokens <= 1)
+              | (prompt_lengths + verify_tokens > gen.cache_length)),
+        rounds=jnp.zeros((batch,), jnp.int32),
+        accept_counts=jnp.zeros((batch, max_accept + 1), jnp.int32),
+        root=first, committed=prompt_lengths, draft_hidden=draft_hidden,
+        target_cache=prefilled.cache, draft_cache=draft_cache, key=key)
+
+    def cond(s: _LoopState) -> Array:
+        return ~jnp.all(s.done)
+
+    def round_(s: _LoopState) -> _LoopState:
+        key, draft_key, verify_key = jax.random.split(s.key, 3)
+        n = s.committed
+        if settings.method == "chain":
+            drafts, draft_probs, draft_cache = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key,
+                                                           settings.gamma, sampling)
+            tree = chain_tree(s.root, drafts)
+        else:
+            tree, draft_cache = draft_tree(head, target, s.draft_cache, s.draft_hidden, s.root, n, settings.top_k,
+                                           settings.depth, settings.total_tokens)
+        out = target(tree.tokens, n[:, None] + tree.depths, cached_mask(n, tree.ancestors, gen.cache_length),
+                     s.target_cache, n)
+        if settings.method == "chain":
+            verdict = (verify_greedy_chain(drafts, out.logits) if sampling.greedy else
+                       verify_sampling_chain(verify_key, drafts, draft_probs, out.logits, sampling))
+            target_cache = out.cache
+        else:
+            verdict = (verify_greedy_tree(tree, out.logits) if sampling.greedy else
+                       verify_sampling_tree(verify_key, tree, out.logits, sampling))
+            target_cache = compact_cache(out.cache, n, verdict.path, verdict.accepted)
+
+        active = ~s.done
+        emitted = emitted_tokens(tree.tokens, verdict, gen.pad_id)  # [B, A + 1] = x_{n+1} .. x_{n+a+1}
+        tokens, lengths, hit_eos = append_tokens(s.tokens, s.lengths, emitted, verdict.accepted + 1, active,
+                                                 gen.eos_ids)
+        features = out.hidden[rows[:, None], jnp.maximum(verdict.path, 0)]  # f_n .. f_{n+a}
+        draft_hidden, draft_cache = catch_up(head, target, draft_cache, features, emitted, verdict.accepted + 1, n)
+        committed = jnp.where(active, n + verdict.accepted + 1, n)
+        done = (s.done | hit_eos | (lengths >= gen.max_new_tokens)
+                | (committed + verify_tokens > gen.cache_length))
+        return _LoopState(
+            tokens=tokens, lengths=lengths, done=done, rounds=s.rounds + active,
+            accept_counts=s.accept_counts + active[:, None] * jax.nn.one_hot(verdict.accepted, max_accept + 1,
+                                                                             dtype=jnp.int32),
+            root=jnp.where(active, verdict.bonus, s.root), committed=committed,
+            draft_hidden=jnp.where(active[:, None], draft_hidden, s.draft_hidden),
+            target_cache=target_cache, draft_cache=draft_cache, key=key)
+
+    state = jax.lax.while_loop(cond, round_, state)
+    return SpeculativeGeneration(state.tokens, state.lengths, state.rounds, state.accept_counts)

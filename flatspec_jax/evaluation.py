@@ -1,0 +1,124 @@
+"""Speculative-decoding evaluation: acceptance length, per-depth acceptance and speedup.
+
+Each prompt is decoded twice in the same process after a warm-up (so neither side pays for
+compilation): autoregressively by the target alone, and speculatively with the draft. Every
+prompt is padded to one width, so each decoder compiles exactly once. Multi-turn prompts feed
+the autoregressive reply of turn i back as the assistant's message before turn i + 1, so both
+decoders see the same context.
+
+Definitions (over all prompts): tau = tokens emitted per target verification forward (the
+bonus token counts; the prefill's first token does not, so autoregressive decoding has tau 1);
+per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted); tokens/s =
+generated tokens / decoding wall time; speedup = speculative tokens/s / autoregressive tokens/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.prompts import Prompt
+from flatspec_jax.decoding.runner import PROMPT_BUCKET, Decoder, DecodeResult, round_up
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    """One decoded turn, both ways."""
+
+    prompt_id: str
+    turn: int
+    prompt_tokens: int
+    ar_tokens: int
+    ar_seconds: float
+    spec_tokens: int
+    spec_seconds: float
+    rounds: int
+    accept_counts: list[int]
+    same_output: bool
+
+
+def _turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarray:
+    """Prompt ids of the next turn: the user turns so far, each answered by its earlier reply."""
+    messages: list[dict[str, str]] = []
+    for text, reply in zip(prompt.turns, replies):
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": prompt.turns[len(replies)]})
+    return render_prompt(tokenizer, messages)
+
+
+def acceptance_by_depth(accept_counts: np.ndarray) -> list[float]:
+    """[A + 1] histogram of accepted drafts per round -> P(depth d accepted | d - 1 accepted), d = 1..A."""
+    reached = np.cumsum(accept_counts[::-1])[::-1]
+    return [float(reached[d] / reached[d - 1]) if reached[d - 1] else 0.0 for d in range(1, len(accept_counts))]
+
+
+def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *, warmup: int,
+             seed: int) -> dict[str, Any]:
+    """Decodes every turn of every prompt with both decoders and summarises (see the module docstring).
+
+    Turns are decoded level by level (all first turns, then all second turns), each level padded
+    to one width and warmed up once, so nothing timed includes compilation.
+    """
+    key = jax.random.key(seed)
+    replies: dict[str, list[str]] = {p.id: [] for p in prompts}
+    records: list[TurnRecord] = []
+    for turn in range(max(len(p.turns) for p in prompts)):
+        level = [p for p in prompts if len(p.turns) > turn]
+        inputs = [_turn_prompt(tokenizer, p, replies[p.id]) for p in level]
+        width = round_up(max(len(ids) for ids in inputs), PROMPT_BUCKET)
+        for prompt_ids in inputs[:warmup]:
+            ar.run([prompt_ids], key, width)
+            spec.run([prompt_ids], key, width)
+        for prompt, prompt_ids in zip(level, inputs):
+            ar_out: DecodeResult = ar.run([prompt_ids], key, width)
+            spec_out: DecodeResult = spec.run([prompt_ids], key, width)
+            replies[prompt.id].append(ar.text(tokenizer, ar_out.tokens[0]))
+            record = TurnRecord(
+                prompt_id=prompt.id, turn=turn + 1, prompt_tokens=len(prompt_ids),
+                ar_tokens=len(ar_out.tokens[0]), ar_seconds=ar_out.seconds, spec_tokens=len(spec_out.tokens[0]),
+                spec_seconds=spec_out.seconds, rounds=int(spec_out.target_calls[0]),
+                accept_counts=spec_out.accept_counts[0].tolist(),
+                same_output=bool(np.array_equal(ar_out.tokens[0], spec_out.tokens[0])))
+            records.append(record)
+            log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
+                     record.spec_tokens, _tau([record]), _speedup([record]))
+    return summarize(records)
+
+
+def _tau(records: Sequence[TurnRecord]) -> float:
+    rounds = sum(r.rounds for r in records)
+    return sum(r.spec_tokens - 1 for r in records) / rounds if rounds else 0.0
+
+
+def _rate(records: Sequence[TurnRecord], side: str) -> float:
+    seconds = sum(getattr(r, f"{side}_seconds") for r in records)
+    return sum(getattr(r, f"{side}_tokens") for r in records) / seconds if seconds else 0.0
+
+
+def _speedup(records: Sequence[TurnRecord]) -> float:
+    ar = _rate(records, "ar")
+    return _rate(records, "spec") / ar if ar else 0.0
+
+
+def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
+    counts = np.sum([r.accept_counts for r in records], axis=0)
+    return {
+        "tau": _tau(records),
+        "speedup": _speedup(records),
+        "tokens_per_s_ar": _rate(records, "ar"),
+        "tokens_per_s_spec": _rate(records, "spec"),
+        "per_depth_acceptance": acceptance_by_depth(counts),
+        "accept_histogram": counts.tolist(),
+        "same_output_fraction": float(np.mean([r.same_output for r in records])),
+        "turns": len(records),
+        "tokens_ar": sum(r.ar_tokens for r in records),
+        "tokens_spec": sum(r.spec_tokens for r in records),
+        "questions": [dataclasses.asdict(r) | {"tau": _tau([r]), "speedup": _speedup([r])} for r in records],
+    }

@@ -1,0 +1,69 @@
+"""``flatspec eval``: speculative vs autoregressive decoding on MT-bench (or a JSONL of prompts)
+-> ``eval.json`` and the acceptance-by-depth plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from flatspec_jax.checkpoint.manager import read_meta
+from flatspec_jax.config import Config
+from flatspec_jax.data.prompts import load_prompts
+from flatspec_jax.decoding.runner import Decoder
+from flatspec_jax.evaluation import evaluate
+from flatspec_jax.io import atomic_write_json
+from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+
+
+def _fingerprint(cfg: Config, checkpoint: Path, step: int) -> str:
+    return f"{cfg.section_hash('model', 'decode', 'eval', 'seed')}:{checkpoint.resolve()}:{step}"
+
+
+def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
+    """True when eval.json was made with these settings from the checkpoint's latest step."""
+    path = Path(cfg.run_dir) / EVAL_FILE
+    try:
+        step, _ = read_meta(checkpoint)
+        return json.loads(path.read_text())["fingerprint"] == _fingerprint(cfg, checkpoint, step)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    return (f"tau {result['tau']:.2f} tokens per target forward, speedup {result['speedup']:.2f}x "
+            f"({result['tokens_per_s_spec']:.1f} vs {result['tokens_per_s_ar']:.1f} tokens/s autoregressive) "
+            f"over {result['turns']} turns")
+
+
+def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> dict[str, Any]:
+    ctx = ctx or RunContext(cfg)
+    checkpoint = Path(getattr(args, "draft", None) or ctx.run_dir / CHECKPOINT_DIR)
+    path = ctx.run_dir / EVAL_FILE
+    if eval_is_current(cfg, checkpoint):
+        log.info("%s is current; nothing to do", path)
+        return json.loads(path.read_text())
+    step, _ = read_meta(checkpoint)
+    method = cfg.decode.method if cfg.decode.method != "ar" else "tree"
+    head = ctx.draft_head(checkpoint)
+    eos, pad = ctx.eos_ids(), ctx.pad_id()
+    ar = Decoder(ctx.target, cfg.decode, eos, pad, method="ar")
+    spec = Decoder(ctx.target, cfg.decode, eos, pad, head=head, method=method)
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)
+    log.info("evaluating %s decoding (draft %s step %d) on %d prompts x %d turn(s)", method, checkpoint, step,
+             len(prompts), cfg.eval.turns)
+    result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)
+    result.update({"method": method, "temperature": cfg.decode.temperature, "checkpoint": str(checkpoint),
+                   "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step)})
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+        atomic_write_json(path, result)
+    log.info("eval: %s", summary_line(result))
+    return result

@@ -1,0 +1,63 @@
+"""``flatspec pipeline``: score -> select -> train -> eval -> report in one run directory.
+
+Every stage skips itself when its outputs are current and resumes when it was interrupted,
+so re-running the same command after a crash (or after changing a late-stage setting) redoes
+only what is missing. The target and tokenizer are loaded once for all stages. A summary is
+printed on stdout at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any, Callable
+
+from flatspec_jax.config import Config
+from flatspec_jax.stages import eval as eval_stage
+from flatspec_jax.stages import report, score, select, train
+from flatspec_jax.stages.common import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def summary(cfg: Config, manifest: dict[str, Any], trained: Any, result: dict[str, Any], plots: list) -> str:
+    heldout = trained.heldout
+    lines = [
+        f"run directory        {cfg.run_dir}",
+        f"samples kept         {manifest['count']} of {manifest['candidates']} ({manifest['rule']}, "
+        f"keep {manifest['keep']:g}; {manifest['heldout']} held out)",
+        f"training tokens      {trained.steps * cfg.train.batch_tokens:,} ({trained.steps} steps x "
+        f"{cfg.train.batch_tokens} tokens, {cfg.train.loss} loss, {cfg.train.features} features)",
+        f"held-out agreement   top-1 {heldout.get('eval_top1', float('nan')):.3f}, "
+        f"top-3 {heldout.get('eval_top3', float('nan')):.3f}, "
+        f"acceptance {heldout.get('eval_acceptance', float('nan')):.3f}",
+        f"tau ({result['method']})           {result['tau']:.2f} tokens per target forward",
+        f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "
+        f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} MT-bench turns)",
+        f"plots                {', '.join(str(p) for p in plots)}",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
+    ctx = RunContext(cfg)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, stage: Callable[[], Any]) -> Any:
+        log.info("pipeline: %s", name)
+        began = time.perf_counter()
+        out = stage()
+        timings[name] = time.perf_counter() - began
+        return out
+
+    timed("score", lambda: score.run(cfg, ctx=ctx))
+    manifest = timed("select", lambda: select.run(cfg))
+    trained = timed("train", lambda: train.run(cfg, ctx=ctx))
+    result = timed("eval", lambda: eval_stage.run(cfg, ctx=ctx))
+    plots = timed("report", lambda: report.run(cfg))
+    log.info("pipeline finished in %.0f s (%s)", sum(timings.values()),
+             ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+    text = summary(cfg, manifest, trained, result, plots)
+    print(text)
+    return text

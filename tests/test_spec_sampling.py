@@ -1,0 +1,153 @@
+"""Speculative sampling is lossless: its first tokens follow the target's exact distribution.
+
+A tiny random target (13 tokens, peaked by a scaled LM head) and a deliberately different head
+that still agrees often enough for every acceptance depth to occur. The exact joint
+distribution of the first three generated tokens is enumerated from the target; 20k rows of
+speculative sampling (one row per sample) are compared with it by a chi-square test. The first
+token comes from the prefill; the second and third come from the first round(s): accepted
+drafts, residual samples after rejections and bonus tokens all appear. The same statistic with
+a broken verifier (on rejection, resample from the target instead of the residual) must fail,
+showing the test has the power to see it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from flatspec_jax.decoding import verify
+from flatspec_jax.decoding.autoregressive import GenerationSettings
+from flatspec_jax.decoding.sampling import SamplingSettings, warped_probs
+from flatspec_jax.decoding.speculative import SpeculativeSettings, speculative_generate
+from flatspec_jax.models.eagle import create_eagle_head
+from flatspec_jax.models.llama import create_model
+from flatspec_jax.models.masks import causal_mask
+from flatspec_jax.weights.arch import ArchSpec
+
+ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
+SAMPLES = 20_000
+PROMPT = [3, 1, 4, 1, 5]
+MIN_EXPECTED = 5  # cells expected less often are pooled into one
+
+CASES = {
+    "chain": {"method": "chain", "gamma": 2},
+    "tree": {"method": "tree", "top_k": 3, "depth": 1, "total_tokens": 5},
+}
+TEMPERATURE_ONE = SamplingSettings(temperature=1.0)
+NUCLEUS = SamplingSettings(temperature=0.8, top_p=0.7)
+
+
+def random_model(factory, seed: int, lm_head_scale: float = 1.0):
+    """The module ``factory`` builds, with numpy-drawn weights: norms 1, embeddings N(0, 1),
+    the rest U(-1/sqrt(D), 1/sqrt(D)), the LM head times ``lm_head_scale``."""
+    graphdef, state = nnx.split(nnx.eval_shape(factory))
+    rng = np.random.default_rng(seed)
+    bound = ARCH.hidden_size ** -0.5
+
+    def draw(path, leaf):
+        name = "/".join(str(part) for part in path)
+        if "norm" in name:
+            return np.ones(leaf.shape, np.float32)
+        if "embed_tokens" in name:
+            return rng.normal(0.0, 1.0, leaf.shape).astype(np.float32)
+        scale = lm_head_scale if "lm_head" in name else 1.0
+        return (scale * rng.uniform(-bound, bound, leaf.shape)).astype(np.float32)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The target, and a head that roughly predicts its next token from the current one: fc
+    passes the token embedding (scaled by 0.7) and a little noise from the feature, and its
+    layer's outputs are damped; its distribution differs from the target's, but overlaps."""
+    target = random_model(lambda: create_model(ARCH), seed=11, lm_head_scale=4.0)
+    head = random_model(lambda: create_eagle_head(ARCH, 1), seed=12)
+    d = ARCH.hidden_size
+    noise = np.random.default_rng(13).normal(0.0, 0.1, (d, d))
+    head.fc[...] = np.concatenate([0.7 * np.eye(d), noise]).astype(np.float32)  # fused = [embedding, feature]
+    head.fc_bias[...] = np.zeros((d,), np.float32)
+    for weight in (head.first_layer.self_attn.o_proj, head.first_layer.mlp.down_proj):
+        weight[...] = 0.3 * np.asarray(weight[...])
+    return nnx.split(target), nnx.split(head)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def exact_first_tokens(graphdef, params, prompt, sampling):
+    """[V, V, V] probability of the first three tokens after ``prompt`` [P], by enumeration."""
+    model = nnx.merge(graphdef, params)
+    vocab = model.arch.vocab_size
+    first, second = jnp.meshgrid(jnp.arange(vocab), jnp.arange(vocab), indexing="ij")
+    sequences = jnp.concatenate([jnp.broadcast_to(prompt, (vocab * vocab, prompt.shape[0])),
+                                 first.reshape(-1, 1), second.reshape(-1, 1)], axis=1)
+    batch, length = sequences.shape
+    logits = model(sequences, jnp.broadcast_to(jnp.arange(length), (batch, length)), causal_mask(batch, length)).logits
+    probs = warped_probs(logits[:, -3:], sampling).reshape(vocab, vocab, 3, vocab)
+    return probs[0, 0, 0][:, None, None] * probs[:, 0, 1][:, :, None] * probs[:, :, 2]
+
+
+def speculative_first_tokens(models, sampling, case):
+    (target_graphdef, target_params), (head_graphdef, head_params) = models
+    settings = SpeculativeSettings(GenerationSettings(max_new_tokens=3, cache_length=16, eos_ids=(), sampling=sampling),
+                                   **CASES[case])
+    prompts = jnp.broadcast_to(jnp.asarray(PROMPT, jnp.int32), (SAMPLES, len(PROMPT)))
+    lengths = jnp.full((SAMPLES,), len(PROMPT), jnp.int32)
+    result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths,
+                                  jax.random.key(7), settings)
+    assert result.lengths.tolist() == [3] * SAMPLES
+    return np.asarray(result.tokens), np.asarray(result.accept_counts)
+
+
+def chi_square_p_value(tokens: np.ndarray, exact: np.ndarray) -> float:
+    """p-value of the observed first-three-token counts under ``exact`` [V, V, V]."""
+    vocab = exact.shape[0]
+    observed = np.bincount(np.ravel_multi_index(tokens.T, exact.shape), minlength=vocab ** 3).astype(np.float64)
+    expected = exact.reshape(-1).astype(np.float64) * len(tokens)
+    impossible = expected == 0  # outside the top-p nucleus: must never be drawn
+    assert observed[impossible].sum() == 0
+    possible = ~impossible
+    small = possible & (expected < MIN_EXPECTED)
+    big = possible & ~small
+    observed = np.append(observed[big], observed[small].sum())
+    expected = np.append(expected[big], expected[small].sum())
+    observed, expected = observed[expected > 0], expected[expected > 0]  # the pool may be empty
+    expected *= observed.sum() / expected.sum()  # float32 rounding of the exact probabilities
+    return float(scipy.stats.chisquare(observed, expected).pvalue)
+
+
+@pytest.fixture
+def broken_residual(monkeypatch):
+    """Verifiers that resample from the target itself after a rejection (not lossless)."""
+    monkeypatch.setattr(verify, "residual", lambda p, q: p)
+    speculative_generate.clear_cache()  # retrace with the patched function
+    yield
+    monkeypatch.undo()
+    speculative_generate.clear_cache()  # drop the broken programs
+
+
+@pytest.mark.parametrize("case,sampling", [("chain", TEMPERATURE_ONE), ("tree", TEMPERATURE_ONE),
+                                           ("tree", NUCLEUS)], ids=["chain", "tree", "tree-top-p"])
+def test_speculative_sampling_matches_the_target_distribution(models, case, sampling):
+    (target_graphdef, target_params), _ = models
+    exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), sampling)
+    tokens, accept_counts = speculative_first_tokens(models, sampling, case)
+    # Rejections and acceptances both occur, at every depth.
+    assert np.all(accept_counts.sum(axis=0) > SAMPLES // 20), accept_counts.sum(axis=0)
+    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    assert p_value > 0.01, p_value
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_broken_residual_is_detected(models, broken_residual, case):
+    (target_graphdef, target_params), _ = models
+    exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), TEMPERATURE_ONE)
+    tokens, _ = speculative_first_tokens(models, TEMPERATURE_ONE, case)
+    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    assert p_value < 1e-3, p_value

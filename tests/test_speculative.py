@@ -1,0 +1,139 @@
+"""Greedy speculative decoding equals greedy autoregressive decoding, token for token, per row.
+
+One tiny random target (O(1) embeddings, so its outputs depend on the context) and two heads:
+  * "random": an untrained head, which agrees with the target now and then;
+  * "agreeing": a head built to predict the target's next token from the current one: fc
+    passes the token embedding through (scaled by 4, for peaked draft distributions) and its
+    decoder layer adds nothing, so its logits are the target's LM head applied to the
+    embedding. The embedding dominates this target's residual stream, so this head accepts
+    most drafts, not all.
+Parameters always enter ``jax.jit`` as arguments (``nnx.split``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
+from flatspec_jax.decoding.speculative import SpeculativeGeneration, SpeculativeSettings, speculative_generate
+from flatspec_jax.models.eagle import create_eagle_head
+from flatspec_jax.models.llama import create_model
+from flatspec_jax.weights.arch import ArchSpec
+
+ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
+BATCH, WIDTH, CACHE, MAX_NEW, EOS = 16, 60, 64, 24, 10
+GENERATION = GenerationSettings(max_new_tokens=MAX_NEW, cache_length=CACHE, eos_ids=(EOS,))
+METHODS = {
+    "chain": SpeculativeSettings(GENERATION, method="chain", gamma=3),
+    "tree": SpeculativeSettings(GENERATION, method="tree", depth=2, top_k=3, total_tokens=8),
+}
+
+
+def random_model(factory, seed: int):
+    """The module ``factory`` builds, with numpy-drawn weights (no JAX initialisation to compile):
+    norms 1, embeddings N(0, 1) (O(1): context-dependent outputs), the rest
+    U(-1/sqrt(D), 1/sqrt(D))."""
+    graphdef, state = nnx.split(nnx.eval_shape(factory))
+    rng = np.random.default_rng(seed)
+    bound = ARCH.hidden_size ** -0.5
+
+    def draw(path, leaf):
+        name = "/".join(str(part) for part in path)
+        if "norm" in name:
+            return np.ones(leaf.shape, np.float32)
+        if "embed_tokens" in name:
+            return rng.normal(0.0, 1.0, leaf.shape).astype(np.float32)
+        return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    target = nnx.split(random_model(lambda: create_model(ARCH), seed=3))
+    head = random_model(lambda: create_eagle_head(ARCH, 1), seed=4)
+    oracle = random_model(lambda: create_eagle_head(ARCH, 1), seed=5)
+    d = ARCH.hidden_size
+    # fc's input is [embedding, feature]: pass the embedding, drop the feature.
+    oracle.fc[...] = 4 * np.concatenate([np.eye(d), np.zeros((d, d))]).astype(np.float32)
+    oracle.fc_bias[...] = np.zeros((d,), np.float32)
+    for weight in (oracle.first_layer.self_attn.o_proj, oracle.first_layer.mlp.down_proj):
+        weight[...] = np.zeros(weight[...].shape, np.float32)
+    return {"random": (target, nnx.split(head)), "agreeing": (target, nnx.split(oracle))}
+
+
+def prompts_of_lengths(lengths, seed):
+    rng = np.random.default_rng(seed)
+    prompts = np.zeros((len(lengths), WIDTH), np.int32)
+    for row, length in enumerate(lengths):
+        prompts[row, :length] = rng.integers(0, ARCH.vocab_size, length)
+    return jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32)
+
+
+def run_both(pair, settings, prompts, lengths):
+    (target_graphdef, target_params), (head_graphdef, head_params) = pair
+    key = jax.random.key(0)
+    reference = generate(target_graphdef, target_params, prompts, lengths, key, settings.generation)
+    result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths, key,
+                                  settings)
+    return reference, result
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("pair_name", ["random", "agreeing"])
+def test_greedy_matches_autoregressive(pairs, method, pair_name):
+    settings = METHODS[method]
+    lengths = np.random.default_rng(1).integers(1, 13, BATCH)
+    prompts, lengths = prompts_of_lengths(lengths, seed=2)
+    reference, result = run_both(pairs[pair_name], settings, prompts, lengths)
+    np.testing.assert_array_equal(result.tokens, reference.tokens)
+    np.testing.assert_array_equal(result.lengths, reference.lengths)
+    ends_on_eos = (result.lengths < MAX_NEW) & (result.tokens[jnp.arange(BATCH), result.lengths - 1] == EOS)
+    assert bool(jnp.any(result.lengths == MAX_NEW))
+    assert bool(jnp.all(result.accept_counts.sum(axis=1) == result.rounds))
+    # Each round emits accepted + 1 tokens; only the last can be cut (EOS, max_new_tokens).
+    emitted = (result.accept_counts * jnp.arange(settings.max_accept + 1)).sum(axis=1) + result.rounds
+    assert bool(jnp.all(result.lengths - 1 <= emitted))
+    assert bool(jnp.all(result.lengths - 1 > emitted - (settings.max_accept + 1)))
+    assert bool(jnp.any(ends_on_eos))  # EOS before max_new_tokens too
+    if pair_name == "agreeing":
+        assert float(jnp.mean(result.tau())) > 1.8
+    else:
+        assert int(jnp.sum(result.accept_counts[:, 1:])) > 0  # some drafts accepted
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_rows_accept_different_lengths_in_one_round(pairs, method):
+    """Prompts that leave room for exactly one round (committed + T > cache after it) stop
+    after one round, so each row's histogram is its first round's accepted count."""
+    settings = METHODS[method]
+    length = CACHE - settings.verify_tokens
+    prompts, lengths = prompts_of_lengths([length] * BATCH, seed=3)
+    reference, result = run_both(pairs["agreeing"], settings, prompts, lengths)
+    first_is_eos = result.tokens[:, 0] == EOS  # such rows stop before any round
+    np.testing.assert_array_equal(result.rounds, jnp.where(first_is_eos, 0, 1))
+    accepted = jnp.argmax(result.accept_counts, axis=1)[~first_is_eos]
+    assert len(set(accepted.tolist())) >= 2, accepted  # different rows, different acceptance, same round
+    # Root + accepted + bonus, unless cut by EOS; the same tokens autoregressive decoding produces
+    # (which, needing one free slot per token, stops after CACHE - length tokens).
+    no_eos = ~jnp.any(result.tokens == EOS, axis=1)[~first_is_eos]
+    lengths = result.lengths[~first_is_eos]
+    assert bool(jnp.all(jnp.where(no_eos, lengths == accepted + 2, lengths <= accepted + 2)))
+    for row in range(BATCH):
+        common = min(int(result.lengths[row]), int(reference.lengths[row]))
+        np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
+
+
+def test_tau_and_acceptance_rates():
+    # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.
+    # Row 1: stopped before any round (first token EOS).
+    result = SpeculativeGeneration(tokens=jnp.zeros((2, 9), jnp.int32), lengths=jnp.asarray([9, 1]),
+                                   rounds=jnp.asarray([3, 0]), accept_counts=jnp.asarray([[1, 0, 1, 1], [0, 0, 0, 0]]))
+    np.testing.assert_allclose(result.tau(), [8 / 3, 0.0])
+    # Rounds reaching depth 1: 2 of 3; depth 2: 2 of 2; depth 3: 1 of 2.
+    np.testing.assert_allclose(result.acceptance_rates(), [2 / 3, 1.0, 0.5])
