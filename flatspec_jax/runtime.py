@@ -31,6 +31,9 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax logs routine notices (read-only managers, async saves) as absl warnings.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    if jax.process_count() > 1:  # initialize_distributed runs before logging is set up
+        log.info("JAX process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
+                 jax.local_device_count())
 
 
 def enable_compilation_cache() -> None:
@@ -55,11 +58,12 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     Must run before anything touches a JAX backend. Fields left null are filled by JAX's
     own cluster detection (SLURM, Cloud TPU pods) or its ``JAX_COORDINATOR_ADDRESS``,
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` variables. On CPU the collectives go
-    through gloo, so multi-process runs work without accelerators (tests, CI).
+    through gloo, so multi-process runs work without accelerators (tests, CI). A process
+    that already joined (several CLI verbs run in one process) stays in its job.
     """
     enabled = cfg.enabled if cfg.enabled is not None else (
         cfg.coordinator_address is not None or _cluster_detected())
-    if not enabled:
+    if not enabled or jax.distributed.is_initialized():
         return
     num_processes = cfg.num_processes
     process_id = cfg.process_id
@@ -71,4 +75,3 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-    log.info("joined a JAX job as process %d of %d", jax.process_index(), jax.process_count())
