@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -22,11 +23,13 @@ log = logging.getLogger("flatspec")
 VERBS: dict[str, tuple[str, str]] = {
     "score": ("flatspec_jax.stages.score:run", "score every sample's flatness -> scores.parquet"),
     "cache": ("flatspec_jax.stages.score:run_cache", "score and cache the target's features for offline training"),
-    "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
     "select": ("flatspec_jax.stages.select:run", "apply select.rule to scores.parquet -> selection.json"),
-    "report": ("flatspec_jax.stages.report:run", "plot scores, selection, training curves and eval -> plots/*.png"),
+    "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
     "eval": ("flatspec_jax.stages.eval:run", "speculative vs autoregressive decoding on MT-bench -> eval.json"),
+    "report": ("flatspec_jax.stages.report:run", "plot scores, selection, training curves and eval -> plots/*.png"),
     "pipeline": ("flatspec_jax.stages.pipeline:run", "score, select, train, eval and report in one run directory"),
+    "export": ("flatspec_jax.stages.export:run", "write the draft head in the public EAGLE layout -> export/eagle/"),
+    "import": ("flatspec_jax.stages.import_eagle:run", "read an EAGLE-1/2 head into a params-only orbax checkpoint"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
 
@@ -62,9 +65,26 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, choices=(1, 2), help="eval.turns: MT-bench turns per question")
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("eagle",), default="eagle", help="output format (default: eagle)")
+    parser.add_argument("--checkpoint", help="orbax checkpoint directory (default: <run_dir>/checkpoints)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", help="output directory (default: <run_dir>/export/<format>)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the written tensors (default: float32)")
+
+
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("eagle",), default="eagle", help="input format (default: eagle)")
+    parser.add_argument("--input", required=True, help="EAGLE head directory (config.json + weights)")
+    parser.add_argument("--out", help="orbax checkpoint directory to create (default: <run_dir>/checkpoints)")
+
+
 _VERB_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "generate": _generate_arguments,
     "eval": _eval_arguments,
+    "export": _export_arguments,
+    "import": _import_arguments,
 }
 
 # Verb flags that are shorthands for config fields.
@@ -86,7 +106,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)
@@ -113,6 +133,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"flatspec {args.verb}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one verb; returns the exit status.
+
+    In a multi-process job a failing process must not wait in jax.distributed's shutdown for
+    peers that wait for it in a collective, so it reports and leaves at once.
+    """
+    try:
+        return _main(argv)
+    except BaseException:
+        import jax  # noqa: PLC0415 - already imported by any verb that gets here
+
+        if jax.process_count() > 1:
+            import traceback  # noqa: PLC0415
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
 
 
 if __name__ == "__main__":

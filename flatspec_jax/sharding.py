@@ -104,8 +104,16 @@ def resolve_mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, in
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of every process) or the given ones."""
+    """A (data, fsdp, tensor) mesh over all devices (of every process) or the given ones.
+
+    Fixed axis sizes whose product is smaller than the device count use the first devices
+    only (e.g. ``mesh.data=1`` on an 8-GPU host), with a warning.
+    """
     devices = list(devices) if devices is not None else jax.devices()
+    fixed = (cfg.data, cfg.fsdp, cfg.tensor)
+    if -1 not in fixed and math.prod(fixed) < len(devices):
+        log.warning("mesh %s uses %d of the %d devices", dict(zip(MESH_AXES, fixed)), math.prod(fixed), len(devices))
+        devices = devices[:math.prod(fixed)]
     shape = resolve_mesh_shape(cfg, len(devices))
     if devices == jax.devices():
         return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

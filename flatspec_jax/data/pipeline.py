@@ -87,6 +87,32 @@ class _MaterializeRow(grain.transforms.Map):
         return out
 
 
+class _ProcessRows(grain.MapDataset):
+    """This process's share of every global batch of an (infinite) row stream.
+
+    Global batch b is rows [b*G, (b+1)*G) of the stream; process p of P owns the contiguous
+    block [b*G + p*G/P, b*G + (p+1)*G/P), which is exactly the block of the global batch that
+    its devices hold. So every row sits at the same place of the same global batch however
+    many processes share the work, and multi-process runs reproduce single-process ones.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_rows: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global = global_rows
+        self._local = global_rows // process_count
+        self._offset = process_index * self._local
+        self._length = len(parent) // process_count
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        block, row = divmod(index, self._local)
+        return self._parent[block * self._global + self._offset + row]
+
+
 def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *, row_length: int,
                       global_rows_per_batch: int, seed: int, num_workers: int = 0,
                       features: FeatureCache | None = None) -> grain.DatasetIterator:
@@ -102,8 +128,8 @@ def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *,
         raise ValueError(f"only {len(rows)} packed rows of training data; a batch needs {global_rows_per_batch}. "
                          "Select more samples or lower train.batch_tokens")
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-    # Global batch b is rows [b*G, (b+1)*G) of the shuffled stream; process p takes every count-th of them.
-    ds = ds[index::count].map(_MaterializeRow(dataset, row_length, features)).batch(global_rows_per_batch // count)
+    ds = _ProcessRows(ds, global_rows_per_batch, index, count)
+    ds = ds.map(_MaterializeRow(dataset, row_length, features)).batch(global_rows_per_batch // count)
     iter_ds = ds.to_iter_dataset()
     if num_workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

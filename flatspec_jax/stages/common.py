@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 from jax.sharding import Mesh
 
@@ -22,6 +23,12 @@ from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
 
 log = logging.getLogger(__name__)
+
+
+def arg(args: Any, name: str, default: Any = None) -> Any:
+    """A verb flag's value, or ``default`` when unset (or when a stage is called without CLI args)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 class RunContext:

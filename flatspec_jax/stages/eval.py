@@ -15,7 +15,7 @@ from flatspec_jax.data.prompts import load_prompts
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.evaluation import evaluate
 from flatspec_jax.io import atomic_write_json
-from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext
+from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> dict[str, Any]:
     ctx = ctx or RunContext(cfg)
-    checkpoint = Path(getattr(args, "draft", None) or ctx.run_dir / CHECKPOINT_DIR)
+    checkpoint = Path(arg(args, "draft", ctx.run_dir / CHECKPOINT_DIR))
     path = ctx.run_dir / EVAL_FILE
     if eval_is_current(cfg, checkpoint):
         log.info("%s is current; nothing to do", path)

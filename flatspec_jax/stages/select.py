@@ -54,11 +54,14 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     else:
         # Every process computes the same selection (cheap, CPU-only); the first one writes it.
         import jax
+        from jax.experimental import multihost_utils
 
         selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
         manifest = manifest_dict(selection, scores_path, manifest_path)
         if jax.process_index() == 0:
             write_manifest(manifest_path, selection, scores_path)
             log.info("wrote %s", manifest_path)
+        # Later stages of the same job read the manifest from every process.
+        multihost_utils.sync_global_devices("flatspec: selection written")
     log.info("selection: %s", summarize(manifest))
     return manifest

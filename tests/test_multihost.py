@@ -1,0 +1,316 @@
+"""Two JAX processes on localhost (CPU, gloo collectives) give the single-process results.
+
+``flatspec score``, ``select`` and ``train`` (5 steps, 3 scoring batches) run through the CLI
+(``flatspec_jax.cli.main`` with ``--set`` overrides, in ``multihost_worker.py`` subprocesses:
+one per JAX process, the three verbs one after the other with a barrier between them, as
+separate invocations would) twice, on a tiny random Llama (an HF directory with SmolLM2's
+tokenizer) and the same ``data=2, fsdp=4`` mesh:
+
+* single process, 8 fake CPU devices;
+* 2 processes x 4 fake CPU devices, joined through ``JAX_COORDINATOR_ADDRESS`` /
+  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``runtime.initialize_distributed`` selects gloo).
+
+Both chains run concurrently (about 2.5 min on 2 loaded CPU cores). Checked: the scores parquet, the selection, the per-step
+training metrics (loss terms, gradient norm, held-out metrics) and the saved draft head agree
+to 1e-5; only process 0 writes logs, scores, manifests, tokenized samples and metrics (process
+1 writes nothing but its share of the orbax checkpoint, seen through an audit hook, see
+``multihost_worker.py``), and process 1 logs nothing at INFO. Every subprocess is killed on
+failure or timeout.
+
+Training runs with the default feature noise: it depends on a row's position in the global
+batch, so the losses match only because every row lands at the same position whatever the
+process count (``test_global_batches_do_not_depend_on_the_process_count``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from flatspec_jax import assets
+from flatspec_jax.checkpoint.manager import flatten_params, load_draft_head, read_meta
+from flatspec_jax.config import MeshConfig
+from flatspec_jax.data.pipeline import plan_training_rows, training_iterator
+from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.data.tokenizer import load_tokenizer
+from flatspec_jax.scoring import STAT_COLUMNS
+from flatspec_jax.sharding import ShardingRules, make_mesh
+from flatspec_jax.weights.arch import ArchSpec
+from flatspec_jax.weights.safetensors_reader import write_safetensors
+
+transformers = pytest.importorskip("transformers")
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+TOL = 1e-5
+PROCESSES = 2
+DEVICES = 8
+TIME_LIMIT_S = 170.0
+"""Both chains together; past it every subprocess is killed and the test fails."""
+"""See the module docstring: the pipeline's row order makes noisy training depend on the process count."""
+SETTINGS = [
+    "data.limit=40", "data.max_length=64", "data.heldout=4", "data.selection=run", "select.keep=0.75",
+    "score.row_length=64", "score.rows_per_batch=8", "train.row_length=64", "train.batch_tokens=512",
+    "train.steps=5", "train.log_every=1", "mesh.data=2", "mesh.fsdp=4",
+]
+VERBS = ("score", "select", "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny target and the runs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (transformers' LlamaConfig, weights drawn with NumPy: no torch
+    import) over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
+    tokenizer = load_tokenizer(assets.smollm2_gguf())
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    rng = np.random.default_rng(0)
+    d, f, v, kv = 32, 64, len(tokenizer), 16
+    shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f)})
+    tensors = {name: (np.ones(shape, np.float32) if name.endswith("norm.weight")
+                      else (0.5 * rng.standard_normal(shape)).astype(np.float32)) for name, shape in shapes.items()}
+    with open(path / "model.safetensors", "wb") as handle:
+        write_safetensors(handle, {k: (t.dtype, t.shape) for k, t in tensors.items()}, tensors.items(),
+                          {"format": "pt"})
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Aborted(RuntimeError):
+    """The other chain failed; this one stopped early."""
+
+
+class Chain:
+    """score, select and train, one after the other, in ``processes`` worker processes (one per rank)."""
+
+    def __init__(self, name: str, processes: int, run_dir: Path, model_dir: Path, logs: Path, abort: threading.Event,
+                 deadline: float):
+        self.name, self.processes, self.run_dir, self.model_dir = name, processes, run_dir, model_dir
+        self.logs, self.abort, self.deadline = logs, abort, deadline
+        self.procs: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def env(self, rank: int, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+        env.update(JAX_PLATFORMS="cpu", FLATSPEC_CACHE_DIR=str(self.logs / f"cache-{self.name}"),
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // self.processes}",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if self.processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(self.processes),
+                       JAX_PROCESS_ID=str(rank))
+        return env
+
+    def command(self) -> list[str]:
+        args = []
+        for verb in VERBS:
+            args += ["--then"] * bool(args) + [verb, "--run-dir", str(self.run_dir), "--set",
+                                               f"model.path={self.model_dir}"]
+            for setting in SETTINGS:
+                args += ["--set", setting]
+        return args
+
+    def run(self) -> float:
+        port = free_port()
+        start = time.monotonic()
+        with self.lock:
+            if self.abort.is_set():
+                raise Aborted(self.name)
+            for rank in range(self.processes):
+                with open(self.logs / f"{self.name}-{rank}.err", "w") as err:
+                    self.procs.append(subprocess.Popen(
+                        [sys.executable, str(WORKER), str(self.logs / f"{self.name}-{rank}.audit"), *self.command()],
+                        env=self.env(rank, port), stdout=subprocess.DEVNULL, stderr=err, cwd=self.logs))
+        while any(p.poll() is None for p in self.procs):
+            # A failed rank leaves the others waiting in collectives: stop them all at once.
+            if (any(p.poll() not in (None, 0) for p in self.procs) or self.abort.is_set()
+                    or time.monotonic() > self.deadline):
+                break
+            time.sleep(0.2)
+        self.kill()
+        codes = [p.returncode for p in self.procs]
+        if any(codes):
+            if self.abort.is_set() and all(c in (0, -9) for c in codes):
+                raise Aborted(self.name)
+            timed_out = f" (killed after the {TIME_LIMIT_S:.0f} s limit)" if time.monotonic() > self.deadline else ""
+            tails = "\n".join(f"--- rank {r} (exit {c}):\n" + (self.logs / f"{self.name}-{r}.err").read_text()[-3000:]
+                              for r, c in enumerate(codes))
+            raise RuntimeError(f"{self.name}: flatspec {' / '.join(VERBS)} failed{timed_out}\n{tails}")
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        with self.lock:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+            for proc in self.procs:
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    abort = threading.Event()
+    deadline = time.monotonic() + TIME_LIMIT_S
+    chains = {name: Chain(name, processes, base / name, tiny_dir, base, abort, deadline)
+              for name, processes in (("single", 1), ("multi", PROCESSES))}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(chains)) as pool:
+            futures = {name: pool.submit(chain.run) for name, chain in chains.items()}
+            errors = []
+            for future in concurrent.futures.as_completed(futures.values()):
+                try:
+                    future.result()
+                except Exception as err:  # noqa: BLE001 - stop the other chain, then report
+                    abort.set()
+                    if not isinstance(err, Aborted):
+                        errors.append(err)
+            if errors:
+                raise errors[0]
+            timings = {name: round(f.result(), 1) for name, f in futures.items()}
+    finally:
+        abort.set()
+        for chain in chains.values():
+            chain.kill()
+    print(f"multihost wall times (s): {timings}")
+    return {"single": base / "single", "multi": base / "multi", "logs": base, "timings": timings}
+
+
+# ----------------------------------------------------------------------------------------------
+# Results agree
+# ----------------------------------------------------------------------------------------------
+
+
+def test_scores_match_the_single_process_run(runs):
+    single = pq.read_table(runs["single"] / "scores.parquet").to_pydict()
+    multi = pq.read_table(runs["multi"] / "scores.parquet").to_pydict()
+    assert single["id"] == multi["id"] and len(single["id"]) > 8
+    assert single["n_tokens"] == multi["n_tokens"] and single["n_trained_tokens"] == multi["n_trained_tokens"]
+    for name in STAT_COLUMNS:
+        np.testing.assert_allclose(multi[name], single[name], rtol=TOL, atol=TOL, equal_nan=True, err_msg=name)
+
+
+def test_selection_matches_the_single_process_run(runs):
+    single = json.loads((runs["single"] / "selection.json").read_text())
+    multi = json.loads((runs["multi"] / "selection.json").read_text())
+    assert single["ids"] == multi["ids"] and single["count"] == multi["count"] > 0
+
+
+def read_records(run_dir: Path) -> dict[tuple[int, bool], dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {(r["step"], "eval_loss" in r): r for r in records}
+
+
+def test_training_metrics_match_the_single_process_run(runs):
+    single, multi = read_records(runs["single"]), read_records(runs["multi"])
+    assert sorted(single) == sorted(multi) == [(1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
+    for key, want in single.items():
+        got = multi[key]
+        names = [n for n in want if n.startswith(("loss", "eval_", "grad_norm", "acceptance", "top"))]
+        assert names and set(names) <= set(got)
+        for name in names:
+            np.testing.assert_allclose(got[name], want[name], rtol=TOL, atol=TOL, err_msg=f"step {key}: {name}")
+        assert got.get("lr") == want.get("lr")
+
+
+def test_saved_draft_heads_match(runs):
+    heads = {}
+    for name in ("single", "multi"):
+        directory = runs[name] / "checkpoints"
+        step, meta = read_meta(directory)
+        assert step == 5
+        target = ArchSpec.from_json(json.dumps(meta["target_arch"]), str(directory))
+        mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+        head = load_draft_head(directory, target, meta["target_vocab_hash"], mesh, ShardingRules())
+        heads[name] = {k: np.asarray(v.get_value()) for k, v in flatten_params(nnx.state(head)).items()}
+    assert heads["single"].keys() == heads["multi"].keys()
+    for key, want in heads["single"].items():
+        np.testing.assert_allclose(heads["multi"][key], want, rtol=TOL, atol=TOL, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Only process 0 writes
+# ----------------------------------------------------------------------------------------------
+
+
+def audited(logs: Path, rank: int, run_dir: Path) -> dict[str, set[str]]:
+    """verb -> paths under run_dir (relative) that one process of the multi-process chain wrote."""
+    root = str(run_dir.resolve()) + os.sep
+    out: dict[str, set[str]] = {}
+    for line in (logs / f"multi-{rank}.audit").read_text().splitlines():
+        verb, _, path = json.loads(line)
+        if path.startswith(root):
+            out.setdefault(verb, set()).add(os.path.relpath(path, run_dir.resolve()))
+    return out
+
+
+def test_only_process_zero_writes_outputs_and_logs(runs):
+    logs, run_dir = runs["logs"], runs["multi"]
+    rank0, rank1 = audited(logs, 0, run_dir), audited(logs, 1, run_dir)
+    # The audit sees the writes: process 0 wrote every output, each in its stage ...
+    assert {"tokens.npz", "scores.parquet"} <= rank0["score"], sorted(rank0["score"])
+    assert "selection.json" in rank0["select"] and "metrics.jsonl" in rank0["train"]
+    # ... and process 1 wrote nothing but its share of the orbax checkpoint.
+    assert set(rank1) == {"train"}, {verb: sorted(paths) for verb, paths in rank1.items()}
+    assert rank1["train"] and all(p.startswith("checkpoints" + os.sep) for p in rank1["train"]), sorted(rank1["train"])
+    err0, err1 = (logs / "multi-0.err").read_text(), (logs / "multi-1.err").read_text()
+    assert " INFO " not in err1 and "step/s" not in err1 and "sample/s" not in err1, err1[-3000:]
+    assert "JAX process 0 of 2 (4 local devices)" in err0 and "wrote" in err0
+
+
+# ----------------------------------------------------------------------------------------------
+# The data pipeline's global batches (pure Python, no subprocess)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
+    rng = np.random.default_rng(0)
+    samples = [(f"s{i}", rng.integers(0, 1000, 64), np.ones(64, np.int8), False) for i in range(24)]
+    dataset = TokenizedDataset.from_samples(samples, "synthetic")
+    rows = plan_training_rows(dataset, np.arange(24), 64)
+    kwargs = {"row_length": 64, "global_rows_per_batch": 8, "seed": 0}
+
+    def batches(count: int, index: int, num: int = 3) -> list[np.ndarray]:
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        iterator = training_iterator(dataset, rows, **kwargs)
+        return [next(iterator)["tokens"] for _ in range(num)]
+
+    single = batches(1, 0)
+    per_process = [batches(2, p) for p in range(2)]
+    for b in range(3):
+        # Process p's local rows are the p-th block of the global array (make_array_from_process_local_data).
+        np.testing.assert_array_equal(np.concatenate([per_process[0][b], per_process[1][b]]), single[b])
