@@ -149,7 +149,7 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {name: value / micro_batches for name, value in metrics.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
