@@ -403,13 +403,17 @@ def draft_loss(
     acceptance = masked_mean(jax.lax.stop_gradient(_acceptance(log_p, log_q)), mask)
 
     # Agreement metrics on the raw logits: argmax is invariant to the softmax shift, and the
-    # raw values avoid ties that rounding in z - logsumexp(z) could create.
+    # raw values avoid ties that rounding in z - logsumexp(z) could create. The target's
+    # argmax's rank among the draft logits (ties ordered by token id, as top_k orders them)
+    # takes one fused pass over the vocabulary; a top_k over V is several times slower on CPU.
     target_top = jnp.argmax(target_logits, axis=-1)
-    k = min(3, draft_logits.shape[-1])
-    _, draft_top = jax.lax.top_k(jax.lax.stop_gradient(draft_logits), k)
-    hits = draft_top == target_top[..., None]
-    top1 = masked_mean(hits[..., 0].astype(jnp.float32), mask)
-    top3 = masked_mean(jnp.any(hits, axis=-1).astype(jnp.float32), mask)
+    draft = jax.lax.stop_gradient(draft_logits)
+    picked = jnp.take_along_axis(draft, target_top[..., None], axis=-1)
+    ids = jnp.arange(draft.shape[-1])
+    ahead = (draft > picked) | ((draft == picked) & (ids < target_top[..., None]))
+    rank = jnp.sum(ahead, axis=-1)
+    top1 = masked_mean((rank == 0).astype(jnp.float32), mask)
+    top3 = masked_mean((rank < 3).astype(jnp.float32), mask)
 
     loss = feature_weight * feature + token_weight * token
     return loss, LossTerms(feature=feature, token=token, acceptance=acceptance, top1=top1, top3=top3)

@@ -1,0 +1,43 @@
+"""Config loading: YAML and --set values are typed, validated, and errors name the key at fault."""
+
+import pytest
+
+from flatspec_jax.config import ConfigError, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("written", ["3e-5", "3.0e-5", "0.00003"])
+def test_float_fields_accept_yaml_exponents_without_a_dot(tmp_path, written):
+    config = load_config(write(tmp_path, f"train:\n  learning_rate: {written}\n"))
+    assert config.train.learning_rate == pytest.approx(3e-5)
+    assert isinstance(config.train.learning_rate, float)
+
+
+def test_set_override_is_typed():
+    assert load_config(None, ["train.learning_rate=1e-3"]).train.learning_rate == pytest.approx(1e-3)
+
+
+def test_non_numeric_string_for_a_float_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: expected a number, got 'fast'"):
+        load_config(write(tmp_path, "train:\n  learning_rate: fast\n"))
+
+
+def test_unknown_key_is_named_with_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key train\.learning_rat\b"):
+        load_config(write(tmp_path, "train:\n  learning_rat: 0.1\n"))
+
+
+def test_validation_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(write(tmp_path, "train:\n  learning_rate: -1\n"))
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "train: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
