@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -246,9 +247,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         table, positions = _merge_parts(parts_dir, fingerprint, len(dataset))
         _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
                                                       POSITION_KEY: json.dumps(positions)})
-        for part in parts_dir.glob("part-*.parquet"):
-            part.unlink()
-        parts_dir.rmdir()
+        shutil.rmtree(parts_dir)  # parts, and any temporary file a kill during a part write left behind
         log.info("wrote %s (%d samples)", out_path, table.num_rows)
         if feature_dir is not None:
             feature_cache.write_index(feature_dir, [c.start for c in _chunks(len(plan.batches), cfg.flush_every)],
