@@ -1,0 +1,359 @@
+"""The Grain training-data pipeline (``flatspec_jax.data.pipeline``) on a synthetic tokenized dataset.
+
+What is checked (no model, no JAX computation; seconds):
+
+* the train/held-out split: the held-out tail is never trained on, whatever the selection says;
+  a selection restricts training to its ids; an unknown id is an error naming it;
+* the packing plan and the stream: every trained sample lies in exactly one planned row, and each
+  epoch of the stream yields every planned row (hence every sample) exactly once;
+* ``training_iterator`` is deterministic for a seed, differs across seeds, reshuffles across
+  epochs, and ``get_state``/``set_state`` replays exactly the batches an uninterrupted iterator
+  yields (also across an epoch boundary, and on a freshly built iterator);
+* multi-process slicing, simulated by monkeypatching ``jax.process_count``/``jax.process_index``
+  (2 and 4 processes): process p yields the contiguous block p of every global batch, so the local
+  batches concatenated in process order are the single-process global batches; a process's
+  iterator state restores its own slice; a batch that does not split over the processes is an error;
+* with a feature cache written by ``feature_cache.write_shard``/``write_index``, each row carries
+  ``features`` aligned with its tokens (bfloat16-exact), zeros on padding, truncated with the
+  sample; the held-out ``fixed_batches`` do the same and cover every held-out sample once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from flatspec_jax.data import feature_cache
+from flatspec_jax.data.feature_cache import FeatureCache
+from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_and_heldout_indices, training_iterator
+from flatspec_jax.data.tokenized import TokenizedDataset
+
+NUM_SAMPLES = 40
+HELDOUT = 5
+ROW_LENGTH = 64
+ROWS_PER_BATCH = 4
+HIDDEN = 8
+VOCAB = 50_000  # random ids from a big vocabulary: two samples never share their token sequence
+
+
+def make_dataset(seed: int = 0) -> TokenizedDataset:
+    """Samples of 5..60 tokens (two longer than a row: truncated when packed), random assistant masks."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(NUM_SAMPLES):
+        length = 90 if i in (4, 21) else int(rng.integers(5, 61))
+        ids = rng.integers(1, VOCAB, length)
+        mask = (rng.random(length) < 0.5).astype(np.int8)
+        samples.append((f"id-{i}", ids, mask, length > ROW_LENGTH))
+    return TokenizedDataset.from_samples(samples, "synthetic")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> TokenizedDataset:
+    return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def split(dataset):
+    return train_and_heldout_indices(dataset, HELDOUT, None)
+
+
+@pytest.fixture(scope="module")
+def rows(dataset, split):
+    return plan_training_rows(dataset, split[0], ROW_LENGTH)
+
+
+def iterator(dataset, rows, seed=0, global_rows=ROWS_PER_BATCH, features=None):
+    return training_iterator(dataset, rows, row_length=ROW_LENGTH, global_rows_per_batch=global_rows, seed=seed,
+                             features=features)
+
+
+def take(it, count: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(count)]
+
+
+def stream_rows(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The batches flattened into their rows, in stream order."""
+    return [{k: b[k][j] for k in b} for b in batches for j in range(len(b["tokens"]))]
+
+
+def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def row_samples(dataset: TokenizedDataset, row: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """The dataset indices packed in a materialised row, recovered from its tokens (checks each segment
+    against the sample's own tokens, positions and mask)."""
+    by_tokens = {dataset[i][0][:ROW_LENGTH].tobytes(): i for i in range(len(dataset))}
+    found = []
+    for segment in range(1, int(row["segment_ids"].max()) + 1):
+        where = np.flatnonzero(row["segment_ids"] == segment)
+        assert len(where) and np.all(np.diff(where) == 1), "a segment is not contiguous"
+        index = by_tokens[row["tokens"][where].tobytes()]
+        _, mask = dataset[index]
+        np.testing.assert_array_equal(row["positions"][where], np.arange(len(where)))
+        np.testing.assert_array_equal(row["loss_mask"][where], mask[:ROW_LENGTH])
+        found.append(index)
+    padding = row["segment_ids"] == 0
+    assert not row["tokens"][padding].any() and not row["loss_mask"][padding].any()
+    assert padding.sum() == ROW_LENGTH - sum(min(int(dataset.lengths[i]), ROW_LENGTH) for i in found)
+    return tuple(sorted(found))
+
+
+# ----------------------------------------------------------------------------------------------
+# Train / held-out split and selection
+# ----------------------------------------------------------------------------------------------
+
+
+def test_heldout_tail_is_never_trained(dataset, split):
+    train, heldout = split
+    np.testing.assert_array_equal(heldout, np.arange(NUM_SAMPLES - HELDOUT, NUM_SAMPLES))
+    np.testing.assert_array_equal(train, np.arange(NUM_SAMPLES - HELDOUT))
+    # A selection naming held-out samples still does not train on them.
+    selected = [f"id-{i}" for i in (38, 1, 36, 7, 35, 2)]  # unsorted, three of them in the held-out tail
+    train, heldout = train_and_heldout_indices(dataset, HELDOUT, selected)
+    np.testing.assert_array_equal(train, [1, 2, 7])
+    np.testing.assert_array_equal(heldout, np.arange(NUM_SAMPLES - HELDOUT, NUM_SAMPLES))
+
+
+def test_selection_restricts_training_and_rows(dataset):
+    selected = [f"id-{i}" for i in range(0, NUM_SAMPLES - HELDOUT, 3)]
+    train, _ = train_and_heldout_indices(dataset, HELDOUT, selected)
+    assert [dataset.ids[i] for i in train] == sorted(selected, key=lambda s: int(s.split("-")[1]))
+    planned = plan_training_rows(dataset, train, ROW_LENGTH)
+    assert sorted(i for row in planned for i in row) == train.tolist()
+
+
+def test_unknown_selection_id_is_an_error_naming_it(dataset):
+    with pytest.raises(ValueError, match="'no-such-sample'"):
+        train_and_heldout_indices(dataset, HELDOUT, ["id-1", "no-such-sample", "id-2"])
+    with pytest.raises(ValueError, match="heldout"):
+        train_and_heldout_indices(dataset, NUM_SAMPLES, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing plan and epochs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_plan_holds_each_trained_sample_once(dataset, split, rows):
+    train = split[0]
+    members = [i for row in rows for i in row]
+    assert sorted(members) == train.tolist()
+    for row in rows:
+        assert sum(min(int(dataset.lengths[i]), ROW_LENGTH) for i in row) <= ROW_LENGTH
+    assert len(rows) > ROWS_PER_BATCH
+
+
+def test_each_epoch_yields_every_row_and_sample_exactly_once(dataset, split, rows):
+    epochs = 3
+    # Enough batches for three whole epochs of rows (the last batch of an epoch may start the next one).
+    count = -(-epochs * len(rows) // ROWS_PER_BATCH)
+    streamed = stream_rows(take(iterator(dataset, rows, seed=3), count))
+    for epoch in range(epochs):
+        chunk = streamed[epoch * len(rows):(epoch + 1) * len(rows)]
+        got = sorted(row_samples(dataset, row) for row in chunk)
+        assert got == sorted(rows), f"epoch {epoch} does not yield every planned row exactly once"
+        samples = sorted(i for row in got for i in row)
+        assert samples == split[0].tolist()
+
+
+def test_batches_have_fixed_shapes_and_dtypes(dataset, rows):
+    batch = next(iterator(dataset, rows))
+    assert set(batch) == {"tokens", "positions", "segment_ids", "loss_mask"}
+    for key, value in batch.items():
+        assert value.shape == (ROWS_PER_BATCH, ROW_LENGTH), key
+        assert value.dtype == np.int32, key
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism, reshuffling and checkpointed state
+# ----------------------------------------------------------------------------------------------
+
+
+def order_of(dataset, batches) -> list[tuple[int, ...]]:
+    return [row_samples(dataset, row) for row in stream_rows(batches)]
+
+
+def test_same_seed_same_batches_other_seed_other_order(dataset, rows):
+    count = len(rows) // ROWS_PER_BATCH + 2
+    first = take(iterator(dataset, rows, seed=11), count)
+    assert_batches_equal(take(iterator(dataset, rows, seed=11), count), first)
+    other = take(iterator(dataset, rows, seed=12), count)
+    assert order_of(dataset, other) != order_of(dataset, first)
+
+
+def test_epochs_are_reshuffled(dataset, rows):
+    streamed = order_of(dataset, take(iterator(dataset, rows, seed=5), -(-3 * len(rows) // ROWS_PER_BATCH)))
+    epochs = [streamed[e * len(rows):(e + 1) * len(rows)] for e in range(3)]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
+
+
+@pytest.mark.parametrize("consumed", [0, 3, len(make_dataset()) // 2])
+def test_state_restore_replays_the_same_batches(dataset, rows, consumed):
+    """Save after ``consumed`` batches (the last case crosses an epoch boundary afterwards), restore into
+    a freshly built iterator (as a resumed run does), and compare with the uninterrupted stream."""
+    later = len(rows) // ROWS_PER_BATCH + 3  # the replayed part crosses into the next epoch
+    original = iterator(dataset, rows, seed=7)
+    take(original, consumed)
+    state = original.get_state()
+    want = take(original, later)
+
+    restored = iterator(dataset, rows, seed=7)
+    take(restored, 1)  # its own position is overwritten by set_state
+    restored.set_state(state)
+    assert_batches_equal(take(restored, later), want)
+    assert restored.get_state() == original.get_state()
+
+
+def test_not_enough_rows_is_an_error(dataset, rows):
+    with pytest.raises(ValueError, match="packed rows"):
+        iterator(dataset, rows[:2], global_rows=ROWS_PER_BATCH)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process slicing (simulated)
+# ----------------------------------------------------------------------------------------------
+
+
+def local_batches(monkeypatch, dataset, rows, process: int, count: int, processes: int = 2, seed: int = 9):
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "process_count", lambda: processes)
+        patch.setattr(jax, "process_index", lambda: process)
+        return take(iterator(dataset, rows, seed=seed), count)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_process_slices_assemble_the_global_batch(monkeypatch, dataset, rows, processes):
+    """Process p of P yields the contiguous block p of every global batch (rows [p*G/P, (p+1)*G/P)): the
+    rows its devices hold once ``jax.make_array_from_process_local_data`` assembles the global batch in
+    process order. So the local batches, concatenated in process order, are the single-process batches
+    (same rows, same order: a multi-process run trains on exactly what a single-process run does)."""
+    count = len(rows) // ROWS_PER_BATCH + 2  # into the second epoch
+    global_batches = take(iterator(dataset, rows, seed=9), count)
+    local = [local_batches(monkeypatch, dataset, rows, p, count, processes=processes) for p in range(processes)]
+    for b, want in enumerate(global_batches):
+        for key in want:
+            assert all(local[p][b][key].shape[0] == ROWS_PER_BATCH // processes for p in range(processes))
+            assembled = np.concatenate([local[p][b][key] for p in range(processes)])
+            np.testing.assert_array_equal(assembled, want[key], err_msg=f"batch {b} {key}")
+
+
+def test_process_iterator_state_restores(monkeypatch, dataset, rows):
+    """A process's iterator resumes its own slice exactly (each process saves its own state)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "process_count", lambda: 2)
+        patch.setattr(jax, "process_index", lambda: 1)
+        original = iterator(dataset, rows, seed=9)
+        take(original, 4)
+        state = original.get_state()
+        want = take(original, 6)
+        restored = iterator(dataset, rows, seed=9)
+        restored.set_state(state)
+        assert_batches_equal(take(restored, 6), want)
+
+
+def test_batch_that_does_not_split_over_processes_is_an_error(monkeypatch, dataset, rows):
+    with pytest.raises(ValueError, match="do not split over 3 processes"):
+        local_batches(monkeypatch, dataset, rows, 0, 1, processes=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline features from a feature cache
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(dataset, tmp_path_factory):
+    """Every sample's random [length, HIDDEN] features, in three shards, as `flatspec cache` writes them."""
+    directory = tmp_path_factory.mktemp("features")
+    rng = np.random.default_rng(1)
+    features = {i: rng.normal(size=(int(dataset.lengths[i]), HIDDEN)).astype(np.float32) for i in range(len(dataset))}
+    chunks = [list(range(13)), list(range(13, 30)), list(range(30, NUM_SAMPLES))]
+    for chunk, members in enumerate(chunks):
+        feature_cache.write_shard(directory, chunk, {i: features[i] for i in members}, "fp")
+    feature_cache.write_index(directory, list(range(len(chunks))), HIDDEN, "fp")
+    return FeatureCache(directory), features
+
+
+def check_features(dataset, row: dict[str, np.ndarray], features: dict[int, np.ndarray]) -> None:
+    got = row["features"]
+    assert got.shape == (ROW_LENGTH, HIDDEN) and got.dtype == ml_dtypes.bfloat16
+    for segment, index in enumerate(row_samples(dataset, row), start=1):
+        where = row["segment_ids"] == segment
+        want = features[index][:ROW_LENGTH].astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(got[where].view(np.uint16), want.view(np.uint16),
+                                      err_msg=f"features of sample {index} misaligned with its tokens")
+    assert not got[row["segment_ids"] == 0].astype(np.float32).any(), "padding features are not zero"
+
+
+def test_cache_reads_back_each_sample(dataset, cache):
+    features_cache, features = cache
+    assert len(features_cache) == NUM_SAMPLES and features_cache.hidden_size == HIDDEN
+    for i in (0, 12, 13, 39):
+        np.testing.assert_array_equal(features_cache[i].astype(np.float32),
+                                      features[i].astype(ml_dtypes.bfloat16).astype(np.float32))
+    with pytest.raises(KeyError, match="sample 999"):
+        features_cache[999]
+
+
+def test_training_rows_carry_aligned_features(dataset, rows, cache):
+    features_cache, features = cache
+    plain = take(iterator(dataset, rows, seed=2), len(rows) // ROWS_PER_BATCH + 1)
+    with_features = take(iterator(dataset, rows, seed=2, features=features_cache), len(plain))
+    truncated_seen = False
+    for a, b in zip(stream_rows(plain), stream_rows(with_features)):
+        for key in a:  # the features do not change the rows or their order
+            np.testing.assert_array_equal(a[key], b[key])
+        check_features(dataset, b, features)
+        truncated_seen |= bool(set(row_samples(dataset, b)) & {4, 21})
+    assert truncated_seen, "the test data should include a sample longer than a row"
+
+
+def test_heldout_fixed_batches_cover_heldout_once_with_features(dataset, split, cache):
+    features_cache, features = cache
+    heldout = split[1]
+    batches = fixed_batches(dataset, heldout, row_length=ROW_LENGTH, rows_per_batch=ROWS_PER_BATCH,
+                            features=features_cache)
+    all_rows = stream_rows(batches)
+    assert all(b["tokens"].shape == (ROWS_PER_BATCH, ROW_LENGTH) for b in batches)
+    covered = [i for row in all_rows for i in row_samples(dataset, row)]
+    assert sorted(covered) == heldout.tolist()
+    for row in all_rows:
+        check_features(dataset, row, features)
+    # Deterministic: the same list on every call (held-out metrics compare across steps and runs).
+    assert_batches_equal(fixed_batches(dataset, heldout, row_length=ROW_LENGTH, rows_per_batch=ROWS_PER_BATCH,
+                                       features=features_cache), batches)
+
+
+def test_iterator_state_restore_with_features(dataset, rows, cache):
+    features_cache, _ = cache
+    original = iterator(dataset, rows, seed=4, features=features_cache)
+    take(original, 2)
+    state = original.get_state()
+    want = take(original, 3)
+    restored = iterator(dataset, rows, seed=4, features=features_cache)
+    restored.set_state(state)
+    got = take(restored, 3)
+    for g, w in zip(got, want):
+        for key in w:
+            np.testing.assert_array_equal(np.asarray(g[key]).view(np.uint8), np.asarray(w[key]).view(np.uint8))
+
+
+def test_rows_are_planned_in_file_order_and_deterministically(dataset, split):
+    a = plan_training_rows(dataset, split[0], ROW_LENGTH)
+    b = plan_training_rows(dataset, split[0], ROW_LENGTH)
+    assert a == b
+    assert [row[0] for row in a] == sorted(row[0] for row in a)
+    assert all(list(row) == sorted(row) for row in a)
+    # No sample appears in two rows.
+    assert len(set(itertools.chain.from_iterable(a))) == sum(len(r) for r in a)

@@ -1,0 +1,579 @@
+"""The EAGLE training step (``flatspec_jax.train.step``) and loop (``train_draft``) on a tiny random target.
+
+Target: a random 2-layer Llama (vocab 97, hidden 32); data: a synthetic ``TokenizedDataset`` packed
+by the real pipeline. What is checked:
+
+* ``draft_targets`` on a hand-built packed row of two samples: exactly the positions t whose
+  x_{t+1} and x_{t+2} lie in t's sample and whose x_{t+2} is an assistant token are trained, with
+  next token x_{t+1} and next feature f_{t+1}; and packing leaks nothing across samples: the loss
+  of a packed row equals the loss of its samples in separate rows;
+* ``feature_noise``: |noise| <= amplitude * 512 / (sample length) / 2, filled to that bound
+  within each segment (scaled per segment, not per row);
+* the train step's loss equals an independent float64 NumPy computation within 1e-5, for each
+  micro-batch and for the step (their mean): features from the target, noise from the step's key
+  (key(seed) folded with the step, then the micro-batch index), the draft head re-implemented in
+  NumPy, EAGLE's SmoothL1 + 0.1 soft CE with the masked mean sum / (n + 1e-5);
+* gradient accumulation: each micro-batch's loss is its own masked mean and the step averages
+  micro-batch gradients (checked with SGD(lr=1), whose update is minus the gradient: accumulated
+  gradient == mean of micro-batch gradients, and its reported grad_norm); when every micro-batch
+  has the same number of trained positions, A=2 micro-batches of R=2 rows give the gradient, hence
+  the update, of one batch of A*R rows within 1e-5 (with different counts they differ by design:
+  every micro-batch weighs the same, as in the EAGLE reference's accumulation);
+* ``train_draft`` on 8 fake CPU devices with meshes (data=2, fsdp=4) and (data=8), with gradient
+  accumulation and noise, gives the 1-device per-step losses (and the other logged metrics) and
+  final parameters within 1e-5 over 5 steps; the 8-device checkpoints restore onto one device;
+* every ``train.loss`` (eagle, kl, tvd, tvdpp, lk, lk_hybrid), the bfloat16 compute option and
+  offline features (a feature cache written with ``feature_cache.write_shard``, read by the Grain
+  pipeline) train 30 steps with finite losses on a tiny repeating dataset; the feature loss goes
+  down for all, the EAGLE loss falls below 0.7x its start, and bf16 / offline track online float32;
+* ``MetricsLog`` starts a log on a fresh run (regression: it crashed reading the absent file).
+
+Compilation dominates the run time on CPU, so several checks share one jitted program: the
+train steps inside them are ``_train_step`` itself, the function ``compile_steps`` jits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flatspec_jax.checkpoint.manager import flatten_params, load_draft_head
+from flatspec_jax.config import MeshConfig, load_config
+from flatspec_jax.data.pipeline import plan_training_rows, training_iterator
+from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.models.eagle import create_eagle_head
+from flatspec_jax.models.llama import create_model
+from flatspec_jax.models.masks import segment_causal_mask
+from flatspec_jax.sharding import ShardingRules, make_mesh, place_state
+from flatspec_jax.train.loop import train_draft
+from flatspec_jax.train.metrics import MetricsLog, read_metrics
+from flatspec_jax.train.optim import build_optimizer
+from flatspec_jax.train.step import (
+    NOISE_REFERENCE_LENGTH,
+    StepSettings,
+    TrainState,
+    _train_step,
+    draft_loss_on_rows,
+    draft_targets,
+    feature_noise,
+)
+from flatspec_jax.weights.arch import ArchSpec
+
+ARCH = ArchSpec(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
+ROW = 64
+SEED = 0
+TOL = 1e-5
+LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
+VOCAB_HASH = "test-vocab"
+
+
+def synthetic_dataset(num_samples: int = 48, seed: int = 0, min_len: int = 12, max_len: int = 60) -> TokenizedDataset:
+    """Random tokens (never 0, the padding id) with chat-like masks: a user prefix, then assistant tokens."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(num_samples):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(1, ARCH.vocab_size, length)
+        mask = np.zeros(length, np.int8)
+        mask[int(rng.integers(1, length // 2)):] = 1
+        mask[rng.random(length) < 0.15] = 0
+        samples.append((f"s{i}", ids, mask, False))
+    return TokenizedDataset.from_samples(samples, "synthetic")
+
+
+def batches_of(dataset: TokenizedDataset, rows_per_batch: int, count: int, seed: int = 0) -> list[dict]:
+    rows = plan_training_rows(dataset, np.arange(len(dataset)), ROW)
+    iterator = training_iterator(dataset, rows, row_length=ROW, global_rows_per_batch=rows_per_batch, seed=seed)
+    return [next(iterator) for _ in range(count)]
+
+
+def stack(*batches: dict) -> dict:
+    """Micro-batches -> one [A, R, L] step input."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train_config(*overrides: str):
+    return load_config(None, ["train.warmup_steps=0", "train.schedule=constant", "train.learning_rate=0.001",
+                              f"train.row_length={ROW}", *overrides]).train
+
+
+@pytest.fixture(scope="module")
+def target():
+    return create_model(ARCH, seed=1)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> TokenizedDataset:
+    return synthetic_dataset()
+
+
+def new_head(dtype: str = "float32"):
+    """A draft head; its norm weight is randomised so that the NumPy reference checks it is applied."""
+    head = create_eagle_head(ARCH, 1, seed=SEED, dtype=dtype)
+    norm = head.first_layer.post_attention_layernorm.weight
+    norm[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(7), norm[...].shape)
+    return head
+
+
+def new_state(params, tx) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def numpy_tree(tree) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v[...] if hasattr(v, "get_value") else v, np.float64) for k, v in flatten_params(tree).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment and noise (no training)
+# ----------------------------------------------------------------------------------------------
+
+# One packed row: sample A (6 tokens, segment 1), sample B (4 tokens, segment 2), 2 padding slots.
+HAND_TOKENS = np.array([[10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 0, 0]], np.int32)
+HAND_SEGMENTS = np.array([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], np.int32)
+HAND_POSITIONS = np.array([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 0]], np.int32)
+HAND_LOSS_MASK = np.array([[0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0]], np.int32)
+# Position t is trained iff x_{t+1}, x_{t+2} are in t's sample and x_{t+2} is an assistant token:
+#   A: t=0 (x2 assistant), t=1 no (x3 is not), t=2 (x4), t=3 (x5), t=4 and t=5 no (x_{t+2} is in B)
+#   B: t=6 (x8), t=7 (x9), t=8 and t=9 no (x_{t+2} is padding); padding never.
+HAND_TRAINED = np.array([[1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0]], bool)
+
+
+def test_draft_targets_hand_checked_on_two_packed_samples():
+    features = np.arange(12, dtype=np.float32)[None, :, None] * np.array([1.0, -2.0], np.float32)  # f_t = (t, -2t)
+    next_tokens, next_features, trained = jax.tree.map(np.asarray, draft_targets(
+        jnp.asarray(features), jnp.asarray(HAND_TOKENS), jnp.asarray(HAND_SEGMENTS), jnp.asarray(HAND_LOSS_MASK)))
+    np.testing.assert_array_equal(trained, HAND_TRAINED)
+    for t in np.flatnonzero(HAND_TRAINED[0]):
+        assert HAND_SEGMENTS[0, t + 1] == HAND_SEGMENTS[0, t] == HAND_SEGMENTS[0, t + 2]
+        assert next_tokens[0, t] == HAND_TOKENS[0, t + 1]
+        np.testing.assert_array_equal(next_features[0, t], [t + 1, -2 * (t + 1)])
+    # The last position has nothing after it: zero-filled, never trained.
+    assert next_tokens[0, -1] == 0 and not next_features[0, -1].any()
+
+
+def test_packed_row_loss_equals_separate_rows(target):
+    """No information crosses samples: the head's loss on the packed row equals its loss on the two samples
+    each alone in a row (same trained positions, so the same masked mean)."""
+    head = new_head()
+    settings = StepSettings("eagle", 1.0, 0.1, 0.0, SEED)
+    tokens = np.where(HAND_TOKENS > 0, HAND_TOKENS * 7 % ARCH.vocab_size, 0)
+    packed = {"tokens": tokens, "positions": HAND_POSITIONS, "segment_ids": HAND_SEGMENTS,
+              "loss_mask": HAND_LOSS_MASK}
+    separate = {k: np.zeros((2, 12), np.int32) for k in packed}
+    for row, (start, end) in enumerate([(0, 6), (6, 10)]):
+        for k in packed:
+            separate[k][row, :end - start] = packed[k][0, start:end]
+        separate["segment_ids"][row, :end - start] = 1
+    loss = jax.jit(lambda b: draft_loss_on_rows(head, target, b, None, settings))
+    packed_loss, (packed_terms, packed_n) = loss(packed)
+    separate_loss, (separate_terms, separate_n) = loss(separate)
+    assert int(packed_n) == int(separate_n) == HAND_TRAINED.sum()
+    np.testing.assert_allclose(float(packed_loss), float(separate_loss), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(packed_terms), np.asarray(separate_terms), rtol=1e-6, atol=1e-6)
+    # And the loss does see the tokens: changing a trained next token changes it.
+    changed = {**packed, "tokens": np.where(np.arange(12) == 3, 5, tokens).astype(np.int32)}
+    assert abs(float(loss(changed)[0]) - float(packed_loss)) > 1e-4
+
+
+def test_feature_noise_range_and_per_segment_scale():
+    segment_lengths = [3, 40, 8, 13]  # row 0: four samples filling its 64 slots
+    row0 = np.concatenate([np.full(n, s + 1, np.int32) for s, n in enumerate(segment_lengths)])
+    row1 = np.concatenate([np.full(50, 1, np.int32), np.zeros(14, np.int32)])  # row 1: one sample of 50, padding
+    segments = jnp.asarray(np.stack([row0, row1]))
+    amplitude = 0.2
+    noise = np.asarray(feature_noise(jax.random.key(3), (2, 64, 256), segments, amplitude), np.float64)
+    segments = np.asarray(segments)
+    for r in range(2):
+        for s in np.unique(segments[r][segments[r] > 0]):
+            where = segments[r] == s
+            bound = amplitude * NOISE_REFERENCE_LENGTH / where.sum() / 2
+            values = noise[r, where]
+            assert np.abs(values).max() <= bound * (1 + 1e-6), (r, s)
+            # Uniform over the whole interval: the extremes come close to the bound, the mean to 0.
+            assert np.abs(values).max() > 0.95 * bound, (r, s)
+            assert abs(values.mean()) < 0.05 * bound, (r, s)
+    # Longer samples get proportionally less noise (EAGLE's 512 / length), whatever row they are in.
+    scale = lambda r, s: np.abs(noise[r, segments[r] == s]).max()
+    assert scale(0, 1) > 10 * scale(0, 2)  # length 3 vs 40
+    np.testing.assert_allclose(scale(0, 2) / scale(1, 1), 50 / 40, rtol=0.1)
+    # Deterministic in the key, different for another key.
+    again = np.asarray(feature_noise(jax.random.key(3), (2, 64, 256), jnp.asarray(segments), amplitude))
+    np.testing.assert_array_equal(again, noise.astype(np.float32))
+    other = np.asarray(feature_noise(jax.random.key(4), (2, 64, 256), jnp.asarray(segments), amplitude))
+    assert not np.allclose(other, again)
+
+
+# ----------------------------------------------------------------------------------------------
+# An independent float64 NumPy computation of the EAGLE loss
+# ----------------------------------------------------------------------------------------------
+
+
+def _rms(x, w, eps):
+    return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def numpy_draft_head(p: dict[str, np.ndarray], features, embeddings, positions, segments) -> np.ndarray:
+    """EAGLE head (reference cnets.py layout): fc(embed ++ feature) + bias, one Llama decoder layer
+    without input norm, no final norm. [R, L, D] float64."""
+    a = ARCH
+    h = np.concatenate([embeddings, features], axis=-1) @ p["fc"] + p["fc_bias"]
+    inv = 1.0 / (a.rope_theta ** (np.arange(0, a.head_dim, 2) / a.head_dim))
+    angles = positions[..., None] * inv
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+
+    def rope(x):  # x [R, L, heads, H]
+        half = a.head_dim // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+        return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+    q = rope(np.einsum("rld,dnh->rlnh", h, p["first_layer/self_attn/q_proj"]))
+    k = rope(np.einsum("rld,dnh->rlnh", h, p["first_layer/self_attn/k_proj"]))
+    v = np.einsum("rld,dnh->rlnh", h, p["first_layer/self_attn/v_proj"])
+    group = a.num_heads // a.num_kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # query head n reads KV head n // group
+    scores = np.einsum("rtnh,rsnh->rnts", q, k) / math.sqrt(a.head_dim)
+    length = segments.shape[1]
+    allowed = (np.tril(np.ones((length, length), bool))[None] & (segments[:, :, None] == segments[:, None, :])
+               & (segments[:, None, :] > 0))
+    scores = np.where(allowed[:, None], scores, -1e300)
+    scores -= scores.max(-1, keepdims=True)
+    probs = np.exp(scores) * allowed[:, None]
+    probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-300)
+    attn = np.einsum("rnts,rsnh->rtnh", probs, v)
+    h = h + np.einsum("rtnh,nhd->rtd", attn, p["first_layer/self_attn/o_proj"])
+    x = _rms(h, p["first_layer/post_attention_layernorm/weight"], a.rms_norm_eps)
+    gate = x @ p["first_layer/mlp/gate_proj"]
+    mlp = (gate / (1 + np.exp(-gate)) * (x @ p["first_layer/mlp/up_proj"])) @ p["first_layer/mlp/down_proj"]
+    return h + mlp
+
+
+def numpy_eagle_loss(head_params, target_params, features, noise, batch) -> dict[str, float]:
+    """EAGLE's loss (eagle/train/main.py) on our alignment, in float64, from scratch."""
+    tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
+    rows, length = tokens.shape
+    trained = np.zeros((rows, length), bool)
+    next_tokens = np.zeros((rows, length), np.int64)
+    next_features = np.zeros_like(features)
+    for r in range(rows):
+        for t in range(length - 2):
+            same = segments[r, t] > 0 and segments[r, t] == segments[r, t + 1] == segments[r, t + 2]
+            trained[r, t] = same and mask[r, t + 2] > 0
+        next_tokens[r, :-1] = tokens[r, 1:]
+        next_features[r, :-1] = features[r, 1:]
+    embeddings = target_params["embed_tokens"][next_tokens]
+    predicted = numpy_draft_head(head_params, features + noise, embeddings, batch["positions"].astype(np.float64),
+                                 segments)
+    lm_head = target_params["lm_head"]
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    log_q, log_p = log_softmax(predicted @ lm_head.T), log_softmax(next_features @ lm_head.T)
+    diff = np.abs(predicted - next_features)
+    smooth_l1 = np.where(diff < 1.0, 0.5 * diff ** 2, diff - 0.5).mean(-1)
+    soft_ce = -(np.exp(log_p) * log_q).sum(-1)
+    n = trained.sum()
+    vloss = (smooth_l1 * trained).sum() / (n + 1e-5)
+    ploss = (soft_ce * trained).sum() / (n + 1e-5)
+    acceptance = (np.minimum(np.exp(log_p), np.exp(log_q)).sum(-1) * trained).sum() / (n + 1e-5)
+    return {"loss": vloss + 0.1 * ploss, "loss_feature": vloss, "loss_token": ploss, "acceptance": acceptance,
+            "positions": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------
+# One compiled program for the single-step checks: loss, gradient accumulation
+# ----------------------------------------------------------------------------------------------
+
+NOISY = StepSettings("eagle", 1.0, 0.1, 0.2, SEED)
+QUIET = StepSettings("eagle", 1.0, 0.1, 0.0, SEED)
+
+
+@pytest.fixture(scope="module")
+def step_lab(target, dataset):
+    """Runs, in one jitted program, train steps with SGD(lr=1) (so params - new params = the step's gradient):
+      accum: a step over 2 micro-batches of 2 rows (noise on);
+      micro: loss, trained count and gradient of each of those micro-batches alone, with the step's noise keys;
+      eq_accum / eq_single: 2 micro-batches of 2 rows vs 1 batch of the same 4 rows, with equal trained counts
+        per micro-batch, noise off.
+    """
+    head = new_head()
+    head_graphdef, head_params = nnx.split(head)
+    target_graphdef, target_params = nnx.split(target)
+    tx = optax.sgd(1.0)
+    b0, b1 = batches_of(dataset, 2, 2, seed=1)
+    # A partner for b0 with the same layout and masks (so the same trained count) but other tokens.
+    rng = np.random.default_rng(5)
+    b0_twin = {**b0, "tokens": np.where(b0["segment_ids"] > 0, rng.integers(1, ARCH.vocab_size, b0["tokens"].shape),
+                                        0).astype(np.int32)}
+    inputs = {"accum": stack(b0, b1), "eq_accum": stack(b0, b0_twin),
+              "eq_single": stack({k: np.concatenate([b0[k], b0_twin[k]]) for k in b0})}
+
+    def lab(state, target_params, inputs):
+        step = functools.partial(_train_step, head_graphdef, target_graphdef, tx)
+        out = {"accum": step(NOISY, state, target_params, inputs["accum"]),
+               "eq_accum": step(QUIET, state, target_params, inputs["eq_accum"]),
+               "eq_single": step(QUIET, state, target_params, inputs["eq_single"])}
+        model = nnx.merge(target_graphdef, target_params)
+        base = jax.random.fold_in(jax.random.key(SEED), state.step)
+        micro = []
+        for a in range(2):
+            batch = {k: v[a] for k, v in inputs["accum"].items()}
+
+            def loss_fn(params, batch=batch, a=a):
+                return draft_loss_on_rows(nnx.merge(head_graphdef, params), model, batch,
+                                          jax.random.fold_in(base, a), NOISY)
+
+            (loss, (terms, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            micro.append({"loss": loss, "terms": terms, "count": count, "grads": grads})
+        out["micro"] = micro
+        return out
+
+    out = jax.jit(lab)(new_state(head_params, tx), target_params, inputs)
+    return {"out": out, "inputs": inputs, "head_params": head_params, "target_params": target_params}
+
+
+def test_step_loss_equals_independent_numpy(step_lab, target):
+    """The train step's loss over 2 micro-batches, and each micro-batch's loss, against NumPy (with the step's
+    noise: key(seed) folded with the step, 0, then the micro-batch index; EAGLE's 512 / length scale)."""
+    head_np, target_np = numpy_tree(step_lab["head_params"]), numpy_tree(step_lab["target_params"])
+    forward = jax.jit(lambda t, p, s: target(t, p, segment_causal_mask(s), return_logits=False).hidden)
+    want = []
+    for a in range(2):
+        batch = {k: v[a] for k, v in step_lab["inputs"]["accum"].items()}
+        features = np.asarray(forward(batch["tokens"], batch["positions"], batch["segment_ids"]), np.float64)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(SEED), 0), a)
+        uniform = np.asarray(jax.random.uniform(key, features.shape), np.float64)
+        segments = batch["segment_ids"]
+        lengths = np.array([[np.sum(row == s) for s in row] for row in segments], np.float64)
+        noise = (uniform - 0.5) * (0.2 * 512 / lengths)[..., None]
+        want.append(numpy_eagle_loss(head_np, target_np, features, noise, batch))
+        micro = step_lab["out"]["micro"][a]
+        assert int(micro["count"]) == want[a]["positions"] > 20
+        assert abs(float(micro["loss"]) - want[a]["loss"]) <= TOL, (a, float(micro["loss"]), want[a]["loss"])
+        if a == 0:  # the noise matters at this tolerance (else the check would not cover it)
+            quiet = numpy_eagle_loss(head_np, target_np, features, 0 * noise, batch)
+            assert abs(quiet["loss"] - want[a]["loss"]) > 100 * TOL
+    metrics = step_lab["out"]["accum"][1]
+    for name in ("loss", "loss_feature", "loss_token", "acceptance"):
+        expected = (want[0][name] + want[1][name]) / 2
+        assert abs(float(metrics[name]) - expected) <= TOL, (name, float(metrics[name]), expected)
+
+
+def _grads_of_sgd_step(step_lab, name) -> dict[str, np.ndarray]:
+    new_params = numpy_tree(step_lab["out"][name][0].params)
+    old = numpy_tree(step_lab["head_params"])
+    return {k: old[k] - new_params[k] for k in old}
+
+
+def test_accumulated_gradient_is_mean_of_micro_batch_gradients(step_lab):
+    """Each micro-batch's loss is its own masked mean (sum / (n_a + 1e-5)); the step averages them, so its
+    gradient is the mean of the micro-batch gradients: each micro-batch weighs the same whatever its trained
+    count (the EAGLE reference's gradient accumulation does the same), which is not the gradient of one masked
+    mean over all A*R rows when the counts differ."""
+    micro = step_lab["out"]["micro"]
+    counts = [int(m["count"]) for m in micro]
+    assert counts[0] != counts[1], "the test wants micro-batches with different trained counts"
+    accumulated = _grads_of_sgd_step(step_lab, "accum")
+    first, second = numpy_tree(micro[0]["grads"]), numpy_tree(micro[1]["grads"])
+    for k in accumulated:
+        np.testing.assert_allclose(accumulated[k], (first[k] + second[k]) / 2, rtol=0, atol=TOL, err_msg=k)
+    assert max(np.abs(v).max() for v in accumulated.values()) > 1e-3  # a real gradient
+    metrics = step_lab["out"]["accum"][1]
+    losses = [float(m["loss"]) for m in micro]
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+    # The clipped global norm the step reports is that of the averaged gradient.
+    norm = math.sqrt(sum(float((v ** 2).sum()) for v in accumulated.values()))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+
+
+def test_equal_counts_micro_batches_equal_one_big_batch(step_lab):
+    """With the same trained count n in each micro-batch, mean_a(S_a / (n + eps)) = sum_a S_a / (A n + eps) up to
+    eps: A=2 micro-batches of R=2 rows give the gradient, hence the update, of one batch of 4 rows (noise off:
+    its keys depend on the micro-batch index)."""
+    out = step_lab["out"]
+    accum, single = _grads_of_sgd_step(step_lab, "eq_accum"), _grads_of_sgd_step(step_lab, "eq_single")
+    assert max(np.abs(v).max() for v in accum.values()) > 1e-3
+    for k in accum:
+        np.testing.assert_allclose(accum[k], single[k], rtol=0, atol=TOL, err_msg=k)
+    for name in ("loss", "loss_feature", "loss_token", "acceptance", "grad_norm"):
+        np.testing.assert_allclose(float(out["eq_accum"][1][name]), float(out["eq_single"][1][name]), rtol=TOL,
+                                   err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes: 1 device vs (data=2, fsdp=4) vs (data=8), through train_draft
+# ----------------------------------------------------------------------------------------------
+
+MESH_STEPS = 5
+MESHES = {"single": (MeshConfig(data=1), 1), "data2_fsdp4": (MeshConfig(data=2, fsdp=4), 8),
+          "data8": (MeshConfig(data=8), 8)}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(target, dataset, tmp_path_factory):
+    """train_draft on each mesh with identical data and seed: 5 steps of 2 micro-batches of 8 rows, metrics
+    logged every step, a checkpoint at the end."""
+    assert len(jax.devices()) == 8, "tests/conftest.py should give 8 fake CPU devices"
+    cfg = load_config(None, [f"train.steps={MESH_STEPS}", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 16}",
+                             "train.grad_accum=2", "train.log_every=1", "train.save_every=100", "train.warmup_steps=1",
+                             "train.learning_rate=0.001", "data.heldout=0", f"seed={SEED}", "data.shuffle_seed=3"])
+    host_params = nnx.split(target)
+    results = {}
+    for name, (mesh_cfg, devices) in MESHES.items():
+        mesh, rules = make_mesh(mesh_cfg, jax.devices()[:devices]), ShardingRules()
+        graphdef, params = host_params
+        placed = nnx.merge(graphdef, place_state(params, mesh, rules))
+        run_dir = tmp_path_factory.mktemp(f"mesh_{name}")
+        summary = train_draft(cfg, run_dir, mesh, rules, placed, dataset, None, VOCAB_HASH)
+        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        single = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+        head = load_draft_head(run_dir / "checkpoints", ARCH, VOCAB_HASH, single, rules)
+        results[name] = {"records": records, "params": numpy_tree(nnx.state(head)), "summary": summary}
+    return results
+
+
+def test_meshes_give_the_same_losses_per_step(mesh_runs):
+    want = mesh_runs["single"]["records"]
+    assert [r["step"] for r in want] == list(range(1, MESH_STEPS + 1))
+    assert all(np.isfinite(r["loss"]) for r in want)
+    assert len({round(r["loss"], 6) for r in want}) == MESH_STEPS  # the batches differ from step to step
+    for name in ("data2_fsdp4", "data8"):
+        got = mesh_runs[name]["records"]
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        for g, w in zip(got, want):
+            for key in ("loss", "loss_feature", "loss_token", "acceptance", "top1", "grad_norm", "lr"):
+                assert abs(g[key] - w[key]) <= TOL, (name, g["step"], key, g[key], w[key])
+
+
+def test_meshes_give_the_same_final_params(mesh_runs):
+    want = mesh_runs["single"]["params"]
+    for name in ("data2_fsdp4", "data8"):
+        got = mesh_runs[name]["params"]
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=TOL, err_msg=f"{name}: {k}")
+    assert mesh_runs["single"]["summary"].steps == MESH_STEPS
+
+
+# ----------------------------------------------------------------------------------------------
+# Every loss option, bfloat16 compute, offline features, and learning on a tiny repeating dataset
+# ----------------------------------------------------------------------------------------------
+
+# (token loss, compute dtype, features): every loss online, bf16 online, and EAGLE on cached features.
+VARIANTS = ([(loss, "float32", "online") for loss in LOSSES] + [("eagle", "bfloat16", "online"),
+                                                                ("eagle", "float32", "offline")])
+LEARN_STEPS = 30
+
+
+def write_feature_cache(target, dataset: TokenizedDataset, rows, directory):
+    """The target's features of every sample, computed on the packed rows, as ``flatspec cache`` stores them."""
+    from flatspec_jax.data import feature_cache
+    from flatspec_jax.data.packing import pack_rows, segment_slots
+
+    packed = pack_rows(rows, dataset.__getitem__, ROW, segment_slots(ROW))
+    hidden = np.asarray(jax.jit(lambda t, p, s: target(t, p, segment_causal_mask(s), return_logits=False).hidden)(
+        packed.tokens, packed.positions, packed.segment_ids))
+    features = {}
+    for r, row in enumerate(rows):
+        for slot, index in enumerate(row):
+            features[index] = hidden[r, packed.segment_ids[r] == slot + 1]
+    feature_cache.write_shard(directory, 0, features, "test")
+    feature_cache.write_index(directory, [0], ARCH.hidden_size, "test")
+    return feature_cache.FeatureCache(directory)
+
+
+@pytest.fixture(scope="module")
+def variant_runs(target, tmp_path_factory):
+    """30 steps of each variant in one program, on a tiny dataset of 5 samples (3 packed rows, 2 rows per step:
+    the data repeats, reshuffled, every 1.5 steps). Every variant sees the same batches."""
+    tiny = synthetic_dataset(num_samples=5, seed=2, min_len=30, max_len=50)
+    rows = plan_training_rows(tiny, np.arange(len(tiny)), ROW)
+    cache = write_feature_cache(target, tiny, rows, tmp_path_factory.mktemp("features"))
+    iterator = training_iterator(tiny, rows, row_length=ROW, global_rows_per_batch=2, seed=0, features=cache)
+    target_graphdef, target_params = nnx.split(target)
+    programs, states = [], []
+    for loss, dtype, features in VARIANTS:
+        tcfg = train_config(f"train.loss={loss}", f"train.compute_dtype={dtype}", f"train.features={features}",
+                            "train.learning_rate=0.003")
+        head = create_eagle_head(ARCH, 1, seed=SEED, dtype=tcfg.compute_dtype)
+        graphdef, params = nnx.split(head)
+        tx = build_optimizer(tcfg)
+        programs.append((functools.partial(_train_step, graphdef, target_graphdef, tx,
+                                           StepSettings.from_config(tcfg, SEED)), features == "offline"))
+        states.append(new_state(params, tx))
+
+    @jax.jit
+    def all_variants(states, target_params, online, offline):
+        return [program(state, target_params, offline if cached else online)
+                for (program, cached), state in zip(programs, states)]
+
+    history = {v: [] for v in VARIANTS}
+    for _ in range(LEARN_STEPS):
+        batch = next(iterator)
+        assert batch["features"].dtype == ml_dtypes.bfloat16
+        online = stack({k: v for k, v in batch.items() if k != "features"})
+        results = all_variants(states, target_params, online, stack(batch))
+        states = [state for state, _ in results]
+        for variant, (_, metrics) in zip(VARIANTS, results):
+            history[variant].append({k: float(v) for k, v in metrics.items()})
+    return {"history": history, "states": dict(zip(VARIANTS, states))}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def test_every_loss_option_trains_with_finite_losses(variant_runs, variant):
+    history = variant_runs["history"][variant]
+    assert len(history) == LEARN_STEPS
+    for step, metrics in enumerate(history):
+        for name, value in metrics.items():
+            assert np.isfinite(value), (variant, step, name, value)
+    state = variant_runs["states"][variant]
+    assert int(state.step) == LEARN_STEPS
+    params = flatten_params(state.params)
+    assert all(v[...].dtype == jnp.float32 for v in params.values()), "master parameters must stay float32"
+    assert all(np.isfinite(np.asarray(v[...])).all() for v in params.values())
+    # Every token loss trains the feature regression too (feature_weight 1): it must go down.
+    first, last = history[0]["loss_feature"], np.mean([m["loss_feature"] for m in history[-5:]])
+    assert last < first, (variant, first, last)
+
+
+@pytest.mark.parametrize("variant", [("eagle", "float32", "online"), ("eagle", "bfloat16", "online"),
+                                     ("eagle", "float32", "offline")], ids=lambda v: "-".join(v))
+def test_eagle_loss_decreases_on_a_repeating_dataset(variant_runs, variant):
+    history = variant_runs["history"][variant]
+    first = np.mean([m["loss"] for m in history[:3]])
+    last = np.mean([m["loss"] for m in history[-3:]])
+    assert last < 0.7 * first, f"{variant}: loss {first:.4f} -> {last:.4f} in {LEARN_STEPS} steps"
+    assert np.mean([m["acceptance"] for m in history[-3:]]) > np.mean([m["acceptance"] for m in history[:3]])
+
+
+@pytest.mark.parametrize("other", [("eagle", "bfloat16", "online"), ("eagle", "float32", "offline")],
+                         ids=lambda v: "-".join(v))
+def test_bfloat16_compute_and_offline_features_track_online_float32(variant_runs, other):
+    """bf16 compute, or bf16-stored cached features, change the numbers a little, not the course of training."""
+    reference = variant_runs["history"][("eagle", "float32", "online")]
+    got = variant_runs["history"][other]
+    np.testing.assert_allclose(got[0]["loss"], reference[0]["loss"], rtol=0.02)
+    np.testing.assert_allclose(got[-1]["loss"], reference[-1]["loss"], rtol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regression
+# ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_log_on_a_fresh_run(tmp_path):
+    """A fresh run has no metrics.jsonl yet: MetricsLog must start one (it once crashed reading the absent file)."""
+    log = MetricsLog(tmp_path, resume_step=0)
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]

@@ -1,0 +1,196 @@
+"""``flatspec train`` killed with SIGKILL mid-run and re-run ends exactly where an uninterrupted run ends.
+
+Both runs use the CLI in subprocesses (one CPU device each, a shared ``FLATSPEC_CACHE_DIR`` so the
+compiled step is reused) on a tiny random Llama saved as an HF directory beside SmolLM2's
+tokenizer, trained on the first ShareGPT conversations with gradient accumulation, held-out
+evaluation and a checkpoint every 4 steps. The killed run is SIGKILLed once it has a checkpoint
+beyond step 0 *and* has logged at least two steps past it (so the resumed run must discard and
+redo logged work), then re-run to completion. Checked, bitwise:
+
+* ``metrics.jsonl``: every record (training and held-out) of every step equal, in the same order,
+  except the wall-clock ``tokens_per_s``; no step logged twice;
+* the final checkpoint: draft parameters, AdamW moments and step count identical;
+* the data order: the Grain iterator state saved with the final checkpoint is identical, and the
+  losses could not match step for step if any batch had been skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flatspec_jax import assets
+from flatspec_jax.data.tokenizer import load_tokenizer
+from flatspec_jax.train.metrics import read_metrics
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+ocp = pytest.importorskip("orbax.checkpoint")
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+SAVE_EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama over SmolLM2's vocabulary, saved with SmolLM2's tokenizer (chat template)."""
+    tokenizer = load_tokenizer(assets.smollm2_gguf())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512, initializer_range=0.5,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def cli_env(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the tests' 8
+    env.update(JAX_PLATFORMS="cpu", FLATSPEC_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def train_argv(run_dir: Path, tiny_dir: Path) -> list[str]:
+    overrides = [f"model.path={tiny_dir}", "data.limit=40", "data.max_length=64", "data.heldout=4",
+                 "data.shuffle_seed=5", "train.row_length=64", "train.batch_tokens=256", "train.grad_accum=2",
+                 f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.log_every=1", "train.eval_every=6",
+                 "train.warmup_steps=3", "train.learning_rate=0.002", "mesh.data=1", "seed=3"]
+    return ([sys.executable, "-m", "flatspec_jax.cli", "train", "--run-dir", str(run_dir)]
+            + [x for o in overrides for x in ("--set", o)])
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Finished orbax steps (a step being written lives in a temporary directory with another name)."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if re.fullmatch(r"\d+", p.name))
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("resume")
+    env = cli_env(base / "cache")
+
+    # Uninterrupted reference (also fills the caches: tokenizer, XLA).
+    reference = base / "reference"
+    done = subprocess.run(train_argv(reference, tiny_dir), check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    # Killed run: SIGKILL once a checkpoint beyond step 0 exists and two more steps have been logged.
+    resumed = base / "resumed"
+    killed_log = base / "killed.log"
+    with open(killed_log, "w") as log:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(train_argv(resumed, tiny_dir), env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 600
+    at_kill = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        saved = checkpoint_steps(resumed)
+        logged = logged_steps(resumed)
+        if saved and saved[-1] > 0 and logged and logged[-1] >= saved[-1] + 2:
+            proc.send_signal(signal.SIGKILL)
+            at_kill = {"checkpoints": saved, "logged": logged}
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended (rc {proc.returncode}) before it could be killed; make it longer\n"
+        f"{killed_log.read_text()[-3000:]}")
+    after_kill = {"checkpoints": checkpoint_steps(resumed), "logged": logged_steps(resumed)}
+    again = subprocess.run(train_argv(resumed, tiny_dir), check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    return {"reference": reference, "resumed": resumed, "at_kill": at_kill, "after_kill": after_kill,
+            "resume_log": again.stderr}
+
+
+def test_run_was_killed_mid_training_and_resumed_from_a_checkpoint(runs):
+    after = runs["after_kill"]
+    assert after["checkpoints"] and 0 < after["checkpoints"][-1] < STEPS
+    assert STEPS not in after["checkpoints"]
+    # Steps past the last checkpoint were logged and lost: the resumed run must redo them.
+    assert after["logged"][-1] > after["checkpoints"][-1]
+    assert f"resumed from {runs['resumed'] / 'checkpoints'}/{after['checkpoints'][-1]}" in runs["resume_log"]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_metrics_log_equals_uninterrupted(runs):
+    want = read_metrics(runs["reference"] / "metrics.jsonl")
+    got = read_metrics(runs["resumed"] / "metrics.jsonl")
+    train_steps = [r["step"] for r in want if "loss" in r]
+    assert train_steps == list(range(1, STEPS + 1))
+    assert [r["step"] for r in want if "eval_loss" in r] == [6, 12, 18, 24]
+    assert [r["step"] for r in got if "loss" in r] == train_steps, "a step is missing or logged twice"
+    losses = [r["loss"] for r in want if "loss" in r]
+    assert len(set(losses)) == STEPS and losses[-1] < losses[0]  # real, changing training
+    assert comparable(got) == comparable(want)  # bitwise: floats compared exactly
+
+
+def restore_raw(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The saved ``state`` item (params, optimizer leaves, step) as host arrays, keyed by path."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.restore((run_dir / "checkpoints" / str(step) / "state").absolute())
+    flat = {}
+
+    def visit(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(f"{prefix}/{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = np.asarray(node)
+
+    visit("", tree)
+    return flat
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
+def test_final_checkpoint_equals_uninterrupted_bitwise(runs):
+    assert checkpoint_steps(runs["resumed"])[-1] == checkpoint_steps(runs["reference"])[-1] == STEPS
+    want, got = restore_raw(runs["reference"], STEPS), restore_raw(runs["resumed"], STEPS)
+    assert got.keys() == want.keys()
+    assert any(k.startswith("params/") for k in want) and any(k.startswith("opt_state/") for k in want)
+    assert int(got["step"]) == STEPS
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert got[key].tobytes() == want[key].tobytes(), f"{key} differs from the uninterrupted run"
+
+
+def test_data_position_equals_uninterrupted(runs):
+    def data_item(run_dir: Path) -> dict[str, bytes]:
+        directory = run_dir / "checkpoints" / str(STEPS) / "data"
+        # The iterator state (JSON), not orbax's commit marker (which names the run directory).
+        return {p.name: p.read_bytes() for p in sorted(directory.glob("*.json"))}
+
+    want = data_item(runs["reference"])
+    assert want, "the checkpoint holds no data iterator state"
+    assert data_item(runs["resumed"]) == want
