@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -17,7 +18,7 @@ from flatspec_jax.data.chat import (  # noqa: E402
     ChatTemplateError, render_prompt, tokenize_conversation, tokenize_conversations)
 from flatspec_jax.data.conversations import Conversation, Message  # noqa: E402
 from flatspec_jax.data.sources import load_conversations  # noqa: E402
-from flatspec_jax.data.tokenizer import default_model_path, gguf_cache_dir, load_tokenizer  # noqa: E402
+from flatspec_jax.data.tokenizer import build_gguf_tokenizer, default_model_path, gguf_cache_dir, load_tokenizer  # noqa: E402
 
 TOKENIZER_LOGGER = "flatspec_jax.data.tokenizer"
 NO_TRUNCATION = 1 << 20
@@ -269,6 +270,18 @@ def test_broken_cache_entry_is_rebuilt(tiny_gguf, caplog, damage):
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
 
 
+def test_gguf_tokenizer_builds_without_torch(tiny_gguf):
+    """torch is test-only: `flatspec` on a demo install must build a GGUF tokenizer without it."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
+            f"tok = load_tokenizer({str(tiny_gguf)!r})\n"
+            "print(tok('the cat')['input_ids'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+    assert done.stdout.strip() == str(reference("the cat")["input_ids"])
+
+
 def test_cache_key_follows_the_file(tiny_gguf):
     before = gguf_cache_dir(tiny_gguf)
     stat = tiny_gguf.stat()
@@ -290,14 +303,15 @@ def test_default_model_path_is_the_embedded_gguf():
 
 
 @pytest.mark.slow
-def test_smollm2_cached_tokenizer_equals_a_fresh_conversion(tokenizer):
-    start = time.perf_counter()
-    fresh = AutoTokenizer.from_pretrained(str(Path(default_model_path()).parent),
-                                          gguf_file=Path(default_model_path()).name)
-    print(f"fresh SmolLM2 GGUF tokenizer: {time.perf_counter() - start:.1f} s")
-    assert_same_tokenizer(fresh, tokenizer)
-    convs, _ = load_conversations("sharegpt", limit=20)
-    for conv in convs:
-        chat = conv.as_dicts()
-        assert fresh.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
-        assert fresh.apply_chat_template(chat)["input_ids"] == tokenizer.apply_chat_template(chat)["input_ids"]
+def test_smollm2_tokenizer_equals_transformers_gguf_conversion(tokenizer):
+    """Our torch-free build and its cached copy against transformers' AutoTokenizer(gguf_file=...)."""
+    path = Path(default_model_path())
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    built = build_gguf_tokenizer(path)
+    convs, _ = load_conversations("sharegpt", limit=100)
+    for ours in (built, tokenizer):
+        assert_same_tokenizer(reference, ours)
+        for conv in convs:
+            chat = conv.as_dicts()
+            assert reference.apply_chat_template(chat, tokenize=False) == ours.apply_chat_template(chat, tokenize=False)
+            assert reference.apply_chat_template(chat)["input_ids"] == ours.apply_chat_template(chat)["input_ids"]

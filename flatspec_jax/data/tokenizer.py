@@ -1,8 +1,12 @@
 """The target model's tokenizer, from a HF directory or a GGUF file (GGUF conversions cached on disk).
 
-transformers builds a GGUF file's tokenizer by parsing the whole vocabulary out of the
-GGUF metadata (~9 s for SmolLM2's 49k tokens), which would dominate the wall time of short
-runs. The converted tokenizer is therefore saved with ``save_pretrained`` under
+A GGUF file's tokenizer is built by transformers' own GGUF converter
+(``transformers.integrations.gguf.gguf_tokenizer_mapping``), fed the file's ``tokenizer.*``
+metadata as read by the ``gguf`` package: transformers' ``AutoTokenizer(gguf_file=...)`` route
+reads that metadata with a reader that imports torch, which is a test-only dependency here.
+``tests/test_chat.py`` checks the result against that route token for token. Building it
+parses the whole vocabulary (seconds for SmolLM2's 49k tokens), which would dominate the wall
+time of short runs. The converted tokenizer is therefore saved with ``save_pretrained`` under
 ``<cache root>/tokenizers/<key>/`` (cache root: ``$FLATSPEC_CACHE_DIR`` or
 ``~/.cache/flatspec_jax``) and reloaded from there in ~0.3 s. The key is cheap to compute
 and changes whenever the file or the converter could: the file's stem, size and mtime, a
@@ -24,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flatspec_jax import assets
 from flatspec_jax.runtime import cache_root
@@ -73,13 +78,45 @@ def _load_gguf(path: Path) -> PreTrainedTokenizerBase:
     if cached is not None:
         return cached
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    tokenizer = build_gguf_tokenizer(path)
     log.info("built the tokenizer of %s in %.1f s; caching it in %s", path, time.perf_counter() - start, entry)
     try:
         _save_entry(tokenizer, entry, path)
     except OSError as err:  # a read-only or full cache disk costs time, not correctness
         log.warning("could not cache the tokenizer of %s in %s: %s", path, entry, err)
     return tokenizer
+
+
+def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer a GGUF file describes, without torch (uncached; ``load_tokenizer`` caches it).
+
+    Mirrors transformers' ``get_gguf_tokenizer`` (which reads the metadata through torch):
+    the ``tokenizer.*`` fields are renamed by ``GGUF_TOKENIZER_MAPPING`` into the converter's
+    input and the tokenizer config (chat template, BOS/EOS flags), and the special tokens are
+    spelled from their ids.
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                       convert_gguf_tokenizer)
+
+    reader = gguf.GGUFReader(str(path))
+    metadata = {key: field.contents() for key, field in reader.fields.items()
+                if key.startswith("tokenizer.") or key == "general.architecture"}
+    if "general.architecture" not in metadata or "tokenizer.ggml.tokens" not in metadata:
+        raise ValueError(f"{path}: GGUF metadata has no general.architecture or tokenizer.ggml.tokens")
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
 def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
