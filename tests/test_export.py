@@ -400,6 +400,16 @@ def test_failed_export_keeps_the_previous_one(llama_run, llama_dir, tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["eagle"]
 
 
+def test_export_without_torch_writes_safetensors_and_warns(llama_run, llama_dir, tmp_path, monkeypatch, caplog):
+    run_dir, _, reference = llama_run
+    monkeypatch.setattr(eagle_format, "torch_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        out = export.run(config_for(llama_dir, run_dir), export_args(out=str(tmp_path / "eagle")))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert "pytorch_model.bin not written" in caplog.text
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 # ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ through :data:`flatspec_jax.weights.layout.LAYER_TENSORS`, the table the target 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -338,6 +339,10 @@ def _check_flatspec_block(block: Any, target: ArchSpec, target_vocab_hash: str |
 # ----------------------------------------------------------------------------------------------
 
 
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
 def _torch():
     try:
         import torch
@@ -399,6 +404,9 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
 def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
     """Writes config.json, model.safetensors and pytorch_model.bin into ``out``, atomically.
 
+    PyTorch is a test-only dependency: without it ``pytorch_model.bin`` is skipped with a
+    warning (SGLang, vLLM and EAGLE-2/3 read ``model.safetensors``; EAGLE-1 needs the .bin).
+
     Everything is written into a temporary directory beside ``out`` and fsynced, then renamed
     to ``out``. An existing ``out`` is first renamed aside and deleted after the swap, so
     ``out`` holds either the old or the new complete head, never a mixture.
@@ -413,8 +421,14 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
         with open(tmp / SAFETENSORS_NAME, "wb") as f:
             write_safetensors(f, {k: (v.dtype, v.shape) for k, v in ordered.items()}, ordered.items(),
                               {"format": "pt"})
-        _torch().save({k: _to_torch(v) for k, v in ordered.items()}, tmp / TORCH_NAME)
-        for name in (CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME):
+        written = [CONFIG_NAME, SAFETENSORS_NAME]
+        if not torch_available():
+            log.warning("PyTorch is not installed: %s not written to %s (pip install torch to write it)",
+                        TORCH_NAME, out)
+        else:
+            _torch().save({k: _to_torch(v) for k, v in ordered.items()}, tmp / TORCH_NAME)
+            written.append(TORCH_NAME)
+        for name in written:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~_umask())
