@@ -26,6 +26,7 @@ from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import KVCache, create_model
 from flatspec_jax.models.masks import cached_mask, causal_mask
 from flatspec_jax.weights.arch import ArchSpec
+from random_weights import random_module
 
 ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -43,32 +44,14 @@ jit_chain_tree = jax.jit(chain_tree)
 jit_cached_mask = jax.jit(cached_mask, static_argnames=("num_slots",))
 
 
-def random_model(factory, seed: int):
-    """The module ``factory`` builds, with numpy-drawn weights (no JAX initialisation to compile):
-    norms 1, embeddings N(0, 1) (O(1): context-dependent outputs), the rest U(-1/sqrt(D), 1/sqrt(D))."""
-    graphdef, state = nnx.split(nnx.eval_shape(factory))
-    rng = np.random.default_rng(seed)
-    bound = ARCH.hidden_size ** -0.5
-
-    def draw(path, leaf):
-        name = "/".join(str(part) for part in path)
-        if "norm" in name:
-            return np.ones(leaf.shape, np.float32)
-        if "embed_tokens" in name:
-            return rng.normal(0.0, 1.0, leaf.shape).astype(np.float32)
-        return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
-
-    return nnx.split(nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state)))
-
-
 @pytest.fixture(scope="module")
 def target():
-    return random_model(lambda: create_model(ARCH), seed=3)
+    return nnx.split(random_module(lambda: create_model(ARCH), seed=3))
 
 
 @pytest.fixture(scope="module")
 def head():
-    return random_model(lambda: create_eagle_head(ARCH, 1), seed=4)
+    return nnx.split(random_module(lambda: create_eagle_head(ARCH, 1), seed=4))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -29,6 +29,7 @@ from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import causal_mask
 from flatspec_jax.weights.arch import ArchSpec
+from random_weights import random_module
 
 ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -44,32 +45,13 @@ TEMPERATURE_ONE = SamplingSettings(temperature=1.0)
 NUCLEUS = SamplingSettings(temperature=0.8, top_p=0.7)
 
 
-def random_model(factory, seed: int, lm_head_scale: float = 1.0):
-    """The module ``factory`` builds, with numpy-drawn weights: norms 1, embeddings N(0, 1),
-    the rest U(-1/sqrt(D), 1/sqrt(D)), the LM head times ``lm_head_scale``."""
-    graphdef, state = nnx.split(nnx.eval_shape(factory))
-    rng = np.random.default_rng(seed)
-    bound = ARCH.hidden_size ** -0.5
-
-    def draw(path, leaf):
-        name = "/".join(str(part) for part in path)
-        if "norm" in name:
-            return np.ones(leaf.shape, np.float32)
-        if "embed_tokens" in name:
-            return rng.normal(0.0, 1.0, leaf.shape).astype(np.float32)
-        scale = lm_head_scale if "lm_head" in name else 1.0
-        return (scale * rng.uniform(-bound, bound, leaf.shape)).astype(np.float32)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
-
-
 @pytest.fixture(scope="module")
 def models():
     """The target, and a head that roughly predicts its next token from the current one: fc
     passes the token embedding (scaled by 0.7) and a little noise from the feature, and its
     layer's outputs are damped; its distribution differs from the target's, but overlaps."""
-    target = random_model(lambda: create_model(ARCH), seed=11, lm_head_scale=4.0)
-    head = random_model(lambda: create_eagle_head(ARCH, 1), seed=12)
+    target = random_module(lambda: create_model(ARCH), seed=11, lm_head_scale=4.0)
+    head = random_module(lambda: create_eagle_head(ARCH, 1), seed=12)
     d = ARCH.hidden_size
     noise = np.random.default_rng(13).normal(0.0, 0.1, (d, d))
     head.fc[...] = np.concatenate([0.7 * np.eye(d), noise]).astype(np.float32)  # fused = [embedding, feature]
