@@ -124,6 +124,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     heldout_metrics: dict[str, float] = {}
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
+    if heldout and start == 0:  # the untrained head's agreement: the baseline of the curve
+        heldout_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
+        metrics_log.write({"step": 0, **heldout_metrics})
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start + 1, tcfg.steps + 1):
         local = _next_micro_batches(iterator, tcfg.grad_accum)
@@ -132,12 +135,15 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         progress.update(1)
         eval_metrics = None
         if heldout and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+            jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
+            paused = time.perf_counter()
             eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
             heldout_metrics = eval_metrics
             metrics_log.write({"step": step, **eval_metrics})
+            window_start += time.perf_counter() - paused
         if step % tcfg.log_every == 0 or step == tcfg.steps:
+            final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
             elapsed = time.perf_counter() - window_start
-            final = {name: float(value) for name, value in metrics.items()}
             record = {"step": step, **final, "lr": float(schedule(step - 1)),
                       "tokens_per_s": window_tokens / elapsed}
             metrics_log.write(record)
