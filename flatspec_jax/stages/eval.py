@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from flatspec_jax.checkpoint.manager import read_meta
 from flatspec_jax.config import Config
 from flatspec_jax.data.prompts import load_prompts
@@ -61,8 +63,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)
     result.update({"method": method, "temperature": cfg.decode.temperature, "checkpoint": str(checkpoint),
                    "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step)})
-    import jax  # noqa: PLC0415
-
     if jax.process_index() == 0:
         atomic_write_json(path, result)
     log.info("eval: %s", summary_line(result))

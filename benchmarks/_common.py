@@ -1,0 +1,106 @@
+"""Shared benchmark helpers: a quiet-machine gate, measured subprocesses, table printing.
+
+Nothing here imports jax, torch or flatspec_jax, so a measured child process pays for its own
+imports only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load1() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 30.0) -> dict:
+    """Waits until the 1-minute load average is at most ``max_load`` (polling every ``poll_s``),
+    at most ``max_wait_s``; returns what was seen, so results can say how loaded the machine was."""
+    start = time.monotonic()
+    seen = [load1()]
+    while seen[-1] > max_load and time.monotonic() - start < max_wait_s:
+        print(f"[bench] load average {seen[-1]:.2f} > {max_load}; waiting {poll_s:.0f} s "
+              f"({time.monotonic() - start:.0f}/{max_wait_s:.0f} s)", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+        seen.append(load1())
+    return {"load_at_start": seen[-1], "waited_s": round(time.monotonic() - start, 1),
+            "quiet": seen[-1] <= max_load, "max_load": max_load}
+
+
+@dataclasses.dataclass
+class Measured:
+    """A finished child process: wall seconds, its own peak RSS, exit code and log files."""
+
+    wall_s: float
+    peak_rss_mib: float
+    returncode: int
+    stdout: Path
+    stderr: Path
+    load_before: float
+    load_after: float
+
+    def check(self, what: str) -> "Measured":
+        if self.returncode != 0:
+            tail = self.stderr.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{what} failed with exit code {self.returncode}:\n{tail}")
+        return self
+
+
+def run_measured(argv: Sequence[str], env: dict[str, str], log_prefix: Path, cwd: Path = REPO) -> Measured:
+    """Runs ``argv`` in a fresh process and measures it alone: wall time from spawn to exit and the
+    peak RSS of that one child (``os.wait4``'s rusage, not RUSAGE_CHILDREN's max over all children)."""
+    stdout, stderr = log_prefix.with_suffix(".out"), log_prefix.with_suffix(".err")
+    before = load1()
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    # ru_maxrss is in KiB on Linux.
+    return Measured(wall, usage.ru_maxrss / 1024, proc.returncode, stdout, stderr, before, load1())
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a measured child: offline HF, CPU JAX with its real device count."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLATSPEC_CACHE_DIR")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print(f"\n{title}")
+    print(line)
+    for k, row in enumerate(cells):
+        print(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print(line)
+    print(line)
+
+
+def self_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_results(results: dict, out: str | Path) -> Path:
+    """Writes a benchmark's results as sorted, indented JSON (parents created)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,181 @@
+"""Speculative decoding speed on MT-bench first turns: our AR, chain and tree vs HF transformers.
+
+    python benchmarks/bench_decode.py --run-dir runs/smollm2_sharegpt_demo [--limit 20] [--max-new-tokens 128]
+        [--variant NAME:key=value,...]...
+
+In ONE process and on the same prompts (SmolLM2 chat template, greedy), after a warm-up so
+no timing includes compilation:
+  * baseline 1: our jitted autoregressive decoding (``decode.method=ar``);
+  * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch, CPU);
+  * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
+    (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``).
+Prints tokens/s, tau (tokens emitted per target forward, the prefill's token excluded) and the
+speedups over both baselines, checks that every greedy output equals our autoregressive one,
+and writes JSON and a bar plot (PNG beside the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, load1, wait_for_quiet, write_results  # noqa: E402
+
+
+DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,top_k=4,total_tokens=16",
+                    "tree63:method=tree,depth=5,top_k=8,total_tokens=63")
+
+
+def _variant(spec: str) -> tuple[str, list[str]]:
+    """``NAME:k=v,k=v`` -> (NAME, ["decode.k=v", ...])."""
+    name, _, settings = spec.partition(":")
+    if not name or not settings:
+        raise SystemExit(f"--variant {spec!r}: expected NAME:key=value,...")
+    return name, [f"decode.{item}" for item in settings.split(",")]
+
+
+def _plot(results: dict[str, dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(names, [results[n]["tokens_per_s"] for n in names], color="tab:blue")
+    for bar, name in zip(bars, names):
+        ax.annotate(f"tau {results[name]['tau']:.2f}\n{results[name]['speedup_vs_ours_ar']:.2f}x",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.margins(y=0.25)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="run directory with a trained draft in checkpoints/")
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
+    parser.add_argument("--limit", type=int, default=20, help="MT-bench questions (first turns)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:key=value,... speculative decoder over the config's decode settings "
+                             f"(default: {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode.json"))
+    parser.add_argument("--max-load", type=float, default=1.5)
+    parser.add_argument("--max-wait", type=float, default=600)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet = wait_for_quiet(args.max_load, args.max_wait)
+
+    import jax
+    import numpy as np
+    import torch
+
+    from flatspec_jax import runtime
+    from flatspec_jax.config import load_config
+    from flatspec_jax.data.chat import render_prompt
+    from flatspec_jax.data.prompts import load_prompts
+    from flatspec_jax.decoding.runner import Decoder
+    from flatspec_jax.stages.common import RunContext
+
+    runtime.setup_logging()
+    runtime.enable_compilation_cache()
+    base = [f"run_dir={args.run_dir}", f"decode.max_new_tokens={args.max_new_tokens}", "mesh.data=1", *args.overrides]
+    cfg = load_config(args.config, base)
+    variants = dict(_variant(spec) for spec in (args.variant or DEFAULT_VARIANTS))
+    ctx = RunContext(cfg)
+    prompts = [render_prompt(ctx.tokenizer, [{"role": "user", "content": p.turns[0]}])
+               for p in load_prompts("mtbench", args.limit)]
+    head = ctx.draft_head()
+    eos, pad = ctx.eos_ids(), ctx.pad_id()
+    decoders = {"ours_ar": Decoder(ctx.target, cfg.decode, eos, pad, method="ar")}
+    settings = {}
+    for name, overrides in variants.items():
+        settings[name] = load_config(args.config, base + overrides).decode
+        decoders[f"ours_{name}"] = Decoder(ctx.target, settings[name], eos, pad, head=head)
+    width = max(-(-len(p) // 64) * 64 for p in prompts)
+    key = jax.random.key(0)
+
+    results: dict[str, dict] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+    for name, decoder in decoders.items():
+        decoder.run([prompts[0]], key, width)  # warm-up: compile
+        tokens, seconds, calls = 0, 0.0, 0
+        outputs[name] = []
+        for prompt in prompts:
+            out = decoder.run([prompt], key, width)
+            outputs[name].append(out.tokens[0])
+            tokens += len(out.tokens[0])
+            seconds += out.seconds
+            calls += int(out.target_calls[0])
+        results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "tau": (tokens - len(prompts)) / calls if calls else 0.0}
+        print(f"[bench] {name}: {tokens} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    # Baseline 2: transformers generate on the same weights and prompts.
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(ctx.model_path)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    eos_list = list(eos)
+
+    def hf_generate(prompt: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
+                                 max_new_tokens=args.max_new_tokens, eos_token_id=eos_list, pad_token_id=pad)
+        return out[0, len(prompt):].numpy()
+
+    hf_generate(prompts[0])
+    tokens, start = 0, time.perf_counter()
+    outputs["hf_generate"] = []
+    for prompt in prompts:
+        generated = hf_generate(prompt)
+        outputs["hf_generate"].append(generated)
+        tokens += len(generated)
+    seconds = time.perf_counter() - start
+    results["hf_generate"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "tau": 1.0}
+
+    reference = outputs["ours_ar"]
+    for name, result in results.items():
+        result["speedup_vs_ours_ar"] = result["tokens_per_s"] / results["ours_ar"]["tokens_per_s"]
+        result["speedup_vs_hf_generate"] = result["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
+        result["same_output_as_ours_ar"] = float(np.mean([
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(outputs[name], reference)]))
+
+    report = {
+        "benchmark": "bench_decode", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+        "cpu_count": os.cpu_count(), "load": {**quiet, "load_at_end": load1()},
+        "run_dir": str(args.run_dir), "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "variants": {name: {k: getattr(d, k) for k in ("method", "gamma", "depth", "top_k", "total_tokens")}
+                     for name, d in settings.items()},
+        "results": results,
+    }
+    out = write_results(report, args.out)
+    _plot(results, out.with_suffix(".png"), f"SmolLM2-135M, {len(prompts)} MT-bench first turns, greedy, "
+          f"<= {args.max_new_tokens} new tokens, {os.cpu_count()} CPU cores")
+
+    print(f"\nMT-bench first turns: {len(prompts)} questions, greedy, <= {args.max_new_tokens} new tokens, "
+          f"load {quiet['load_at_start']:.2f}")
+    print(f"{'decoder':<14} {'tokens/s':>9} {'tau':>6} {'vs ours AR':>11} {'vs HF generate':>15} {'same output':>12}")
+    for name, r in results.items():
+        print(f"{name:<14} {r['tokens_per_s']:>9.2f} {r['tau']:>6.2f} {r['speedup_vs_ours_ar']:>10.2f}x "
+              f"{r['speedup_vs_hf_generate']:>14.2f}x {r['same_output_as_ours_ar']:>12.0%}")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Flatness scoring: flatspec_jax vs a plain transformers/PyTorch pipeline, on this machine's CPU.
+
+    python benchmarks/bench_flatness.py [--out benchmarks/results/flatness.json] [--limit 32]
+
+One invocation measures both sides, each in fresh child processes (so neither pays for the
+other's imports, threads or memory):
+
+1. Steady-state tokens/s. Both sides score the *same* tokenized samples (our ``tokens.npz``:
+   the first ``--limit`` ShareGPT conversations through SmolLM2's chat template, <= 512 tokens).
+   Model load and the first pass (compilation, allocator warm-up) are excluded: each side
+   runs ``--passes`` more passes over the data and the fastest is reported.
+   * ours: the jitted scoring step of ``flatspec_jax.scoring`` on its packed 4 x 512 batches
+     (fused LM head + statistics; results copied to the host as ``score_dataset`` does);
+   * theirs (``transformers-eager``): HF ``AutoModelForCausalLM`` from the same GGUF, batches of 4
+     in file order padded to the longest, ``model(input_ids, attention_mask).logits``,
+     ``softmax``, ``cosine_similarity`` with the uniform vector, masked mean per sample.
+2. Whole-process wall time as a user runs it: ``flatspec score --run-dir TMP --set data.limit=N``
+   twice (cold: empty ``$FLATSPEC_CACHE_DIR``, so tokenizer conversion, GGUF dequantization and
+   XLA compilation all happen; warm: those caches populated, new run dir) vs a fresh Python
+   process that runs the transformers pipeline from import to results (it tokenizes with the
+   chat template itself; it reads the conversations with flatspec's jax-free ShareGPT reader,
+   since the embedded file is truncated mid-record and ``json.load`` cannot read it).
+3. Peak RSS of every measured process (``os.wait4`` rusage of that child alone).
+4. Flatness overhead: our scoring step vs a bare forward pass to the final hidden states
+   (``return_logits=False``) on the same packed batches.
+
+The machine's load average is checked first; above ``--max-load`` the benchmark waits (polling
+every 30 s, at most ``--max-wait`` s) and records the load it ran under either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    REPO, child_env, load1, print_table, run_measured, self_rss_mib, wait_for_quiet, write_results)
+
+GOALS = {"tokens_per_s_ratio": 1.5, "wall_time_ratio": 1.5, "flatness_overhead_pct": 5.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (run in child processes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _timed_passes(run_pass, passes: int) -> list[float]:
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        run_pass()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_ours_steady(args) -> dict:
+    """Our scoring step (and a bare forward) over the packed batches of an existing run dir."""
+    t0 = time.perf_counter()
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from flatspec_jax import runtime, scoring
+    from flatspec_jax.config import load_config
+    from flatspec_jax.data.packing import pack_rows
+    from flatspec_jax.data.prepare import prepare_samples
+    from flatspec_jax.data.tokenizer import load_tokenizer
+    from flatspec_jax import assets
+    from flatspec_jax.models.masks import segment_causal_mask
+    from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
+    from flatspec_jax.weights.to_nnx import load_target_model
+
+    runtime.enable_compilation_cache()
+    timings = {"import_s": time.perf_counter() - t0}
+    cfg = load_config(None, [f"data.limit={args.limit}", f"data.max_length={args.max_length}",
+                             f"run_dir={args.run_dir}"])
+    start = time.perf_counter()
+    path = cfg.model.path or str(assets.smollm2_gguf())
+    dataset = prepare_samples(cfg.data, path, load_tokenizer(path), Path(args.run_dir))
+    timings["tokens_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    mesh, rules = make_mesh(cfg.mesh), ShardingRules()
+    model = load_target_model(path, mesh, rules, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    timings["model_load_s"] = time.perf_counter() - start
+
+    plan = scoring.make_plan(dataset.lengths, cfg.score)
+    graphdef, params = nnx.split(model)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    extra = {"return_features": False} if "return_features" in inspect.signature(
+        scoring.compile_score_step).parameters else {}  # as `flatspec score` with train.features=online
+    step = scoring.compile_score_step(graphdef, cfg.score, plan.max_segments, mesh, rules, param_shardings, **extra)
+    rows = batch_sharding(mesh, rules, 2)
+    packed = [pack_rows(b, dataset.__getitem__, cfg.score.row_length, plan.max_segments) for b in plan.batches]
+    batches = [scoring._global_rows(p, rows) for p in packed]
+
+    def bare_forward(graphdef, params, tokens, positions, segment_ids, loss_mask):
+        del loss_mask
+        model = nnx.merge(graphdef, params)
+        return model(tokens, positions, segment_causal_mask(segment_ids), return_logits=False).hidden
+
+    import functools
+    forward = jax.jit(functools.partial(bare_forward, graphdef), in_shardings=(param_shardings, rows, rows, rows, rows))
+
+    stats = []
+
+    def score_pass():
+        stats.clear()
+        for batch in batches:
+            stats.append(jax.tree.map(np.asarray, step(params, *batch)))
+
+    def forward_pass():
+        for batch in batches:
+            jax.block_until_ready(forward(params, *batch))
+
+    start = time.perf_counter()
+    score_pass()
+    timings["score_first_pass_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    forward_pass()
+    timings["forward_first_pass_s"] = time.perf_counter() - start
+    score_times, forward_times = [], []
+    for _ in range(args.passes):  # interleaved, so drifting load hits both alike
+        score_times += _timed_passes(score_pass, 1)
+        forward_times += _timed_passes(forward_pass, 1)
+
+    flat = {}
+    for p, s in zip(packed, stats):
+        slots = p.sample_index >= 0
+        flat.update(zip(dataset.ids[p.sample_index[slots]].tolist(), s["flatness"][slots].tolist()))
+    n_tokens = int(dataset.lengths.sum())
+    return {
+        "side": "ours", "devices": [str(d) for d in jax.devices()], "samples": len(dataset), "tokens": n_tokens,
+        "batches": len(plan.batches), "batch_shape": [cfg.score.rows_per_batch, cfg.score.row_length],
+        "padding_fraction": plan.padding, "score_pass_s": score_times, "forward_pass_s": forward_times,
+        "tokens_per_s": n_tokens / min(score_times), "forward_tokens_per_s": n_tokens / min(forward_times),
+        "timings": timings, "flatness": flat, "peak_rss_self_mib": self_rss_mib(),
+    }
+
+
+def _hf_model(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
+def _hf_score_batches(model, samples: list[tuple[str, list[int], list[int]]], batch: int, pad_id: int) -> dict:
+    """The plain pipeline: pad each batch to its longest sample, logits -> softmax -> cosine with
+    uniform -> masked mean over positions whose next token is an assistant token."""
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch):
+            chunk = samples[start:start + batch]
+            length = max(len(ids) for _, ids, _ in chunk)
+            input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), length), dtype=torch.long)
+            loss = torch.zeros((len(chunk), length), dtype=torch.bool)
+            for row, (_, ids, mask) in enumerate(chunk):
+                input_ids[row, :len(ids)] = torch.as_tensor(ids)
+                attention[row, :len(ids)] = 1
+                loss[row, :len(ids)] = torch.as_tensor(mask, dtype=torch.bool)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+            probs = torch.softmax(logits, dim=-1)
+            uniform = torch.full((probs.shape[-1],), 1.0 / probs.shape[-1])
+            flat = F.cosine_similarity(probs, uniform.view(1, 1, -1), dim=-1)  # [B, L]
+            counted = loss[:, 1:] & attention[:, 1:].bool()  # position t predicts token t + 1
+            means = (flat[:, :-1] * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+            for row, (sample_id, _, _) in enumerate(chunk):
+                out[sample_id] = means[row].item() if counted[row].any() else float("nan")
+    return out
+
+
+def worker_theirs_steady(args) -> dict:
+    """The transformers pipeline on our tokenized samples (same tokens and masks as ours)."""
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from flatspec_jax import assets
+
+    timings = {"import_s": time.perf_counter() - t0}
+    data = np.load(Path(args.run_dir) / "tokens.npz", allow_pickle=False)
+    ids, offsets, tokens, masks = data["ids"], data["offsets"], data["tokens"], data["loss_mask"]
+    samples = [(str(ids[i]), tokens[offsets[i]:offsets[i + 1]].tolist(), masks[offsets[i]:offsets[i + 1]].tolist())
+               for i in range(len(ids))]
+    start = time.perf_counter()
+    model = _hf_model(assets.smollm2_gguf())
+    timings["model_load_s"] = time.perf_counter() - start
+    result = {}
+
+    def score_pass():
+        result.update(_hf_score_batches(model, samples, args.batch, 0))
+
+    start = time.perf_counter()
+    score_pass()
+    timings["first_pass_s"] = time.perf_counter() - start
+    times = _timed_passes(score_pass, args.passes)
+    n_tokens = int(offsets[-1])
+    return {"side": "transformers-eager", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "samples": len(samples), "tokens": n_tokens, "batch": args.batch,
+            "padded_tokens": sum(max(len(s[1]) for s in samples[i:i + args.batch]) * len(samples[i:i + args.batch])
+                                 for i in range(0, len(samples), args.batch)),
+            "score_pass_s": times, "tokens_per_s": n_tokens / min(times), "timings": timings,
+            "flatness": result, "peak_rss_self_mib": self_rss_mib()}
+
+
+def _assistant_mask(tokenizer, messages: list[dict], n_tokens: int) -> list[int]:
+    """1 on each assistant turn's tokens, from the token counts of rendered prefixes: the turn
+    starts after ``messages[:i]`` + generation prompt and ends before the template's trailing
+    newline after the end-of-turn token."""
+    def count(msgs, gen):
+        return len(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)["input_ids"])
+
+    mask = [0] * n_tokens
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or not message["content"] or i == 0:
+            continue
+        begin, end = count(messages[:i], True), count(messages[:i + 1], False) - 1
+        for t in range(begin, min(end, n_tokens)):
+            mask[t] = 1
+    return mask
+
+
+def worker_theirs_pipeline(args) -> dict:
+    """What a user would write with transformers alone: load tokenizer and model from the GGUF,
+    apply the chat template, score, write results."""
+    from transformers import AutoTokenizer
+
+    from flatspec_jax import assets
+    from flatspec_jax.data.conversations import SkipReport
+    from flatspec_jax.data.sources import iter_conversations
+
+    gguf = assets.smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = _hf_model(gguf)
+    samples = []
+    for conv in iter_conversations("sharegpt", SkipReport(), args.limit):
+        messages = conv.as_dicts()
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"][:args.max_length]
+        mask = _assistant_mask(tokenizer, messages, len(ids))
+        if any(mask[1:]):
+            samples.append((conv.id, ids, mask))
+    flat = _hf_score_batches(model, samples, args.batch, tokenizer.pad_token_id or 0)
+    return {"side": "transformers-eager", "samples": len(samples), "tokens": sum(len(s[1]) for s in samples),
+            "flatness": flat}
+
+
+WORKERS = {"ours_steady": worker_ours_steady, "theirs_steady": worker_theirs_steady,
+           "theirs_pipeline": worker_theirs_pipeline}
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestrator
+# ----------------------------------------------------------------------------------------------
+
+
+def _flatspec_argv() -> list[str]:
+    script = Path(sys.executable).with_name("flatspec")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flatspec_jax.cli"]
+
+
+def _worker_argv(name: str, args, run_dir: Path, result: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir", str(run_dir),
+            "--result", str(result), "--limit", str(args.limit), "--max-length", str(args.max_length),
+            "--batch", str(args.batch), "--passes", str(args.passes)]
+
+
+def _flatness_diff(a: dict[str, float], b: dict[str, float]) -> dict:
+    import math
+
+    common = [k for k in a if k in b and not (math.isnan(a[k]) or math.isnan(b[k]))]
+    diffs = [abs(a[k] - b[k]) for k in common]
+    return {"compared": len(common), "only_one_side": len(set(a) ^ set(b)), "max_abs_diff": max(diffs, default=None)}
+
+
+def _scores_flatness(run_dir: Path) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run_dir / "scores.parquet")
+    return dict(zip(table["id"].to_pylist(), table["flatness"].to_pylist()))
+
+
+def orchestrate(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench_flatness_"))
+    cache = work / "cache"  # starts empty: the first `flatspec score` is fully cold
+    env = child_env(FLATSPEC_CACHE_DIR=str(cache))
+    gate = wait_for_quiet(args.max_load, args.max_wait)
+    print(f"[bench] load average {gate['load_at_start']:.2f} at start; work dir {work}", file=sys.stderr, flush=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                 "python": platform.python_version()},
+                     "settings": {"limit": args.limit, "max_length": args.max_length, "batch": args.batch,
+                                  "passes": args.passes}, "load_gate": gate, "goals": GOALS}
+
+    def log(step: str, m) -> None:
+        print(f"[bench] {step}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mib:.0f} MiB, load {m.load_before:.2f}->"
+              f"{m.load_after:.2f}", file=sys.stderr, flush=True)
+
+    # 2 + 3: whole processes as a user runs them.
+    wall = {}
+    score_cmd = _flatspec_argv() + ["score", "--set", f"data.limit={args.limit}", "--set",
+                                    f"data.max_length={args.max_length}"]
+    for name in ("ours_cold", "ours_warm"):
+        run_dir = work / name
+        m = run_measured(score_cmd + ["--run-dir", str(run_dir)], env, work / name).check(name)
+        log(name, m)
+        wall[name] = m
+    for name in ("theirs_1", "theirs_2"):
+        m = run_measured(_worker_argv("theirs_pipeline", args, work / name, work / f"{name}.json"), env,
+                         work / name).check(name)
+        log(name, m)
+        wall[name] = m
+    theirs_pipeline = json.loads((work / "theirs_1.json").read_text())
+
+    # 1 + 4: steady state, on the warm run's tokenized samples.
+    steady = {}
+    for name in ("ours_steady", "theirs_steady"):
+        m = run_measured(_worker_argv(name, args, work / "ours_warm", work / f"{name}.json"), env,
+                         work / name).check(name)
+        log(name, m)
+        steady[name] = json.loads((work / f"{name}.json").read_text())
+        steady[name]["process_wall_s"], steady[name]["process_peak_rss_mib"] = m.wall_s, m.peak_rss_mib
+
+    ours, theirs = steady["ours_steady"], steady["theirs_steady"]
+    ours_flat = _scores_flatness(work / "ours_warm")
+    results["steady_state"] = {
+        "ours": {k: v for k, v in ours.items() if k != "flatness"},
+        "transformers_eager": {k: v for k, v in theirs.items() if k != "flatness"},
+        "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "flatness_overhead_pct": 100 * (min(ours["score_pass_s"]) / min(ours["forward_pass_s"]) - 1),
+    }
+    theirs_best = min(wall["theirs_1"].wall_s, wall["theirs_2"].wall_s)
+    results["wall"] = {
+        **{name: {"wall_s": m.wall_s, "peak_rss_mib": m.peak_rss_mib, "load_before": m.load_before,
+                  "load_after": m.load_after} for name, m in wall.items()},
+        "wall_time_ratio_cold": theirs_best / wall["ours_cold"].wall_s,
+        "wall_time_ratio_warm": theirs_best / wall["ours_warm"].wall_s,
+        "peak_rss_ratio": wall["ours_warm"].peak_rss_mib / max(wall["theirs_1"].peak_rss_mib,
+                                                                wall["theirs_2"].peak_rss_mib),
+    }
+    results["agreement"] = {
+        "ours_cli_vs_theirs_steady_same_tokens": _flatness_diff(ours_flat, theirs["flatness"]),
+        "ours_steady_vs_ours_cli": _flatness_diff(ours["flatness"], ours_flat),
+        "ours_cli_vs_theirs_pipeline_own_tokenization": _flatness_diff(ours_flat, theirs_pipeline["flatness"]),
+    }
+    results["load_after"] = load1()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        results["work_dir"] = str(work)
+    return results
+
+
+def report(results: dict) -> None:
+    s, w = results["steady_state"], results["wall"]
+    o, t = s["ours"], s["transformers_eager"]
+    print(f"\nflatness scoring, first {results['settings']['limit']} ShareGPT samples (chat template, "
+          f"<= {results['settings']['max_length']} tokens; {o['samples']} samples, {o['tokens']} tokens), "
+          f"{results['machine']['cpus']} CPUs, load {results['load_gate']['load_at_start']:.2f} at start, "
+          f"{results['load_after']:.2f} at end")
+    print_table("1. steady state (model loaded, compiled; fastest of the timed passes)",
+                ["pipeline", "pass s", "tokens/s", "vs transformers-eager"],
+                [["transformers-eager (batch 4, padded, logits+softmax+cosine)", f"{min(t['score_pass_s']):.2f}",
+                  f"{t['tokens_per_s']:.0f}", "1.00x"],
+                 ["flatspec_jax scoring step (packed 4x512, fused)", f"{min(o['score_pass_s']):.2f}",
+                  f"{o['tokens_per_s']:.0f}", f"{s['tokens_per_s_ratio']:.2f}x"],
+                 ["flatspec_jax bare forward (hidden only, no flatness)", f"{min(o['forward_pass_s']):.2f}",
+                  f"{o['forward_tokens_per_s']:.0f}", f"{o['forward_tokens_per_s'] / t['tokens_per_s']:.2f}x"]])
+    print(f"flatness overhead over the bare forward: {s['flatness_overhead_pct']:.1f}% "
+          f"(goal <= {GOALS['flatness_overhead_pct']}%)")
+    rows = [["transformers-eager script (run 1)", f"{w['theirs_1']['wall_s']:.1f}", f"{w['theirs_1']['peak_rss_mib']:.0f}", ""],
+            ["transformers-eager script (run 2)", f"{w['theirs_2']['wall_s']:.1f}", f"{w['theirs_2']['peak_rss_mib']:.0f}", ""],
+            ["flatspec score, cold caches", f"{w['ours_cold']['wall_s']:.1f}", f"{w['ours_cold']['peak_rss_mib']:.0f}",
+             f"{w['wall_time_ratio_cold']:.2f}x"],
+            ["flatspec score, warm caches", f"{w['ours_warm']['wall_s']:.1f}", f"{w['ours_warm']['peak_rss_mib']:.0f}",
+             f"{w['wall_time_ratio_warm']:.2f}x"]]
+    print_table("2+3. whole process as a user runs it (wall time, peak RSS of that process)",
+                ["process", "wall s", "peak RSS MiB", "speed-up vs transformers"], rows)
+    print(f"peak RSS ours(warm)/theirs: {w['peak_rss_ratio']:.2f}")
+    print("steady-state worker processes: ours peak RSS "
+          f"{o['process_peak_rss_mib']:.0f} MiB, transformers {t['process_peak_rss_mib']:.0f} MiB")
+    print(f"where our steady worker's time went: {json.dumps({k: round(v, 2) for k, v in o['timings'].items()})}")
+    print(f"agreement of per-sample flatness: {json.dumps(results['agreement'])}")
+    goals = [("tokens/s ratio", s["tokens_per_s_ratio"], GOALS["tokens_per_s_ratio"], True),
+             ("wall-time ratio (warm)", w["wall_time_ratio_warm"], GOALS["wall_time_ratio"], True),
+             ("wall-time ratio (cold)", w["wall_time_ratio_cold"], GOALS["wall_time_ratio"], True),
+             ("peak RSS ratio ours/theirs", w["peak_rss_ratio"], 1.0, False),
+             ("flatness overhead %", s["flatness_overhead_pct"], GOALS["flatness_overhead_pct"], False)]
+    print_table("goals", ["metric", "measured", "goal", "met"],
+                [[n, f"{v:.2f}", (">= " if hi else "< " if n.startswith("peak") else "<= ") + f"{g}",
+                  "yes" if (v >= g if hi else v < g if n.startswith("peak") else v <= g) else "NO"]
+                 for n, v, g, hi in goals])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flatness.json"))
+    parser.add_argument("--limit", type=int, default=32, help="ShareGPT conversations (data.limit)")
+    parser.add_argument("--max-length", type=int, default=512, help="data.max_length")
+    parser.add_argument("--batch", type=int, default=4, help="transformers batch size")
+    parser.add_argument("--passes", type=int, default=2, help="timed steady-state passes after the first")
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait while the load average is above this")
+    parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, run dirs)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        Path(args.result).write_text(json.dumps(WORKERS[args.worker](args)))
+        return 0
+    results = orchestrate(args)
+    out = write_results(results, args.out)
+    report(results)
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
