@@ -47,15 +47,20 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     if not scores_path.is_file():
         raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
                                 "(and run directory) first")
+    import jax
+    from jax.experimental import multihost_utils
+
     rule, keep, seed, heldout = cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout
-    if manifest_is_current(manifest_path, scores_path, rule, keep, seed, heldout):
+    current = manifest_is_current(manifest_path, scores_path, rule, keep, seed, heldout)
+    if jax.process_count() > 1:
+        # Every process decides before the first one writes: a process that checked after the
+        # write would skip the barrier below and leave the others waiting at it.
+        multihost_utils.sync_global_devices("flatspec: selection checked")
+    if current:
         manifest = read_manifest(manifest_path)
         log.info("%s is current; nothing to do", manifest_path)
     else:
         # Every process computes the same selection (cheap, CPU-only); the first one writes it.
-        import jax
-        from jax.experimental import multihost_utils
-
         selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
         manifest = manifest_dict(selection, scores_path, manifest_path)
         if jax.process_index() == 0:
