@@ -23,7 +23,7 @@ from flax import nnx
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
-from flatspec_jax.models.llama import KVCache, rope_inverse_frequencies
+from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, rope_inverse_frequencies
 from flatspec_jax.models.masks import cached_mask, causal_mask, segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
@@ -136,6 +136,20 @@ def test_llama_parity_sharded_checkpoint(llama):
     want = hf_logits(hf, ids)
     assert np.abs(want).max() > 1.0  # the weights' scale makes the comparison meaningful
     assert max_diff(forward(graphdef, state, ids), want) <= PARITY_TOL
+
+
+def test_block_causal_attention_parity_past_one_block(llama):
+    """Cache-free attention runs in query blocks of ATTENTION_BLOCK that read keys only up to their
+    end: 2.3 blocks (the last one partial), packed with a sample boundary inside a block."""
+    _, hf, graphdef, state = llama
+    length = 2 * ATTENTION_BLOCK + 21
+    ids = random_ids(1, length, seed=11)
+    assert max_diff(forward(graphdef, state, ids), hf_logits(hf, ids)) <= PARITY_TOL
+    cut = ATTENTION_BLOCK + 17
+    segments = jnp.asarray([[1] * cut + [2] * (length - cut)], jnp.int32)
+    positions = np.array([[*range(cut), *range(length - cut)]])
+    packed = forward(graphdef, state, ids, positions, segment_causal_mask(segments))
+    assert max_diff(packed[0, cut:], hf_logits(hf, ids[:, cut:])[0]) <= PARITY_TOL
 
 
 @pytest.mark.parametrize("original_max", [16, 32])

@@ -40,6 +40,11 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+def lm_head_logits(hidden: Array, weight: Array) -> Array:
+    """[..., D] final hidden states and a [V, D] LM head -> [..., V] float32 logits (in the hidden dtype's math)."""
+    return jnp.einsum("...d,vd->...v", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
 @flax.struct.dataclass
 class KVCache:
     """Preallocated key/value cache of every layer. Slot s of a row holds position s.
@@ -115,6 +120,10 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
+ATTENTION_BLOCK = 64
+"""Queries per block of cache-free attention (each block reads only the keys up to its end)."""
+
+
 class Attention(nnx.Module):
     def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         d, n, k, h = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -143,7 +152,8 @@ class Attention(nnx.Module):
         Args:
           x: [B, T, D] normed input.
           cos, sin: [B, T, H] rotary tables of the new tokens' positions.
-          mask: [B, T, S] True where query t may attend key s.
+          mask: [B, T, S] True where query t may attend key s. Without a cache it must be causal
+            (False wherever s > t); keys after a query's block are not read.
           cache: this layer's (k, v), each [B, S, K, H], or None (keys are the new tokens, S = T).
           cache_index: [B] slot where each row's first new token is written.
 
@@ -163,13 +173,31 @@ class Attention(nnx.Module):
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         n_heads, head_dim = q.shape[2], q.shape[3]
         q = q.reshape(b, t, self.num_kv_heads, n_heads // self.num_kv_heads, head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (head_dim ** -0.5)
-        # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n_heads, head_dim)
+        if cache is None:
+            # Cache-free masks are causal in index order (query t sees keys s <= t; packed, plain
+            # and draft-tree masks all are), so a block of queries needs only the keys up to its
+            # own end: about half the score work, and block-sized score arrays.
+            out = jnp.concatenate([_attend(q[:, start:start + ATTENTION_BLOCK], k[:, :start + ATTENTION_BLOCK],
+                                           v[:, :start + ATTENTION_BLOCK],
+                                           mask[:, start:start + ATTENTION_BLOCK, :start + ATTENTION_BLOCK])
+                                   for start in range(0, t, ATTENTION_BLOCK)], axis=1)
+        else:
+            out = _attend(q, k, v, mask)
+        out = out.reshape(b, t, n_heads, head_dim)
         return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype)), cache
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention of grouped queries [B, T, K, G, H] over keys/values [B, S, K, H] with a [B, T, S] mask.
+
+    Returns [B, T, K, G, H] in the dtype of ``v``; scores and softmax are float32.
+    """
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5)
+    # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
 
 
 class MLP(nnx.Module):
@@ -271,8 +299,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """[..., D] final hidden states -> [..., V] float32 logits."""
-        return jnp.einsum("...d,vd->...v", hidden, self.lm_head_weight().astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return lm_head_logits(hidden, self.lm_head_weight())
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, *, return_logits: bool = True) -> ModelOutput:
@@ -281,7 +308,8 @@ class Llama(nnx.Module):
         Args:
           tokens: [B, T] token ids.
           positions: [B, T] position of each token (RoPE), e.g. per-segment when packed.
-          mask: [B, T, S] attention mask (see :mod:`flatspec_jax.models.masks`).
+          mask: [B, T, S] attention mask (see :mod:`flatspec_jax.models.masks`); causal when there
+            is no cache (query t never attends key s > t).
           cache: KV cache to read and extend, or None for a cache-free forward (S = T).
           cache_index: [B] slot of each row's first new token (required with a cache).
           return_logits: compute [B, T, V] logits; skip when only hidden states are needed
