@@ -78,7 +78,7 @@ def real_batch(rows: int, row_length: int, limit: int, work: Path) -> tuple[dict
 class Ours:
     """flatspec_jax's compiled train step (and eval step) on one CPU device, set up as ``train_draft`` does."""
 
-    def __init__(self, batch: dict, rows: int, row_length: int):
+    def __init__(self, batch: dict, rows: int, row_length: int, loss_chunk: int):
         import jax
         import jax.numpy as jnp
         import ml_dtypes
@@ -98,7 +98,8 @@ class Ours:
 
         runtime.enable_compilation_cache()
         self.jax = jax
-        cfg = load_config(None, [f"train.row_length={row_length}", f"train.batch_tokens={rows * row_length}"])
+        cfg = load_config(None, [f"train.row_length={row_length}", f"train.batch_tokens={rows * row_length}",
+                                 f"train.loss_chunk={loss_chunk}"])
         mesh, rules = make_mesh(MeshConfig(data=1), jax.devices()[:1]), ShardingRules()
         start = time.perf_counter()
         target = load_target_model(str(assets.smollm2_gguf()), mesh, rules)
@@ -221,7 +222,7 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     batch, batch_info = real_batch(args.rows, args.row_length, args.limit, work)
     print(f"[bench] batch {batch_info}", file=sys.stderr, flush=True)
-    ours = Ours(batch, args.rows, args.row_length)
+    ours = Ours(batch, args.rows, args.row_length, args.loss_chunk)
     theirs = Theirs(batch, ours.features, ours.initial_params)
     print(f"[bench] models loaded (ours {ours.load_s:.1f} s, transformers {theirs.load_s:.1f} s)", file=sys.stderr,
           flush=True)
@@ -310,6 +311,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=4, help="packed rows per step")
     parser.add_argument("--row-length", type=int, default=512, help="tokens per row (also data.max_length)")
     parser.add_argument("--limit", type=int, default=48, help="ShareGPT conversations to pack rows from")
+    parser.add_argument("--loss-chunk", type=int, default=64, help="train.loss_chunk of our step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side and variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after ours has compiled")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait while the load average is above this")

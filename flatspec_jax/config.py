@@ -139,6 +139,8 @@ class TrainConfig:
     """p_w: weight of the token-distribution term."""
     noise: float = 0.2
     """Uniform noise on input features: U(-a/2, a/2) x 512 / (sample length), as in EAGLE."""
+    loss_chunk: int = 64
+    """Positions per chunk of the loss's LM-head work; chunks without trained positions are skipped."""
     features: Literal["online", "offline"] = "online"
     """online: the frozen target runs inside the train step; offline: read a feature cache."""
     learning_rate: float = 3e-5
@@ -169,7 +171,7 @@ class TrainConfig:
     """Most recent checkpoints kept (the best by held-out loss is kept as well)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_tokens", "row_length", "grad_accum", "log_every", "eval_every",
+        for name in ("steps", "batch_tokens", "row_length", "grad_accum", "loss_chunk", "log_every", "eval_every",
                      "save_every", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
         _require(self.batch_tokens % (self.row_length * self.grad_accum) == 0, "train.batch_tokens",

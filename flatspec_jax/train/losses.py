@@ -364,6 +364,37 @@ class LossTerms(NamedTuple):
     top3: Array
 
 
+def check_token_loss(token_loss: str) -> None:
+    """Raises ValueError naming the valid token terms if ``token_loss`` is not one of them."""
+    if token_loss not in _TOKEN_TERMS:
+        raise ValueError(f"unknown token loss {token_loss!r}; valid names: {', '.join(_TOKEN_TERMS)}")
+
+
+def position_terms(draft_logits: Array, target_logits: Array, mask: Array, token_loss: str
+                   ) -> tuple[Array, Array, Array, Array]:
+    """Per-position (token term, acceptance, top-1 hit, top-3 hit), each [..., T], before the masked mean.
+
+    Only the token term carries gradient (w.r.t. ``draft_logits``); the target logits must
+    already be constant. Shared by `draft_loss` and the chunked loss of
+    :mod:`flatspec_jax.train.head_loss`, so both compute the same numbers.
+    """
+    log_p = _log_probs(target_logits)
+    log_q = _log_probs(draft_logits)
+    token = _TOKEN_TERMS[token_loss](log_p, log_q, mask)
+    acceptance = jax.lax.stop_gradient(_acceptance(log_p, log_q))
+    # Agreement metrics on the raw logits: argmax is invariant to the softmax shift, and the
+    # raw values avoid ties that rounding in z - logsumexp(z) could create. The target's
+    # argmax's rank among the draft logits (ties ordered by token id, as top_k orders them)
+    # takes one fused pass over the vocabulary; a top_k over V is several times slower on CPU.
+    target_top = jnp.argmax(target_logits, axis=-1)
+    draft = jax.lax.stop_gradient(draft_logits)
+    picked = jnp.take_along_axis(draft, target_top[..., None], axis=-1)
+    ids = jnp.arange(draft.shape[-1])
+    ahead = (draft > picked) | ((draft == picked) & (ids < target_top[..., None]))
+    rank = jnp.sum(ahead, axis=-1)
+    return token, acceptance, (rank == 0).astype(jnp.float32), (rank < 3).astype(jnp.float32)
+
+
 def draft_loss(
     pred_features: Array,
     target_features: Array,
@@ -394,26 +425,9 @@ def draft_loss(
     Raises:
       ValueError: unknown token_loss.
     """
-    if token_loss not in _TOKEN_TERMS:
-        raise ValueError(f"unknown token loss {token_loss!r}; valid names: {', '.join(_TOKEN_TERMS)}")
-    log_p = _target_log_probs(target_logits)
-    log_q = _log_probs(draft_logits)
+    check_token_loss(token_loss)
+    per_position = position_terms(draft_logits, jax.lax.stop_gradient(target_logits), mask, token_loss)
     feature = masked_mean(smooth_l1(pred_features, jax.lax.stop_gradient(target_features)), mask)
-    token = masked_mean(_TOKEN_TERMS[token_loss](log_p, log_q, mask), mask)
-    acceptance = masked_mean(jax.lax.stop_gradient(_acceptance(log_p, log_q)), mask)
-
-    # Agreement metrics on the raw logits: argmax is invariant to the softmax shift, and the
-    # raw values avoid ties that rounding in z - logsumexp(z) could create. The target's
-    # argmax's rank among the draft logits (ties ordered by token id, as top_k orders them)
-    # takes one fused pass over the vocabulary; a top_k over V is several times slower on CPU.
-    target_top = jnp.argmax(target_logits, axis=-1)
-    draft = jax.lax.stop_gradient(draft_logits)
-    picked = jnp.take_along_axis(draft, target_top[..., None], axis=-1)
-    ids = jnp.arange(draft.shape[-1])
-    ahead = (draft > picked) | ((draft == picked) & (ids < target_top[..., None]))
-    rank = jnp.sum(ahead, axis=-1)
-    top1 = masked_mean((rank == 0).astype(jnp.float32), mask)
-    top3 = masked_mean((rank < 3).astype(jnp.float32), mask)
-
+    token, acceptance, top1, top3 = (masked_mean(values, mask) for values in per_position)
     loss = feature_weight * feature + token_weight * token
     return loss, LossTerms(feature=feature, token=token, acceptance=acceptance, top1=top1, top3=top3)

@@ -29,7 +29,8 @@ from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.sharding import ShardingRules
-from flatspec_jax.train.losses import LossTerms, draft_loss
+from flatspec_jax.train.head_loss import draft_loss_through_head
+from flatspec_jax.train.losses import LossTerms
 
 Array = jax.Array
 NOISE_REFERENCE_LENGTH = 512
@@ -54,10 +55,11 @@ class StepSettings:
     token_weight: float
     noise: float
     seed: int
+    loss_chunk: int = 64
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, seed: int) -> "StepSettings":
-        return cls(cfg.loss, cfg.feature_weight, cfg.token_weight, cfg.noise, seed)
+        return cls(cfg.loss, cfg.feature_weight, cfg.token_weight, cfg.noise, seed, cfg.loss_chunk)
 
 
 def _shift_left(x: Array, k: int) -> Array:
@@ -108,10 +110,9 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
     with jax.named_scope("draft"):
         predicted, _ = head(inputs, target.embed(next_tokens), positions, mask)
     with jax.named_scope("loss"):
-        loss, terms = draft_loss(predicted, next_features, target.logits(predicted),
-                                 jax.lax.stop_gradient(target.logits(next_features)), trained,
-                                 token_loss=settings.token_loss, feature_weight=settings.feature_weight,
-                                 token_weight=settings.token_weight)
+        loss, terms = draft_loss_through_head(predicted, next_features, target.lm_head_weight(), trained,
+                                              token_loss=settings.token_loss, feature_weight=settings.feature_weight,
+                                              token_weight=settings.token_weight, chunk=settings.loss_chunk)
     return loss, (terms, trained.sum())
 
 

@@ -1,0 +1,160 @@
+"""The draft loss computed through the frozen LM head in position chunks, skipping untrained ones.
+
+`flatspec_jax.train.losses.draft_loss` defines the loss on two [R, L, V] logit arrays (draft and
+target). Built that way, an EAGLE step on SmolLM2 (V = 49,152) holds several 400 MB arrays per
+4 x 512 batch, and its three LM-head products (draft logits, target logits, the gradient back
+through the head) are ~85% of an offline step's FLOPs, spent at every position although only
+trained positions (assistant tokens) enter the loss. `draft_loss_through_head` returns the same
+loss, terms and gradient w.r.t. the draft's hidden states without either:
+
+1. Each row's positions are reordered so trained ones come first (a stable sort, local to the
+   row, so rows sharded over devices stay where they are) and cut into chunks of ``chunk``
+   positions. A chunk that no row trains is skipped (`lax.cond`), so prompt and padding
+   positions cost no LM-head work beyond the last, partly trained chunk.
+2. One pass per chunk computes both logits [R, chunk, V], the per-position terms
+   (`losses.position_terms`, the code `draft_loss` uses) and, because the LM head is frozen,
+   the only gradient the loss has: d token / d hidden = (d token / d logits) @ W. A custom VJP
+   returns that stored [R, L, D] gradient, so the backward pass does no vocabulary-wide work.
+   Without differentiation (evaluation) the gradient is not computed.
+
+The head weight and target hidden states get no gradient (both are frozen inputs); the masked
+means use `losses.masked_mean`'s weights mask / (sum(mask) + 1e-5).
+
+Shape legend: R rows, L positions per row, D hidden size, V vocabulary, C chunks of c positions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flatspec_jax.models.llama import lm_head_logits
+from flatspec_jax.train.losses import MASK_EPS, LossTerms, check_token_loss, masked_mean, position_terms, smooth_l1
+
+Array = jax.Array
+NUM_SUMS = 4
+"""Weighted sums per chunk: token term, acceptance, top-1 hit, top-3 hit."""
+
+
+def _to_chunks(x: Array, order: Array, chunk: int) -> Array:
+    """[R, L, ...] -> [C, R, c, ...]: each row permuted by ``order`` [R, L], zero-padded to C x c."""
+    index = order.reshape(order.shape + (1,) * (x.ndim - 2))
+    x = jnp.take_along_axis(x, index, axis=1)
+    rows, length = order.shape
+    num_chunks = -(-length // chunk)
+    x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((rows, num_chunks, chunk) + x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x: Array, order: Array) -> Array:
+    """Inverse of `_to_chunks` for [C, R, c, D] values: back to [R, L, D] in the original order."""
+    rows, length = order.shape
+    x = jnp.moveaxis(x, 0, 1).reshape((rows, -1) + x.shape[3:])[:, :length]
+    return jnp.zeros_like(x).at[jnp.arange(rows)[:, None], order].set(x)
+
+
+def _chunk_sums(draft_hidden: Array, target_hidden: Array, weights: Array, head_weight: Array, token_loss: str,
+                with_grad: bool) -> tuple[Array, Array]:
+    """Weighted sums [4] of one chunk's per-position terms and d sums[0] / d draft_hidden (0 without ``with_grad``).
+
+    ``draft_hidden`` and ``target_hidden`` are [R, c, D], ``weights`` [R, c].
+    """
+    def token_sum(hidden: Array) -> tuple[Array, Array]:
+        terms = position_terms(lm_head_logits(hidden, head_weight), lm_head_logits(target_hidden, head_weight),
+                               weights, token_loss)
+        # `where`, not just the zero weight: a non-finite value at an untrained position must reach
+        # neither the sums nor the gradient.
+        sums = jnp.stack([jnp.sum(jnp.where(weights != 0, value * weights, 0.0)) for value in terms])
+        return sums[0], sums
+
+    if not with_grad:
+        return token_sum(draft_hidden)[1], jnp.zeros((), draft_hidden.dtype)
+    (_, sums), grad = jax.value_and_grad(token_sum, has_aux=True)(draft_hidden)
+    return sums, grad
+
+
+def _chunked(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
+             chunk: int, with_grad: bool) -> tuple[Array, Array | None]:
+    """Masked means [4] (token, acceptance, top1, top3) and, if ``with_grad``, d token / d draft_hidden [R, L, D]."""
+    trained = mask != 0
+    weights = jnp.where(trained, mask.astype(jnp.float32), 0.0) / (jnp.sum(mask.astype(jnp.float32)) + MASK_EPS)
+    order = jnp.argsort(~trained, axis=1, stable=True)
+    chunked_trained = _to_chunks(trained, order, chunk)  # [C, R, c], trained positions first
+    needed = jnp.any(chunked_trained[:, :, 0], axis=1)  # [C]
+    xs = (_to_chunks(draft_hidden, order, chunk), _to_chunks(target_hidden, order, chunk),
+          _to_chunks(weights, order, chunk), needed)
+
+    def compute(hidden: Array, target: Array, chunk_weights: Array) -> tuple[Array, Array]:
+        return _chunk_sums(hidden, target, chunk_weights, head_weight, token_loss, with_grad)
+
+    def skip(hidden: Array, target: Array, chunk_weights: Array) -> tuple[Array, Array]:
+        return jnp.zeros((NUM_SUMS,), jnp.float32), (jnp.zeros_like(hidden) if with_grad else
+                                                      jnp.zeros((), hidden.dtype))
+
+    def body(carry: Array, x: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
+        hidden, target, chunk_weights, need = x
+        sums, grad = jax.lax.cond(need, compute, skip, hidden, target, chunk_weights)
+        return carry + sums, grad
+
+    sums, grads = jax.lax.scan(body, jnp.zeros((NUM_SUMS,), jnp.float32), xs)
+    return sums, (_from_chunks(grads, order) if with_grad else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_sums(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
+               chunk: int) -> Array:
+    return _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=False)[0]
+
+
+def _head_sums_fwd(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk):
+    sums, grad = _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=True)
+    return sums, grad
+
+
+def _head_sums_bwd(token_loss, chunk, grad, cotangent):
+    # Only the token sum (index 0) depends differentiably on the draft; the metrics are constants.
+    return (cotangent[0] * grad).astype(grad.dtype), None, None, None
+
+
+_head_sums.defvjp(_head_sums_fwd, _head_sums_bwd)
+
+
+def draft_loss_through_head(
+    pred_features: Array,
+    target_features: Array,
+    head_weight: Array,
+    mask: Array,
+    *,
+    token_loss: str,
+    feature_weight: float,
+    token_weight: float,
+    chunk: int,
+) -> tuple[Array, LossTerms]:
+    """`losses.draft_loss` with both logits computed from hidden states by the frozen LM head, chunk by chunk.
+
+    Args:
+      pred_features: [R, L, D] draft output features (the only input that gets a gradient).
+      target_features: [R, L, D] target features f_{t+1}; the target logits are their LM-head output.
+      head_weight: [V, D] the frozen LM head (logits = hidden @ head_weight^T, as `Llama.logits`).
+      mask: [R, L], nonzero where the position is trained.
+      token_loss: a key of `losses.TOKEN_LOSSES`.
+      feature_weight, token_weight: the two weights.
+      chunk: positions per chunk (> 0); the row length need not be a multiple.
+
+    Returns:
+      (loss [], LossTerms), equal to `draft_loss` on the materialised logits up to summation order.
+
+    Raises:
+      ValueError: unknown token_loss or chunk <= 0.
+    """
+    check_token_loss(token_loss)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    target_features = jax.lax.stop_gradient(target_features)
+    feature = masked_mean(smooth_l1(pred_features, target_features), mask)
+    token, acceptance, top1, top3 = _head_sums(pred_features, target_features, jax.lax.stop_gradient(head_weight),
+                                               mask, token_loss, chunk)
+    loss = feature_weight * feature + token_weight * token
+    return loss, LossTerms(feature=feature, token=token, acceptance=acceptance, top1=top1, top3=top3)
