@@ -24,7 +24,10 @@ the same initial head parameters: the two numbers must agree (same step, not jus
 
 Both steps are dominated by matmuls (the 30-layer target forward and three [tokens, 576] x [576, 49152]
 LM-head products), so the report also gives each side's approximate GFLOP/s and a probe of the
-LM-head-sized matmul alone in XLA and in PyTorch: the ceiling either side can reach here.
+LM-head-sized matmul alone in XLA and in PyTorch: the ceiling either side can reach here. The
+FLOP count is the reference computation's (LM heads at every position, full attention squares);
+our step skips LM-head chunks without trained positions and attention above the causal diagonal,
+so its figure is an effective rate: the same work per second as PyTorch's, not the FLOPs it ran.
 
 The machine's 1-minute load average is checked before timing; above ``--max-load`` the benchmark waits
 (polling every 30 s, at most ``--max-wait`` s) and records the load it ran under either way.
