@@ -64,8 +64,8 @@ def _chunk_sums(draft_hidden: Array, target_hidden: Array, weights: Array, head_
     def token_sum(hidden: Array) -> tuple[Array, Array]:
         terms = position_terms(lm_head_logits(hidden, head_weight), lm_head_logits(target_hidden, head_weight),
                                weights, token_loss)
-        # `where`, not just the zero weight: a non-finite value at an untrained position must reach
-        # neither the sums nor the gradient.
+        # `where`, not just the zero weight: a non-finite term at an untrained position must not
+        # reach the sums.
         sums = jnp.stack([jnp.sum(jnp.where(weights != 0, value * weights, 0.0)) for value in terms])
         return sums[0], sums
 
@@ -108,12 +108,13 @@ def _head_sums(draft_hidden: Array, target_hidden: Array, head_weight: Array, ma
     return _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=False)[0]
 
 
-def _head_sums_fwd(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk):
-    sums, grad = _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=True)
-    return sums, grad
+def _head_sums_fwd(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
+                   chunk: int) -> tuple[Array, Array]:
+    """The sums and, as the residual, d token / d draft_hidden [R, L, D] from the same pass."""
+    return _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=True)
 
 
-def _head_sums_bwd(token_loss, chunk, grad, cotangent):
+def _head_sums_bwd(token_loss: str, chunk: int, grad: Array, cotangent: Array) -> tuple[Array, None, None, None]:
     # Only the token sum (index 0) depends differentiably on the draft; the metrics are constants.
     return (cotangent[0] * grad).astype(grad.dtype), None, None, None
 
