@@ -282,6 +282,18 @@ def test_gguf_tokenizer_builds_without_torch(tiny_gguf):
     assert done.stdout.strip() == str(reference("the cat")["input_ids"])
 
 
+def test_gguf_tokenizer_does_not_import_torch(tiny_gguf):
+    """Building and reloading a GGUF tokenizer leaves torch unimported even where it is installed
+    (importing it costs seconds of every `flatspec` command's start)."""
+    code = ("import sys\n"
+            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
+            f"load_tokenizer({str(tiny_gguf)!r}); load_tokenizer({str(tiny_gguf)!r})\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_cache_key_follows_the_file(tiny_gguf):
     before = gguf_cache_dir(tiny_gguf)
     stat = tiny_gguf.stat()

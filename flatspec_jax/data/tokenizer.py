@@ -30,7 +30,7 @@ from pathlib import Path
 
 import gguf
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flatspec_jax import assets
 from flatspec_jax.runtime import cache_root
@@ -53,6 +53,10 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
     """
     path = Path(model_path).expanduser()
     if path.is_dir():
+        # Imported here: AutoTokenizer pulls in transformers' model configs, and with them torch
+        # where it is installed (~2 s), which a GGUF target never needs.
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
@@ -132,7 +136,7 @@ def _load_entry(entry: Path, source: Path) -> PreTrainedTokenizerBase | None:
         return None
     try:
         expected = json.loads((entry / _MARKER).read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(entry), local_files_only=True)
         found = _fingerprint(tokenizer)
         if any(expected.get(key) != value for key, value in found.items()):
             raise ValueError(f"entry holds {found}, its marker says {expected}")
