@@ -71,6 +71,7 @@ ARCH = ArchSpec(architecture="llama", vocab_size=97, hidden_size=32, intermediat
                 num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
 ROW = 64
 SEED = 0
+LOSS_CHUNK = 8  # several chunks per test row, so the step skips some
 TOL = 1e-5
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
 VOCAB_HASH = "test-vocab"
@@ -103,7 +104,7 @@ def stack(*batches: dict) -> dict:
 
 def train_config(*overrides: str):
     return load_config(None, ["train.warmup_steps=0", "train.schedule=constant", "train.learning_rate=0.001",
-                              f"train.row_length={ROW}", *overrides]).train
+                              f"train.row_length={ROW}", f"train.loss_chunk={LOSS_CHUNK}", *overrides]).train
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_packed_row_loss_equals_separate_rows(target):
     """No information crosses samples: the head's loss on the packed row equals its loss on the two samples
     each alone in a row (same trained positions, so the same masked mean)."""
     head = new_head()
-    settings = StepSettings("eagle", 1.0, 0.1, 0.0, SEED)
+    settings = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
     tokens = np.where(HAND_TOKENS > 0, HAND_TOKENS * 7 % ARCH.vocab_size, 0)
     packed = {"tokens": tokens, "positions": HAND_POSITIONS, "segment_ids": HAND_SEGMENTS,
               "loss_mask": HAND_LOSS_MASK}
@@ -294,8 +295,8 @@ def numpy_eagle_loss(head_params, target_params, features, noise, batch) -> dict
 # One compiled program for the single-step checks: loss, gradient accumulation
 # ----------------------------------------------------------------------------------------------
 
-NOISY = StepSettings("eagle", 1.0, 0.1, 0.2, SEED)
-QUIET = StepSettings("eagle", 1.0, 0.1, 0.0, SEED)
+NOISY = StepSettings("eagle", 1.0, 0.1, 0.2, SEED, LOSS_CHUNK)
+QUIET = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +427,8 @@ def mesh_runs(target, dataset, tmp_path_factory):
     assert len(jax.devices()) == 8, "tests/conftest.py should give 8 fake CPU devices"
     cfg = load_config(None, [f"train.steps={MESH_STEPS}", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 16}",
                              "train.grad_accum=2", "train.log_every=1", "train.save_every=100", "train.warmup_steps=1",
-                             "train.learning_rate=0.001", "data.heldout=0", f"seed={SEED}", "data.shuffle_seed=3"])
+                             "train.learning_rate=0.001", "data.heldout=0", f"seed={SEED}", "data.shuffle_seed=3",
+                             f"train.loss_chunk={LOSS_CHUNK}"])
     host_params = nnx.split(target)
     results = {}
     for name, (mesh_cfg, devices) in MESHES.items():

@@ -28,7 +28,9 @@ The total is
     loss = feature_weight * feature + token_weight * token,
 
 with EAGLE's reference recipe at feature_weight = 1.0, token_weight = 0.1, token term soft CE
-(SafeAILab/EAGLE, eagle/train/main.py).
+(SafeAILab/EAGLE, eagle/train/main.py). `draft_loss` defines it on logits; the train step
+computes the same from hidden states with :mod:`flatspec_jax.train.head_loss`, which never
+materialises them.
 
 Precision: logits and features are promoted to at least float32 before any arithmetic, so
 bfloat16 inputs get float32 softmaxes while float64 inputs (gradient checks under x64) stay

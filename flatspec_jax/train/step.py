@@ -55,7 +55,7 @@ class StepSettings:
     token_weight: float
     noise: float
     seed: int
-    loss_chunk: int = 64
+    loss_chunk: int
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, seed: int) -> "StepSettings":
