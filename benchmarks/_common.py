@@ -6,6 +6,7 @@ imports only.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -17,6 +18,16 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark_parser(doc: str, result_name: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--out`` (default ``benchmarks/results/<result_name>``) and
+    the quiet-machine gate's ``--max-load`` / ``--max-wait``; described by ``doc``'s first line."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / result_name))
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait while the load average is above this")
+    parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load, seconds")
+    return parser
 
 
 def load1() -> float:

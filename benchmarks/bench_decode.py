@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, load1, wait_for_quiet, write_results  # noqa: E402
+from _common import REPO, benchmark_parser, load1, wait_for_quiet, write_results  # noqa: E402
 
 
 DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,top_k=4,total_tokens=16",
@@ -61,7 +61,7 @@ def _plot(results: dict[str, dict], out: Path, title: str) -> None:
 
 
 def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, "decode.json")
     parser.add_argument("--run-dir", required=True, help="run directory with a trained draft in checkpoints/")
     parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
     parser.add_argument("--limit", type=int, default=20, help="MT-bench questions (first turns)")
@@ -70,9 +70,6 @@ def _parse() -> argparse.Namespace:
                         help="NAME:key=value,... speculative decoder over the config's decode settings "
                              f"(default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode.json"))
-    parser.add_argument("--max-load", type=float, default=1.5)
-    parser.add_argument("--max-wait", type=float, default=600)
     return parser.parse_args()
 
 

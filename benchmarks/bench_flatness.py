@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    REPO, child_env, load1, print_table, run_measured, self_rss_mib, wait_for_quiet, write_results)
+    benchmark_parser, child_env, load1, print_table, run_measured, self_rss_mib, wait_for_quiet, write_results)
 
 GOALS = {"tokens_per_s_ratio": 1.5, "wall_time_ratio": 1.5, "flatness_overhead_pct": 5.0}
 
@@ -417,14 +417,11 @@ def report(results: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flatness.json"))
+    parser = benchmark_parser(__doc__, "flatness.json")
     parser.add_argument("--limit", type=int, default=32, help="ShareGPT conversations (data.limit)")
     parser.add_argument("--max-length", type=int, default=512, help="data.max_length")
     parser.add_argument("--batch", type=int, default=4, help="transformers batch size")
     parser.add_argument("--passes", type=int, default=2, help="timed steady-state passes after the first")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait while the load average is above this")
-    parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, run dirs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)

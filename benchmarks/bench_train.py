@@ -35,7 +35,6 @@ The machine's 1-minute load average is checked before timing; above ``--max-load
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, load1, print_table, self_rss_mib, wait_for_quiet, write_results
+from _common import benchmark_parser, load1, print_table, self_rss_mib, wait_for_quiet, write_results
 
 GOAL_RATIO = 1.2
 LOSS_AGREEMENT_RTOL = 1e-4
@@ -81,7 +80,7 @@ def real_batch(rows: int, row_length: int, limit: int, work: Path) -> tuple[dict
 class Ours:
     """flatspec_jax's compiled train step (and eval step) on one CPU device, set up as ``train_draft`` does."""
 
-    def __init__(self, batch: dict, rows: int, row_length: int, loss_chunk: int):
+    def __init__(self, batch: dict, rows: int, row_length: int, loss_chunk: int | None):
         import jax
         import jax.numpy as jnp
         import ml_dtypes
@@ -101,8 +100,8 @@ class Ours:
 
         runtime.enable_compilation_cache()
         self.jax = jax
-        cfg = load_config(None, [f"train.row_length={row_length}", f"train.batch_tokens={rows * row_length}",
-                                 f"train.loss_chunk={loss_chunk}"])
+        chunk = [] if loss_chunk is None else [f"train.loss_chunk={loss_chunk}"]
+        cfg = load_config(None, [f"train.row_length={row_length}", f"train.batch_tokens={rows * row_length}", *chunk])
         mesh, rules = make_mesh(MeshConfig(data=1), jax.devices()[:1]), ShardingRules()
         start = time.perf_counter()
         target = load_target_model(str(assets.smollm2_gguf()), mesh, rules)
@@ -309,16 +308,13 @@ def report(res: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train.json"))
+    parser = benchmark_parser(__doc__, "train.json")
     parser.add_argument("--rows", type=int, default=4, help="packed rows per step")
     parser.add_argument("--row-length", type=int, default=512, help="tokens per row (also data.max_length)")
     parser.add_argument("--limit", type=int, default=48, help="ShareGPT conversations to pack rows from")
-    parser.add_argument("--loss-chunk", type=int, default=64, help="train.loss_chunk of our step")
+    parser.add_argument("--loss-chunk", type=int, help="train.loss_chunk of our step (default: the config's)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side and variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after ours has compiled")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait while the load average is above this")
-    parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load, seconds")
     args = parser.parse_args()
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[name] = "1"

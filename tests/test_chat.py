@@ -270,28 +270,31 @@ def test_broken_cache_entry_is_rebuilt(tiny_gguf, caplog, damage):
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
 
 
-def test_gguf_tokenizer_builds_without_torch(tiny_gguf):
-    """torch is test-only: `flatspec` on a demo install must build a GGUF tokenizer without it."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
-            f"tok = load_tokenizer({str(tiny_gguf)!r})\n"
-            "print(tok('the cat')['input_ids'])")
+def python_output(code: str) -> str:
+    """What a fresh Python process running ``code`` prints (stripped); it must exit 0."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_gguf_tokenizer_builds_without_torch(tiny_gguf):
+    """torch is test-only: `flatspec` on a demo install must build a GGUF tokenizer without it."""
+    printed = python_output("import sys; sys.modules['torch'] = None\n"
+                            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
+                            f"tok = load_tokenizer({str(tiny_gguf)!r})\n"
+                            "print(tok('the cat')['input_ids'])")
     reference = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
-    assert done.stdout.strip() == str(reference("the cat")["input_ids"])
+    assert printed == str(reference("the cat")["input_ids"])
 
 
 def test_gguf_tokenizer_does_not_import_torch(tiny_gguf):
     """Building and reloading a GGUF tokenizer leaves torch unimported even where it is installed
     (importing it costs seconds of every `flatspec` command's start)."""
-    code = ("import sys\n"
-            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
-            f"load_tokenizer({str(tiny_gguf)!r}); load_tokenizer({str(tiny_gguf)!r})\n"
-            "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "False"
+    printed = python_output("import sys\n"
+                            "from flatspec_jax.data.tokenizer import load_tokenizer\n"
+                            f"load_tokenizer({str(tiny_gguf)!r}); load_tokenizer({str(tiny_gguf)!r})\n"
+                            "print('torch' in sys.modules)")
+    assert printed == "False"
 
 
 def test_cache_key_follows_the_file(tiny_gguf):
