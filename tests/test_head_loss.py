@@ -87,6 +87,30 @@ def test_without_differentiation_returns_the_same_values():
         assert_close(getattr(terms, field), getattr(terms_grad, field))
 
 
+@pytest.mark.parametrize("name", ["eagle", "lk"])
+def test_agreement_flag_keeps_loss_and_gradient_and_only_drops_the_metrics(name):
+    """One compilation (the flag is traced) serves both; without it the metrics are NaN."""
+    pred, target, weight, mask = arrays(seed=5)
+    traces = []
+
+    def fn(p, agreement):
+        traces.append(None)
+        return draft_loss_through_head(p, target, weight, mask, token_loss=name, feature_weight=1.0,
+                                       token_weight=0.3, chunk=8, agreement=agreement)
+
+    step = jax.jit(jax.value_and_grad(fn, has_aux=True))
+    (loss_on, terms_on), grad_on = step(pred, True)
+    (loss_off, terms_off), grad_off = step(pred, False)
+    assert len(traces) == 1
+    assert float(loss_off) == float(loss_on)
+    assert float(terms_off.feature) == float(terms_on.feature) and float(terms_off.token) == float(terms_on.token)
+    np.testing.assert_array_equal(np.asarray(grad_off), np.asarray(grad_on))
+    assert all(np.isnan(float(getattr(terms_off, f))) for f in ("acceptance", "top1", "top3"))
+    reference = both(name, pred, target, weight, mask, chunk=8)[0][1]
+    for field in ("acceptance", "top1", "top3"):
+        assert_close(getattr(terms_on, field), getattr(reference, field))
+
+
 def test_no_gradient_reaches_the_head_or_the_target_features():
     pred, target, weight, mask = arrays(seed=3)
 

@@ -303,6 +303,7 @@ QUIET = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
 def step_lab(target, dataset):
     """Runs, in one jitted program, train steps with SGD(lr=1) (so params - new params = the step's gradient):
       accum: a step over 2 micro-batches of 2 rows (noise on);
+      accum_unlogged: the same step without the agreement metrics;
       micro: loss, trained count and gradient of each of those micro-batches alone, with the step's noise keys;
       eq_accum / eq_single: 2 micro-batches of 2 rows vs 1 batch of the same 4 rows, with equal trained counts
         per micro-batch, noise off.
@@ -322,6 +323,7 @@ def step_lab(target, dataset):
     def lab(state, target_params, inputs):
         step = functools.partial(_train_step, head_graphdef, target_graphdef, tx)
         out = {"accum": step(NOISY, state, target_params, inputs["accum"]),
+               "accum_unlogged": step(NOISY, state, target_params, inputs["accum"], False),
                "eq_accum": step(QUIET, state, target_params, inputs["eq_accum"]),
                "eq_single": step(QUIET, state, target_params, inputs["eq_single"])}
         model = nnx.merge(target_graphdef, target_params)
@@ -395,6 +397,18 @@ def test_accumulated_gradient_is_mean_of_micro_batch_gradients(step_lab):
     # The clipped global norm the step reports is that of the averaged gradient.
     norm = math.sqrt(sum(float((v ** 2).sum()) for v in accumulated.values()))
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+
+
+def test_unlogged_step_updates_the_same_and_leaves_agreement_metrics_nan(step_lab):
+    """The loop skips acceptance/top-1/top-3 on steps it does not log; nothing else may change."""
+    logged, unlogged = step_lab["out"]["accum"], step_lab["out"]["accum_unlogged"]
+    new_logged, new_unlogged = numpy_tree(logged[0].params), numpy_tree(unlogged[0].params)
+    for k in new_logged:
+        np.testing.assert_allclose(new_unlogged[k], new_logged[k], rtol=0, atol=1e-7, err_msg=k)
+    for name in ("loss", "loss_feature", "loss_token", "grad_norm"):
+        np.testing.assert_allclose(float(unlogged[1][name]), float(logged[1][name]), rtol=1e-6, err_msg=name)
+    for name in ("acceptance", "top1", "top3"):
+        assert np.isfinite(float(logged[1][name])) and np.isnan(float(unlogged[1][name])), name
 
 
 def test_equal_counts_micro_batches_equal_one_big_batch(step_lab):

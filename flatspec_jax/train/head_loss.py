@@ -12,7 +12,8 @@ loss, terms and gradient w.r.t. the draft's hidden states without either:
    positions. A chunk that no row trains is skipped (`lax.cond`), so prompt and padding
    positions cost no LM-head work beyond the last, partly trained chunk.
 2. One pass per chunk computes both logits [R, chunk, V], the per-position terms
-   (`losses.position_terms`, the code `draft_loss` uses) and, because the LM head is frozen,
+   (`losses.token_term` and `losses.agreement_terms`, the code `draft_loss` uses; the
+   agreement metrics only when asked for) and, because the LM head is frozen,
    the only gradient the loss has: d token / d hidden = (d token / d logits) @ W. A custom VJP
    returns that stored [R, L, D] gradient, so the backward pass does no vocabulary-wide work.
    Without differentiation (evaluation) the gradient is not computed.
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from flatspec_jax.models.llama import lm_head_logits
-from flatspec_jax.train.losses import MASK_EPS, LossTerms, check_token_loss, masked_mean, position_terms, smooth_l1
+from flatspec_jax.train.losses import (MASK_EPS, LossTerms, agreement_terms, check_token_loss, masked_mean, smooth_l1,
+                                      token_term)
 
 Array = jax.Array
 NUM_SUMS = 4
@@ -55,28 +57,38 @@ def _from_chunks(x: Array, order: Array) -> Array:
     return jnp.zeros_like(x).at[jnp.arange(rows)[:, None], order].set(x)
 
 
-def _chunk_sums(draft_hidden: Array, target_hidden: Array, weights: Array, head_weight: Array, token_loss: str,
-                with_grad: bool) -> tuple[Array, Array]:
+def _weighted_sum(values: Array, weights: Array) -> Array:
+    # `where`, not just the zero weight: a non-finite term at an untrained position must not
+    # reach the sums.
+    return jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+
+
+def _chunk_sums(draft_hidden: Array, target_hidden: Array, weights: Array, head_weight: Array, agreement: Array,
+                token_loss: str, with_grad: bool) -> tuple[Array, Array]:
     """Weighted sums [4] of one chunk's per-position terms and d sums[0] / d draft_hidden (0 without ``with_grad``).
 
-    ``draft_hidden`` and ``target_hidden`` are [R, c, D], ``weights`` [R, c].
+    ``draft_hidden`` and ``target_hidden`` are [R, c, D], ``weights`` [R, c]. The agreement
+    sums (acceptance, top-1, top-3) are computed only if ``agreement`` ([] bool) is set (else 0).
     """
+    target_logits = lm_head_logits(target_hidden, head_weight)
+
     def token_sum(hidden: Array) -> tuple[Array, Array]:
-        terms = position_terms(lm_head_logits(hidden, head_weight), lm_head_logits(target_hidden, head_weight),
-                               weights, token_loss)
-        # `where`, not just the zero weight: a non-finite term at an untrained position must not
-        # reach the sums.
-        sums = jnp.stack([jnp.sum(jnp.where(weights != 0, value * weights, 0.0)) for value in terms])
-        return sums[0], sums
+        draft_logits = lm_head_logits(hidden, head_weight)
+        return _weighted_sum(token_term(draft_logits, target_logits, weights, token_loss), weights), draft_logits
 
-    if not with_grad:
-        return token_sum(draft_hidden)[1], jnp.zeros((), draft_hidden.dtype)
-    (_, sums), grad = jax.value_and_grad(token_sum, has_aux=True)(draft_hidden)
-    return sums, grad
+    if with_grad:
+        (token, draft_logits), grad = jax.value_and_grad(token_sum, has_aux=True)(draft_hidden)
+    else:
+        (token, draft_logits), grad = token_sum(draft_hidden), jnp.zeros((), draft_hidden.dtype)
+    agreement_sums = jax.lax.cond(
+        agreement,
+        lambda: jnp.stack([_weighted_sum(values, weights) for values in agreement_terms(draft_logits, target_logits)]),
+        lambda: jnp.zeros((NUM_SUMS - 1,), jnp.float32))
+    return jnp.concatenate([token[None], agreement_sums]), grad
 
 
-def _chunked(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
-             chunk: int, with_grad: bool) -> tuple[Array, Array | None]:
+def _chunked(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, agreement: Array,
+             token_loss: str, chunk: int, with_grad: bool) -> tuple[Array, Array | None]:
     """Masked means [4] (token, acceptance, top1, top3) and, if ``with_grad``, d token / d draft_hidden [R, L, D]."""
     trained = mask != 0
     weights = jnp.where(trained, mask.astype(jnp.float32), 0.0) / (jnp.sum(mask.astype(jnp.float32)) + MASK_EPS)
@@ -87,7 +99,7 @@ def _chunked(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask
           _to_chunks(weights, order, chunk), needed)
 
     def compute(hidden: Array, target: Array, chunk_weights: Array) -> tuple[Array, Array]:
-        return _chunk_sums(hidden, target, chunk_weights, head_weight, token_loss, with_grad)
+        return _chunk_sums(hidden, target, chunk_weights, head_weight, agreement, token_loss, with_grad)
 
     def skip(hidden: Array, target: Array, chunk_weights: Array) -> tuple[Array, Array]:
         return jnp.zeros((NUM_SUMS,), jnp.float32), (jnp.zeros_like(hidden) if with_grad else
@@ -102,21 +114,22 @@ def _chunked(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask
     return sums, (_from_chunks(grads, order) if with_grad else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_sums(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
-               chunk: int) -> Array:
-    return _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _head_sums(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, agreement: Array,
+               token_loss: str, chunk: int) -> Array:
+    return _chunked(draft_hidden, target_hidden, head_weight, mask, agreement, token_loss, chunk, with_grad=False)[0]
 
 
-def _head_sums_fwd(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, token_loss: str,
-                   chunk: int) -> tuple[Array, Array]:
+def _head_sums_fwd(draft_hidden: Array, target_hidden: Array, head_weight: Array, mask: Array, agreement: Array,
+                   token_loss: str, chunk: int) -> tuple[Array, Array]:
     """The sums and, as the residual, d token / d draft_hidden [R, L, D] from the same pass."""
-    return _chunked(draft_hidden, target_hidden, head_weight, mask, token_loss, chunk, with_grad=True)
+    return _chunked(draft_hidden, target_hidden, head_weight, mask, agreement, token_loss, chunk, with_grad=True)
 
 
-def _head_sums_bwd(token_loss: str, chunk: int, grad: Array, cotangent: Array) -> tuple[Array, None, None, None]:
+def _head_sums_bwd(token_loss: str, chunk: int, grad: Array, cotangent: Array
+                   ) -> tuple[Array, None, None, None, None]:
     # Only the token sum (index 0) depends differentiably on the draft; the metrics are constants.
-    return (cotangent[0] * grad).astype(grad.dtype), None, None, None
+    return (cotangent[0] * grad).astype(grad.dtype), None, None, None, None
 
 
 _head_sums.defvjp(_head_sums_fwd, _head_sums_bwd)
@@ -132,6 +145,7 @@ def draft_loss_through_head(
     feature_weight: float,
     token_weight: float,
     chunk: int,
+    agreement: bool | Array = True,
 ) -> tuple[Array, LossTerms]:
     """`losses.draft_loss` with both logits computed from hidden states by the frozen LM head, chunk by chunk.
 
@@ -143,6 +157,9 @@ def draft_loss_through_head(
       token_loss: a key of `losses.TOKEN_LOSSES`.
       feature_weight, token_weight: the two weights.
       chunk: positions per chunk (> 0); the row length need not be a multiple.
+      agreement: compute the metrics acceptance, top1 and top3 ([] bool, may be traced: one
+        compiled step serves logged and unlogged steps); NaN without. They are about a fifth
+        of the vocabulary-wide work, spent only where someone reads them.
 
     Returns:
       (loss [], LossTerms), equal to `draft_loss` on the materialised logits up to summation order.
@@ -155,7 +172,9 @@ def draft_loss_through_head(
         raise ValueError(f"chunk must be > 0, got {chunk}")
     target_features = jax.lax.stop_gradient(target_features)
     feature = masked_mean(smooth_l1(pred_features, target_features), mask)
-    token, acceptance, top1, top3 = _head_sums(pred_features, target_features, jax.lax.stop_gradient(head_weight),
-                                               mask, token_loss, chunk)
+    agreement = jnp.asarray(agreement, bool)
+    token, *metrics = _head_sums(pred_features, target_features, jax.lax.stop_gradient(head_weight), mask, agreement,
+                                 token_loss, chunk)
+    acceptance, top1, top3 = (jnp.where(agreement, value, jnp.nan) for value in metrics)
     loss = feature_weight * feature + token_weight * token
     return loss, LossTerms(feature=feature, token=token, acceptance=acceptance, top1=top1, top3=top3)

@@ -131,7 +131,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     for step in range(start + 1, tcfg.steps + 1):
         local = _next_micro_batches(iterator, tcfg.grad_accum)
         window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
-        state, metrics = train_step(state, target_params, _global_batch(local, rows_sharding))
+        logged = step % tcfg.log_every == 0 or step == tcfg.steps
+        state, metrics = train_step(state, target_params, _global_batch(local, rows_sharding), logged)
         progress.update(1)
         eval_metrics = None
         if heldout and (step % tcfg.eval_every == 0 or step == tcfg.steps):
@@ -141,7 +142,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
             heldout_metrics = eval_metrics
             metrics_log.write({"step": step, **eval_metrics})
             window_start += time.perf_counter() - paused
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
+        if logged:
             final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
             elapsed = time.perf_counter() - window_start
             record = {"step": step, **final, "lr": float(schedule(step - 1)),

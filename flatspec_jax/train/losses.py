@@ -372,29 +372,33 @@ def check_token_loss(token_loss: str) -> None:
         raise ValueError(f"unknown token loss {token_loss!r}; valid names: {', '.join(_TOKEN_TERMS)}")
 
 
-def position_terms(draft_logits: Array, target_logits: Array, mask: Array, token_loss: str
-                   ) -> tuple[Array, Array, Array, Array]:
-    """Per-position (token term, acceptance, top-1 hit, top-3 hit), each [..., T], before the masked mean.
+def token_term(draft_logits: Array, target_logits: Array, mask: Array, token_loss: str) -> Array:
+    """Per-position token term [..., T] of ``token_loss`` before the masked mean.
 
-    Only the token term carries gradient (w.r.t. ``draft_logits``); the target logits must
-    already be constant. Shared by `draft_loss` and the chunked loss of
-    :mod:`flatspec_jax.train.head_loss`, so both compute the same numbers.
+    Only it carries gradient (w.r.t. ``draft_logits``); the target logits must already be
+    constant. Shared by `draft_loss` and the chunked loss of :mod:`flatspec_jax.train.head_loss`,
+    so both compute the same numbers.
     """
-    log_p = _log_probs(target_logits)
-    log_q = _log_probs(draft_logits)
-    token = _TOKEN_TERMS[token_loss](log_p, log_q, mask)
-    acceptance = jax.lax.stop_gradient(_acceptance(log_p, log_q))
-    # Agreement metrics on the raw logits: argmax is invariant to the softmax shift, and the
-    # raw values avoid ties that rounding in z - logsumexp(z) could create. The target's
-    # argmax's rank among the draft logits (ties ordered by token id, as top_k orders them)
-    # takes one fused pass over the vocabulary; a top_k over V is several times slower on CPU.
-    target_top = jnp.argmax(target_logits, axis=-1)
+    return _TOKEN_TERMS[token_loss](_log_probs(target_logits), _log_probs(draft_logits), mask)
+
+
+def agreement_terms(draft_logits: Array, target_logits: Array) -> tuple[Array, Array, Array]:
+    """Per-position (acceptance, top-1 hit, top-3 hit), each [..., T] float32 metrics without gradient.
+
+    Top-1/top-3 compare on the raw logits: argmax is invariant to the softmax shift, and the raw
+    values avoid ties that rounding in z - logsumexp(z) could create. The target's argmax's rank
+    among the draft logits (ties ordered by token id, as top_k orders them) takes one fused pass
+    over the vocabulary; a top_k over V is several times slower on CPU.
+    """
     draft = jax.lax.stop_gradient(draft_logits)
+    target = jax.lax.stop_gradient(target_logits)
+    acceptance = _acceptance(_log_probs(target), _log_probs(draft))
+    target_top = jnp.argmax(target, axis=-1)
     picked = jnp.take_along_axis(draft, target_top[..., None], axis=-1)
     ids = jnp.arange(draft.shape[-1])
     ahead = (draft > picked) | ((draft == picked) & (ids < target_top[..., None]))
     rank = jnp.sum(ahead, axis=-1)
-    return token, acceptance, (rank == 0).astype(jnp.float32), (rank < 3).astype(jnp.float32)
+    return acceptance, (rank == 0).astype(jnp.float32), (rank < 3).astype(jnp.float32)
 
 
 def draft_loss(
@@ -428,7 +432,9 @@ def draft_loss(
       ValueError: unknown token_loss.
     """
     check_token_loss(token_loss)
-    per_position = position_terms(draft_logits, jax.lax.stop_gradient(target_logits), mask, token_loss)
+    target_logits = jax.lax.stop_gradient(target_logits)
+    per_position = (token_term(draft_logits, target_logits, mask, token_loss),
+                    *agreement_terms(draft_logits, target_logits))
     feature = masked_mean(smooth_l1(pred_features, jax.lax.stop_gradient(target_features)), mask)
     token, acceptance, top1, top3 = (masked_mean(values, mask) for values in per_position)
     loss = feature_weight * feature + token_weight * token

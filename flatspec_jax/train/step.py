@@ -87,10 +87,11 @@ def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplit
 
 
 def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], key: Array | None,
-                       settings: StepSettings) -> tuple[Array, tuple[Any, Array]]:
+                       settings: StepSettings, agreement: bool | Array = True) -> tuple[Array, tuple[Any, Array]]:
     """Loss of the head on packed rows ([R, L] arrays; ``features`` [R, L, D] when cached offline).
 
-    ``key`` None means no input noise (evaluation).
+    ``key`` None means no input noise (evaluation). ``agreement`` ([] bool) computes the
+    acceptance, top1 and top3 terms (NaN without; see `draft_loss_through_head`).
 
     Returns:
       (loss, (LossTerms, number of trained positions)).
@@ -112,7 +113,8 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
     with jax.named_scope("loss"):
         loss, terms = draft_loss_through_head(predicted, next_features, target.lm_head_weight(), trained,
                                               token_loss=settings.token_loss, feature_weight=settings.feature_weight,
-                                              token_weight=settings.token_weight, chunk=settings.loss_chunk)
+                                              token_weight=settings.token_weight, chunk=settings.loss_chunk,
+                                              agreement=agreement)
     return loss, (terms, trained.sum())
 
 
@@ -124,14 +126,18 @@ def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
 
 def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 settings: StepSettings, state: TrainState, target_params: nnx.State,
-                batches: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step over A micro-batches ([A, R, L] arrays): gradients are averaged."""
+                batches: dict[str, Array], agreement: bool | Array = True) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step over A micro-batches ([A, R, L] arrays): gradients are averaged.
+
+    ``agreement`` ([] bool, traced) asks for the acceptance/top1/top3 metrics, which are NaN
+    without it; the loop sets it only on the steps it logs.
+    """
     target = nnx.merge(target_graphdef, target_params)
     base_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
 
     def micro_loss(params: nnx.State, batch: dict[str, Array], key: Array):
         head = nnx.merge(head_graphdef, params)
-        return draft_loss_on_rows(head, target, batch, key, settings)
+        return draft_loss_on_rows(head, target, batch, key, settings, agreement)
 
     def accumulate(carry, inputs):
         grads_sum, metrics_sum = carry
@@ -171,10 +177,11 @@ def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
 def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                   settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
                   rules: ShardingRules):
-    """The jitted train step (state donated, explicit shardings) and eval step."""
+    """The jitted train step ``(state, target_params, batches, agreement)`` (state donated, explicit
+    shardings) and eval step ``(params, target_params, batch)``."""
     replicated = NamedSharding(mesh, PartitionSpec())
     train = jax.jit(functools.partial(_train_step, head_graphdef, target_graphdef, tx, settings),
-                    in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1)),
+                    in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1), replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings),
                        in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 0)),
