@@ -172,32 +172,38 @@ class Attention(nnx.Module):
             cache = (k_all, v_all)
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         n_heads, head_dim = q.shape[2], q.shape[3]
-        q = q.reshape(b, t, self.num_kv_heads, n_heads // self.num_kv_heads, head_dim)
+        groups = n_heads // self.num_kv_heads
+        # Heads-major layouts ([B, K, T, G, H] queries, [B, K, S, H] keys) make every attention
+        # product a plain batched matmul over (B, K), with no transposes per query block.
+        q = q.reshape(b, t, self.num_kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is None:
             # Cache-free masks are causal in index order (query t sees keys s <= t; packed, plain
             # and draft-tree masks all are), so a block of queries needs only the keys up to its
             # own end: about half the score work, and block-sized score arrays.
-            out = jnp.concatenate([_attend(q[:, start:start + ATTENTION_BLOCK], k[:, :start + ATTENTION_BLOCK],
-                                           v[:, :start + ATTENTION_BLOCK],
+            out = jnp.concatenate([_attend(q[:, :, start:start + ATTENTION_BLOCK], k[:, :, :start + ATTENTION_BLOCK],
+                                           v[:, :, :start + ATTENTION_BLOCK],
                                            mask[:, start:start + ATTENTION_BLOCK, :start + ATTENTION_BLOCK])
-                                   for start in range(0, t, ATTENTION_BLOCK)], axis=1)
+                                   for start in range(0, t, ATTENTION_BLOCK)], axis=2)
         else:
             out = _attend(q, k, v, mask)
-        out = out.reshape(b, t, n_heads, head_dim)
-        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype)), cache
+        o_proj = self.o_proj[...].astype(self.dtype).reshape(self.num_kv_heads, groups, head_dim, -1)
+        return jnp.einsum("bktgh,kghd->btd", out, o_proj), cache
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention of grouped queries [B, T, K, G, H] over keys/values [B, S, K, H] with a [B, T, S] mask.
+    """Softmax attention of grouped queries [B, K, T, G, H] over keys/values [B, K, S, H] with a [B, T, S] mask.
 
-    Returns [B, T, K, G, H] in the dtype of ``v``; scores and softmax are float32.
+    Returns [B, K, T, G, H] in the dtype of ``v``; scores and softmax are float32.
     """
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
+    b, kv_heads, t, groups, head_dim = q.shape
+    scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv_heads, t * groups, head_dim), k,
+                        preferred_element_type=jnp.float32).reshape(b, kv_heads, t, groups, -1)
+    scores = scores * (head_dim ** -0.5)
     # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, t * groups, -1)
+    return jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(b, kv_heads, t, groups, head_dim)
 
 
 class MLP(nnx.Module):
