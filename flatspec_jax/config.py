@@ -162,7 +162,8 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Draft compute dtype; master parameters stay float32."""
     log_every: int = 10
-    """Steps between metrics.jsonl records (the only host syncs of the loop)."""
+    """Steps between metrics.jsonl records (the only host syncs of the loop); only these steps
+    compute the training agreement metrics (acceptance, top-1, top-3)."""
     eval_every: int = 50
     """Steps between held-out evaluations (top-1/top-3 agreement, losses)."""
     save_every: int = 50
