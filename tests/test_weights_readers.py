@@ -301,7 +301,7 @@ def test_gguf_cache_is_built_then_hit(tiny_gguf, tmp_path, monkeypatch):
     def no_parsing(*args, **kwargs):
         raise AssertionError("a cache hit must not parse the GGUF file")
 
-    monkeypatch.setattr("flatspec_jax.weights.gguf_reader.GGUFReader", no_parsing)
+    monkeypatch.setattr("flatspec_jax.weights.gguf_reader.GGUFFile", no_parsing)
     monkeypatch.setenv("FLATSPEC_CACHE_DIR", str(tmp_path))  # the root of all caches: weights go in gguf/
     with open_checkpoint(path) as cached:
         assert cached.arch == arch

@@ -2,11 +2,12 @@
 
 A GGUF file's tokenizer is built by transformers' own GGUF converter
 (``transformers.integrations.gguf.gguf_tokenizer_mapping``), fed the file's ``tokenizer.*``
-metadata as read by the ``gguf`` package: transformers' ``AutoTokenizer(gguf_file=...)`` route
-reads that metadata with a reader that imports torch, which is a test-only dependency here.
+metadata as read by :class:`~flatspec_jax.weights.gguf_file.GGUFFile`: transformers'
+``AutoTokenizer(gguf_file=...)`` route reads that metadata with a reader that imports torch,
+which is a test-only dependency here.
 ``tests/test_chat.py`` checks the result against that route token for token. Building it
-parses the whole vocabulary (seconds for SmolLM2's 49k tokens), which would dominate the wall
-time of short runs. The converted tokenizer is therefore saved with ``save_pretrained`` under
+converts the whole vocabulary and merge list (~1 s for SmolLM2's 49k tokens), a large part
+of the wall time of short runs. The converted tokenizer is therefore saved with ``save_pretrained`` under
 ``<cache root>/tokenizers/<key>/`` (cache root: ``$FLATSPEC_CACHE_DIR`` or
 ``~/.cache/flatspec_jax``) and reloaded from there in ~0.3 s. The key is cheap to compute
 and changes whenever the file or the converter could: the file's stem, size and mtime, a
@@ -28,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 import transformers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flatspec_jax import assets
 from flatspec_jax.runtime import cache_root
+from flatspec_jax.weights.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
                                                                        convert_gguf_tokenizer)
 
-    reader = gguf.GGUFReader(str(path))
-    metadata = {key: field.contents() for key, field in reader.fields.items()
+    metadata = {key: value for key, value in GGUFFile(path).fields.items()
                 if key.startswith("tokenizer.") or key == "general.architecture"}
     if "general.architecture" not in metadata or "tokenizer.ggml.tokens" not in metadata:
         raise ValueError(f"{path}: GGUF metadata has no general.architecture or tokenizer.ggml.tokens")
