@@ -129,7 +129,8 @@ def test_malformed_headers_are_named(tmp_path, content, words):
 
 def test_hand_encoded_header_values(tmp_path):
     path = tmp_path / "hand.gguf"
-    nested = struct.pack("<IQ", ARRAY, 2) + struct.pack("<IQ", UINT8, 2) + b"\1\2" + struct.pack("<IQ", UINT8, 1) + b"\3"
+    nested = (struct.pack("<IQ", ARRAY, 2) + struct.pack("<IQ", UINT8, 2) + b"\1\2"
+              + struct.pack("<IQ", UINT8, 1) + b"\3")
     empty = struct.pack("<IQ", STRING, 0)
     path.write_bytes(header([("a", UINT32, struct.pack("<I", 7)), ("nested", ARRAY, nested), ("empty", ARRAY, empty)]))
     assert GGUFFile(path).fields == {"a": 7, "nested": [[1, 2], [3]], "empty": []}
