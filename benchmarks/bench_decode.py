@@ -8,7 +8,8 @@ no timing includes compilation:
   * baseline 1: our jitted autoregressive decoding (``decode.method=ar``);
   * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch, CPU);
   * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
-    (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``).
+    (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``; with
+    ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens).
 Prints tokens/s, tau (tokens emitted per target forward, the prefill's token excluded) and the
 speedups over both baselines, checks that every greedy output equals our autoregressive one,
 and writes JSON and a bar plot (PNG beside the JSON).
@@ -30,6 +31,9 @@ from _common import REPO, benchmark_parser, load1, wait_for_quiet, write_results
 
 DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,top_k=4,total_tokens=16",
                     "tree63:method=tree,depth=5,top_k=8,total_tokens=63")
+
+
+VARIANT_KEYS = ("method", "gamma", "depth", "top_k", "total_tokens", "draft_vocab")
 
 
 def _variant(spec: str) -> tuple[str, list[str]]:
@@ -103,7 +107,8 @@ def main() -> None:
     settings = {}
     for name, overrides in variants.items():
         settings[name] = load_config(args.config, base + overrides).decode
-        decoders[f"ours_{name}"] = Decoder(ctx.target, settings[name], eos, pad, head=head)
+        decoders[f"ours_{name}"] = Decoder(ctx.target, settings[name], eos, pad, head=head,
+                                           draft_ids=ctx.draft_ids(settings[name].draft_vocab))
     width = max(-(-len(p) // 64) * 64 for p in prompts)
     key = jax.random.key(0)
 
@@ -157,8 +162,7 @@ def main() -> None:
         "benchmark": "bench_decode", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
         "cpu_count": os.cpu_count(), "load": {**quiet, "load_at_end": load1()},
         "run_dir": str(args.run_dir), "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "variants": {name: {k: getattr(d, k) for k in ("method", "gamma", "depth", "top_k", "total_tokens")}
-                     for name, d in settings.items()},
+        "variants": {name: {k: getattr(d, k) for k in VARIANT_KEYS} for name, d in settings.items()},
         "results": results,
     }
     out = write_results(report, args.out)

@@ -241,6 +241,10 @@ class DecodeConfig:
     """Tree speculation: children expanded per level."""
     total_tokens: int = 63
     """Tree speculation: tokens verified per round, the root included (EAGLE's total_token)."""
+    draft_vocab: int = 0
+    """Draft proposals only from the N tokens most frequent in the run's samples (EOS always in;
+    FR-Spec); cuts the draft's LM-head work by V / N at some cost in acceptance. Output is
+    unchanged (lossless either way). 0 = the whole vocabulary."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
 
@@ -252,6 +256,8 @@ class DecodeConfig:
                  "gamma, depth and top_k must be >= 1")
         _require(2 <= self.total_tokens <= 1 + self.top_k + self.depth * self.top_k ** 2, "decode.total_tokens",
                  "must be between 2 and 1 + top_k + depth x top_k^2")
+        _require(self.draft_vocab == 0 or self.draft_vocab >= self.top_k, "decode.draft_vocab",
+                 "must be 0 (whole vocabulary) or at least decode.top_k")
 
 
 @dataclasses.dataclass(frozen=True)

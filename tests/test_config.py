@@ -41,3 +41,9 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path = write(tmp_path, "train: [unclosed\n")
     with pytest.raises(ConfigError, match=str(path)):
         load_config(path)
+
+
+def test_draft_vocabulary_smaller_than_top_k_is_refused():
+    assert load_config(None, ["decode.draft_vocab=8", "decode.top_k=8"]).decode.draft_vocab == 8
+    with pytest.raises(ConfigError, match=r"decode\.draft_vocab"):
+        load_config(None, ["decode.draft_vocab=4", "decode.top_k=8"])

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (float32), the first turns of 10 MT-bench questions decoded as one batch
 of 10 rows (so rows accept different lengths per round), chain and EAGLE-2 tree drafts, with an
-untrained head and with a head trained for a few steps on ShareGPT.
+untrained head and with a head trained for a few steps on ShareGPT (that one also drafting from
+the 4096 most frequent tokens of the samples only).
 """
 
 from __future__ import annotations
@@ -69,3 +70,17 @@ def test_greedy_speculative_equals_autoregressive(context, prompts, reference, h
     if head_name == "trained":
         histogram = result.accept_counts.sum(axis=0)
         assert histogram[1:].sum() > 0, f"the trained head never had a draft accepted: {histogram}"
+
+
+@pytest.mark.parametrize("method", ["chain", "tree"])
+def test_greedy_speculative_with_a_reduced_draft_vocabulary_equals_autoregressive(context, prompts, reference, heads,
+                                                                                  method):
+    cfg, ctx = context
+    draft_ids = ctx.draft_ids(4096)
+    assert len(draft_ids) == 4096 and set(ctx.eos_ids()) <= set(draft_ids.tolist())
+    decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"], method=method,
+                      draft_ids=draft_ids)
+    result = decoder.run(prompts, jax.random.key(0))
+    for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
+        np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} ({method}, 4096-token draft)")
+    assert result.accept_counts.sum(axis=0)[1:].sum() > 0

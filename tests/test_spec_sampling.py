@@ -75,14 +75,14 @@ def exact_first_tokens(graphdef, params, prompt, sampling):
     return probs[0, 0, 0][:, None, None] * probs[:, 0, 1][:, :, None] * probs[:, :, 2]
 
 
-def speculative_first_tokens(models, sampling, case):
+def speculative_first_tokens(models, sampling, case, draft_ids=None):
     (target_graphdef, target_params), (head_graphdef, head_params) = models
     settings = SpeculativeSettings(GenerationSettings(max_new_tokens=3, cache_length=16, eos_ids=(), sampling=sampling),
                                    **CASES[case])
     prompts = jnp.broadcast_to(jnp.asarray(PROMPT, jnp.int32), (SAMPLES, len(PROMPT)))
     lengths = jnp.full((SAMPLES,), len(PROMPT), jnp.int32)
     result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths,
-                                  jax.random.key(7), settings)
+                                  jax.random.key(7), settings, draft_ids)
     assert result.lengths.tolist() == [3] * SAMPLES
     return np.asarray(result.tokens), np.asarray(result.accept_counts)
 
@@ -122,6 +122,18 @@ def test_speculative_sampling_matches_the_target_distribution(models, case, samp
     tokens, accept_counts = speculative_first_tokens(models, sampling, case)
     # Rejections and acceptances both occur, at every depth.
     assert np.all(accept_counts.sum(axis=0) > SAMPLES // 20), accept_counts.sum(axis=0)
+    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    assert p_value > 0.01, p_value
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sampling_with_a_reduced_draft_vocabulary_matches_the_target_distribution(models, case):
+    """The draft proposes from 7 of the 13 tokens only (its q is zero on the rest)."""
+    (target_graphdef, target_params), _ = models
+    exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), TEMPERATURE_ONE)
+    draft_ids = jnp.asarray([0, 1, 3, 4, 6, 9, 12], jnp.int32)
+    tokens, accept_counts = speculative_first_tokens(models, TEMPERATURE_ONE, case, draft_ids)
+    assert accept_counts[:, 1:].sum() > SAMPLES // 20, accept_counts.sum(axis=0)
     p_value = chi_square_p_value(tokens, np.asarray(exact))
     assert p_value > 0.01, p_value
 

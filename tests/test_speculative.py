@@ -57,12 +57,12 @@ def prompts_of_lengths(lengths, seed):
     return jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32)
 
 
-def run_both(pair, settings, prompts, lengths):
+def run_both(pair, settings, prompts, lengths, draft_ids=None):
     (target_graphdef, target_params), (head_graphdef, head_params) = pair
     key = jax.random.key(0)
     reference = generate(target_graphdef, target_params, prompts, lengths, key, settings.generation)
     result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths, key,
-                                  settings)
+                                  settings, draft_ids)
     return reference, result
 
 
@@ -87,6 +87,20 @@ def test_greedy_matches_autoregressive(pairs, method, pair_name):
         assert float(jnp.mean(result.tau())) > 1.8
     else:
         assert int(jnp.sum(result.accept_counts[:, 1:])) > 0  # some drafts accepted
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_greedy_with_a_reduced_draft_vocabulary_matches_autoregressive(pairs, method):
+    """The draft proposes only 7 of the 13 tokens (EOS among them); the output is unchanged and
+    fewer drafts are accepted than with the whole vocabulary."""
+    settings = METHODS[method]
+    prompts, lengths = prompts_of_lengths(np.random.default_rng(1).integers(1, 13, BATCH), seed=2)
+    draft_ids = jnp.asarray([0, 2, 3, 5, 7, 8, EOS], jnp.int32)
+    reference, reduced = run_both(pairs["agreeing"], settings, prompts, lengths, draft_ids)
+    np.testing.assert_array_equal(reduced.tokens, reference.tokens)
+    np.testing.assert_array_equal(reduced.lengths, reference.lengths)
+    _, whole = run_both(pairs["agreeing"], settings, prompts, lengths)
+    assert 1.0 < float(jnp.mean(reduced.tau())) < float(jnp.mean(whole.tau()))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

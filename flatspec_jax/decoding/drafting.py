@@ -7,7 +7,8 @@ The head works on pairs: draft position t reads (target feature f_t, embedding o
 predicts f_{t+1}; the target's LM head on that prediction is the draft distribution of x_{t+2}.
 Draft cache slot t holds pair t. Committed pairs always use the target's true features; while
 drafting, the head feeds back its own predictions. Draft entries written past the committed
-pairs are scratch: the next catch-up overwrites them.
+pairs are scratch: the next catch-up overwrites them. With a :class:`DraftVocab` the draft
+ranks and proposes only that vocabulary's N tokens (V otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flatspec_jax.decoding.draft_vocab import DraftVocab, draft_logits, full_vocab_probs, token_ids, vocab_size
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
 from flatspec_jax.decoding.tree import DraftTree, build_tree
 from flatspec_jax.models.eagle import EagleHead
@@ -47,7 +49,8 @@ def catch_up(head: EagleHead, target: Llama, cache: KVCache, features: Array, ne
 
 
 def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, committed: Array, key: Array,
-                gamma: int, sampling: SamplingSettings) -> tuple[Array, Array | None, KVCache]:
+                gamma: int, sampling: SamplingSettings,
+                vocab: DraftVocab | None = None) -> tuple[Array, Array | None, KVCache]:
     """Drafts gamma tokens autoregressively after the root.
 
     Each draft is drawn from the warped draft distribution (argmax when greedy), the same
@@ -58,17 +61,19 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
       committed: [B] committed tokens n; the root sits at position n, draft j (1-based) at n + j.
 
     Returns:
-      drafts [B, gamma]; their draft distributions q [B, gamma, V] (None when greedy); the cache.
+      drafts [B, gamma]; their draft distributions q [B, gamma, V] (None when greedy; zero
+      outside ``vocab``); the cache.
     """
     batch = committed.shape[0]
     keys = jax.random.split(key, gamma)
 
     def propose(step_key: Array, hidden: Array) -> tuple[Array, Array | None]:
-        logits = target.logits(hidden)
+        logits = draft_logits(target, hidden, vocab)
         if sampling.greedy:
-            return sample(step_key, logits, sampling), None
+            return token_ids(sample(step_key, logits, sampling), vocab), None
         log_q = warped_log_probs(logits, sampling)
-        return jax.random.categorical(step_key, log_q, axis=-1).astype(jnp.int32), jnp.exp(log_q)
+        index = jax.random.categorical(step_key, log_q, axis=-1).astype(jnp.int32)
+        return token_ids(index, vocab), full_vocab_probs(jnp.exp(log_q), vocab, target.arch.vocab_size)
 
     def step(carry, inputs):
         hidden, token, cache = carry
@@ -91,7 +96,8 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
 
 
 def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, root: Array, committed: Array,
-               top_k: int, depth: int, total_tokens: int) -> tuple[DraftTree, KVCache]:
+               top_k: int, depth: int, total_tokens: int,
+               vocab: DraftVocab | None = None) -> tuple[DraftTree, KVCache]:
     """EAGLE-2 dynamic tree drafting (the reference's ``topK_genrate``) for every row at once.
 
     The root's children are the top-k tokens of the draft; then ``depth`` times the k best
@@ -110,13 +116,16 @@ def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arra
       whose slots n .. n + depth k - 1 now hold the beams (scratch).
     """
     batch = root.shape[0]
-    vocab = target.arch.vocab_size
-    if top_k > vocab:
-        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({vocab})")
+    if top_k > vocab_size(target, vocab):
+        raise ValueError(f"top_k={top_k} exceeds the draft vocabulary ({vocab_size(target, vocab)} tokens)")
     k = top_k
     rows = jnp.arange(batch)[:, None]
 
-    root_scores, root_children = jax.lax.top_k(jax.nn.log_softmax(target.logits(root_hidden), axis=-1), k)
+    def ranked_children(hidden: Array) -> tuple[Array, Array]:  # [..., D] -> top-k log-probs and token ids
+        scores, indices = jax.lax.top_k(jax.nn.log_softmax(draft_logits(target, hidden, vocab), axis=-1), k)
+        return scores, token_ids(indices, vocab)
+
+    root_scores, root_children = ranked_children(root_hidden)
     # Ancestry among the beams' draft-cache slots: level i's k beams sit at slots n + i k ...
     # (i from 0). One spare level of rows lets the last step write its (unused) beams.
     width = (depth + 1) * k
@@ -130,7 +139,7 @@ def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arra
         mask = jax.lax.dynamic_slice_in_dim(cached_mask(committed, ancestry, cache.length), level * k, k, axis=1)
         positions = jnp.broadcast_to((committed + level)[:, None], (batch, k))
         out, cache = head(hidden, target.embed(tokens), positions, mask, cache, slot)
-        child_scores, children = jax.lax.top_k(jax.nn.log_softmax(target.logits(out), axis=-1), k)  # [B, k, k]
+        child_scores, children = ranked_children(out)  # [B, k, k]
         cumulative = (child_scores + scores[:, :, None]).reshape(batch, k * k)
         children = children.reshape(batch, k * k)
         parents = jnp.repeat(pool_index, k, axis=1)

@@ -56,10 +56,15 @@ class DecodeResult:
 
 
 class Decoder:
-    """Autoregressive (``head`` None or method 'ar') or speculative decoding of prompt batches."""
+    """Autoregressive (``head`` None or method 'ar') or speculative decoding of prompt batches.
+
+    ``draft_ids`` ([N] ascending token ids, e.g. from
+    :func:`~flatspec_jax.decoding.draft_vocab.frequent_token_ids`) restricts the draft's
+    proposals to those tokens; None lets it propose any.
+    """
 
     def __init__(self, target: Llama, cfg: DecodeConfig, eos_ids: Sequence[int], pad_id: int,
-                 head: EagleHead | None = None, method: str | None = None):
+                 head: EagleHead | None = None, method: str | None = None, draft_ids: np.ndarray | None = None):
         self.cfg = cfg
         self.method = method or cfg.method
         if self.method != "ar" and head is None:
@@ -68,6 +73,7 @@ class Decoder:
         self.pad_id = int(pad_id)
         self.target_graphdef, self.target_params = nnx.split(target)
         self.head_graphdef, self.head_params = (None, None) if head is None else nnx.split(head)
+        self.draft_ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
 
     @property
     def speculative(self) -> bool:
@@ -111,7 +117,8 @@ class Decoder:
         start = time.perf_counter()
         if self.speculative:
             out = speculative_generate(self.target_graphdef, self.target_params, self.head_graphdef,
-                                       self.head_params, jnp.asarray(padded), lengths, key, settings)
+                                       self.head_params, jnp.asarray(padded), lengths, key, settings,
+                                       self.draft_ids)
             calls, accept_counts = out.rounds, out.accept_counts
         else:
             out = generate(self.target_graphdef, self.target_params, jnp.asarray(padded), lengths, key, settings)

@@ -35,6 +35,7 @@ from flax import nnx
 
 from flatspec_jax.decoding.autoregressive import GenerationSettings, is_eos, prefill
 from flatspec_jax.decoding.commit import append_tokens, compact_cache, emitted_tokens
+from flatspec_jax.decoding.draft_vocab import DraftVocab
 from flatspec_jax.decoding.drafting import catch_up, draft_chain, draft_tree
 from flatspec_jax.decoding.sampling import sample
 from flatspec_jax.decoding.tree import chain_tree
@@ -151,7 +152,7 @@ class _LoopState:
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "settings"))
 def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State, head_graphdef: nnx.GraphDef,
                          head_params: nnx.State, prompts: Array, prompt_lengths: Array, key: Array,
-                         settings: SpeculativeSettings) -> SpeculativeGeneration:
+                         settings: SpeculativeSettings, draft_ids: Array | None = None) -> SpeculativeGeneration:
     """Generates up to ``max_new_tokens`` per row with EAGLE drafts verified by the target.
 
     Greedy output equals :func:`~flatspec_jax.decoding.autoregressive.generate`'s token for
@@ -164,9 +165,12 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
       head_graphdef, head_params: the ``EagleHead`` split with ``nnx.split``.
       prompts: [B, P] right-padded prompt ids; prompt_lengths: [B] their true lengths (>= 1).
       key: PRNG key (unused when greedy).
+      draft_ids: [N] ascending token ids the draft may propose (see
+        :mod:`~flatspec_jax.decoding.draft_vocab`); None: the whole vocabulary.
     """
     target = nnx.merge(target_graphdef, target_params)
     head = nnx.merge(head_graphdef, head_params)
+    vocab = None if draft_ids is None else DraftVocab.of(target, draft_ids)
     gen = settings.generation
     sampling = gen.sampling
     batch, prompt_width = prompts.shape
@@ -203,11 +207,11 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
         n = s.committed
         if settings.method == "chain":
             drafts, draft_probs, draft_cache = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key,
-                                                           settings.gamma, sampling)
+                                                           settings.gamma, sampling, vocab)
             tree = chain_tree(s.root, drafts)
         else:
             tree, draft_cache = draft_tree(head, target, s.draft_cache, s.draft_hidden, s.root, n, settings.top_k,
-                                           settings.depth, settings.total_tokens)
+                                           settings.depth, settings.total_tokens, vocab)
         out = target(tree.tokens, n[:, None] + tree.depths, cached_mask(n, tree.ancestors, gen.cache_length),
                      s.target_cache, n)
         if settings.method == "chain":

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jax.sharding import Mesh
 
 from flatspec_jax import assets
@@ -17,6 +18,7 @@ from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
+from flatspec_jax.decoding.draft_vocab import frequent_token_ids
 from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, make_mesh
@@ -73,6 +75,19 @@ class RunContext:
         directory = Path(directory) if directory else self.run_dir / CHECKPOINT_DIR
         return load_draft_head(directory, self.target.arch, vocab_hash(self.tokenizer), self.mesh, self.rules,
                                dtype=self.cfg.model.dtype)
+
+    def draft_ids(self, size: int | None = None) -> np.ndarray | None:
+        """[N] a reduced draft vocabulary: the N tokens most frequent in the run's samples, EOS ids
+        always in. N: ``size``, default ``decode.draft_vocab``; None when it is 0."""
+        size = self.cfg.decode.draft_vocab if size is None else size
+        vocab = self.target.arch.vocab_size
+        if not size:
+            return None
+        if size > vocab:
+            raise ValueError(f"decode.draft_vocab={size} exceeds the target's vocabulary ({vocab} tokens)")
+        ids = frequent_token_ids(self.samples.tokens, vocab, size, self.eos_ids())
+        log.info("draft vocabulary: the %d most frequent of %d tokens", size, vocab)
+        return ids
 
     def eos_ids(self) -> tuple[int, ...]:
         return self.target.arch.eos_token_ids or (self.tokenizer.eos_token_id,)
