@@ -42,6 +42,7 @@ from flatspec_jax.flatness import sample_stats, token_stats_from_logits
 from flatspec_jax.models.masks import causal_mask
 from flatspec_jax.scoring import STAT_COLUMNS, read_fingerprint, score_dataset
 from flatspec_jax.sharding import ShardingRules, make_mesh
+from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
 from flatspec_jax.weights.to_nnx import load_target_model
 
@@ -494,3 +495,20 @@ def test_resume_after_kill_during_a_part_write(tiny_dir, tmp_path):
     (parts_dir / ".part-000000.parquet.k1ll3d.tmp").write_bytes(b"PAR1 half-written")
     score_on(tiny_dir, small, MeshConfig(), out, single_device(), row_length=32, rows_per_batch=1)
     assert not parts_dir.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's reduced draft vocabulary (decode.draft_vocab), counted on the same tiny run's samples
+# ----------------------------------------------------------------------------------------------
+
+def test_draft_vocabulary_is_counted_on_the_run_samples_and_an_oversized_one_is_named(tiny_dir, tmp_path):
+    cfg = load_config(None, [*cli_overrides(tiny_dir), f"run_dir={tmp_path}", "decode.draft_vocab=64"])
+    ctx = RunContext(cfg)
+    ids = ctx.draft_ids()
+    counts = np.bincount(ctx.samples.tokens, minlength=ctx.target.arch.vocab_size)
+    assert len(ids) == 64 and set(ctx.eos_ids()) <= set(ids.tolist())
+    assert int(np.argmax(counts)) in ids.tolist()
+    assert counts[ids].sum() > 0.5 * counts.sum()  # 64 of 49152 tokens cover most of the text
+    assert ctx.draft_ids(0) is None
+    with pytest.raises(ValueError, match=r"decode\.draft_vocab=49153 exceeds the target's vocabulary"):
+        ctx.draft_ids(49153)
