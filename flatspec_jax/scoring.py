@@ -2,7 +2,8 @@
 
 Samples are packed into fixed ``[rows, row_length]`` batches by a best-fit plan computed
 once from their lengths (:mod:`flatspec_jax.data.packing`), so the jitted step compiles
-once and a resumed run rebuilds exactly the same batches. The step runs the target without
+once per batch shape (full batches, and a smaller last one for the leftover rows) and a
+resumed run rebuilds exactly the same batches. The step runs the target without
 materialising logits and feeds the final hidden states to the fused, vocabulary-chunked
 statistics of :mod:`flatspec_jax.flatness`; batches are sharded over the mesh's batch axes
 (``data`` x ``fsdp``) and parameters follow the sharding rules.
@@ -25,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -66,7 +68,7 @@ class ScorePlan:
     Attributes:
       batches: per batch, its rows; a row is a tuple of sample indices (empty = padding row).
       max_segments: M, segment slots per row.
-      padding: share of token slots holding padding in the packed rows (excluding empty rows).
+      padding: share of the computed token slots that hold padding, empty rows included.
     """
 
     batches: list[list[tuple[int, ...]]]
@@ -74,19 +76,29 @@ class ScorePlan:
     padding: float
 
 
-def make_plan(lengths: np.ndarray, cfg: ScoreConfig) -> ScorePlan:
-    """Packs samples (already at most ``cfg.row_length`` long) into batches of ``cfg.rows_per_batch`` rows."""
+def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> ScorePlan:
+    """Packs samples (already at most ``cfg.row_length`` long) into batches of ``cfg.rows_per_batch`` rows.
+
+    The rows left over after the full batches form one smaller last batch, filled with empty rows
+    only up to a multiple of ``row_multiple`` (the data-parallel shards, which must divide every
+    batch), so a small dataset does not pay for a mostly empty batch; the step compiles once
+    for each of the (at most two) batch shapes.
+    """
     max_segments = segment_slots(cfg.row_length)
     rows = plan_rows([int(n) for n in lengths], cfg.row_length, max_segments)
-    padding = padding_fraction(rows, lengths, cfg.row_length)
-    while len(rows) % cfg.rows_per_batch:
+    while len(rows) % cfg.rows_per_batch % row_multiple:
         rows.append(())
     batches = [rows[i:i + cfg.rows_per_batch] for i in range(0, len(rows), cfg.rows_per_batch)]
-    return ScorePlan(batches, max_segments, padding)
+    return ScorePlan(batches, max_segments, padding_fraction(rows, lengths, cfg.row_length))
+
+
+def _data_shards(mesh: Mesh) -> int:
+    """Slices of the batch axis over the mesh (data x fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = _data_shards(mesh)
     if cfg.rows_per_batch % shards:
         raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "
                           "data-parallel shards (mesh.data x mesh.fsdp)")
@@ -202,8 +214,9 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
                           f"({dataset.lengths.max()} tokens); set it >= data.max_length")
     check_mesh_fits(cfg, mesh)
-    plan = make_plan(dataset.lengths, cfg)
-    log.info("scoring %d samples in %d batches of %d x %d tokens (padding %.1f%% of packed slots)",
+    # Every batch splits into equal row slices per data-parallel shard and per process (_global_rows).
+    plan = make_plan(dataset.lengths, cfg, math.lcm(_data_shards(mesh), jax.process_count()))
+    log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
     parts_dir = out_path.with_name(out_path.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
