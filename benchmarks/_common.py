@@ -84,7 +84,8 @@ def run_measured(argv: Sequence[str], env: dict[str, str], log_prefix: Path, cwd
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a measured child: offline HF, CPU JAX with its real device count."""
+    """The environment of a measured child: offline HF, CPU JAX with its real device count (``extra``
+    overrides, e.g. ``JAX_PLATFORMS=""`` for JAX's default backend)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLATSPEC_CACHE_DIR")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
@@ -115,3 +116,10 @@ def write_results(results: dict, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def layer_matmul_params(arch) -> int:
+    """Weights one decoder layer of ``arch`` (a :class:`flatspec_jax.weights.arch.ArchSpec`) multiplies
+    every token by: q/k/v/o projections and the gated MLP (2 FLOPs each per token)."""
+    d, n, k, h, f = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size
+    return d * n * h + 2 * d * k * h + n * h * d + 3 * d * f

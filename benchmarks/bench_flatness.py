@@ -26,6 +26,12 @@ other's imports, threads or memory):
    goal's baseline), and for reference the hidden states alone (``return_logits=False``, which
    skips the LM head, ~20% of SmolLM2's FLOPs, that flatness cannot do without).
 
+With ``--device-throughput`` only our side runs, on JAX's default backend (the GPU or TPU when there
+is one), at ``--rows`` packed rows per batch and ``--dtype``: tokens/s and achieved model FLOP/s of the
+scoring step and of the bare forwards (4) over the same batches, and the device's peak memory, e.g.
+
+    python benchmarks/bench_flatness.py --device-throughput --limit 1024 --rows 32 --dtype bfloat16
+
 The machine's load average is checked first; above ``--max-load`` the benchmark waits (polling
 every 30 s, at most ``--max-wait`` s) and records the load it ran under either way.
 """
@@ -46,7 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    benchmark_parser, child_env, load1, print_table, run_measured, self_rss_mib, wait_for_quiet, write_results)
+    benchmark_parser, child_env, layer_matmul_params, load1, print_table, run_measured, self_rss_mib, wait_for_quiet,
+    write_results)
 
 GOALS = {"tokens_per_s_ratio": 1.5, "wall_time_ratio": 1.5, "flatness_overhead_pct": 5.0}
 
@@ -54,6 +61,17 @@ GOALS = {"tokens_per_s_ratio": 1.5, "wall_time_ratio": 1.5, "flatness_overhead_p
 # ----------------------------------------------------------------------------------------------
 # Workers (run in child processes)
 # ----------------------------------------------------------------------------------------------
+
+
+def forward_flops(arch, rows: int, row_length: int, logits: bool) -> float:
+    """Model FLOPs of one forward over a packed ``[rows, row_length]`` batch: the layers' matmuls over
+    every slot, causal attention (scores and values over the keys at or before each query: the half
+    square the blocked attention computes, up to its block edges) and, with ``logits``, the LM head.
+    Norms, RoPE, softmax and the flatness statistics are not counted."""
+    tokens = rows * row_length
+    attention = 2 * 2 * rows * (row_length * (row_length + 1) // 2) * arch.num_heads * arch.head_dim
+    lm_head = 2 * arch.vocab_size * arch.hidden_size * tokens if logits else 0
+    return arch.num_layers * (2 * layer_matmul_params(arch) * tokens + attention) + lm_head
 
 
 def _timed_passes(run_pass, passes: int) -> list[float]:
@@ -85,7 +103,8 @@ def worker_ours_steady(args) -> dict:
     runtime.enable_compilation_cache()
     timings = {"import_s": time.perf_counter() - t0}
     cfg = load_config(None, [f"data.limit={args.limit}", f"data.max_length={args.max_length}",
-                             f"run_dir={args.run_dir}"])
+                             f"run_dir={args.run_dir}", f"score.rows_per_batch={args.rows}",
+                             f"model.dtype={args.dtype}", f"model.param_dtype={args.dtype}"])
     start = time.perf_counter()
     path = cfg.model.path or str(assets.smollm2_gguf())
     dataset = prepare_samples(cfg.data, path, load_tokenizer(path), Path(args.run_dir))
@@ -144,8 +163,14 @@ def worker_ours_steady(args) -> dict:
         slots = p.sample_index >= 0
         flat.update(zip(dataset.ids[p.sample_index[slots]].tolist(), s["flatness"][slots].tolist()))
     n_tokens = int(dataset.lengths.sum())
+    pass_flops = {name: sum(forward_flops(model.arch, len(rows), cfg.score.row_length, logits=name != "forward_hidden")
+                            for rows in plan.batches)
+                  for name in ("score", "forward_logits", "forward_hidden")}
+    memory = jax.devices()[0].memory_stats() or {}
     return {
-        "side": "ours", "devices": [str(d) for d in jax.devices()], "samples": len(dataset), "tokens": n_tokens,
+        "side": "ours", "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        "samples": len(dataset), "tokens": n_tokens,
+        "dtype": args.dtype, "pass_flops": pass_flops, "device_peak_bytes": memory.get("peak_bytes_in_use"),
         "batches": len(plan.batches), "batch_shape": [cfg.score.rows_per_batch, cfg.score.row_length],
         "padding_fraction": plan.padding, "score_pass_s": score_times, "forward_pass_s": forward_times,
         "tokens_per_s": n_tokens / min(score_times),
@@ -283,7 +308,7 @@ def _flatspec_argv() -> list[str]:
 def _worker_argv(name: str, args, run_dir: Path, result: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir", str(run_dir),
             "--result", str(result), "--limit", str(args.limit), "--max-length", str(args.max_length),
-            "--batch", str(args.batch), "--passes", str(args.passes)]
+            "--batch", str(args.batch), "--passes", str(args.passes), "--rows", str(args.rows), "--dtype", args.dtype]
 
 
 def _flatness_diff(a: dict[str, float], b: dict[str, float]) -> dict:
@@ -372,6 +397,48 @@ def orchestrate(args) -> dict:
     return results
 
 
+def orchestrate_device(args) -> dict:
+    """``--device-throughput``: our scoring step alone on JAX's default backend, at ``--rows`` rows per
+    batch, against the bare forward of the same model over the same batches in the same process."""
+    work = Path(tempfile.mkdtemp(prefix="bench_flatness_device_"))
+    gate = wait_for_quiet(args.max_load, args.max_wait)
+    env = child_env(JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))  # "": the default backend, not CPU
+    m = run_measured(_worker_argv("ours_steady", args, work / "run", work / "ours.json"), env,
+                     work / "ours").check("ours_steady")
+    ours = json.loads((work / "ours.json").read_text())
+    shutil.rmtree(work, ignore_errors=True)
+    ours.pop("flatness")
+    passes = {"score": min(ours["score_pass_s"]),
+              **{f"forward_{name}": min(times) for name, times in ours["forward_pass_s"].items()}}
+    return {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "settings": {"limit": args.limit, "max_length": args.max_length, "rows": args.rows, "dtype": args.dtype,
+                         "passes": args.passes},
+            "load_gate": gate, "load_after": load1(), "process_wall_s": m.wall_s,
+            "process_peak_rss_mib": m.peak_rss_mib,
+            "ours": ours,
+            "tflop_s": {name: ours["pass_flops"][name] / seconds / 1e12 for name, seconds in passes.items()},
+            "tokens_per_s": {name: ours["tokens"] / seconds for name, seconds in passes.items()},
+            "flatness_overhead_pct": 100 * (passes["score"] / passes["forward_logits"] - 1)}
+
+
+def report_device(results: dict) -> None:
+    o, settings = results["ours"], results["settings"]
+    memory = o["device_peak_bytes"]
+    print(f"\nflatness scoring throughput on {', '.join(o['devices'])} ({settings['dtype']}): first "
+          f"{settings['limit']} ShareGPT samples ({o['samples']} samples, {o['tokens']} tokens) packed into "
+          f"{o['batches']} batches of {settings['rows']} x {o['batch_shape'][1]}; padding {o['padding_fraction']:.1%}; "
+          f"device peak memory {'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}")
+    labels = {"score": "scoring step (fused LM head + statistics)", "forward_logits": "bare forward to logits",
+              "forward_hidden": "bare forward, hidden states only"}
+    baseline = results["tokens_per_s"]["forward_logits"]
+    print_table("fastest timed pass (model FLOPs: matmuls + causal attention)",
+                ["step", "tokens/s", "TFLOP/s", "vs bare forward to logits"],
+                [[labels[name], f"{rate:.0f}", f"{results['tflop_s'][name]:.3f}", f"{rate / baseline:.2f}x"]
+                 for name, rate in results["tokens_per_s"].items()])
+    print(f"flatness overhead over the bare forward to logits: {results['flatness_overhead_pct']:.1f}% "
+          f"(goal <= {GOALS['flatness_overhead_pct']}%)")
+
+
 def report(results: dict) -> None:
     s, w = results["steady_state"], results["wall"]
     o, t = s["ours"], s["transformers_eager"]
@@ -423,6 +490,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="transformers batch size")
     parser.add_argument("--passes", type=int, default=2, help="timed steady-state passes after the first")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, run dirs)")
+    parser.add_argument("--device-throughput", action="store_true",
+                        help="only our scoring step, on JAX's default backend (GPU/TPU when present), at --rows rows "
+                             "per batch: tokens/s and achieved FLOP/s (default --out: flatness_device.json)")
+    parser.add_argument("--rows", type=int, default=4, help="our packed rows per scoring batch (score.rows_per_batch)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="our model.dtype and model.param_dtype")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -430,9 +503,12 @@ def main() -> int:
     if args.worker:
         Path(args.result).write_text(json.dumps(WORKERS[args.worker](args)))
         return 0
-    results = orchestrate(args)
+    if args.device_throughput and args.out == parser.get_default("out"):
+        args.out = str(Path(args.out).with_name("flatness_device.json"))
+    measure, show = (orchestrate_device, report_device) if args.device_throughput else (orchestrate, report)
+    results = measure(args)
     out = write_results(results, args.out)
-    report(results)
+    show(results)
     print(f"\nresults written to {out}")
     return 0
 

@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import benchmark_parser, load1, print_table, self_rss_mib, wait_for_quiet, write_results
+from _common import (  # noqa: E402
+    benchmark_parser, layer_matmul_params, load1, print_table, self_rss_mib, wait_for_quiet, write_results)
 
 GOAL_RATIO = 1.2
 LOSS_AGREEMENT_RTOL = 1e-4
@@ -179,10 +180,9 @@ class Theirs:
 def step_flops(arch, rows: int, row_length: int, online: bool) -> float:
     """Approximate FLOPs of one step (both sides do the same work): matmuls only, attention computed in full
     (masked, not skipped) as both implementations do."""
-    d, n, k, h, f, v = (arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size,
-                        arch.vocab_size)
+    d, n, h, v = arch.hidden_size, arch.num_heads, arch.head_dim, arch.vocab_size
     tokens = rows * row_length
-    layer_params = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+    layer_params = layer_matmul_params(arch)
     attention = 4 * rows * row_length ** 2 * n * h  # scores + probabilities x values, per layer, forward
     target = 2 * layer_params * tokens * arch.num_layers + attention * arch.num_layers
     head = 3 * (2 * (layer_params + 2 * d * d) * tokens + attention)  # forward + backward
