@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +131,8 @@ def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, po
 
 
 def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: int, mesh: Mesh,
-                       rules: ShardingRules, param_shardings, return_features: bool) -> callable:
+                       rules: ShardingRules, param_shardings: nnx.State, return_features: bool
+                       ) -> Callable[..., dict[str, jax.Array]]:
     """The jitted scoring step with explicit shardings: rows over the batch axes, results replicated
     (they are small), so every process can read them."""
     rows = batch_sharding(mesh, rules, 2)

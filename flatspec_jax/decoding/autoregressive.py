@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flatspec_jax.decoding.sampling import SamplingSettings, sample
-from flatspec_jax.models.llama import KVCache, Llama
+from flatspec_jax.models.llama import KVCache, Llama, ModelOutput
 from flatspec_jax.models.masks import cached_mask, causal_mask
 
 Array = jax.Array
@@ -47,7 +47,7 @@ def is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
-def prefill(model: Llama, prompts: Array, prompt_lengths: Array, cache: KVCache):
+def prefill(model: Llama, prompts: Array, prompt_lengths: Array, cache: KVCache) -> tuple[ModelOutput, Array]:
     """Runs the padded prompts [B, P] through the model, filling cache slots 0..P-1.
 
     Slots past a row's length hold padding; they stay invisible because later masks only
