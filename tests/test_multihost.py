@@ -40,18 +40,16 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from flatspec_jax import assets
 from flatspec_jax.checkpoint.manager import flatten_params, load_draft_head, read_meta
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.data.pipeline import plan_training_rows, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
-from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.scoring import STAT_COLUMNS
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.arch import ArchSpec
-from flatspec_jax.weights.safetensors_reader import write_safetensors
+from tiny_target import save_tiny_llama
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TOL = 1e-5
@@ -75,32 +73,7 @@ VERBS = ("score", "select", "train")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama (transformers' LlamaConfig, weights drawn with NumPy: no torch
-    import) over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
-    tokenizer = load_tokenizer(assets.smollm2_gguf())
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    rng = np.random.default_rng(0)
-    d, f, v, kv = 32, 64, len(tokenizer), 16
-    shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
-                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f)})
-    tensors = {name: (np.ones(shape, np.float32) if name.endswith("norm.weight")
-                      else (0.5 * rng.standard_normal(shape)).astype(np.float32)) for name, shape in shapes.items()}
-    with open(path / "model.safetensors", "wb") as handle:
-        write_safetensors(handle, {k: (t.dtype, t.shape) for k, t in tensors.items()}, tensors.items(),
-                          {"format": "pt"})
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def free_port() -> int:

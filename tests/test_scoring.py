@@ -1,8 +1,7 @@
 """Tests for flatspec_jax.scoring and the ``flatspec score`` stage, on a tiny random Llama.
 
-The tiny model is built with transformers (``LlamaConfig`` + ``save_pretrained``) and saved
-next to SmolLM2's tokenizer, so ``model.path=<dir>`` serves both the weights and the chat
-template. What is checked:
+The tiny model (:mod:`tiny_target`) is an HF directory saved next to SmolLM2's tokenizer, so
+``model.path=<dir>`` serves both the weights and the chat template. What is checked:
 
 * the scores do not depend on the mesh (8 fake CPU devices, data and fsdp sharding, vs one);
 * packed rows give the scores of each sample run alone, and both equal an independent
@@ -17,7 +16,6 @@ template. What is checked:
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import signal
@@ -33,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from flatspec_jax import assets, scoring
+from flatspec_jax import scoring
 from flatspec_jax.config import ConfigError, MeshConfig, ScoreConfig, load_config
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenized import TokenizedDataset
@@ -45,11 +43,10 @@ from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
 from flatspec_jax.weights.to_nnx import load_target_model
+from tiny_target import cli_env, save_tiny_llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 NUM_SAMPLES = 30
 MAX_SAMPLE = 60
@@ -63,22 +60,7 @@ ROWS = 8  # rows_per_batch: a multiple of the 8 data-parallel shards used below
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama over SmolLM2's 49152-token vocabulary, saved with that tokenizer.
-
-    The initialiser range is large enough that the next-token distributions are far from
-    uniform (flatness spread over (0, 1)), so the statistics are not all ~1.
-    """
-    tokenizer = load_tokenizer(assets.smollm2_gguf())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024, initializer_range=0.5,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = transformers.LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def synthetic_dataset(num_samples: int = NUM_SAMPLES, vocab: int = 49152, seed: int = 0) -> TokenizedDataset:
@@ -318,13 +300,6 @@ CLI_LIMIT = 100  # ShareGPT conversations; about half keep an assistant token wi
 def cli_overrides(tiny_dir: Path) -> list[str]:
     return [f"model.path={tiny_dir}", f"data.limit={CLI_LIMIT}", "data.max_length=64", "score.row_length=64",
             "score.rows_per_batch=2", "score.flush_every=1", "mesh.data=1"]
-
-
-def cli_env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               FLATSPEC_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
-    return env
 
 
 # Runs `flatspec` with the scoring step wrapped to count how many batches it computes.

@@ -17,7 +17,6 @@ redo logged work), then re-run to completion. Checked, bitwise:
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -28,39 +27,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flatspec_jax import assets
-from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.train.metrics import read_metrics
+from tiny_target import cli_env, save_tiny_llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
 ocp = pytest.importorskip("orbax.checkpoint")
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 SAVE_EVERY = 4
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama over SmolLM2's vocabulary, saved with SmolLM2's tokenizer (chat template)."""
-    tokenizer = load_tokenizer(assets.smollm2_gguf())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512, initializer_range=0.5,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def cli_env(cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the tests' 8
-    env.update(JAX_PLATFORMS="cpu", FLATSPEC_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return env
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def train_argv(run_dir: Path, tiny_dir: Path) -> list[str]:
