@@ -8,7 +8,9 @@ other's imports, threads or memory):
 1. Steady-state tokens/s. Both sides score the *same* tokenized samples (our ``tokens.npz``:
    the first ``--limit`` ShareGPT conversations through SmolLM2's chat template, <= 512 tokens).
    Model load and the first pass (compilation, allocator warm-up) are excluded: each side
-   runs ``--passes`` more passes over the data and the fastest is reported.
+   runs ``--passes`` more passes over the data and the fastest is reported (ours interleaves
+   its scoring step and the bare forwards of 4 batch by batch, so the overhead compares them
+   under the same machine speed).
    * ours: the jitted scoring step of ``flatspec_jax.scoring`` on its packed 4 x 512 batches
      (fused LM head + statistics; results copied to the host as ``score_dataset`` does);
    * theirs (``transformers-eager``): HF ``AutoModelForCausalLM`` from the same GGUF, batches of 4
@@ -134,29 +136,32 @@ def worker_ours_steady(args) -> dict:
                               in_shardings=(param_shardings, rows, rows, rows, rows))
                 for name in ("logits", "hidden")}
 
-    stats = []
+    kinds = ("score", *forwards)
+    stats: list[dict | None] = [None] * len(batches)
 
-    def score_pass():
-        stats.clear()
-        for batch in batches:
-            stats.append(jax.tree.map(np.asarray, step(params, *batch)))
+    def run(kind: str, index: int) -> None:
+        if kind == "score":  # results copied to the host, as score_dataset does
+            stats[index] = jax.tree.map(np.asarray, step(params, *batches[index]))
+        else:
+            jax.block_until_ready(forwards[kind](params, *batches[index]))
 
-    def forward_pass(name: str):
-        for batch in batches:
-            jax.block_until_ready(forwards[name](params, *batch))
-
-    start = time.perf_counter()
-    score_pass()
-    timings["score_first_pass_s"] = time.perf_counter() - start
-    for name in forwards:
+    for kind in kinds:  # compilation and allocator warm-up, timed apart
         start = time.perf_counter()
-        forward_pass(name)
-        timings[f"forward_{name}_first_pass_s"] = time.perf_counter() - start
-    score_times, forward_times = [], {name: [] for name in forwards}
-    for _ in range(args.passes):  # interleaved, so drifting load hits all alike
-        score_times += _timed_passes(score_pass, 1)
-        for name in forwards:
-            forward_times[name] += _timed_passes(functools.partial(forward_pass, name), 1)
+        for index in range(len(batches)):
+            run(kind, index)
+        timings["score_first_pass_s" if kind == "score" else f"forward_{kind}_first_pass_s"] = (
+            time.perf_counter() - start)
+    # Timed passes interleave the kinds batch by batch (in a rotating order), so a drift in the
+    # machine's speed, common on a shared VM, hits every kind alike instead of one whole pass.
+    pass_times = {kind: [0.0] * args.passes for kind in kinds}
+    for repeat in range(args.passes):
+        for index in range(len(batches)):
+            for offset in range(len(kinds)):
+                kind = kinds[(index + repeat + offset) % len(kinds)]
+                start = time.perf_counter()
+                run(kind, index)
+                pass_times[kind][repeat] += time.perf_counter() - start
+    score_times, forward_times = pass_times["score"], {name: pass_times[name] for name in forwards}
 
     flat = {}
     for p, s in zip(packed, stats):
