@@ -431,7 +431,8 @@ def report_device(results: dict) -> None:
     memory = o["device_peak_bytes"]
     print(f"\nflatness scoring throughput on {', '.join(o['devices'])} ({settings['dtype']}): first "
           f"{settings['limit']} ShareGPT samples ({o['samples']} samples, {o['tokens']} tokens) packed into "
-          f"{o['batches']} batches of up to {settings['rows']} x {o['batch_shape'][1]}; padding {o['padding_fraction']:.1%}; "
+          f"{o['batches']} batches of up to {settings['rows']} x {o['batch_shape'][1]}; "
+          f"padding {o['padding_fraction']:.1%}; "
           f"device peak memory {'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}")
     labels = {"score": "scoring step (fused LM head + statistics)", "forward_logits": "bare forward to logits",
               "forward_hidden": "bare forward, hidden states only"}
