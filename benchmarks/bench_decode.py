@@ -4,7 +4,8 @@
         [--variant NAME:key=value,...]...
 
 In ONE process and on the same prompts (SmolLM2 chat template, greedy), after a warm-up so
-no timing includes compilation:
+no timing includes compilation, prompt by prompt with every decoder in turn (rotating order, so
+drift in the machine's speed hits all alike):
   * baseline 1: our jitted autoregressive decoding (``decode.method=ar``);
   * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch, CPU);
   * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
@@ -18,6 +19,7 @@ and writes JSON and a bar plot (PNG beside the JSON).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -112,22 +114,6 @@ def main() -> None:
     width = max(-(-len(p) // 64) * 64 for p in prompts)
     key = jax.random.key(0)
 
-    results: dict[str, dict] = {}
-    outputs: dict[str, list[np.ndarray]] = {}
-    for name, decoder in decoders.items():
-        decoder.run([prompts[0]], key, width)  # warm-up: compile
-        tokens, seconds, calls = 0, 0.0, 0
-        outputs[name] = []
-        for prompt in prompts:
-            out = decoder.run([prompt], key, width)
-            outputs[name].append(out.tokens[0])
-            tokens += len(out.tokens[0])
-            seconds += out.seconds
-            calls += int(out.target_calls[0])
-        results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                         "tau": (tokens - len(prompts)) / calls if calls else 0.0}
-        print(f"[bench] {name}: {tokens} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
-
     # Baseline 2: transformers generate on the same weights and prompts.
     from transformers import AutoModelForCausalLM
 
@@ -135,21 +121,40 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     eos_list = list(eos)
 
-    def hf_generate(prompt: np.ndarray) -> np.ndarray:
+    def hf_generate(prompt: np.ndarray) -> tuple[np.ndarray, float, int]:
+        start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos_list, pad_token_id=pad)
-        return out[0, len(prompt):].numpy()
+        generated = out[0, len(prompt):].numpy()
+        return generated, time.perf_counter() - start, max(len(generated) - 1, 0)
 
-    hf_generate(prompts[0])
-    tokens, start = 0, time.perf_counter()
-    outputs["hf_generate"] = []
-    for prompt in prompts:
-        generated = hf_generate(prompt)
-        outputs["hf_generate"].append(generated)
-        tokens += len(generated)
-    seconds = time.perf_counter() - start
-    results["hf_generate"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "tau": 1.0}
+    def ours(decoder: Decoder, prompt: np.ndarray) -> tuple[np.ndarray, float, int]:
+        out = decoder.run([prompt], key, width)
+        return out.tokens[0], out.seconds, int(out.target_calls[0])
+
+    runners = {**{name: functools.partial(ours, decoder) for name, decoder in decoders.items()},
+               "hf_generate": hf_generate}
+    for run in runners.values():
+        run(prompts[0])  # warm-up: compilation, allocator
+    # Prompt by prompt, every decoder in turn (in a rotating order), so a drift in the machine's
+    # speed, common on a shared VM, hits all decoders alike instead of whichever ran during it.
+    names = list(runners)
+    outputs: dict[str, list[np.ndarray]] = {name: [None] * len(prompts) for name in names}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0} for name in names}
+    for i, prompt in enumerate(prompts):
+        for offset in range(len(names)):
+            name = names[(i + offset) % len(names)]
+            generated, seconds, calls = runners[name](prompt)
+            outputs[name][i] = generated
+            totals[name]["tokens"] += len(generated)
+            totals[name]["seconds"] += seconds
+            totals[name]["calls"] += calls
+        print(f"[bench] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    for name, t in totals.items():
+        results[name] = {"tokens": t["tokens"], "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],
+                         "tau": (t["tokens"] - len(prompts)) / t["calls"] if t["calls"] else 0.0}
 
     reference = outputs["ours_ar"]
     for name, result in results.items():
