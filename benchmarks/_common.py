@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,3 +123,12 @@ def layer_matmul_params(arch) -> int:
     every token by: q/k/v/o projections and the gated MLP (2 FLOPs each per token)."""
     d, n, k, h, f = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size
     return d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+
+
+def rotating_turns(count: int, names: Sequence[str], shift: int = 0) -> Iterator[tuple[int, str]]:
+    """``(i, name)`` for items ``i = 0..count-1``, every name once per item, the order rotating with
+    ``i + shift``: timing kinds of work interleaved this way shares a drift in the machine's speed
+    (common on a shared VM) among all of them instead of landing on whichever ran during it."""
+    for i in range(count):
+        for offset in range(len(names)):
+            yield i, names[(i + shift + offset) % len(names)]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, benchmark_parser, load1, wait_for_quiet, write_results  # noqa: E402
+from _common import REPO, benchmark_parser, load1, rotating_turns, wait_for_quiet, write_results  # noqa: E402
 
 
 DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,top_k=4,total_tokens=16",
@@ -137,20 +137,14 @@ def main() -> None:
                "hf_generate": hf_generate}
     for run in runners.values():
         run(prompts[0])  # warm-up: compilation, allocator
-    # Prompt by prompt, every decoder in turn (in a rotating order), so a drift in the machine's
-    # speed, common on a shared VM, hits all decoders alike instead of whichever ran during it.
-    names = list(runners)
-    outputs: dict[str, list[np.ndarray]] = {name: [None] * len(prompts) for name in names}
-    totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0} for name in names}
-    for i, prompt in enumerate(prompts):
-        for offset in range(len(names)):
-            name = names[(i + offset) % len(names)]
-            generated, seconds, calls = runners[name](prompt)
-            outputs[name][i] = generated
-            totals[name]["tokens"] += len(generated)
-            totals[name]["seconds"] += seconds
-            totals[name]["calls"] += calls
-        print(f"[bench] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+    outputs: dict[str, list[np.ndarray]] = {name: [None] * len(prompts) for name in runners}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0} for name in runners}
+    for i, name in rotating_turns(len(prompts), list(runners)):  # every decoder in turn, prompt by prompt
+        generated, seconds, calls = runners[name](prompts[i])
+        outputs[name][i] = generated
+        totals[name]["tokens"] += len(generated)
+        totals[name]["seconds"] += seconds
+        totals[name]["calls"] += calls
     results: dict[str, dict] = {}
     for name, t in totals.items():
         results[name] = {"tokens": t["tokens"], "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],

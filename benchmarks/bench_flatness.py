@@ -54,8 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    benchmark_parser, child_env, layer_matmul_params, load1, print_table, run_measured, self_rss_mib, wait_for_quiet,
-    write_results)
+    benchmark_parser, child_env, layer_matmul_params, load1, print_table, rotating_turns, run_measured, self_rss_mib,
+    wait_for_quiet, write_results)
 
 GOALS = {"tokens_per_s_ratio": 1.5, "wall_time_ratio": 1.5, "flatness_overhead_pct": 5.0}
 
@@ -151,16 +151,12 @@ def worker_ours_steady(args) -> dict:
             run(kind, index)
         timings["score_first_pass_s" if kind == "score" else f"forward_{kind}_first_pass_s"] = (
             time.perf_counter() - start)
-    # Timed passes interleave the kinds batch by batch (in a rotating order), so a drift in the
-    # machine's speed, common on a shared VM, hits every kind alike instead of one whole pass.
     pass_times = {kind: [0.0] * args.passes for kind in kinds}
-    for repeat in range(args.passes):
-        for index in range(len(batches)):
-            for offset in range(len(kinds)):
-                kind = kinds[(index + repeat + offset) % len(kinds)]
-                start = time.perf_counter()
-                run(kind, index)
-                pass_times[kind][repeat] += time.perf_counter() - start
+    for repeat in range(args.passes):  # the kinds interleaved batch by batch
+        for index, kind in rotating_turns(len(batches), kinds, shift=repeat):
+            start = time.perf_counter()
+            run(kind, index)
+            pass_times[kind][repeat] += time.perf_counter() - start
     score_times, forward_times = pass_times["score"], {name: pass_times[name] for name in forwards}
 
     flat = {}
