@@ -105,8 +105,9 @@ def _check_embedding(embedding, target_embedding, source: str) -> None:
         log.warning("%s: no %s (the reference loads strictly and needs it; the target's is used)", source, EMBED_KEY)
         return
     if tuple(embedding.shape) != tuple(target_embedding.shape):
-        raise CheckpointMismatchError(f"{source}: {EMBED_KEY} has shape {tuple(embedding.shape)}, the target's embedding "
-                       f"{tuple(target_embedding.shape)}; this head was made for another model")
+        raise CheckpointMismatchError(
+            f"{source}: {EMBED_KEY} has shape {tuple(embedding.shape)}, the target's embedding "
+            f"{tuple(target_embedding.shape)}; this head was made for another model")
     if not np.array_equal(np.asarray(embedding), np.asarray(target_embedding).astype(embedding.dtype)):
         diff = float(np.max(np.abs(np.asarray(embedding, np.float32) - np.asarray(target_embedding, np.float32))))
         log.warning("%s: %s differs from the target's embedding (max |diff| %.3g); the head may have been trained "
