@@ -21,6 +21,8 @@ log = logging.getLogger("flatspec")
 
 # verb -> (module:function, help). Each function takes (Config, argparse.Namespace) -> int.
 VERBS: dict[str, tuple[str, str]] = {
+    "regenerate": ("flatspec_jax.stages.regenerate:run",
+                   "answer the source's user turns with the target (data.responses: target) -> responses.jsonl"),
     "score": ("flatspec_jax.stages.score:run", "score every sample's flatness -> scores.parquet"),
     "cache": ("flatspec_jax.stages.score:run_cache", "score and cache the target's features for offline training"),
     "select": ("flatspec_jax.stages.select:run", "apply select.rule to scores.parquet -> selection.json"),

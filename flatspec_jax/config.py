@@ -46,6 +46,9 @@ class DataConfig:
 
     source: str = "sharegpt"
     """'sharegpt' (embedded file), or a path to ShareGPT JSON, JSONL or parquet."""
+    responses: Literal["source", "target"] = "source"
+    """Assistant turns to train on: the source's own, or 'target': the target's replies to the
+    source's user turns (flatspec regenerate; settings under regenerate)."""
     limit: int | None = None
     """Maximum number of valid conversations to use (file order); null = all."""
     max_length: int = 512
@@ -64,6 +67,33 @@ class DataConfig:
         _require(self.limit is None or self.limit > 0, "data.limit", "must be positive or null")
         _require(self.heldout >= 0, "data.heldout", "must be >= 0")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegenerateConfig:
+    """Target-generated training data (``data.responses: target``): each conversation's first
+    ``turns`` user turns answered by the target in turn, its own earlier replies as context."""
+
+    turns: int = 1
+    """User turns answered per conversation; later turns are dropped."""
+    max_new_tokens: int = 256
+    """Tokens per reply at most (a reply cut here is kept as it is)."""
+    temperature: float = 0.0
+    """0 = greedy: the replies the target gives at decode.temperature 0."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    batch_size: int = 8
+    """Conversations decoded together."""
+    flush_every: int = 4
+    """Batches per part file (what an interrupted run keeps)."""
+
+    def __post_init__(self) -> None:
+        _require(self.turns >= 1, "regenerate.turns", "must be >= 1")
+        _require(self.max_new_tokens > 0, "regenerate.max_new_tokens", "must be > 0")
+        _require(self.temperature >= 0, "regenerate.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "regenerate.top_p", "must be in (0, 1]")
+        _require(self.batch_size >= 1, "regenerate.batch_size", "must be >= 1")
+        _require(self.flush_every >= 1, "regenerate.flush_every", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,10 +313,11 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole run: every stage of score -> select -> train -> eval."""
+    """A whole run: every stage of (regenerate ->) score -> select -> train -> eval."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    regenerate: RegenerateConfig = RegenerateConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
     draft: DraftConfig = DraftConfig()

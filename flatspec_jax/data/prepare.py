@@ -19,6 +19,7 @@ from flatspec_jax.config import DataConfig
 from flatspec_jax.data.chat import tokenize_conversations
 from flatspec_jax.data.sources import iter_conversations
 from flatspec_jax.data.conversations import SkipReport
+from flatspec_jax.data.regenerate import read_meta, responses_path
 from flatspec_jax.data.tokenized import TokenizedDataset
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,25 @@ log = logging.getLogger(__name__)
 TOKENS_FILE = "tokens.npz"
 
 
-def tokens_fingerprint(data: DataConfig, model_path: str) -> str:
-    """What the tokenized samples depend on: the source, its limit, the max length and the tokenizer."""
-    payload = json.dumps({"source": data.source, "limit": data.limit, "max_length": data.max_length,
-                          "tokenizer": str(Path(model_path).resolve())}, sort_keys=True)
+def conversations_source(data: DataConfig, run_dir: Path) -> str:
+    """Where the training conversations are read: ``data.source``, or with ``data.responses: target``
+    the run's ``responses.jsonl`` (``flatspec regenerate``)."""
+    if data.responses == "source":
+        return data.source
+    path = responses_path(run_dir)
+    if read_meta(run_dir) is None or not path.exists():
+        raise FileNotFoundError(f"data.responses=target but {path} is missing: run `flatspec regenerate` "
+                                "(or `flatspec pipeline`) first")
+    return str(path)
+
+
+def tokens_fingerprint(data: DataConfig, model_path: str, run_dir: Path) -> str:
+    """What the tokenized samples depend on: the conversations (the source, or the run's target
+    replies by their fingerprint), the limit, the max length and the tokenizer."""
+    responses = None if data.responses == "source" else read_meta(run_dir)["fingerprint"]
+    payload = json.dumps({"source": data.source, "responses": responses, "limit": data.limit,
+                          "max_length": data.max_length, "tokenizer": str(Path(model_path).resolve())},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -39,25 +55,26 @@ def prepare_samples(data: DataConfig, model_path: str, tokenizer, run_dir: Path)
     Every process builds the same samples (the work is deterministic); only process 0 writes.
     """
     path = run_dir / TOKENS_FILE
-    fingerprint = tokens_fingerprint(data, model_path)
+    source = conversations_source(data, run_dir)
+    fingerprint = tokens_fingerprint(data, model_path, run_dir)
     cached = TokenizedDataset.load(path, fingerprint)
     if cached is not None:
         log.info("using %d tokenized samples from %s", len(cached), path)
         return cached
     report = SkipReport()
-    conversations = iter_conversations(data.source, report, data.limit)
+    conversations = iter_conversations(source, report, data.limit)
     kept, untrainable = [], 0
     for sample in tokenize_conversations(tokenizer, conversations, data.max_length):
         if sample.n_trained == 0:
             untrainable += 1
             continue
         kept.append((sample.id, sample.input_ids, sample.loss_mask, sample.truncated))
-    log.info("%s: %s", data.source, report.summary())
+    log.info("%s: %s", source, report.summary())
     if untrainable:
         log.info("dropped %d samples with no assistant token within data.max_length=%d", untrainable,
                  data.max_length)
     if not kept:
-        raise ValueError(f"data.source={data.source!r} gave no sample with an assistant token "
+        raise ValueError(f"{source} gave no sample with an assistant token "
                          f"(data.limit={data.limit}, data.max_length={data.max_length})")
     dataset = TokenizedDataset.from_samples(kept, fingerprint)
     if jax.process_index() == 0:

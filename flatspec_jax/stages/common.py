@@ -16,6 +16,7 @@ from flatspec_jax import assets
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, load_draft_head, vocab_hash
 from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import prepare_samples
+from flatspec_jax.data.regenerate import regenerate
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.decoding.draft_vocab import frequent_token_ids
@@ -65,8 +66,17 @@ class RunContext:
                                  param_dtype=self.cfg.model.param_dtype)
 
     @functools.cached_property
+    def responses(self) -> dict[str, Any] | None:
+        """With ``data.responses: target``, the meta record of the run's target-generated replies
+        (regenerated unless current); None when training on the source's own replies."""
+        if self.cfg.data.responses == "source":
+            return None
+        return regenerate(self.cfg, self.target, self.tokenizer, self.eos_ids(), self.pad_id(), self.model_path)
+
+    @functools.cached_property
     def samples(self) -> TokenizedDataset:
         """The run's tokenized samples (``tokens.npz``)."""
+        self.responses  # noqa: B018 - the conversations the samples are built from
         return prepare_samples(self.cfg.data, self.model_path, self.tokenizer, self.run_dir)
 
     def draft_head(self, directory: str | Path | None = None) -> EagleHead:

@@ -1,4 +1,4 @@
-"""``flatspec pipeline``: score -> select -> train -> eval -> report in one run directory.
+"""``flatspec pipeline``: (regenerate ->) score -> select -> train -> eval -> report in one run directory.
 
 Every stage skips itself when its outputs are current and resumes when it was interrupted,
 so re-running the same command after a crash (or after changing a late-stage setting) redoes
@@ -21,10 +21,15 @@ from flatspec_jax.stages.common import RunContext
 log = logging.getLogger(__name__)
 
 
-def summary(cfg: Config, manifest: dict[str, Any], trained: Any, result: dict[str, Any], plots: list) -> str:
+def summary(cfg: Config, manifest: dict[str, Any], trained: Any, result: dict[str, Any], plots: list,
+            responses: dict[str, Any] | None = None) -> str:
     heldout = trained.heldout
-    lines = [
-        f"run directory        {cfg.run_dir}",
+    lines = [f"run directory        {cfg.run_dir}"]
+    if responses is not None:
+        lines.append(f"target replies       {responses['conversations']} conversations, "
+                     f"{responses['reply_tokens']:,} tokens ({responses['cut_replies']} cut at "
+                     f"{cfg.regenerate.max_new_tokens})")
+    lines += [
         f"samples kept         {manifest['count']} of {manifest['candidates']} ({manifest['rule']}, "
         f"keep {manifest['keep']:g}; {manifest['heldout']} held out)",
         f"training tokens      {trained.steps * cfg.train.batch_tokens:,} ({trained.steps} steps x "
@@ -51,6 +56,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
         timings[name] = time.perf_counter() - began
         return out
 
+    if cfg.data.responses == "target":
+        timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))
     manifest = timed("select", lambda: select.run(cfg))
     trained = timed("train", lambda: train.run(cfg, ctx=ctx))
@@ -58,6 +65,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
     plots = timed("report", lambda: report.run(cfg))
     log.info("pipeline finished in %.0f s (%s)", sum(timings.values()),
              ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
-    text = summary(cfg, manifest, trained, result, plots)
+    text = summary(cfg, manifest, trained, result, plots, ctx.responses)
     print(text)
     return text

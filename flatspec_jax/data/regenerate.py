@@ -1,0 +1,265 @@
+"""Target-generated training data (Goel et al., arXiv 2403.00858): the source's user turns, answered by the target.
+
+A draft is asked, at decoding time, to predict the target's own next tokens. Trained on a
+dataset's replies (ChatGPT's, for ShareGPT) it learns them only as far as the target happens
+to agree; trained on the target's replies it learns exactly the distribution it will be
+verified against. With ``data.responses: target`` every stage reads these conversations
+instead of the source's.
+
+Each conversation keeps its system message (if any) and its first ``regenerate.turns`` user
+turns; turn t is answered by the target given the earlier user turns and the target's own
+earlier replies. A conversation is dropped when its first prompt leaves no room for a reply
+within ``data.max_length`` (``prompt_too_long``) or the target's first reply is empty
+(``empty_reply``); later turns stop at the first that does not fit or gets an empty reply.
+
+Output, in the run directory:
+  * ``responses.jsonl``: one ``{"id", "messages": [{"role", "content"}, ...]}`` line per kept
+    conversation, in source order; a JSONL source like any other.
+  * ``responses.meta.json``: the fingerprint of everything the replies depend on, counts of
+    kept and dropped conversations, generated tokens and replies cut at ``max_new_tokens``.
+Work is kept in parts (``responses.jsonl.parts/``, one atomically written file per
+``flush_every`` batches); an interrupted run resumes at the first missing part, and every
+batch's sampling key depends only on its index, so the result equals an uninterrupted run's.
+Every process decodes the same batches in lockstep (like ``flatspec eval``); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flatspec_jax.config import Config, DecodeConfig
+from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.conversations import Conversation, SkipReport
+from flatspec_jax.data.sources import iter_conversations
+from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, round_up
+from flatspec_jax.io import atomic_write, atomic_write_json
+from flatspec_jax.models.llama import Llama
+
+log = logging.getLogger(__name__)
+
+RESPONSES_FILE = "responses.jsonl"
+META_FILE = "responses.meta.json"
+PROMPT_TOO_LONG = "prompt_too_long"
+EMPTY_REPLY = "empty_reply"
+
+
+def responses_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RESPONSES_FILE
+
+
+def regenerate_fingerprint(cfg: Config, model_path: str) -> str:
+    """What the replies depend on: the target, the source's conversations, the lengths, the
+    regenerate settings and the seed."""
+    payload = json.dumps({"model": cfg.section_hash("model"), "model_path": str(Path(model_path).resolve()),
+                          "source": cfg.data.source, "limit": cfg.data.limit, "max_length": cfg.data.max_length,
+                          "regenerate": cfg.section_hash("regenerate"), "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_meta(run_dir: str | Path) -> dict[str, Any] | None:
+    """``responses.meta.json``, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def responses_are_current(cfg: Config, model_path: str) -> bool:
+    meta = read_meta(cfg.run_dir)
+    return (meta is not None and meta.get("fingerprint") == regenerate_fingerprint(cfg, model_path)
+            and responses_path(cfg.run_dir).exists())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """One conversation's parts that regeneration keeps: the system message and the user turns."""
+
+    id: str
+    system: tuple[dict[str, str], ...]
+    user_turns: tuple[str, ...]
+
+
+def _split(conv: Conversation, turns: int) -> _Source:
+    system = tuple(m.as_dict() for m in conv.messages if m.role == "system")[:1]
+    users = tuple(m.content for m in conv.messages if m.role == "user")[:turns]
+    return _Source(conv.id, system, users)
+
+
+def _prompt(tokenizer, source: _Source, replies: Sequence[str]) -> np.ndarray:
+    """[P] ids of the prompt for user turn ``len(replies)``: earlier turns answered by ``replies``."""
+    messages = list(source.system)
+    for text, reply in zip(source.user_turns, replies):
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": source.user_turns[len(replies)]})
+    return render_prompt(tokenizer, messages)
+
+
+class _Regenerator:
+    """Decodes batches of conversations turn by turn with one compiled program (fixed rows and width)."""
+
+    def __init__(self, cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pad_id: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        settings = cfg.regenerate
+        self.width = round_up(cfg.data.max_length, PROMPT_BUCKET)
+        decode = DecodeConfig(method="ar", temperature=settings.temperature, top_p=settings.top_p,
+                              max_new_tokens=settings.max_new_tokens,
+                              max_cache_length=round_up(self.width + settings.max_new_tokens + 1, CACHE_BUCKET))
+        self.decoder = Decoder(target, decode, eos_ids, pad_id, method="ar")
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+
+    def fits(self, prompt: np.ndarray) -> bool:
+        """A reply token still fits within data.max_length after the prompt."""
+        return len(prompt) < self.cfg.data.max_length
+
+    def batch(self, sources: Sequence[_Source], key: jax.Array) -> list[dict[str, Any]]:
+        """One record per source: ``{"id", "messages", "reply_tokens", "cut"}`` or ``{"id", "dropped"}``."""
+        replies: list[list[str]] = [[] for _ in sources]
+        tokens: list[list[int]] = [[] for _ in sources]
+        cut = [0] * len(sources)
+        open_rows = list(range(len(sources)))
+        for turn in range(self.cfg.regenerate.turns):
+            prompts = {}
+            for row in open_rows:
+                if turn < len(sources[row].user_turns):
+                    prompt = _prompt(self.tokenizer, sources[row], replies[row])
+                    if self.fits(prompt):
+                        prompts[row] = prompt
+            if not prompts:
+                break
+            rows = list(prompts)
+            # Fill the batch with copies of its first prompt: every call has the same shape.
+            padded = [prompts[r] for r in rows] + [prompts[rows[0]]] * (self.cfg.regenerate.batch_size - len(rows))
+            result = self.decoder.run(padded, jax.random.fold_in(key, turn), width=self.width)
+            open_rows = []
+            for row, ids in zip(rows, result.tokens):
+                text = self.decoder.text(self.tokenizer, ids)
+                if not text:
+                    continue
+                replies[row].append(text)
+                tokens[row].append(len(ids))
+                cut[row] += int(len(ids) == self.cfg.regenerate.max_new_tokens and int(ids[-1]) not in self.eos_ids)
+                open_rows.append(row)
+        records = []
+        for source, row_replies, row_tokens, row_cut in zip(sources, replies, tokens, cut):
+            if not row_replies:
+                records.append({"id": source.id, "dropped": EMPTY_REPLY})
+                continue
+            messages = list(source.system)
+            for text, reply in zip(source.user_turns, row_replies):
+                messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            records.append({"id": source.id, "messages": messages, "reply_tokens": row_tokens, "cut": row_cut})
+        return records
+
+
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _parts_dir(run_dir: Path, fingerprint: str) -> Path:
+    """The parts directory of this fingerprint; parts of other settings are removed."""
+    parts = run_dir / (RESPONSES_FILE + ".parts")
+    stamp = parts / "FINGERPRINT"
+    if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        if jax.process_index() == 0:
+            shutil.rmtree(parts)
+    if jax.process_index() == 0 and not stamp.exists():
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write(stamp, lambda tmp: tmp.write_text(fingerprint))
+    return parts
+
+
+def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pad_id: int,
+               model_path: str) -> dict[str, Any]:
+    """Writes ``responses.jsonl`` and ``responses.meta.json`` (module docstring) unless they are current.
+
+    Returns:
+      The meta record: fingerprint, conversations (kept), dropped (by reason), reply_tokens,
+      cut_replies (replies that reached ``regenerate.max_new_tokens``).
+    """
+    run_dir = Path(cfg.run_dir)
+    fingerprint = regenerate_fingerprint(cfg, model_path)
+    if responses_are_current(cfg, model_path):
+        log.info("%s is current; nothing to do", responses_path(run_dir))
+        return read_meta(run_dir)
+    settings = cfg.regenerate
+    worker = _Regenerator(cfg, target, tokenizer, eos_ids, pad_id)
+    report = SkipReport()
+    sources, too_long = [], 0
+    for conv in iter_conversations(cfg.data.source, report, cfg.data.limit):
+        source = _split(conv, settings.turns)
+        if worker.fits(_prompt(tokenizer, source, [])):
+            sources.append(source)
+        else:
+            too_long += 1
+    log.info("%s: %s; %d conversations to answer, %d dropped (first prompt >= data.max_length=%d tokens)",
+             cfg.data.source, report.summary(), len(sources), too_long, cfg.data.max_length)
+    if not sources:
+        raise ValueError(f"data.source={cfg.data.source!r} has no conversation whose first prompt fits "
+                         f"data.max_length={cfg.data.max_length}")
+    parts = _parts_dir(run_dir, fingerprint)
+    multihost_utils.sync_global_devices("flatspec: regenerate parts checked")
+    num_batches = -(-len(sources) // settings.batch_size)
+    chunk_starts = range(0, num_batches, settings.flush_every)
+    done = {start for start in chunk_starts if (parts / f"part-{start:06d}.jsonl").exists()}
+    if done:
+        log.info("resuming: %d of %d parts already written", len(done), len(chunk_starts))
+    key = jax.random.key(cfg.seed)
+    began, generated = time.perf_counter(), 0
+    for start in chunk_starts:
+        if start in done:
+            continue
+        records = []
+        for index in range(start, min(start + settings.flush_every, num_batches)):
+            batch = sources[index * settings.batch_size:(index + 1) * settings.batch_size]
+            records += worker.batch(batch, jax.random.fold_in(key, index))
+        if jax.process_index() == 0:
+            _write_jsonl(parts / f"part-{start:06d}.jsonl", records)
+        generated += sum(sum(r.get("reply_tokens", ())) for r in records)
+        finished = min(start + settings.flush_every, num_batches)
+        elapsed = time.perf_counter() - began
+        log.info("regenerate: %d/%d batches, %d reply tokens, %.1f tokens/s", finished, num_batches, generated,
+                 generated / elapsed)
+    multihost_utils.sync_global_devices("flatspec: regenerate parts written")
+    if jax.process_index() == 0:
+        _merge(run_dir, parts, chunk_starts, fingerprint, too_long)
+    multihost_utils.sync_global_devices("flatspec: responses written")
+    meta = read_meta(run_dir)
+    log.info("wrote %s: %d conversations, %d reply tokens (%d replies cut at %d tokens), dropped %s",
+             responses_path(run_dir), meta["conversations"], meta["reply_tokens"], meta["cut_replies"],
+             settings.max_new_tokens, meta["dropped"])
+    return meta
+
+
+def _merge(run_dir: Path, parts: Path, chunk_starts: range, fingerprint: str, too_long: int) -> None:
+    """Concatenates the parts in order into responses.jsonl, then writes the meta record and removes the parts."""
+    kept, dropped = [], {PROMPT_TOO_LONG: too_long, EMPTY_REPLY: 0}
+    for start in chunk_starts:
+        for record in _read_jsonl(parts / f"part-{start:06d}.jsonl"):
+            if "dropped" in record:
+                dropped[record["dropped"]] += 1
+            else:
+                kept.append(record)
+    _write_jsonl(responses_path(run_dir), [{"id": r["id"], "messages": r["messages"]} for r in kept])
+    atomic_write_json(run_dir / META_FILE, {
+        "fingerprint": fingerprint, "conversations": len(kept), "dropped": dropped,
+        "reply_tokens": sum(sum(r["reply_tokens"]) for r in kept), "cut_replies": sum(r["cut"] for r in kept)})
+    shutil.rmtree(parts)

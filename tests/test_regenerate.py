@@ -1,0 +1,174 @@
+"""Target-generated training data (``data.responses: target``, ``flatspec regenerate``).
+
+On a tiny random Llama with SmolLM2's tokenizer and the first ShareGPT conversations: each kept
+conversation holds its source's first user turns answered by the target's greedy replies (equal
+to decoding each prompt alone), in source order, with too-long prompts dropped and counted; an
+interrupted run resumes at the first missing part and ends byte-identical to an uninterrupted
+run; current replies are not decoded again and changed settings are; the tokenized samples of
+the run are built from the replies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flatspec_jax import cli
+from flatspec_jax.config import ConfigError, load_config
+from flatspec_jax.data import regenerate as regen
+from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.sources import load_conversations
+from flatspec_jax.stages.common import RunContext
+from tiny_target import save_tiny_llama
+
+pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
+
+LIMIT, MAX_LENGTH, MAX_NEW = 12, 96, 6
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def make_config(tiny_dir: Path, run_dir: Path, *extra: str):
+    return load_config(None, [
+        f"run_dir={run_dir}", f"model.path={tiny_dir}", "mesh.data=1", f"data.limit={LIMIT}",
+        f"data.max_length={MAX_LENGTH}", "data.responses=target", "regenerate.turns=2",
+        f"regenerate.max_new_tokens={MAX_NEW}", "regenerate.batch_size=3", "regenerate.flush_every=1", *extra])
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in regen.responses_path(run_dir).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory):
+    """An uninterrupted run: (config, context, meta, file bytes)."""
+    cfg = make_config(tiny_dir, tmp_path_factory.mktemp("reference"))
+    ctx = RunContext(cfg)
+    meta = ctx.responses
+    return cfg, ctx, meta, regen.responses_path(cfg.run_dir).read_bytes()
+
+
+def test_replies_answer_the_first_user_turns_in_source_order(reference):
+    cfg, ctx, meta, _ = reference
+    records = read_records(Path(cfg.run_dir))
+    sources = {c.id: c for c in load_conversations("sharegpt", LIMIT)[0]}
+    ids = [r["id"] for r in records]
+    assert ids == [i for i in sources if i in set(ids)], "records are not in source order"
+    assert meta["conversations"] == len(records) > 0
+    for record in records:
+        users = [m.content for m in sources[record["id"]].messages if m.role == "user"][:2]
+        roles = [m["role"] for m in record["messages"] if m["role"] != "system"]
+        asked = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        assert asked == users[:len(asked)], record["id"]
+        assert roles == ["user", "assistant"] * len(asked), record["id"]
+        assert all(m["content"] for m in record["messages"] if m["role"] == "assistant"), record["id"]
+
+
+def test_too_long_prompts_are_dropped_and_counted(reference):
+    cfg, ctx, meta, _ = reference
+    too_long = 0
+    for conv in load_conversations("sharegpt", LIMIT)[0]:
+        first = [m.as_dict() for m in conv.messages[:[m.role for m in conv.messages].index("user") + 1]]
+        too_long += len(render_prompt(ctx.tokenizer, first)) >= MAX_LENGTH
+    assert too_long > 0, "the test data should hold a prompt longer than data.max_length"
+    assert meta["dropped"][regen.PROMPT_TOO_LONG] == too_long
+    assert meta["conversations"] + sum(meta["dropped"].values()) == LIMIT
+
+
+def test_first_reply_equals_decoding_the_prompt_alone(reference):
+    cfg, ctx, _, _ = reference
+    worker = regen._Regenerator(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id())
+    for record in read_records(Path(cfg.run_dir))[:4]:
+        first_user = next(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+        prompt = render_prompt(ctx.tokenizer, record["messages"][:first_user + 1])
+        alone = worker.decoder.run([prompt], jax.random.key(0), width=worker.width)
+        assert worker.decoder.text(ctx.tokenizer, alone.tokens[0]) == record["messages"][first_user + 1]["content"]
+
+
+def test_interrupted_run_resumes_and_equals_uninterrupted(reference, tiny_dir, tmp_path, monkeypatch):
+    cfg_ref, ref_ctx, ref_meta, ref_bytes = reference
+    cfg = make_config(tiny_dir, tmp_path / "run")
+    ctx = RunContext(cfg)
+    ctx.target = ref_ctx.target  # the same weights; skip loading them again
+    calls = []
+    original = regen._Regenerator.batch
+
+    def failing_batch(self, sources, key):
+        calls.append(sources[0].id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, sources, key)
+
+    monkeypatch.setattr(regen._Regenerator, "batch", failing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    parts = sorted((tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")).glob("part-*.jsonl"))
+    assert [p.name for p in parts] == ["part-000000.jsonl", "part-000001.jsonl"]
+    calls.clear()
+    meta = regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    num_batches = -(-(LIMIT - ref_meta["dropped"][regen.PROMPT_TOO_LONG]) // 3)
+    assert len(calls) == num_batches - 2, "finished parts were decoded again"
+    assert regen.responses_path(cfg.run_dir).read_bytes() == ref_bytes
+    assert meta == ref_meta
+    assert not (tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")).exists()
+
+
+def test_current_replies_are_reused_and_changed_settings_redo_them(reference, tiny_dir, monkeypatch):
+    cfg, ctx, meta, ref_bytes = reference
+    calls = []
+    monkeypatch.setattr(regen._Regenerator, "batch", lambda self, sources, key: calls.append(1) or [])
+    assert regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path) == meta
+    assert not calls
+    changed = make_config(tiny_dir, Path(cfg.run_dir), "regenerate.max_new_tokens=4")
+    assert not regen.responses_are_current(changed, ctx.model_path)
+    assert regen.regenerate_fingerprint(changed, ctx.model_path) != meta["fingerprint"]
+
+
+def test_samples_are_built_from_the_replies(reference):
+    cfg, ctx, _, _ = reference
+    records = read_records(Path(cfg.run_dir))
+    samples = ctx.samples
+    kept = set(samples.ids)
+    assert len(samples) > 0 and [r["id"] for r in records if r["id"] in kept] == list(samples.ids)
+    assert samples.ids[0] == records[0]["id"]
+    first = records[0]["messages"]
+    reply_ids = ctx.tokenizer(first[[m["role"] for m in first].index("assistant")]["content"],
+                              add_special_tokens=False)["input_ids"]
+    tokens, mask = samples[0]
+    trained = tokens[mask.astype(bool)]
+    assert list(reply_ids[:3]) == list(trained[:3]), "the first sample's trained tokens are not the target's reply"
+
+
+def test_missing_replies_name_the_file_and_the_command(tiny_dir, tmp_path):
+    from flatspec_jax.data.prepare import conversations_source
+
+    cfg = make_config(tiny_dir, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"responses\.jsonl.*flatspec regenerate"):
+        conversations_source(cfg.data, tmp_path)
+
+
+def test_regenerate_settings_are_validated():
+    with pytest.raises(ConfigError, match="regenerate.turns"):
+        load_config(None, ["regenerate.turns=0"])
+    with pytest.raises(ConfigError, match="data.responses"):
+        load_config(None, ["data.responses=teacher"])
+
+
+def test_regenerate_verb_needs_target_responses(tmp_path, capsys):
+    assert cli.main(["regenerate", "--run-dir", str(tmp_path)]) == 1
+    assert "data.responses" in capsys.readouterr().err
+
+
+def test_part_records_keep_reply_counts_out_of_the_merged_file(reference):
+    cfg, _, meta, _ = reference
+    records = read_records(Path(cfg.run_dir))
+    assert all(set(r) == {"id", "messages"} for r in records)
+    assert 0 < meta["reply_tokens"] <= MAX_NEW * 2 * len(records)
+    assert np.all([isinstance(v, int) for v in meta["dropped"].values()])
