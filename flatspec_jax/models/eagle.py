@@ -60,7 +60,7 @@ class EagleHead(nnx.Module):
           token_embeddings: [B, T, D] target embeddings of x_{t+1}.
           positions: [B, T] RoPE positions (those of f_t).
           mask: [B, T, S] attention mask.
-          cache: the head's own KV cache ([num_layers, B, S, K, H] tensors) or None.
+          cache: the head's own KV cache ([num_layers, B, K, S, H] tensors) or None.
           cache_index: [B] first slot of the new tokens (with a cache).
 
         Returns:
@@ -72,16 +72,12 @@ class EagleHead(nnx.Module):
             h = h + self.fc_bias[...].astype(self.dtype)
         inv_freq = rope_inverse_frequencies(self.arch.head_dim, self.arch.rope_theta, self.arch.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq)
-        first_cache = None if cache is None else (cache.k[0], cache.v[0])
-        h, first_cache = self.first_layer(h, cos, sin, mask, first_cache, cache_index)
+        kv = None if cache is None else (cache.k, cache.v)
+        h, kv = self.first_layer(h, cos, sin, mask, kv, cache_index, 0)
+        cache = None if kv is None else KVCache(k=kv[0], v=kv[1])
         if self.more_layers is None:
-            return h, None if cache is None else KVCache(k=first_cache[0][None], v=first_cache[1][None])
-        rest = None if cache is None else KVCache(k=cache.k[1:], v=cache.v[1:])
-        h, rest = self.more_layers(h, cos, sin, mask, rest, cache_index)
-        if cache is None:
-            return h, None
-        return h, KVCache(k=jnp.concatenate([first_cache[0][None], rest.k]),
-                          v=jnp.concatenate([first_cache[1][None], rest.v]))
+            return h, cache
+        return self.more_layers(h, cos, sin, mask, cache, cache_index, first_layer=1)
 
 
 def create_eagle_head(target: ArchSpec, num_layers: int = 1, *, seed: int = 0, dtype: str = "float32",

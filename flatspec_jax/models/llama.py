@@ -50,8 +50,8 @@ class KVCache:
     """Preallocated key/value cache of every layer. Slot s of a row holds position s.
 
     Attributes:
-      k: [L, B, S, K, H] keys after RoPE.
-      v: [L, B, S, K, H] values.
+      k: [L, B, K, S, H] keys after RoPE (heads-major, as attention reads them).
+      v: [L, B, K, S, H] values.
     """
 
     k: Array
@@ -59,12 +59,12 @@ class KVCache:
 
     @classmethod
     def zeros(cls, arch: ArchSpec, num_layers: int, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
-        shape = (num_layers, batch, length, arch.num_kv_heads, arch.head_dim)
+        shape = (num_layers, batch, arch.num_kv_heads, length, arch.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 class ModelOutput(NamedTuple):
@@ -145,7 +145,7 @@ class Attention(nnx.Module):
         return out if bias is None else out + bias[...].astype(self.dtype)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 cache: tuple[Array, Array] | None, cache_index: Array | None
+                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0
                  ) -> tuple[Array, tuple[Array, Array] | None]:
         """Self-attention of the T new tokens over S keys.
 
@@ -154,11 +154,16 @@ class Attention(nnx.Module):
           cos, sin: [B, T, H] rotary tables of the new tokens' positions.
           mask: [B, T, S] True where query t may attend key s. Without a cache it must be causal
             (False wherever s > t); keys after a query's block are not read.
-          cache: this layer's (k, v), each [B, S, K, H], or None (keys are the new tokens, S = T).
+          cache: the whole model's (k, v), each [L, B, K, S, H], or None (keys are the new tokens, S = T).
           cache_index: [B] slot where each row's first new token is written.
+          layer: this layer's index into the cache.
 
         Returns:
-          [B, T, D] output and the updated (k, v) cache of this layer (None without a cache).
+          [B, T, D] output and the updated (k, v) cache (None without a cache).
+
+        The new keys and values are scattered straight into the whole cache (in place under jit)
+        and only this layer's slice is read back, already heads-major: no per-layer copy of the
+        cache and no transpose of it, which dominated batched decoding with long caches.
         """
         b, t, _ = x.shape
         q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
@@ -167,16 +172,18 @@ class Attention(nnx.Module):
         if cache is not None:
             slots = cache_index[:, None] + jnp.arange(t)[None, :]
             rows = jnp.arange(b)[:, None]
-            k_all = cache[0].at[rows, slots].set(k.astype(cache[0].dtype), mode="drop")
-            v_all = cache[1].at[rows, slots].set(v.astype(cache[1].dtype), mode="drop")
+            # Indexed [layer, rows, :, slots] the cache reads as [B, T, K, H], the new keys' layout.
+            k_all = cache[0].at[layer, rows, :, slots].set(k.astype(cache[0].dtype), mode="drop")
+            v_all = cache[1].at[layer, rows, :, slots].set(v.astype(cache[1].dtype), mode="drop")
             cache = (k_all, v_all)
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         n_heads, head_dim = q.shape[2], q.shape[3]
         groups = n_heads // self.num_kv_heads
         # Heads-major layouts ([B, K, T, G, H] queries, [B, K, S, H] keys) make every attention
         # product a plain batched matmul over (B, K), with no transposes per query block.
         q = q.reshape(b, t, self.num_kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is None:
             # Cache-free masks are causal in index order (query t sees keys s <= t; packed, plain
             # and draft-tree masks all are), so a block of queries needs only the keys up to its
@@ -234,11 +241,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(arch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 cache: tuple[Array, Array] | None, cache_index: Array | None
+                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0
                  ) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [B, T, D] residual stream -> [B, T, D]; see :meth:`Attention.__call__` for the rest."""
         h = x if self.input_layernorm is None else self.input_layernorm(x)
-        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, layer)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -259,23 +266,20 @@ class DecoderStack(nnx.Module):
         self.layers = make_layers(rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache: KVCache | None,
-                 cache_index: Array | None) -> tuple[Array, KVCache | None]:
-        """x: [B, T, D] -> [B, T, D]; the cache (if any) is [L, B, S, K, H] per tensor."""
+                 cache_index: Array | None, first_layer: int = 0) -> tuple[Array, KVCache | None]:
+        """x: [B, T, D] -> [B, T, D]. The cache (if any) is [L', B, K, S, H] per tensor, L' >= first_layer +
+        num_layers; layer i of the stack uses cache layer ``first_layer + i``."""
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, layer):
-            h, cache_k, cache_v = carry
+            h, kv = carry
             index, state = layer
-            layer_cache = None if cache_k is None else (cache_k[index], cache_v[index])
-            h, layer_cache = nnx.merge(graphdef, state)(h, cos, sin, mask, layer_cache, cache_index)
-            if layer_cache is not None:
-                cache_k = cache_k.at[index].set(layer_cache[0])
-                cache_v = cache_v.at[index].set(layer_cache[1])
-            return (h, cache_k, cache_v), None
+            h, kv = nnx.merge(graphdef, state)(h, cos, sin, mask, kv, cache_index, first_layer + index)
+            return (h, kv), None
 
-        init = (x, None, None) if cache is None else (x, cache.k, cache.v)
-        (x, cache_k, cache_v), _ = jax.lax.scan(body, init, (jnp.arange(self.num_layers), layer_state))
-        return x, None if cache is None else KVCache(k=cache_k, v=cache_v)
+        init = (x, None if cache is None else (cache.k, cache.v))
+        (x, kv), _ = jax.lax.scan(body, init, (jnp.arange(self.num_layers), layer_state))
+        return x, None if cache is None else KVCache(k=kv[0], v=kv[1])
 
 
 class Llama(nnx.Module):
