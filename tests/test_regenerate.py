@@ -88,7 +88,7 @@ def test_first_reply_equals_decoding_the_prompt_alone(reference):
     for record in read_records(Path(cfg.run_dir))[:4]:
         first_user = next(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
         prompt = render_prompt(ctx.tokenizer, record["messages"][:first_user + 1])
-        alone = worker.decoder.run([prompt], jax.random.key(0), width=worker.width)
+        alone = worker.decoder.run([prompt], jax.random.key(0))
         assert worker.decoder.text(ctx.tokenizer, alone.tokens[0]) == record["messages"][first_user + 1]["content"]
 
 

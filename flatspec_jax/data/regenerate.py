@@ -17,9 +17,11 @@ Output, in the run directory:
     conversation, in source order; a JSONL source like any other.
   * ``responses.meta.json``: the fingerprint of everything the replies depend on, counts of
     kept and dropped conversations, generated tokens and replies cut at ``max_new_tokens``.
-Work is kept in parts (``responses.jsonl.parts/``, one atomically written file per
-``flush_every`` batches); an interrupted run resumes at the first missing part, and every
-batch's sampling key depends only on its index, so the result equals an uninterrupted run's.
+Conversations are decoded in order of first-prompt length (so a batch's prompts pad to a
+similar width, and each width bucket compiles once) and written back in source order. Work is
+kept in parts (``responses.jsonl.parts/``, one atomically written file per ``flush_every``
+batches); an interrupted run resumes at the first missing part, and every batch's sampling key
+depends only on its index, so the result equals an uninterrupted run's.
 Every process decodes the same batches in lockstep (like ``flatspec eval``); process 0 writes.
 """
 
@@ -85,15 +87,17 @@ def responses_are_current(cfg: Config, model_path: str) -> bool:
 class _Source:
     """One conversation's parts that regeneration keeps: the system message and the user turns."""
 
+    index: int
+    """Position among the conversations answered, in source order."""
     id: str
     system: tuple[dict[str, str], ...]
     user_turns: tuple[str, ...]
 
 
-def _split(conv: Conversation, turns: int) -> _Source:
+def _split(conv: Conversation, index: int, turns: int) -> _Source:
     system = tuple(m.as_dict() for m in conv.messages if m.role == "system")[:1]
     users = tuple(m.content for m in conv.messages if m.role == "user")[:turns]
-    return _Source(conv.id, system, users)
+    return _Source(index, conv.id, system, users)
 
 
 def _prompt(tokenizer, source: _Source, replies: Sequence[str]) -> np.ndarray:
@@ -106,16 +110,17 @@ def _prompt(tokenizer, source: _Source, replies: Sequence[str]) -> np.ndarray:
 
 
 class _Regenerator:
-    """Decodes batches of conversations turn by turn with one compiled program (fixed rows and width)."""
+    """Decodes batches of conversations turn by turn: a fixed number of rows, prompts padded to
+    their bucket (``PROMPT_BUCKET``), so one compiled program per width bucket."""
 
     def __init__(self, cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pad_id: int):
         self.cfg = cfg
         self.tokenizer = tokenizer
         settings = cfg.regenerate
-        self.width = round_up(cfg.data.max_length, PROMPT_BUCKET)
+        widest = round_up(cfg.data.max_length, PROMPT_BUCKET)
         decode = DecodeConfig(method="ar", temperature=settings.temperature, top_p=settings.top_p,
                               max_new_tokens=settings.max_new_tokens,
-                              max_cache_length=round_up(self.width + settings.max_new_tokens + 1, CACHE_BUCKET))
+                              max_cache_length=round_up(widest + settings.max_new_tokens + 1, CACHE_BUCKET))
         self.decoder = Decoder(target, decode, eos_ids, pad_id, method="ar")
         self.eos_ids = frozenset(int(e) for e in eos_ids)
 
@@ -124,7 +129,8 @@ class _Regenerator:
         return len(prompt) < self.cfg.data.max_length
 
     def batch(self, sources: Sequence[_Source], key: jax.Array) -> list[dict[str, Any]]:
-        """One record per source: ``{"id", "messages", "reply_tokens", "cut"}`` or ``{"id", "dropped"}``."""
+        """One record per source: ``{"index", "id", "messages", "reply_tokens", "cut"}`` or
+        ``{"index", "id", "dropped"}``."""
         replies: list[list[str]] = [[] for _ in sources]
         tokens: list[list[int]] = [[] for _ in sources]
         cut = [0] * len(sources)
@@ -141,7 +147,7 @@ class _Regenerator:
             rows = list(prompts)
             # Fill the batch with copies of its first prompt: every call has the same shape.
             padded = [prompts[r] for r in rows] + [prompts[rows[0]]] * (self.cfg.regenerate.batch_size - len(rows))
-            result = self.decoder.run(padded, jax.random.fold_in(key, turn), width=self.width)
+            result = self.decoder.run(padded, jax.random.fold_in(key, turn))
             open_rows = []
             for row, ids in zip(rows, result.tokens):
                 text = self.decoder.text(self.tokenizer, ids)
@@ -154,12 +160,13 @@ class _Regenerator:
         records = []
         for source, row_replies, row_tokens, row_cut in zip(sources, replies, tokens, cut):
             if not row_replies:
-                records.append({"id": source.id, "dropped": EMPTY_REPLY})
+                records.append({"index": source.index, "id": source.id, "dropped": EMPTY_REPLY})
                 continue
             messages = list(source.system)
             for text, reply in zip(source.user_turns, row_replies):
                 messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-            records.append({"id": source.id, "messages": messages, "reply_tokens": row_tokens, "cut": row_cut})
+            records.append({"index": source.index, "id": source.id, "messages": messages, "reply_tokens": row_tokens,
+                            "cut": row_cut})
         return records
 
 
@@ -203,11 +210,13 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     settings = cfg.regenerate
     worker = _Regenerator(cfg, target, tokenizer, eos_ids, pad_id)
     report = SkipReport()
-    sources, too_long = [], 0
+    sources, first_lengths, too_long = [], [], 0
     for conv in iter_conversations(cfg.data.source, report, cfg.data.limit):
-        source = _split(conv, settings.turns)
-        if worker.fits(_prompt(tokenizer, source, [])):
+        source = _split(conv, len(sources), settings.turns)
+        first = _prompt(tokenizer, source, [])
+        if worker.fits(first):
             sources.append(source)
+            first_lengths.append(len(first))
         else:
             too_long += 1
     log.info("%s: %s; %d conversations to answer, %d dropped (first prompt >= data.max_length=%d tokens)",
@@ -217,6 +226,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
                          f"data.max_length={cfg.data.max_length}")
     parts = _parts_dir(run_dir, fingerprint)
     multihost_utils.sync_global_devices("flatspec: regenerate parts checked")
+    order = [sources[i] for i in np.argsort(first_lengths, kind="stable")]
     num_batches = -(-len(sources) // settings.batch_size)
     chunk_starts = range(0, num_batches, settings.flush_every)
     done = {start for start in chunk_starts if (parts / f"part-{start:06d}.jsonl").exists()}
@@ -229,7 +239,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
             continue
         records = []
         for index in range(start, min(start + settings.flush_every, num_batches)):
-            batch = sources[index * settings.batch_size:(index + 1) * settings.batch_size]
+            batch = order[index * settings.batch_size:(index + 1) * settings.batch_size]
             records += worker.batch(batch, jax.random.fold_in(key, index))
         if jax.process_index() == 0:
             _write_jsonl(parts / f"part-{start:06d}.jsonl", records)
@@ -250,7 +260,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
 
 
 def _merge(run_dir: Path, parts: Path, chunk_starts: range, fingerprint: str, too_long: int) -> None:
-    """Concatenates the parts in order into responses.jsonl, then writes the meta record and removes the parts."""
+    """Gathers the parts into responses.jsonl in source order, then writes the meta record and removes the parts."""
     kept, dropped = [], {PROMPT_TOO_LONG: too_long, EMPTY_REPLY: 0}
     for start in chunk_starts:
         for record in _read_jsonl(parts / f"part-{start:06d}.jsonl"):
@@ -258,6 +268,7 @@ def _merge(run_dir: Path, parts: Path, chunk_starts: range, fingerprint: str, to
                 dropped[record["dropped"]] += 1
             else:
                 kept.append(record)
+    kept.sort(key=lambda r: r["index"])
     _write_jsonl(responses_path(run_dir), [{"id": r["id"], "messages": r["messages"]} for r in kept])
     atomic_write_json(run_dir / META_FILE, {
         "fingerprint": fingerprint, "conversations": len(kept), "dropped": dropped,
