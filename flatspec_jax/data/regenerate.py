@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from flatspec_jax.config import Config, DecodeConfig
 from flatspec_jax.data.chat import render_prompt
@@ -233,6 +235,10 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     if done:
         log.info("resuming: %d of %d parts already written", len(done), len(chunk_starts))
     key = jax.random.key(cfg.seed)
+    finished_rows = sum(min(settings.flush_every * settings.batch_size, len(sources) - start * settings.batch_size)
+                        for start in done)
+    progress = tqdm(total=len(sources), initial=finished_rows, unit="conversation", desc="regenerate",
+                    file=sys.stderr, disable=jax.process_index() != 0, mininterval=5)
     began, generated = time.perf_counter(), 0
     for start in chunk_starts:
         if start in done:
@@ -240,14 +246,14 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
         records = []
         for index in range(start, min(start + settings.flush_every, num_batches)):
             batch = order[index * settings.batch_size:(index + 1) * settings.batch_size]
-            records += worker.batch(batch, jax.random.fold_in(key, index))
+            batch_records = worker.batch(batch, jax.random.fold_in(key, index))
+            records += batch_records
+            generated += sum(sum(r.get("reply_tokens", ())) for r in batch_records)
+            progress.update(len(batch))
+            progress.set_postfix(tok_s=f"{generated / (time.perf_counter() - began):.0f}")
         if jax.process_index() == 0:
             _write_jsonl(parts / f"part-{start:06d}.jsonl", records)
-        generated += sum(sum(r.get("reply_tokens", ())) for r in records)
-        finished = min(start + settings.flush_every, num_batches)
-        elapsed = time.perf_counter() - began
-        log.info("regenerate: %d/%d batches, %d reply tokens, %.1f tokens/s", finished, num_batches, generated,
-                 generated / elapsed)
+    progress.close()
     multihost_utils.sync_global_devices("flatspec: regenerate parts written")
     if jax.process_index() == 0:
         _merge(run_dir, parts, chunk_starts, fingerprint, too_long)
