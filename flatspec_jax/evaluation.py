@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
 from flatspec_jax.decoding.runner import PROMPT_BUCKET, Decoder, DecodeResult, round_up
 
@@ -46,11 +46,7 @@ class TurnRecord:
 
 def _turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarray:
     """Prompt ids of the next turn: the user turns so far, each answered by its earlier reply."""
-    messages: list[dict[str, str]] = []
-    for text, reply in zip(prompt.turns, replies):
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-    messages.append({"role": "user", "content": prompt.turns[len(replies)]})
-    return render_prompt(tokenizer, messages)
+    return render_prompt(tokenizer, answered_turns(prompt.turns[:len(replies) + 1], replies))
 
 
 def acceptance_by_depth(accept_counts: np.ndarray) -> list[float]:

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from flatspec_jax.data.chat import (  # noqa: E402
-    ChatTemplateError, render_prompt, tokenize_conversation, tokenize_conversations)
+    ChatTemplateError, answered_turns, render_prompt, tokenize_conversation, tokenize_conversations)
 from flatspec_jax.data.conversations import Conversation, Message  # noqa: E402
 from flatspec_jax.data.sources import load_conversations  # noqa: E402
 from flatspec_jax.data.tokenizer import build_gguf_tokenizer, default_model_path, gguf_cache_dir, load_tokenizer  # noqa: E402
@@ -330,3 +330,10 @@ def test_smollm2_tokenizer_equals_transformers_gguf_conversion(tokenizer):
             chat = conv.as_dicts()
             assert reference.apply_chat_template(chat, tokenize=False) == ours.apply_chat_template(chat, tokenize=False)
             assert reference.apply_chat_template(chat)["input_ids"] == ours.apply_chat_template(chat)["input_ids"]
+
+
+def test_answered_turns_interleaves_replies_and_leaves_the_next_turn_open():
+    assert answered_turns(["a", "b"], ["A"]) == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "b"}]
+    assert answered_turns(["a"], ["A"]) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}]
+    assert answered_turns([], []) == []

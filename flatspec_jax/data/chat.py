@@ -140,6 +140,17 @@ def _verify(tokenizer: PreTrainedTokenizerBase, conv: Conversation, ids: list[in
                                 f"apply_chat_template(tokenize=True)")
 
 
+def answered_turns(user_turns: Sequence[str], replies: Sequence[str]) -> list[dict[str, str]]:
+    """``[user 1, assistant 1, user 2, ...]`` messages: each user turn followed by its reply while
+    replies last (so one more user turn than replies makes the prompt of that turn's reply)."""
+    messages = []
+    for number, text in enumerate(user_turns):
+        messages.append({"role": "user", "content": text})
+        if number < len(replies):
+            messages.append({"role": "assistant", "content": replies[number]})
+    return messages
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message | Mapping[str, str]],
                   add_generation_prompt: bool = True) -> np.ndarray:
     """[P] int32 prompt ids for generation: ``messages`` through the chat template, by default ending in the

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from flatspec_jax.config import Config, DecodeConfig
-from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.conversations import Conversation, SkipReport
 from flatspec_jax.data.sources import iter_conversations
 from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, round_up
@@ -102,13 +102,14 @@ def _split(conv: Conversation, index: int, turns: int) -> _Source:
     return _Source(index, conv.id, system, users)
 
 
+def _messages(source: _Source, replies: Sequence[str], asking: bool) -> list[dict[str, str]]:
+    """The system message and the user turns answered by ``replies``, plus the next user turn if ``asking``."""
+    return list(source.system) + answered_turns(source.user_turns[:len(replies) + int(asking)], replies)
+
+
 def _prompt(tokenizer, source: _Source, replies: Sequence[str]) -> np.ndarray:
     """[P] ids of the prompt for user turn ``len(replies)``: earlier turns answered by ``replies``."""
-    messages = list(source.system)
-    for text, reply in zip(source.user_turns, replies):
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-    messages.append({"role": "user", "content": source.user_turns[len(replies)]})
-    return render_prompt(tokenizer, messages)
+    return render_prompt(tokenizer, _messages(source, replies, asking=True))
 
 
 class _Regenerator:
@@ -164,11 +165,8 @@ class _Regenerator:
             if not row_replies:
                 records.append({"index": source.index, "id": source.id, "dropped": EMPTY_REPLY})
                 continue
-            messages = list(source.system)
-            for text, reply in zip(source.user_turns, row_replies):
-                messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-            records.append({"index": source.index, "id": source.id, "messages": messages, "reply_tokens": row_tokens,
-                            "cut": row_cut})
+            records.append({"index": source.index, "id": source.id, "messages": _messages(source, row_replies, False),
+                            "reply_tokens": row_tokens, "cut": row_cut})
         return records
 
 
