@@ -30,6 +30,7 @@ SIDES = ("source", "target")
 def run_side(config: str, run_dir: Path, responses: str) -> dict:
     """Runs (or completes) one pipeline and reads back what it measured."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    reused = (run_dir / "eval.json").exists()
     argv = [sys.executable, "-m", "flatspec_jax.cli", "pipeline", "--config", config, "--run-dir", str(run_dir),
             "--set", f"data.responses={responses}"]
     done = run_measured(argv, child_env(), run_dir / "pipeline").check(f"pipeline ({responses} replies)")
@@ -37,7 +38,9 @@ def run_side(config: str, run_dir: Path, responses: str) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
              if "eval_top1" in r]
-    side = {"wall_s": round(done.wall_s, 1), "stage_seconds": stage_times(done.stderr), "heldout": curve,
+    # A reused run's stages were skipped: its wall and stage times are not the pipeline's cost.
+    side = {"reused_complete_run": reused, "wall_s": round(done.wall_s, 1), "stage_seconds": stage_times(done.stderr),
+            "heldout": curve,
             "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
     meta = run_dir / "responses.meta.json"
     if meta.exists():
