@@ -361,8 +361,9 @@ def test_compacted_cache_equals_autoregressive_cache(target, shape):
     for b in range(2):
         n, a = int(lengths[b]), int(accepted[b])
         committed = slice(0, n + a + 1)
-        np.testing.assert_allclose(compacted.k[:, b, :, committed], reference.cache.k[:, b, :, committed], atol=TOL, rtol=TOL)
-        np.testing.assert_allclose(compacted.v[:, b, :, committed], reference.cache.v[:, b, :, committed], atol=TOL, rtol=TOL)
+        for name in ("k", "v"):
+            np.testing.assert_allclose(getattr(compacted, name)[:, b, :, committed],
+                                       getattr(reference.cache, name)[:, b, :, committed], atol=TOL, rtol=TOL)
         # The features the draft catches up on are the target's true ones.
         np.testing.assert_allclose(out.hidden[b, path[b, :a + 1]], reference.hidden[b, n:n + a + 1], atol=TOL,
                                    rtol=TOL)
