@@ -125,7 +125,6 @@ class _Regenerator:
                               max_new_tokens=settings.max_new_tokens,
                               max_cache_length=round_up(widest + settings.max_new_tokens + 1, CACHE_BUCKET))
         self.decoder = Decoder(target, decode, eos_ids, pad_id, method="ar")
-        self.eos_ids = frozenset(int(e) for e in eos_ids)
 
     def fits(self, prompt: np.ndarray) -> bool:
         """A reply token still fits within data.max_length after the prompt."""
@@ -158,7 +157,7 @@ class _Regenerator:
                     continue
                 replies[row].append(text)
                 tokens[row].append(len(ids))
-                cut[row] += int(len(ids) == self.cfg.regenerate.max_new_tokens and int(ids[-1]) not in self.eos_ids)
+                cut[row] += int(len(ids) == self.cfg.regenerate.max_new_tokens and int(ids[-1]) not in self.decoder.eos_ids)
                 open_rows.append(row)
         records = []
         for source, row_replies, row_tokens, row_cut in zip(sources, replies, tokens, cut):
