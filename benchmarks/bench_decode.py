@@ -110,7 +110,7 @@ def main() -> None:
     for name, overrides in variants.items():
         settings[name] = load_config(args.config, base + overrides).decode
         decoders[f"ours_{name}"] = Decoder(ctx.target, settings[name], eos, pad, head=head,
-                                           draft_ids=ctx.draft_ids(settings[name].draft_vocab))
+                                           draft_ids=ctx.decoding_draft_ids(size=settings[name].draft_vocab))
     width = max(-(-len(p) // 64) * 64 for p in prompts)
     key = jax.random.key(0)
 

@@ -461,12 +461,11 @@ def report(results: dict) -> None:
     print(f"flatness overhead over the bare forward to logits: {s['flatness_overhead_pct']:.1f}% "
           f"(goal <= {GOALS['flatness_overhead_pct']}%); over the hidden-only forward: "
           f"{s['overhead_over_hidden_only_pct']:.1f}%")
-    rows = [["transformers-eager script (run 1)", f"{w['theirs_1']['wall_s']:.1f}", f"{w['theirs_1']['peak_rss_mib']:.0f}", ""],
-            ["transformers-eager script (run 2)", f"{w['theirs_2']['wall_s']:.1f}", f"{w['theirs_2']['peak_rss_mib']:.0f}", ""],
-            ["flatspec score, cold caches", f"{w['ours_cold']['wall_s']:.1f}", f"{w['ours_cold']['peak_rss_mib']:.0f}",
-             f"{w['wall_time_ratio_cold']:.2f}x"],
-            ["flatspec score, warm caches", f"{w['ours_warm']['wall_s']:.1f}", f"{w['ours_warm']['peak_rss_mib']:.0f}",
-             f"{w['wall_time_ratio_warm']:.2f}x"]]
+    rows = [[f"transformers-eager script (run {run})", f"{w[f'theirs_{run}']['wall_s']:.1f}",
+             f"{w[f'theirs_{run}']['peak_rss_mib']:.0f}", ""] for run in (1, 2)]
+    rows += [[f"flatspec score, {caches} caches", f"{w[f'ours_{caches}']['wall_s']:.1f}",
+              f"{w[f'ours_{caches}']['peak_rss_mib']:.0f}", f"{w[f'wall_time_ratio_{caches}']:.2f}x"]
+             for caches in ("cold", "warm")]
     print_table("2+3. whole process as a user runs it (wall time, peak RSS of that process)",
                 ["process", "wall s", "peak RSS MiB", "speed-up vs transformers"], rows)
     print(f"peak RSS ours(warm)/theirs: {w['peak_rss_ratio']:.2f}")

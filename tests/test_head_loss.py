@@ -138,3 +138,67 @@ def test_invalid_settings_are_named(bad):
     settings = {"token_loss": "eagle", "feature_weight": 1.0, "token_weight": 0.1, "chunk": 8, **bad}
     with pytest.raises(ValueError, match="chunk|mse"):
         draft_loss_through_head(pred, target, weight, mask, **settings)
+
+
+DRAFT_IDS = np.array([0, 3, 4, 9, 17, 18, 30, 41, 49], np.int32)
+"""A reduced draft vocabulary: 9 of the 50 tokens."""
+
+
+@pytest.mark.parametrize("name", list(TOKEN_LOSSES))
+def test_reduced_draft_vocab_trains_on_those_tokens_distributions(name):
+    """The loss, its terms and the gradient are `draft_loss` on the draft vocabulary's logit columns
+    (both distributions renormalised over those tokens)."""
+    pred, target, weight, mask = arrays(seed=6)
+    settings = {"token_loss": name, "feature_weight": 1.0, "token_weight": 0.3}
+    ids = jnp.asarray(DRAFT_IDS)
+
+    def reference(p):
+        return draft_loss(p, target, lm_head_logits(p, weight)[..., ids], lm_head_logits(target, weight)[..., ids],
+                          mask, **settings)
+
+    def reduced(p):
+        return draft_loss_through_head(p, target, weight, mask, chunk=8, draft_ids=ids, **settings)
+
+    (loss_a, terms_a), grad_a = jax.jit(jax.value_and_grad(reference, has_aux=True))(pred)
+    (loss_b, terms_b), grad_b = jax.jit(jax.value_and_grad(reduced, has_aux=True))(pred)
+    assert_close(loss_b, loss_a)
+    assert_close(terms_b.token, terms_a.token)
+    assert_close(terms_b.feature, terms_a.feature)
+    assert float(jnp.max(jnp.abs(grad_a))) > 1e-3
+    assert_close(grad_b, grad_a)
+    full = draft_loss_through_head(pred, target, weight, mask, chunk=8, **settings)[1]
+    assert abs(float(full.token) - float(terms_b.token)) > 1e-3  # the reduction changes the token term
+
+
+def test_reduced_draft_vocab_metrics_judge_the_draft_against_the_full_target_distribution():
+    """Acceptance sum_j min(p[id_j], q_j), top-1 / top-3 hits of the target's full-vocabulary argmax
+    among the draft's picks (ids): a target argmax the draft cannot propose is a miss."""
+    pred, target, weight, mask = arrays(seed=7)
+    _, terms = draft_loss_through_head(pred, target, weight, mask, token_loss="eagle", feature_weight=1.0,
+                                       token_weight=0.1, chunk=8, draft_ids=jnp.asarray(DRAFT_IDS))
+    w = np.asarray(weight, np.float64)
+    p = jax.nn.softmax(np.asarray(target, np.float64) @ w.T, axis=-1)
+    draft_logits = np.asarray(pred, np.float64) @ w[DRAFT_IDS].T
+    q = jax.nn.softmax(draft_logits, axis=-1)
+    best = np.argmax(p, axis=-1)
+    picks = DRAFT_IDS[np.argsort(-draft_logits, axis=-1, kind="stable")]
+    expected = {"acceptance": np.minimum(p[..., DRAFT_IDS], q).sum(-1), "top1": picks[..., 0] == best,
+                "top3": (picks[..., :3] == best[..., None]).any(-1)}
+    trained = np.asarray(mask, np.float64)
+    outside = ~np.isin(best, DRAFT_IDS) & (trained > 0)
+    assert 0 < outside.sum() < trained.sum()  # some target argmaxes the draft cannot propose, not all
+    for field, values in expected.items():
+        want = (np.asarray(values, np.float64) * trained).sum() / (trained.sum() + 1e-5)
+        np.testing.assert_allclose(float(getattr(terms, field)), want, rtol=1e-5, atol=1e-7)
+    restricted_top1 = (picks[..., 0] == DRAFT_IDS[np.argmax(p[..., DRAFT_IDS], -1)]) * trained
+    assert abs(restricted_top1.sum() / trained.sum() - float(terms.top1)) > 0.05  # not judged within the subset
+
+
+def test_whole_vocabulary_as_draft_vocab_changes_nothing():
+    pred, target, weight, mask = arrays(seed=8)
+    settings = {"token_loss": "kl", "feature_weight": 1.0, "token_weight": 0.3, "chunk": 8}
+    loss_a, terms_a = draft_loss_through_head(pred, target, weight, mask, **settings)
+    loss_b, terms_b = draft_loss_through_head(pred, target, weight, mask, draft_ids=jnp.arange(VOCAB), **settings)
+    assert_close(loss_b, loss_a)
+    for field in terms_a._fields:
+        assert_close(getattr(terms_b, field), getattr(terms_a, field))

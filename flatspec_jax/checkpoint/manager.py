@@ -7,8 +7,10 @@ atomically by orbax: a half-written step is never visible as a step):
                                     "opt_state": {"000": ..., "001": ...}, "step": []}
              parameters keyed by their NNX path; optimizer leaves in flattening order
     data/    the Grain iterator's state (exact data order on resume)
-    meta/    JSON: the resolved config, the draft architecture (ArchSpec), and the target's
-             identity: its ArchSpec and a hash of its tokenizer vocabulary
+    meta/    JSON: the resolved config, the draft architecture (ArchSpec), the target's
+             identity (its ArchSpec and a hash of its tokenizer vocabulary) and, for a head
+             trained on a reduced draft vocabulary (``draft.vocab``), its token ids under
+             "draft_vocab" (null otherwise): decoding must draft from exactly those
 
 Arrays are saved with their logical shapes, not their device layout, so a checkpoint
 written on one mesh restores on another: restore is given the target shardings.
@@ -58,10 +60,19 @@ def vocab_hash(tokenizer) -> str:
 
 
 def draft_meta(config: dict[str, Any], draft: ArchSpec, target: ArchSpec, target_vocab_hash: str,
-               fc_bias: bool) -> dict[str, Any]:
-    """The metadata saved with every checkpoint."""
+               fc_bias: bool, draft_vocab: np.ndarray | None = None) -> dict[str, Any]:
+    """The metadata saved with every checkpoint; ``draft_vocab`` [N]: the token ids a head trained on a
+    reduced vocabulary proposes from."""
     return {"version": META_VERSION, "config": config, "draft_arch": json.loads(draft.to_json()),
-            "fc_bias": fc_bias, "target_arch": json.loads(target.to_json()), "target_vocab_hash": target_vocab_hash}
+            "fc_bias": fc_bias, "target_arch": json.loads(target.to_json()), "target_vocab_hash": target_vocab_hash,
+            "draft_vocab": None if draft_vocab is None else [int(i) for i in draft_vocab]}
+
+
+def trained_draft_vocab(meta: dict[str, Any]) -> np.ndarray | None:
+    """[N] int32 ascending ids a checkpoint's head was trained to propose from; None for a head trained
+    on the whole vocabulary (and for checkpoints written before the field existed)."""
+    ids = meta.get("draft_vocab")
+    return None if ids is None else np.asarray(ids, np.int32)
 
 
 def flatten_params(state: nnx.State) -> dict[str, Any]:

@@ -157,7 +157,8 @@ class _Regenerator:
                     continue
                 replies[row].append(text)
                 tokens[row].append(len(ids))
-                cut[row] += int(len(ids) == self.cfg.regenerate.max_new_tokens and int(ids[-1]) not in self.decoder.eos_ids)
+                capped = len(ids) == self.cfg.regenerate.max_new_tokens
+                cut[row] += int(capped and int(ids[-1]) not in self.decoder.eos_ids)
                 open_rows.append(row)
         records = []
         for source, row_replies, row_tokens, row_cut in zip(sources, replies, tokens, cut):

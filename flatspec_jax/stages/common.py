@@ -13,8 +13,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from flatspec_jax import assets
-from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, load_draft_head, vocab_hash
-from flatspec_jax.config import Config
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, load_draft_head, read_meta, trained_draft_vocab, vocab_hash
+from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.regenerate import regenerate
 from flatspec_jax.data.tokenized import TokenizedDataset
@@ -86,18 +86,40 @@ class RunContext:
         return load_draft_head(directory, self.target.arch, vocab_hash(self.tokenizer), self.mesh, self.rules,
                                dtype=self.cfg.model.dtype)
 
-    def draft_ids(self, size: int | None = None) -> np.ndarray | None:
+    def draft_ids(self, size: int | None = None, setting: str = "decode.draft_vocab") -> np.ndarray | None:
         """[N] a reduced draft vocabulary: the N tokens most frequent in the run's samples, EOS ids
-        always in. N: ``size``, default ``decode.draft_vocab``; None when it is 0."""
+        always in. N: ``size`` (the value of config ``setting``), default ``decode.draft_vocab``;
+        None when it is 0."""
         size = self.cfg.decode.draft_vocab if size is None else size
         vocab = self.target.arch.vocab_size
         if not size:
             return None
         if size > vocab:
-            raise ValueError(f"decode.draft_vocab={size} exceeds the target's vocabulary ({vocab} tokens)")
+            raise ValueError(f"{setting}={size} exceeds the target's vocabulary ({vocab} tokens)")
         ids = frequent_token_ids(self.samples.tokens, vocab, size, self.eos_ids())
         log.info("draft vocabulary: the %d most frequent of %d tokens", size, vocab)
         return ids
+
+    def decoding_draft_ids(self, checkpoint: str | Path | None = None, size: int | None = None) -> np.ndarray | None:
+        """[N] the ids the draft head of ``checkpoint`` (default: this run's) proposes from when decoding.
+
+        A head trained on a reduced vocabulary (``draft.vocab``) drafts from the ids saved with it;
+        any other head from :meth:`draft_ids` of ``size`` (default ``decode.draft_vocab``).
+
+        Raises:
+          ConfigError: when the head has its own vocabulary and ``size`` asks for another size.
+        """
+        directory = Path(checkpoint) if checkpoint else self.run_dir / CHECKPOINT_DIR
+        trained = trained_draft_vocab(read_meta(directory)[1])
+        size = self.cfg.decode.draft_vocab if size is None else size
+        if trained is None:
+            return self.draft_ids(size)
+        if size not in (0, len(trained)):
+            raise ConfigError(f"decode.draft_vocab={size}: the draft head in {directory} was trained to propose from "
+                              f"its own {len(trained)} tokens (draft.vocab); set decode.draft_vocab to 0 or "
+                              f"{len(trained)}")
+        log.info("draft vocabulary: the %d tokens the head was trained on", len(trained))
+        return trained
 
     def eos_ids(self) -> tuple[int, ...]:
         return self.target.arch.eos_token_ids or (self.tokenizer.eos_token_id,)

@@ -25,7 +25,8 @@ EVAL_FILE = "eval.json"
 
 
 def _fingerprint(cfg: Config, checkpoint: Path, step: int) -> str:
-    # data: the reduced draft vocabulary (decode.draft_vocab) is counted on the run's samples.
+    # data: a reduced draft vocabulary (decode.draft_vocab) is counted on the run's samples; one the head was
+    # trained on (draft.vocab) is part of the checkpoint.
     return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{checkpoint.resolve()}:{step}"
 
 
@@ -57,13 +58,15 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     head = ctx.draft_head(checkpoint)
     eos, pad = ctx.eos_ids(), ctx.pad_id()
     ar = Decoder(ctx.target, cfg.decode, eos, pad, method="ar")
-    spec = Decoder(ctx.target, cfg.decode, eos, pad, head=head, method=method, draft_ids=ctx.draft_ids())
+    draft_ids = ctx.decoding_draft_ids(checkpoint)
+    spec = Decoder(ctx.target, cfg.decode, eos, pad, head=head, method=method, draft_ids=draft_ids)
     prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)
     log.info("evaluating %s decoding (draft %s step %d) on %d prompts x %d turn(s)", method, checkpoint, step,
              len(prompts), cfg.eval.turns)
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)
-    result.update({"method": method, "temperature": cfg.decode.temperature, "draft_vocab": cfg.decode.draft_vocab,
-                   "checkpoint": str(checkpoint), "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step)})
+    result.update({"method": method, "temperature": cfg.decode.temperature,
+                   "draft_vocab": 0 if draft_ids is None else len(draft_ids), "checkpoint": str(checkpoint),
+                   "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step)})
     if jax.process_index() == 0:
         atomic_write_json(path, result)
     log.info("eval: %s", summary_line(result))

@@ -6,7 +6,8 @@ Reads the orbax checkpoint (default ``<run_dir>/checkpoints``, latest step), che
 trained for the configured target and tokenizer, and writes ``<run_dir>/export/eagle``
 (``config.json``, ``model.safetensors``, ``pytorch_model.bin``; see
 :mod:`flatspec_jax.checkpoint.eagle_format`), atomically. The reference loads its heads
-strictly, so ``embed_tokens.weight`` is copied from the target's checkpoint.
+strictly, so ``embed_tokens.weight`` is copied from the target's checkpoint. A head trained on a
+reduced vocabulary (``draft.vocab``) lists its token ids under ``flatspec.draft_vocab``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from flatspec_jax.checkpoint import eagle_format
-from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, flatten_params, load_draft_head, read_meta, vocab_hash
+from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, flatten_params, load_draft_head, read_meta,
+                                             trained_draft_vocab, vocab_hash)
 from flatspec_jax.config import Config, ConfigError, MeshConfig
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.stages.common import RunContext, arg
@@ -54,7 +56,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
         target = reader.arch
         embedding = reader.get("model.embed_tokens.weight")
     target_hash = vocab_hash(ctx.tokenizer)
-    step, _ = read_meta(checkpoint, arg(args, "step"))
+    step, meta = read_meta(checkpoint, arg(args, "step"))
+    draft_vocab = trained_draft_vocab(meta)
     # The head is small: restore it onto one local device and convert on the host.
     mesh = make_mesh(MeshConfig(data=1), devices=jax.local_devices()[:1])
     head = load_draft_head(checkpoint, target, target_hash, mesh, ShardingRules(), step=step)
@@ -65,7 +68,11 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     config = eagle_format.head_config(
         head.arch, target, fc_bias=head.fc_bias is not None, target_vocab_hash=target_hash, dtype=dtype,
         pad_token_id=ctx.tokenizer.pad_token_id,
-        extra={"checkpoint": str(checkpoint), "step": step, "target_path": str(ctx.model_path)})
+        extra={"checkpoint": str(checkpoint), "step": step, "target_path": str(ctx.model_path),
+               "draft_vocab": None if draft_vocab is None else draft_vocab.tolist()})
+    if draft_vocab is not None:
+        log.warning("the head was trained to propose only its %d draft_vocab tokens (listed in config.json's "
+                    "flatspec block); the EAGLE-1/2 reference drafts from the whole vocabulary", len(draft_vocab))
     if target.num_heads * target.head_dim != target.hidden_size:
         log.warning("head_dim x num_attention_heads != hidden_size: the EAGLE reference derives head_dim from "
                     "hidden_size and cannot load this head")

@@ -24,7 +24,7 @@ def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) ->
     head = ctx.draft_head(args.draft) if args.draft else None
     method = cfg.decode.method if head is not None else "ar"
     decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=head, method=method,
-                      draft_ids=ctx.draft_ids() if head is not None else None)
+                      draft_ids=ctx.decoding_draft_ids(args.draft) if head is not None else None)
     prompt = render_prompt(ctx.tokenizer, [{"role": "user", "content": args.prompt}])
     result = decoder.run([prompt], jax.random.key(cfg.seed))
     calls = int(result.target_calls[0])

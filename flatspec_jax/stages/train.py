@@ -38,7 +38,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
             raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made from other "
                               "data or model settings; re-run `flatspec cache`")
     summary = train_draft(cfg, ctx.run_dir, ctx.mesh, ctx.rules, ctx.target, ctx.samples, selected,
-                          vocab_hash(ctx.tokenizer), features)
+                          vocab_hash(ctx.tokenizer), features, ctx.draft_ids(cfg.draft.vocab, "draft.vocab"))
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
              ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
     return summary

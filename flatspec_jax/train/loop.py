@@ -78,11 +78,12 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
 
 def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, target: Llama,
                 dataset: TokenizedDataset, selected_ids: Sequence[str] | None, target_vocab_hash: str,
-                features: FeatureCache | None = None) -> TrainSummary:
+                features: FeatureCache | None = None, draft_ids: np.ndarray | None = None) -> TrainSummary:
     """Trains (or resumes training) the EAGLE head on the selected samples; checkpoints under run_dir.
 
     With ``features`` (train.features=offline) the target's hidden states come from the cache
-    instead of a target forward inside the step.
+    instead of a target forward inside the step. ``draft_ids`` [N] (``draft.vocab``): the reduced
+    vocabulary the head is trained over, saved in every checkpoint's metadata.
     """
     tcfg = cfg.train
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
@@ -107,7 +108,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     target_graphdef, target_params = nnx.split(target)
     target_shardings = jax.tree.map(lambda a: a.sharding, target_params)
     train_step, evaluate = compile_steps(head_graphdef, target_graphdef, tx, StepSettings.from_config(tcfg, cfg.seed),
-                                         shardings, target_shardings, mesh, rules)
+                                         shardings, target_shardings, mesh, rules, draft_ids)
 
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
     start = checkpoints.latest_step() or 0
@@ -115,7 +116,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         state = checkpoints.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
                                     shardings, tx, iterator)
         log.info("resumed from %s/%d", checkpoints.directory, start)
-    meta = draft_meta(cfg.to_dict(), head.arch, target.arch, target_vocab_hash, fc_bias=head.fc_bias is not None)
+    meta = draft_meta(cfg.to_dict(), head.arch, target.arch, target_vocab_hash, fc_bias=head.fc_bias is not None,
+                      draft_vocab=draft_ids)
     metrics_log = MetricsLog(run_dir, resume_step=start)
     schedule = learning_rate_schedule(tcfg)
     rows_sharding = batch_spec(mesh, rules, 1)

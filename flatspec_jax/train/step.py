@@ -20,6 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -87,11 +88,13 @@ def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplit
 
 
 def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], key: Array | None,
-                       settings: StepSettings, agreement: bool | Array = True) -> tuple[Array, tuple[Any, Array]]:
+                       settings: StepSettings, agreement: bool | Array = True, draft_ids: Array | None = None
+                       ) -> tuple[Array, tuple[Any, Array]]:
     """Loss of the head on packed rows ([R, L] arrays; ``features`` [R, L, D] when cached offline).
 
     ``key`` None means no input noise (evaluation). ``agreement`` ([] bool) computes the
-    acceptance, top1 and top3 terms (NaN without; see `draft_loss_through_head`).
+    acceptance, top1 and top3 terms (NaN without; see `draft_loss_through_head`). ``draft_ids``
+    [N]: the reduced draft vocabulary the token term is computed over (None: all tokens).
 
     Returns:
       (loss, (LossTerms, number of trained positions)).
@@ -114,7 +117,7 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
         loss, terms = draft_loss_through_head(predicted, next_features, target.lm_head_weight(), trained,
                                               token_loss=settings.token_loss, feature_weight=settings.feature_weight,
                                               token_weight=settings.token_weight, chunk=settings.loss_chunk,
-                                              agreement=agreement)
+                                              agreement=agreement, draft_ids=draft_ids)
     return loss, (terms, trained.sum())
 
 
@@ -125,19 +128,20 @@ def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
 
 
 def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                settings: StepSettings, state: TrainState, target_params: nnx.State,
-                batches: dict[str, Array], agreement: bool | Array = True) -> tuple[TrainState, dict[str, Array]]:
+                settings: StepSettings, state: TrainState, target_params: nnx.State, batches: dict[str, Array],
+                agreement: bool | Array = True, draft_ids: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step over A micro-batches ([A, R, L] arrays): gradients are averaged.
 
     ``agreement`` ([] bool, traced) asks for the acceptance/top1/top3 metrics, which are NaN
-    without it; the loop sets it only on the steps it logs.
+    without it; the loop sets it only on the steps it logs. ``draft_ids`` [N]: a reduced draft
+    vocabulary the token term is computed over (`draft_loss_through_head`).
     """
     target = nnx.merge(target_graphdef, target_params)
     base_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
 
     def micro_loss(params: nnx.State, batch: dict[str, Array], key: Array):
         head = nnx.merge(head_graphdef, params)
-        return draft_loss_on_rows(head, target, batch, key, settings, agreement)
+        return draft_loss_on_rows(head, target, batch, key, settings, agreement, draft_ids)
 
     def accumulate(carry, inputs):
         grads_sum, metrics_sum = carry
@@ -161,11 +165,12 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
 
 
 def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, settings: StepSettings,
-               params: nnx.State, target_params: nnx.State, batch: dict[str, Array]) -> dict[str, Array]:
+               params: nnx.State, target_params: nnx.State, batch: dict[str, Array], draft_ids: Array | None = None
+               ) -> dict[str, Array]:
     """Held-out loss terms of one batch (no noise), with the number of trained positions for weighting."""
     head = nnx.merge(head_graphdef, params)
     target = nnx.merge(target_graphdef, target_params)
-    loss, (terms, positions) = draft_loss_on_rows(head, target, batch, None, settings)
+    loss, (terms, positions) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
     return {**metrics_of(loss, terms), "positions": positions}
 
 
@@ -176,14 +181,16 @@ def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
 
 def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                   settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
-                  rules: ShardingRules):
+                  rules: ShardingRules, draft_ids: np.ndarray | None = None):
     """The jitted train step ``(state, target_params, batches, agreement)`` (state donated, explicit
-    shardings) and eval step ``(params, target_params, batch)``."""
+    shardings) and eval step ``(params, target_params, batch)``; ``draft_ids`` [N] (a reduced draft
+    vocabulary, `draft_loss_through_head`) is a constant of both."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    train = jax.jit(functools.partial(_train_step, head_graphdef, target_graphdef, tx, settings),
+    ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
+    train = jax.jit(functools.partial(_train_step, head_graphdef, target_graphdef, tx, settings, draft_ids=ids),
                     in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1), replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings),
+    evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings, draft_ids=ids),
                        in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 0)),
                        out_shardings=replicated)
     return train, evaluate

@@ -1,0 +1,97 @@
+"""``draft.vocab``: a head trained on a reduced vocabulary, through the stages on the tiny target.
+
+One run (the tiny 2-layer target over SmolLM2's 49152-token vocabulary, a few ShareGPT samples)
+scores, selects and trains 2 steps with ``draft.vocab=64``. Checked: the checkpoint's metadata
+holds the run's 64 most frequent tokens; decoding drafts from exactly those (and a
+``decode.draft_vocab`` of another size is an error naming both settings); ``flatspec eval``
+records the size; the EAGLE export lists the ids; a head trained on the whole vocabulary still
+drafts from ``decode.draft_vocab``. (The loss itself: ``test_head_loss.py``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
+from flatspec_jax.config import ConfigError, load_config
+from flatspec_jax.stages import eval as eval_stage
+from flatspec_jax.stages import export, score, select, train
+from flatspec_jax.stages.common import RunContext
+from tiny_target import save_tiny_llama
+
+DRAFT_VOCAB = 64
+
+
+def overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.path={tiny_dir}", f"run_dir={run_dir}", "data.limit=12", "data.max_length=64", "data.heldout=2",
+            "score.row_length=64", "score.rows_per_batch=2", "mesh.data=1", "select.keep=1.0", "train.steps=2",
+            "train.row_length=64", "train.batch_tokens=128", "train.warmup_steps=0", "train.log_every=1",
+            "train.eval_every=2", "train.save_every=2", "train.features=online", "train.loss_chunk=16",
+            "decode.method=chain", "decode.gamma=2", "decode.max_new_tokens=6", "decode.max_cache_length=512",
+            "eval.limit=1", "eval.warmup=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def trained_run(tiny_dir: Path, run_dir: Path, *extra: str) -> RunContext:
+    cfg = load_config(None, overrides(tiny_dir, run_dir, *extra))
+    ctx = RunContext(cfg)
+    score.run(cfg, ctx=ctx)
+    select.run(cfg)
+    summary = train.run(cfg, ctx=ctx)
+    assert all(np.isfinite(v) for v in summary.final.values())
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tiny_dir, tmp_path_factory) -> RunContext:
+    return trained_run(tiny_dir, tmp_path_factory.mktemp("reduced"), f"draft.vocab={DRAFT_VOCAB}")
+
+
+def test_checkpoint_holds_the_run_s_most_frequent_tokens(reduced_run):
+    _, meta = read_meta(reduced_run.run_dir / CHECKPOINT_DIR)
+    expected = reduced_run.draft_ids(DRAFT_VOCAB)
+    assert meta["draft_vocab"] == expected.tolist()
+    assert len(expected) == DRAFT_VOCAB and set(reduced_run.eos_ids()) <= set(expected.tolist())
+
+
+def test_decoding_drafts_from_the_trained_tokens(reduced_run):
+    expected = reduced_run.draft_ids(DRAFT_VOCAB)
+    np.testing.assert_array_equal(reduced_run.decoding_draft_ids(), expected)  # decode.draft_vocab=0
+    np.testing.assert_array_equal(reduced_run.decoding_draft_ids(size=DRAFT_VOCAB), expected)
+    with pytest.raises(ConfigError, match=rf"decode\.draft_vocab=32: .* its own {DRAFT_VOCAB} tokens \(draft\.vocab\)"):
+        reduced_run.decoding_draft_ids(size=32)
+
+
+def test_eval_records_the_trained_vocabulary_size(reduced_run):
+    result = eval_stage.run(reduced_run.cfg, ctx=reduced_run)
+    assert result["draft_vocab"] == DRAFT_VOCAB
+    assert result["tau"] >= 1.0
+
+
+def test_export_lists_the_draft_vocabulary(reduced_run, tmp_path):
+    out = export.run(reduced_run.cfg, argparse.Namespace(out=str(tmp_path / "eagle")), ctx=reduced_run)
+    config = json.loads((out / "config.json").read_text())
+    assert config["flatspec"]["draft_vocab"] == reduced_run.draft_ids(DRAFT_VOCAB).tolist()
+
+
+def test_a_whole_vocabulary_head_drafts_from_decode_draft_vocab(tiny_dir, tmp_path):
+    ctx = trained_run(tiny_dir, tmp_path / "whole", "decode.draft_vocab=32")
+    _, meta = read_meta(ctx.run_dir / CHECKPOINT_DIR)
+    assert meta["draft_vocab"] is None
+    np.testing.assert_array_equal(ctx.decoding_draft_ids(), ctx.draft_ids(32))
+    assert ctx.decoding_draft_ids(size=0) is None
+
+
+def test_an_oversized_draft_vocab_is_named(tiny_dir, tmp_path):
+    cfg = load_config(None, overrides(tiny_dir, tmp_path, "draft.vocab=49153"))
+    with pytest.raises(ValueError, match=r"draft\.vocab=49153 exceeds the target's vocabulary"):
+        RunContext(cfg).draft_ids(cfg.draft.vocab, "draft.vocab")
