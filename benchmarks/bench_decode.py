@@ -10,7 +10,8 @@ drift in the machine's speed hits all alike):
   * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch, CPU);
   * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
     (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``; with
-    ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens).
+    ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens; a head trained
+    with ``draft.vocab`` always drafts from its own tokens, and N must then be 0 or their count).
 Prints tokens/s, tau (tokens emitted per target forward, the prefill's token excluded) and the
 speedups over both baselines, checks that every greedy output equals our autoregressive one,
 and writes JSON and a bar plot (PNG beside the JSON).
