@@ -29,6 +29,11 @@ FLOP count is the reference computation's (LM heads at every position, full atte
 our step skips LM-head chunks without trained positions and attention above the causal diagonal,
 so its figure is an effective rate: the same work per second as PyTorch's, not the FLOPs it ran.
 
+With ``--draft-vocab N`` (default 4096; 0 skips it) a third step is timed in the same interleaving:
+ours with ``draft.vocab = N`` (the loss over the N most frequent tokens of the batch, as
+``flatspec train`` does with that setting; not the same step as PyTorch's, so it is reported
+against our full-vocabulary step, not as a PyTorch ratio).
+
 The machine's 1-minute load average is checked before timing; above ``--max-load`` the benchmark waits
 (polling every 30 s, at most ``--max-wait`` s) and records the load it ran under either way.
 """
@@ -36,6 +41,7 @@ The machine's 1-minute load average is checked before timing; above ``--max-load
 from __future__ import annotations
 
 import os
+import functools
 import platform
 import statistics
 import sys
@@ -81,7 +87,7 @@ def real_batch(rows: int, row_length: int, limit: int, work: Path) -> tuple[dict
 class Ours:
     """flatspec_jax's compiled train step (and eval step) on one CPU device, set up as ``train_draft`` does."""
 
-    def __init__(self, batch: dict, rows: int, row_length: int, loss_chunk: int | None):
+    def __init__(self, batch: dict, rows: int, row_length: int, loss_chunk: int | None, draft_vocab: int):
         import jax
         import jax.numpy as jnp
         import ml_dtypes
@@ -92,6 +98,7 @@ class Ours:
         from flatspec_jax import assets, runtime
         from flatspec_jax.checkpoint.manager import flatten_params, opt_state_shardings
         from flatspec_jax.config import MeshConfig, load_config
+        from flatspec_jax.decoding.draft_vocab import frequent_token_ids
         from flatspec_jax.models.eagle import create_eagle_head
         from flatspec_jax.models.masks import segment_causal_mask
         from flatspec_jax.sharding import ShardingRules, make_mesh, place_state, state_shardings
@@ -116,14 +123,28 @@ class Ours:
         tx = build_optimizer(cfg.train)
         opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                                opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
+
+        def initial_state() -> TrainState:
+            placed = jax.tree.map(jnp.copy, params)  # each step function donates its own state
+            return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=placed,
+                              opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(placed))
+
         target_graphdef, self.target_params = nnx.split(target)
         target_shardings = jax.tree.map(lambda a: a.sharding, self.target_params)
-        self.train, self.evaluate = compile_steps(
-            head_graphdef, target_graphdef, tx, StepSettings.from_config(cfg.train, cfg.seed),
-            TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings), target_shardings,
-            mesh, rules)
+
+        def compiled(draft_ids):
+            return compile_steps(head_graphdef, target_graphdef, tx, StepSettings.from_config(cfg.train, cfg.seed),
+                                 TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings),
+                                 target_shardings, mesh, rules, draft_ids)
+
+        self.states = {"ours": initial_state()}
+        self.train = {"ours": compiled(None)[0]}
+        self.evaluate = compiled(None)[1]
+        if draft_vocab:
+            ids = frequent_token_ids(batch["tokens"][batch["segment_ids"] > 0], target.arch.vocab_size, draft_vocab,
+                                     target.arch.eos_token_ids)
+            self.states["ours_reduced"] = initial_state()
+            self.train["ours_reduced"] = compiled(ids)[0]
         rows_sharding, eval_sharding = batch_spec(mesh, rules, 1), batch_spec(mesh, rules, 0)
         self.online = {k: jax.device_put(v[None], rows_sharding) for k, v in batch.items()}
         self.eval_batch = {k: jax.device_put(v, eval_sharding) for k, v in batch.items()}
@@ -136,13 +157,13 @@ class Ours:
         self.offline = {**self.online, "features": jax.device_put(features[None], rows_sharding)}
 
     def eval_loss(self) -> float:
-        return float(self.evaluate(self.state.params, self.target_params, self.eval_batch)["loss"])
+        return float(self.evaluate(self.states["ours"].params, self.target_params, self.eval_batch)["loss"])
 
-    def step(self, variant: str) -> float:
+    def step(self, variant: str, side: str = "ours") -> float:
         # An unlogged step, as the training loop runs most steps: loss terms only, no agreement
         # metrics (the PyTorch step computes none either).
-        self.state, metrics = self.train(self.state, self.target_params,
-                                         self.online if variant == "online" else self.offline, False)
+        self.states[side], metrics = self.train[side](self.states[side], self.target_params,
+                                                      self.online if variant == "online" else self.offline, False)
         return float(metrics["loss"])  # waits for the step
 
 
@@ -226,7 +247,7 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     batch, batch_info = real_batch(args.rows, args.row_length, args.limit, work)
     print(f"[bench] batch {batch_info}", file=sys.stderr, flush=True)
-    ours = Ours(batch, args.rows, args.row_length, args.loss_chunk)
+    ours = Ours(batch, args.rows, args.row_length, args.loss_chunk, args.draft_vocab)
     theirs = Theirs(batch, ours.features, ours.initial_params)
     print(f"[bench] models loaded (ours {ours.load_s:.1f} s, transformers {theirs.load_s:.1f} s)", file=sys.stderr,
           flush=True)
@@ -243,37 +264,43 @@ def run(args) -> dict:
     gate = wait_for_quiet(args.max_load, args.max_wait)
     print(f"[bench] load average {gate['load_at_start']:.2f} before timing", file=sys.stderr, flush=True)
     results = {}
+    steppers = {side: functools.partial(ours.step, side=side) for side in ours.train}
+    steppers["pytorch"] = theirs.step
     for variant in ("online", "offline"):
-        first_s, _ = timed(ours.step, variant)  # compiles
-        warm = {"ours_first_step_s": first_s, "ours": [], "pytorch": []}
+        warm = {f"{side}_first_step_s": timed(steppers[side], variant)[0] for side in ours.train}  # compiles
+        warm.update({side: [] for side in steppers})
         for _ in range(args.warmup):
-            warm["ours"].append(timed(ours.step, variant)[0])
-            warm["pytorch"].append(timed(theirs.step, variant)[0])
-        times = {"ours": [], "pytorch": []}
-        losses = {"ours": [], "pytorch": []}
+            for side, step in steppers.items():
+                warm[side].append(timed(step, variant)[0])
+        times = {side: [] for side in steppers}
+        losses = {side: [] for side in steppers}
         loads = [load1()]
         for i in range(args.steps):
-            for side, runner in (("ours", ours), ("pytorch", theirs)):
-                seconds, loss = timed(runner.step, variant)
+            for side, step in steppers.items():
+                seconds, loss = timed(step, variant)
                 times[side].append(seconds)
                 losses[side].append(loss)
             loads.append(load1())
-            print(f"[bench] {variant} step {i + 1}/{args.steps}: ours {times['ours'][-1]:.2f} s, pytorch "
-                  f"{times['pytorch'][-1]:.2f} s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
+            print(f"[bench] {variant} step {i + 1}/{args.steps}: "
+                  + ", ".join(f"{side} {t[-1]:.2f} s" for side, t in times.items()) + f" (load {loads[-1]:.2f})",
+                  file=sys.stderr, flush=True)
         medians = {side: statistics.median(t) for side, t in times.items()}
         tokens_per_s = {side: batch_info["tokens"] / m for side, m in medians.items()}
         flops = step_flops(ours.arch, args.rows, args.row_length, variant == "online")
         results[variant] = {"step_s": times, "median_step_s": medians, "tokens_per_s": tokens_per_s,
                             "ratio": tokens_per_s["ours"] / tokens_per_s["pytorch"], "warmup": warm,
                             "losses": losses, "load_during": loads, "approx_flops_per_step": flops,
-                            "gflop_s": {side: flops / m / 1e9 for side, m in medians.items()}}
+                            "gflop_s": {side: flops / medians[side] / 1e9 for side in ("ours", "pytorch")}}
+        if "ours_reduced" in medians:
+            results[variant]["reduced_vocab_speedup"] = medians["ours"] / medians["ours_reduced"]
     results["gemm_probe"] = gemm_rates(args.rows * args.row_length, ours.arch.hidden_size, ours.arch.vocab_size)
 
     return {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
                         "torch": torch.__version__, "torch_threads": theirs.threads},
             "settings": {"rows": args.rows, "row_length": args.row_length, "steps": args.steps, "warmup": args.warmup,
-                         "limit": args.limit, "target": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
+                         "limit": args.limit, "draft_vocab": args.draft_vocab,
+                         "target": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
                          "draft": "EAGLE head, 1 decoder layer, float32", "loss": "SmoothL1 + 0.1 soft CE",
                          "metrics": "loss terms only on both sides (an unlogged step)",
                          "optimizer": "AdamW (0.9, 0.95), wd 0.01, norm clip 0.5", "noise": 0.2},
@@ -298,6 +325,12 @@ def report(res: dict) -> None:
                          f"{r['gflop_s'][side]:.0f}", f"{r['ratio']:.2f}x" if side == "ours" else "1.00x"])
     print_table(f"median of {res['settings']['steps']} steps after warm-up, interleaved",
                 ["step", "median s", "all steps s", "tokens/s", "~GFLOP/s", "vs PyTorch"], rows)
+    for variant in ("online", "offline"):
+        r = res["results"][variant]
+        if "reduced_vocab_speedup" in r:
+            print(f"{variant}: ours with draft.vocab={res['settings']['draft_vocab']} "
+                  f"{r['median_step_s']['ours_reduced']:.2f} s per step, {r['reduced_vocab_speedup']:.2f}x our "
+                  f"full-vocabulary step ({r['tokens_per_s']['ours_reduced']:.0f} tokens/s)")
     gemm = res["results"]["gemm_probe"]
     print(f"matmul probe [{b['shape'][0] * b['shape'][1]}, D] x [D, V]: XLA {gemm['xla_gflop_s']:.0f} GFLOP/s, "
           f"PyTorch {gemm['pytorch_gflop_s']:.0f} GFLOP/s (the steps are matmul-bound)")
@@ -318,6 +351,8 @@ def main() -> int:
     parser.add_argument("--loss-chunk", type=int, help="train.loss_chunk of our step (default: the config's)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side and variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after ours has compiled")
+    parser.add_argument("--draft-vocab", type=int, default=4096,
+                        help="also time our step with draft.vocab of this size (0: skip it)")
     args = parser.parse_args()
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[name] = "1"
