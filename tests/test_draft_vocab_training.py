@@ -4,8 +4,9 @@ One run (the tiny 2-layer target over SmolLM2's 49152-token vocabulary, a few Sh
 scores, selects and trains 2 steps with ``draft.vocab=64``. Checked: the checkpoint's metadata
 holds the run's 64 most frequent tokens; decoding drafts from exactly those (and a
 ``decode.draft_vocab`` of another size is an error naming both settings); ``flatspec eval``
-records the size; the EAGLE export lists the ids; a head trained on the whole vocabulary still
-drafts from ``decode.draft_vocab``. (The loss itself: ``test_head_loss.py``.)
+records the size; the EAGLE export lists the ids; resuming the run with another ``draft.vocab``
+is an error; a head trained on the whole vocabulary still drafts from ``decode.draft_vocab``.
+(The loss itself: ``test_head_loss.py``.)
 """
 
 from __future__ import annotations
@@ -95,3 +96,12 @@ def test_an_oversized_draft_vocab_is_named(tiny_dir, tmp_path):
     cfg = load_config(None, overrides(tiny_dir, tmp_path, "draft.vocab=49153"))
     with pytest.raises(ValueError, match=r"draft\.vocab=49153 exceeds the target's vocabulary"):
         RunContext(cfg).draft_ids(cfg.draft.vocab, "draft.vocab")
+
+
+@pytest.mark.parametrize("vocab", [0, 32])
+def test_resuming_with_another_draft_vocab_is_an_error(reduced_run, vocab):
+    cfg = load_config(None, overrides(Path(reduced_run.cfg.model.path), reduced_run.run_dir, f"draft.vocab={vocab}",
+                                      "train.steps=4"))
+    with pytest.raises(ConfigError, match=rf"draft\.vocab: the checkpoints in .* were trained over {DRAFT_VOCAB} "
+                                          r"other tokens.*new run directory"):
+        train.run(cfg, ctx=RunContext(cfg))

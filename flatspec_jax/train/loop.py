@@ -22,8 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, DraftCheckpointer, draft_meta, opt_state_shardings
-from flatspec_jax.config import Config
+from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, DraftCheckpointer, draft_meta, opt_state_shardings,
+                                             read_meta, trained_draft_vocab)
+from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_and_heldout_indices, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
@@ -76,6 +77,16 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
     return {f"eval_{name}": value / max(positions, 1.0) for name, value in totals.items()}
 
 
+def _check_draft_vocab(directory: Path, step: int, draft_ids: np.ndarray | None) -> None:
+    """Raises ConfigError when the run would resume a head trained over another draft vocabulary."""
+    saved = trained_draft_vocab(read_meta(directory, step)[1])
+    if (saved is None) != (draft_ids is None) or (saved is not None and not np.array_equal(saved, draft_ids)):
+        raise ConfigError(f"draft.vocab: the checkpoints in {directory} were trained over "
+                          f"{'the whole vocabulary' if saved is None else f'{len(saved)} other tokens'}, "
+                          f"this config asks for {'the whole vocabulary' if draft_ids is None else len(draft_ids)}; "
+                          "train into a new run directory")
+
+
 def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, target: Llama,
                 dataset: TokenizedDataset, selected_ids: Sequence[str] | None, target_vocab_hash: str,
                 features: FeatureCache | None = None, draft_ids: np.ndarray | None = None) -> TrainSummary:
@@ -113,6 +124,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
     start = checkpoints.latest_step() or 0
     if start:
+        _check_draft_vocab(checkpoints.directory, start, draft_ids)
         state = checkpoints.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
                                     shardings, tx, iterator)
         log.info("resumed from %s/%d", checkpoints.directory, start)
