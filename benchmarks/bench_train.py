@@ -40,8 +40,8 @@ The machine's 1-minute load average is checked before timing; above ``--max-load
 
 from __future__ import annotations
 
-import os
 import functools
+import os
 import platform
 import statistics
 import sys
@@ -137,9 +137,9 @@ class Ours:
                                  TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings),
                                  target_shardings, mesh, rules, draft_ids)
 
+        full_step, self.evaluate = compiled(None)
         self.states = {"ours": initial_state()}
-        self.train = {"ours": compiled(None)[0]}
-        self.evaluate = compiled(None)[1]
+        self.train = {"ours": full_step}
         if draft_vocab:
             ids = frequent_token_ids(batch["tokens"][batch["segment_ids"] > 0], target.arch.vocab_size, draft_vocab,
                                      target.arch.eos_token_ids)
