@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -63,10 +64,12 @@ class DataConfig:
     """Grain worker processes (0 = in-process)."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.source.strip()), "data.source", "must name a file, directory or 'sharegpt'")
         _require(self.max_length >= 8, "data.max_length", "must be >= 8")
         _require(self.limit is None or self.limit > 0, "data.limit", "must be positive or null")
         _require(self.heldout >= 0, "data.heldout", "must be >= 0")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(0 <= self.shuffle_seed < 2**32, "data.shuffle_seed", "must be in [0, 2**32)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +341,9 @@ class Config:
     run_dir: str = "runs/default"
     """Where every output of the run is written."""
 
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -455,6 +461,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

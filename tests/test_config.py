@@ -47,3 +47,16 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
     assert load_config(None, ["decode.draft_vocab=8", "decode.top_k=8"]).decode.draft_vocab == 8
     with pytest.raises(ConfigError, match=r"decode\.draft_vocab"):
         load_config(None, ["decode.draft_vocab=4", "decode.top_k=8"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("score.temperature=.inf", r"score\.temperature: expected a finite number"),
+    ("decode.temperature=.nan", r"decode\.temperature: expected a finite number"),
+    ("seed=-1", r"seed: must be in \[0, 2\*\*32\)"),
+    ("seed=4294967296", r"seed: must be in"),
+    ("data.shuffle_seed=-5", r"data\.shuffle_seed: must be in"),
+    ("data.source=''", r"data\.source: must name"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
