@@ -263,3 +263,21 @@ def test_skip_reports_merge():
     assert merged.skipped["empty"] == 3 and merged.notes["leading_assistant"] == 1
     assert merged.examples == {"empty": ["a", "b"], "leading_assistant": ["d: 1 turn(s)"]}
     assert first.num_skipped == 2  # merge does not modify its inputs
+
+
+def test_truncated_json_recovers_at_every_cut_inside_the_last_record(tmp_path):
+    last = {"id": "z", "conversations": [{"from": "human", "value": 'q "x" \\n é'}, {"from": "gpt", "value": "ok"}],
+            "extra": [1, 2.5, -3e4, True, False, None]}
+    text = json.dumps([GOOD, last], ensure_ascii=False)
+    start = text.index('{"id": "z"')
+    for cut in range(start + 1, len(text) - 1):
+        path = tmp_path / "cut.json"
+        path.write_text(text[:cut], encoding="utf-8")
+        assert list(iter_json_array(path)) == [GOOD], text[:cut][-20:]
+
+
+def test_corrupt_record_in_a_file_that_also_lacks_its_end_is_an_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("[" + json.dumps(GOOD) + ', {"b": tru}, ' + json.dumps(GOOD)[:-5])
+    with pytest.raises(DataFormatError, match="invalid JSON in record 1"):
+        list(iter_json_array(path))

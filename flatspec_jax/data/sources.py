@@ -42,6 +42,8 @@ _EXTENSIONS = (".json", ".jsonl", ".parquet")
 _CHUNK_BYTES = 32 << 20
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")
+_CUT_VALUE = re.compile(r"[0-9.eE+-]*|t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?")
+"""What a number or literal cut short by the end of the file can leave after the decoder's error position."""
 
 
 class DataFormatError(ValueError):
@@ -271,6 +273,7 @@ def iter_json_array(path: str | Path, chunk_bytes: int = _CHUNK_BYTES) -> Iterat
 
 
 def _ran_out(err: json.JSONDecodeError, text: str) -> bool:
-    """True when a decode error at the end of the file is explained by the file stopping early."""
-    tail = text.rstrip()
-    return err.msg.startswith("Unterminated string") or err.pos >= len(tail) or not tail.endswith("]")
+    """True when a decode error at the end of the file is explained by the file stopping early: an
+    open string, or nothing after the error but the start of a number or literal. Any other error
+    is corruption, reported as such even in a file that also lacks its end."""
+    return err.msg.startswith("Unterminated string") or _CUT_VALUE.fullmatch(text.rstrip(), err.pos) is not None
