@@ -37,9 +37,10 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            texts = record.get("turns") or ([record["prompt"]] if "prompt" in record else None)
-            if not isinstance(record, dict) or not texts or not all(isinstance(t, str) and t for t in texts):
-                raise ValueError(f"{path}:{number}: expected a non-empty 'prompt' string or 'turns' list of strings")
+            texts = _turns(record)
+            if texts is None:
+                raise ValueError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
+                                 f"'turns' list of non-empty strings")
             prompt_id = str(record.get("question_id", record.get("id", number)))
             prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
             if limit is not None and len(prompts) >= limit:
@@ -47,3 +48,13 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+def _turns(record: object) -> list[str] | None:
+    """The record's user turns, or None when it has no usable ``turns`` list or ``prompt`` string."""
+    if not isinstance(record, dict):
+        return None
+    texts = record["turns"] if "turns" in record else [record.get("prompt")]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        return None
+    return texts

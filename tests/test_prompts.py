@@ -1,0 +1,47 @@
+"""Prompt files for eval and generate: MT-bench and JSONL, with errors naming the file and line."""
+
+import json
+
+import pytest
+
+from flatspec_jax.data.prompts import load_prompts
+
+
+def write_jsonl(tmp_path, *records) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_mtbench_has_80_two_turn_questions():
+    prompts = load_prompts("mtbench", turns=2)
+    assert len(prompts) == 80
+    assert all(len(p.turns) == 2 and all(p.turns) for p in prompts)
+    assert [len(p.turns) for p in load_prompts("mtbench", limit=3)] == [1, 1, 1]
+
+
+def test_jsonl_prompts_keep_ids_categories_and_file_order(tmp_path):
+    path = write_jsonl(tmp_path, {"prompt": "first", "id": "a", "category": "x"}, "",
+                       {"turns": ["second", "follow-up"], "question_id": 7})
+    prompts = load_prompts(path, turns=2)
+    assert [(p.id, p.category, p.turns) for p in prompts] == [("a", "x", ("first",)),
+                                                               ("7", "", ("second", "follow-up"))]
+
+
+@pytest.mark.parametrize("bad", ['["a list"]', '"a string"', json.dumps({"turns": "not a list"}),
+                                 json.dumps({"turns": []}), json.dumps({"prompt": ""}), json.dumps({"text": "x"}),
+                                 json.dumps({"turns": ["ok", 3]})])
+def test_a_record_without_usable_turns_names_file_and_line(tmp_path, bad):
+    path = write_jsonl(tmp_path, {"prompt": "fine"}, bad)
+    with pytest.raises(ValueError, match=rf"{path}:2: expected an object with a non-empty 'prompt'"):
+        load_prompts(path)
+
+
+def test_invalid_json_and_empty_files_are_named(tmp_path):
+    path = write_jsonl(tmp_path, "{not json")
+    with pytest.raises(ValueError, match=rf"{path}:1: not valid JSON"):
+        load_prompts(path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=rf"{empty}: no prompts"):
+        load_prompts(str(empty))
