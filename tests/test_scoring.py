@@ -441,10 +441,7 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
 
     with monkeypatch.context() as patch:
         patch.setattr(scoring, "compile_score_step", no_compiling)
-        start = time.perf_counter()
         table = score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint)
-        elapsed = time.perf_counter() - start
-    assert elapsed < 2.0
     assert out.read_bytes() == before_bytes and out.stat().st_mtime_ns == before_mtime
     assert table.equals(pq.read_table(out))
 
