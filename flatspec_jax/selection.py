@@ -37,7 +37,6 @@ SHA-256 of the scores file's bytes, which is how a re-run knows it is current.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from decimal import ROUND_HALF_UP, Decimal
@@ -48,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from flatspec_jax.config import SelectRule
+from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.io import atomic_write_json
 
 SCORES_FILE = "scores.parquet"
@@ -235,15 +235,6 @@ def summarize(columns: dict[str, np.ndarray], chosen: np.ndarray, candidates: in
     kept, pool = group(chosen), group(np.arange(candidates))
     fraction = kept["trained_tokens"] / pool["trained_tokens"] if pool["trained_tokens"] else None
     return {"kept": kept, "candidates": pool, "trained_tokens_kept_fraction": fraction}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _recorded_path(scores_path: Path, manifest_path: Path) -> str:

@@ -21,6 +21,7 @@ from flatspec_jax.data.sources import iter_conversations
 from flatspec_jax.data.conversations import SkipReport
 from flatspec_jax.data.regenerate import read_meta, responses_path
 from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.fingerprint import model_identity, source_identity
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ def conversations_source(data: DataConfig, run_dir: Path) -> str:
 
 
 def tokens_fingerprint(data: DataConfig, model_path: str, run_dir: Path) -> str:
-    """What the tokenized samples depend on: the conversations (the source, or the run's target
-    replies by their fingerprint), the limit, the max length and the tokenizer."""
+    """What the tokenized samples depend on: the conversations (the source's files by content, or the
+    run's target replies by their fingerprint), the limit, the max length and the tokenizer's files."""
     responses = None if data.responses == "source" else read_meta(run_dir)["fingerprint"]
-    payload = json.dumps({"source": data.source, "responses": responses, "limit": data.limit,
-                          "max_length": data.max_length, "tokenizer": str(Path(model_path).resolve())},
-                         sort_keys=True)
+    source = source_identity(data.source) if responses is None else None
+    payload = json.dumps({"source": source, "responses": responses, "limit": data.limit,
+                          "max_length": data.max_length, "tokenizer": model_identity(model_path)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -76,9 +77,21 @@ def prepare_samples(data: DataConfig, model_path: str, tokenizer, run_dir: Path)
     if not kept:
         raise ValueError(f"{source} gave no sample with an assistant token "
                          f"(data.limit={data.limit}, data.max_length={data.max_length})")
+    _check_unique_ids(source, [sample_id for sample_id, *_ in kept])
     dataset = TokenizedDataset.from_samples(kept, fingerprint)
     if jax.process_index() == 0:
         dataset.save(path)
     log.info("tokenized %d samples (%d tokens, %d truncated)", len(dataset), len(dataset.tokens),
              int(dataset.truncated.sum()))
     return dataset
+
+
+def _check_unique_ids(source: str, ids: list[str]) -> None:
+    """Scores, selection manifests and the training filter address samples by id: refuse a repeat
+    before the scoring pass rather than after it."""
+    first: dict[str, int] = {}
+    for index, sample_id in enumerate(ids):
+        if sample_id in first:
+            raise ValueError(f"{source}: samples {first[sample_id]} and {index} have the same id {sample_id!r}; "
+                             "give every record a distinct 'id'")
+        first[sample_id] = index

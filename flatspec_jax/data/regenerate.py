@@ -47,6 +47,7 @@ from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.conversations import Conversation, SkipReport
 from flatspec_jax.data.sources import iter_conversations
 from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, round_up
+from flatspec_jax.fingerprint import model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
 from flatspec_jax.models.llama import Llama
 
@@ -63,10 +64,11 @@ def responses_path(run_dir: str | Path) -> Path:
 
 
 def regenerate_fingerprint(cfg: Config, model_path: str) -> str:
-    """What the replies depend on: the target, the source's conversations, the lengths, the
-    regenerate settings and the seed."""
-    payload = json.dumps({"model": cfg.section_hash("model"), "model_path": str(Path(model_path).resolve()),
-                          "source": cfg.data.source, "limit": cfg.data.limit, "max_length": cfg.data.max_length,
+    """What the replies depend on: the target (settings and files), the source's files, the lengths,
+    the regenerate settings and the seed."""
+    payload = json.dumps({"model": cfg.section_hash("model"), "model_files": model_identity(model_path),
+                          "source": source_identity(cfg.data.source), "limit": cfg.data.limit,
+                          "max_length": cfg.data.max_length,
                           "regenerate": cfg.section_hash("regenerate"), "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -27,6 +27,7 @@ import dataclasses
 import glob
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,10 +93,15 @@ def iter_conversations(source: str, report: SkipReport, limit: int | None = None
                     return
 
 
-def _resolve(source: str) -> list[tuple[Path, str]]:
-    """(file, name used in fallback record ids) for every file of ``source``, in reading order."""
+def source_files(source: str) -> list[Path]:
+    """The files ``data.source`` reads, in reading order: the embedded ShareGPT file for 'sharegpt',
+    a file, the data files directly in a directory, or the matches of a glob (``**`` recurses).
+
+    Raises:
+      FileNotFoundError: when nothing matches.
+    """
     if source == SHAREGPT:
-        return [(assets.sharegpt_json(), SHAREGPT)]
+        return [assets.sharegpt_json()]
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _EXTENSIONS)
@@ -106,7 +112,18 @@ def _resolve(source: str) -> list[tuple[Path, str]]:
     if not files:
         raise FileNotFoundError(f"data source {source!r} matches no {'/'.join(_EXTENSIONS)} file "
                                 f"(use 'sharegpt' for the embedded ShareGPT data)")
-    return [(f, f.name) for f in files]
+    return files
+
+
+def _resolve(source: str) -> list[tuple[Path, str]]:
+    """(file, name used in fallback record ids) for every file of ``source``, in reading order. The
+    name is the file's path below the files' common directory, so files of the same name in different
+    directories of a glob give distinct ids."""
+    if source == SHAREGPT:
+        return [(assets.sharegpt_json(), SHAREGPT)]
+    files = source_files(source)
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    return [(f, f.relative_to(root).as_posix()) for f in files]
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:

@@ -22,15 +22,15 @@ import pyarrow.parquet as pq
 
 from flatspec_jax import report
 from flatspec_jax.config import Config
-from flatspec_jax.train.metrics import METRICS_FILE, read_metrics
+from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.selection import (
     SCORES_FILE,
     SELECTION_FILE,
     ManifestError,
-    file_sha256,
     read_manifest,
     select_samples,
 )
+from flatspec_jax.train.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 

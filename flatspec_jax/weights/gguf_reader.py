@@ -22,7 +22,6 @@ parser. :class:`GGUFCheckpoint` reads the file directly and builds the cache.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 from gguf.quants import dequantize
 
+from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.weights.arch import ArchSpec
 from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.gguf_file import GGUFFile, GGUFTensor
@@ -217,11 +217,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "flatspec_jax") / "gguf"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+def _gguf_sha256(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError as e:
         raise WeightsError(f"{path}: cannot read GGUF file ({e.strerror})") from e
 
@@ -275,7 +273,7 @@ def open_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Checkpoi
       WeightsError: naming the file when it is missing, unreadable or unsupported.
     """
     path = str(path)
-    digest = file_sha256(path)
+    digest = _gguf_sha256(path)
     cache_file = Path(cache_dir or default_cache_dir()) / f"{digest}.{_VERSION}.safetensors"
     if cache_file.exists():
         try:

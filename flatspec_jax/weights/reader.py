@@ -97,6 +97,25 @@ def open_checkpoint(path: str | Path, *, cache_dir: str | Path | None = None) ->
     raise WeightsError(f"{path}: not a checkpoint (expected an HF model directory or a .gguf file)")
 
 
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".gguf", ".txt")
+"""Files of an HF model directory that the weights and tokenizer loaders read."""
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files a model is loaded from: a .gguf file itself, or the config, weights and tokenizer
+    files of an HF directory (what its identity in stage fingerprints covers).
+
+    Raises:
+      WeightsError: when ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+    if not path.exists():
+        raise WeightsError(f"{path}: checkpoint not found (expected an HF model directory or a .gguf file)")
+    return [path]
+
+
 def _starts_with(path: Path, magic: bytes) -> bool:
     try:
         with open(path, "rb") as f:
