@@ -58,8 +58,12 @@ class MetricsLog:
         self._writer = None
         if not self.enabled:
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        # Records past the restored step are redone; so is the untrained baseline (step 0) of a run
+        # that restarts without a checkpoint.
+        records = read_metrics(self.path)
+        kept = [r for r in records if r.get("step", 0) <= resume_step] if resume_step else []
+        if kept != records or not self.path.exists():
+            atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, writer process only
 
         self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
