@@ -51,7 +51,7 @@ from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
 from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
-from flatspec_jax.sharding import ShardingRules, batch_sharding
+from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,8 @@ def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> S
     return ScorePlan(batches, max_segments, padding_fraction(rows, lengths, cfg.row_length))
 
 
-def _data_shards(mesh: Mesh) -> int:
-    """Slices of the batch axis over the mesh (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
-    shards = _data_shards(mesh)
+    shards = batch_shards(mesh)
     if cfg.rows_per_batch % shards:
         raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "
                           "data-parallel shards (mesh.data x mesh.fsdp)")
@@ -216,7 +211,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
                           f"({dataset.lengths.max()} tokens); set it >= data.max_length")
     check_mesh_fits(cfg, mesh)
     # Every batch splits into equal row slices per data-parallel shard and per process (_global_rows).
-    plan = make_plan(dataset.lengths, cfg, math.lcm(_data_shards(mesh), jax.process_count()))
+    plan = make_plan(dataset.lengths, cfg, math.lcm(batch_shards(mesh), jax.process_count()))
     log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
     parts_dir = out_path.with_name(out_path.name + ".parts")

@@ -121,6 +121,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """Slices of the batch axis over the mesh (data x fsdp): a batch's rows must be a multiple."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int) -> NamedSharding:
     """Sharding of an input array whose leading dimension is the batch."""
     return NamedSharding(mesh, rules.spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,9 @@ from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import export, score, select, train
 from flatspec_jax.stages.common import RunContext
-from tiny_target import save_tiny_llama
+from tiny_target import save_tiny_llama, tiny_run_overrides
 
 DRAFT_VOCAB = 64
-
-
-def overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"model.path={tiny_dir}", f"run_dir={run_dir}", "data.limit=12", "data.max_length=64", "data.heldout=2",
-            "score.row_length=64", "score.rows_per_batch=2", "mesh.data=1", "select.keep=1.0", "train.steps=2",
-            "train.row_length=64", "train.batch_tokens=128", "train.warmup_steps=0", "train.log_every=1",
-            "train.eval_every=2", "train.save_every=2", "train.features=online", "train.loss_chunk=16",
-            "decode.method=chain", "decode.gamma=2", "decode.max_new_tokens=6", "decode.max_cache_length=512",
-            "eval.limit=1", "eval.warmup=0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def trained_run(tiny_dir: Path, run_dir: Path, *extra: str) -> RunContext:
-    cfg = load_config(None, overrides(tiny_dir, run_dir, *extra))
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, *extra))
     ctx = RunContext(cfg)
     score.run(cfg, ctx=ctx)
     select.run(cfg)
@@ -93,15 +85,38 @@ def test_a_whole_vocabulary_head_drafts_from_decode_draft_vocab(tiny_dir, tmp_pa
 
 
 def test_an_oversized_draft_vocab_is_named(tiny_dir, tmp_path):
-    cfg = load_config(None, overrides(tiny_dir, tmp_path, "draft.vocab=49153"))
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path, "draft.vocab=49153"))
     with pytest.raises(ValueError, match=r"draft\.vocab=49153 exceeds the target's vocabulary"):
         RunContext(cfg).draft_ids(cfg.draft.vocab, "draft.vocab")
 
 
-@pytest.mark.parametrize("vocab", [0, 32])
-def test_resuming_with_another_draft_vocab_is_an_error(reduced_run, vocab):
-    cfg = load_config(None, overrides(Path(reduced_run.cfg.model.path), reduced_run.run_dir, f"draft.vocab={vocab}",
-                                      "train.steps=4"))
-    with pytest.raises(ConfigError, match=rf"draft\.vocab: the checkpoints in .* were trained over {DRAFT_VOCAB} "
-                                          r"other tokens.*new run directory"):
-        train.run(cfg, ctx=RunContext(cfg))
+@pytest.mark.parametrize("changes, named", [
+    (["draft.vocab=0"], rf"draft\.vocab: {DRAFT_VOCAB} -> 0"),
+    (["draft.vocab=32"], rf"draft\.vocab: {DRAFT_VOCAB} -> 32"),
+    (["train.learning_rate=0.01", "seed=7"], r"seed: 0 -> 7; train\.learning_rate: 3e-05 -> 0\.01"),
+    (["train.loss=tvdpp"], r"train\.loss: 'eagle' -> 'tvdpp'"),
+    (["data.selection=run", "select.keep=0.5"], r"the selected samples \(select\.\*"),
+    (["data.limit=10"], r"the tokenized samples"),
+])
+def test_resuming_with_other_inputs_is_an_error_naming_them(reduced_run, tmp_path, changes, named):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reduced_run.run_dir, run_dir)
+    cfg = load_config(None, tiny_run_overrides(Path(reduced_run.cfg.model.path), run_dir, f"draft.vocab={DRAFT_VOCAB}",
+                                      "train.steps=4", *changes))
+    ctx = RunContext(cfg)
+    score.run(cfg, ctx=ctx)
+    select.run(cfg)
+    with pytest.raises(ConfigError, match=rf"{run_dir / CHECKPOINT_DIR} holds a draft trained with other inputs: "
+                                          rf"{named}.*new run_dir"):
+        train.run(cfg, ctx=ctx)
+
+
+def test_resuming_with_a_longer_run_and_other_bookkeeping_continues(reduced_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reduced_run.run_dir, run_dir)
+    cfg = load_config(None, tiny_run_overrides(Path(reduced_run.cfg.model.path), run_dir, f"draft.vocab={DRAFT_VOCAB}",
+                                      "train.steps=3", "train.log_every=3", "train.save_every=3",
+                                      "train.features=offline"))
+    ctx = RunContext(cfg)
+    score.run(cfg, ctx=ctx)  # writes the feature cache the offline features need
+    assert train.run(cfg, ctx=ctx).steps == 3

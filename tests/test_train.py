@@ -46,7 +46,7 @@ import pytest
 from flax import nnx
 
 from flatspec_jax.checkpoint.manager import flatten_params, load_draft_head
-from flatspec_jax.config import MeshConfig, load_config
+from flatspec_jax.config import ConfigError, MeshConfig, load_config
 from flatspec_jax.data.pipeline import plan_training_rows, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
@@ -593,3 +593,41 @@ def test_metrics_log_on_a_fresh_run(tmp_path):
     log.write({"step": 1, "loss": 0.5})
     log.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
+
+
+def test_metrics_log_restarted_before_its_first_checkpoint_starts_over(tmp_path):
+    """A run killed before its first checkpoint restarts at step 0 and logs its baseline again: the
+    old records (the step-0 baseline included) must go, not appear twice."""
+    log = MetricsLog(tmp_path, resume_step=0)
+    log.write({"step": 0, "eval_loss": 2.0})
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=0)
+    log.write({"step": 0, "eval_loss": 2.0})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 0, "eval_loss": 2.0}]
+
+
+def test_metrics_log_resumed_keeps_records_up_to_the_checkpoint_untouched(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(tmp_path, resume_step=0)
+    for step in (0, 1, 2):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    written = path.stat().st_mtime_ns
+    MetricsLog(tmp_path, resume_step=2).close()
+    assert path.stat().st_mtime_ns == written, "nothing to cut: the log is not rewritten"
+    MetricsLog(tmp_path, resume_step=1).close()
+    assert [r["step"] for r in read_metrics(path)] == [0, 1]
+
+
+def test_rows_that_do_not_split_over_the_mesh_name_the_settings():
+    from flatspec_jax.train.loop import _check_rows_fit_mesh
+
+    mesh = make_mesh(MeshConfig(data=8), jax.devices()[:8])
+    fits = load_config(None, ["train.batch_tokens=512", "train.row_length=64"]).train  # 8 rows
+    _check_rows_fit_mesh(fits, mesh)
+    six_rows = load_config(None, ["train.batch_tokens=384", "train.row_length=64"]).train
+    with pytest.raises(ConfigError, match=r"train\.batch_tokens / \(train\.row_length x train\.grad_accum\) = 6 rows "
+                                          r"per micro-batch is not a multiple of the 8 data-parallel shards"):
+        _check_rows_fit_mesh(six_rows, mesh)

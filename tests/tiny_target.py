@@ -57,3 +57,14 @@ def cli_env(cache: Path) -> dict[str, str]:
     env.update(JAX_PLATFORMS="cpu", FLATSPEC_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
+
+
+def tiny_run_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Config overrides of a whole run on the tiny target that takes about a minute: 12 ShareGPT
+    conversations of <= 64 tokens, 2 held out, 2 training steps, one MT-bench question."""
+    return [f"model.path={tiny_dir}", f"run_dir={run_dir}", "data.limit=12", "data.max_length=64", "data.heldout=2",
+            "score.row_length=64", "score.rows_per_batch=2", "mesh.data=1", "select.keep=1.0", "train.steps=2",
+            "train.row_length=64", "train.batch_tokens=128", "train.warmup_steps=0", "train.log_every=1",
+            "train.eval_every=2", "train.save_every=2", "train.features=online", "train.loss_chunk=16",
+            "decode.method=chain", "decode.gamma=2", "decode.max_new_tokens=6", "decode.max_cache_length=512",
+            "eval.limit=1", "eval.warmup=0", *extra]

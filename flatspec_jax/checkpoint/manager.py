@@ -60,12 +60,13 @@ def vocab_hash(tokenizer) -> str:
 
 
 def draft_meta(config: dict[str, Any], draft: ArchSpec, target: ArchSpec, target_vocab_hash: str,
-               fc_bias: bool, draft_vocab: np.ndarray | None = None) -> dict[str, Any]:
+               fc_bias: bool, draft_vocab: np.ndarray | None = None,
+               inputs: dict[str, str | None] | None = None) -> dict[str, Any]:
     """The metadata saved with every checkpoint; ``draft_vocab`` [N]: the token ids a head trained on a
-    reduced vocabulary proposes from."""
+    reduced vocabulary proposes from; ``inputs``: what it was trained on (`train.resume.training_inputs`)."""
     return {"version": META_VERSION, "config": config, "draft_arch": json.loads(draft.to_json()),
             "fc_bias": fc_bias, "target_arch": json.loads(target.to_json()), "target_vocab_hash": target_vocab_hash,
-            "draft_vocab": None if draft_vocab is None else [int(i) for i in draft_vocab]}
+            "draft_vocab": None if draft_vocab is None else [int(i) for i in draft_vocab], "inputs": inputs}
 
 
 def trained_draft_vocab(meta: dict[str, Any]) -> np.ndarray | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,18 +25,20 @@ log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
 
 
-def _fingerprint(cfg: Config, checkpoint: Path, step: int) -> str:
+def _fingerprint(cfg: Config, checkpoint: Path, step: int, meta: dict[str, Any]) -> str:
     # data: a reduced draft vocabulary (decode.draft_vocab) is counted on the run's samples; one the head was
-    # trained on (draft.vocab) is part of the checkpoint.
-    return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{checkpoint.resolve()}:{step}"
+    # trained on (draft.vocab) is part of the checkpoint. The checkpoint's metadata (its training config and
+    # inputs) tells a retrained head at the same path and step from the one evaluated.
+    trained = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{checkpoint.resolve()}:{step}:{trained}"
 
 
 def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
     """True when eval.json was made with these settings from the checkpoint's latest step."""
     path = Path(cfg.run_dir) / EVAL_FILE
     try:
-        step, _ = read_meta(checkpoint)
-        return json.loads(path.read_text())["fingerprint"] == _fingerprint(cfg, checkpoint, step)
+        step, meta = read_meta(checkpoint)
+        return json.loads(path.read_text())["fingerprint"] == _fingerprint(cfg, checkpoint, step, meta)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -53,7 +56,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if eval_is_current(cfg, checkpoint):
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
-    step, _ = read_meta(checkpoint)
+    step, meta = read_meta(checkpoint)
     method = cfg.decode.method if cfg.decode.method != "ar" else "tree"
     head = ctx.draft_head(checkpoint)
     eos, pad = ctx.eos_ids(), ctx.pad_id()
@@ -66,7 +69,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)
     result.update({"method": method, "temperature": cfg.decode.temperature,
                    "draft_vocab": 0 if draft_ids is None else len(draft_ids), "checkpoint": str(checkpoint),
-                   "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step)})
+                   "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step, meta)})
     if jax.process_index() == 0:
         atomic_write_json(path, result)
     log.info("eval: %s", summary_line(result))

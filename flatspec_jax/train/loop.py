@@ -23,16 +23,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, DraftCheckpointer, draft_meta, opt_state_shardings,
-                                             read_meta, trained_draft_vocab)
-from flatspec_jax.config import Config, ConfigError
+                                             read_meta)
+from flatspec_jax.config import Config, ConfigError, TrainConfig
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_and_heldout_indices, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
-from flatspec_jax.sharding import ShardingRules, place_state, state_shardings
+from flatspec_jax.sharding import ShardingRules, batch_shards, place_state, state_shardings
 from flatspec_jax.train.metrics import MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
+from flatspec_jax.train.resume import check_resumable, training_inputs
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,13 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
     return {f"eval_{name}": value / max(positions, 1.0) for name, value in totals.items()}
 
 
-def _check_draft_vocab(directory: Path, step: int, draft_ids: np.ndarray | None) -> None:
-    """Raises ConfigError when the run would resume a head trained over another draft vocabulary."""
-    saved = trained_draft_vocab(read_meta(directory, step)[1])
-    if (saved is None) != (draft_ids is None) or (saved is not None and not np.array_equal(saved, draft_ids)):
-        raise ConfigError(f"draft.vocab: the checkpoints in {directory} were trained over "
-                          f"{'the whole vocabulary' if saved is None else f'{len(saved)} other tokens'}, "
-                          f"this config asks for {'the whole vocabulary' if draft_ids is None else len(draft_ids)}; "
-                          "train into a new run directory")
+def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh) -> None:
+    """Every micro-batch's rows must split evenly over the mesh's batch shards."""
+    shards = batch_shards(mesh)
+    if tcfg.rows_per_step % shards:
+        raise ConfigError(f"train.batch_tokens / (train.row_length x train.grad_accum) = {tcfg.rows_per_step} "
+                          f"rows per micro-batch is not a multiple of the {shards} data-parallel shards "
+                          "(mesh.data x mesh.fsdp)")
 
 
 def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, target: Llama,
@@ -97,6 +97,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     vocabulary the head is trained over, saved in every checkpoint's metadata.
     """
     tcfg = cfg.train
+    _check_rows_fit_mesh(tcfg, mesh)
+    inputs = training_inputs(dataset, selected_ids)
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
     log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
@@ -124,12 +126,12 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
     start = checkpoints.latest_step() or 0
     if start:
-        _check_draft_vocab(checkpoints.directory, start, draft_ids)
+        check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
         state = checkpoints.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
                                     shardings, tx, iterator)
         log.info("resumed from %s/%d", checkpoints.directory, start)
     meta = draft_meta(cfg.to_dict(), head.arch, target.arch, target_vocab_hash, fc_bias=head.fc_bias is not None,
-                      draft_vocab=draft_ids)
+                      draft_vocab=draft_ids, inputs=inputs)
     metrics_log = MetricsLog(run_dir, resume_step=start)
     schedule = learning_rate_schedule(tcfg)
     rows_sharding = batch_spec(mesh, rules, 1)

@@ -1,0 +1,68 @@
+"""What a training run may change when it resumes from its checkpoints, and what it may not.
+
+Every checkpoint's metadata records the run's config, the fingerprint of the tokenized samples
+and a hash of the selected sample ids. Resuming with other samples, another selection, or any
+setting that shapes the trained function or its trajectory (model, draft, optimizer, loss, data
+order, seed) would silently continue one run with another's inputs, and a pipeline re-run would
+report the old draft as the new one. Those are refused, naming what changed; the length of the
+run and its bookkeeping may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from flatspec_jax.config import Config, ConfigError
+from flatspec_jax.data.tokenized import TokenizedDataset
+
+COMPARED_SECTIONS = ("model", "data", "draft", "train", "seed")
+"""Config sections whose settings a resumed run must share with its checkpoints, except:"""
+FREE_TO_CHANGE = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.features",  # cached or recomputed target features are the same numbers
+    "data.num_workers",
+    # Compared through the samples' fingerprint and the selection's hash instead, so that a moved
+    # file or a renamed manifest with the same contents stays resumable:
+    "model.path", "data.source", "data.responses", "data.limit", "data.max_length", "data.selection",
+})
+
+
+def training_inputs(dataset: TokenizedDataset, selected_ids: Sequence[str] | None) -> dict[str, str | None]:
+    """The fingerprint of the tokenized samples and the sha256 of the selected ids (None: all samples)."""
+    selection = None if selected_ids is None else hashlib.sha256(json.dumps(list(selected_ids)).encode()).hexdigest()
+    return {"samples": dataset.fingerprint, "selection": selection}
+
+
+def _trajectory_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """{"train.learning_rate": 3e-05, ...} for the compared settings, JSON-normalised (tuples as lists)."""
+    flat: dict[str, Any] = {}
+    for section in COMPARED_SECTIONS:
+        value = json.loads(json.dumps(config.get(section)))
+        if isinstance(value, dict):
+            flat.update({f"{section}.{key}": item for key, item in value.items()})
+        elif section in config:
+            flat[section] = value
+    return {key: value for key, value in flat.items() if key not in FREE_TO_CHANGE}
+
+
+def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None]) -> None:
+    """Raises ConfigError listing every difference between the checkpoints in ``directory`` and this run.
+
+    Settings and inputs a checkpoint written by an older version did not record are not compared.
+    """
+    before, now = _trajectory_settings(saved_meta.get("config", {})), _trajectory_settings(cfg.to_dict())
+    changes = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
+               if before[key] != now[key]]
+    saved_inputs = saved_meta.get("inputs", {})
+    if saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
+        changes.append("the tokenized samples (the data file, data.limit, data.max_length, data.responses "
+                       "or the model's files changed)")
+    if saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
+        changes.append("the selected samples (select.*, score.* or data.selection changed)")
+    if changes:
+        raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
+                          f"a new run_dir, or delete {directory} to start this run over")
+
