@@ -1,5 +1,8 @@
 """``flatspec pipeline``: (regenerate ->) score -> select -> train -> eval -> report in one run directory.
 
+The select stage runs when training reads this run's selection (``data.selection: run``); with a
+manifest path or null (all samples) it is skipped and the summary says what training used.
+
 Every stage skips itself when its outputs are current and resumes when it was interrupted,
 so re-running the same command after a crash (or after changing a late-stage setting) redoes
 only what is missing. The target and tokenizer are loaded once for all stages. A summary is
@@ -14,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from flatspec_jax.config import Config
+from flatspec_jax.selection import read_manifest
 from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import report, score, select, train
 from flatspec_jax.stages.common import RunContext
@@ -21,7 +25,7 @@ from flatspec_jax.stages.common import RunContext
 log = logging.getLogger(__name__)
 
 
-def summary(cfg: Config, manifest: dict[str, Any], trained: Any, result: dict[str, Any], plots: list,
+def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: dict[str, Any], plots: list,
             responses: dict[str, Any] | None = None) -> str:
     heldout = trained.heldout
     lines = [f"run directory        {cfg.run_dir}"]
@@ -29,9 +33,13 @@ def summary(cfg: Config, manifest: dict[str, Any], trained: Any, result: dict[st
         lines.append(f"target replies       {responses['conversations']} conversations, "
                      f"{responses['reply_tokens']:,} tokens ({responses['cut_replies']} cut at "
                      f"{cfg.regenerate.max_new_tokens})")
+    if manifest is None:
+        lines.append(f"samples kept         all {trained.train_samples} (data.selection: null; "
+                     f"{cfg.data.heldout} held out)")
+    else:
+        lines.append(f"samples kept         {manifest['count']} of {manifest['candidates']} ({manifest['rule']}, "
+                     f"keep {manifest['keep']:g}; {manifest['heldout']} held out)")
     lines += [
-        f"samples kept         {manifest['count']} of {manifest['candidates']} ({manifest['rule']}, "
-        f"keep {manifest['keep']:g}; {manifest['heldout']} held out)",
         f"training tokens      {trained.steps * cfg.train.batch_tokens:,} ({trained.steps} steps x "
         f"{cfg.train.batch_tokens} tokens, {cfg.train.loss} loss, {cfg.train.features} features)",
         f"held-out agreement   top-1 {heldout.get('eval_top1', float('nan')):.3f}, "
@@ -59,7 +67,12 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
     if cfg.data.responses == "target":
         timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))
-    manifest = timed("select", lambda: select.run(cfg))
+    if cfg.data.selection == "run":
+        manifest = timed("select", lambda: select.run(cfg))
+    else:  # training reads another run's manifest, or all samples: this run's selection would go unused
+        path = train.selection_path(cfg)
+        manifest = None if path is None else read_manifest(path)
+        log.info("pipeline: select skipped (data.selection: %s)", path)
     trained = timed("train", lambda: train.run(cfg, ctx=ctx))
     result = timed("eval", lambda: eval_stage.run(cfg, ctx=ctx))
     plots = timed("report", lambda: report.run(cfg))

@@ -1,0 +1,62 @@
+"""``flatspec pipeline`` on the tiny target: every stage in one run directory, the summary, a re-run
+that redoes nothing, and the select stage only where training reads its manifest."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flatspec_jax.config import load_config
+from flatspec_jax.selection import SELECTION_FILE
+from flatspec_jax import scoring
+from flatspec_jax.stages import pipeline
+from tiny_target import save_tiny_llama, tiny_run_overrides
+
+OUTPUTS = ("tokens.npz", "scores.parquet", "selection.json", "checkpoints/2/meta/metadata", "eval.json",
+           "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def selected_run(tiny_dir, tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5"))
+    return run_dir, pipeline.run(cfg)
+
+
+def test_pipeline_runs_every_stage_and_summarises(selected_run):
+    run_dir, text = selected_run
+    for name in OUTPUTS:
+        assert (run_dir / name).is_file(), name
+    assert re.search(r"samples kept +3 of 6 \(sfdd, keep 0\.5; 2 held out\)", text), text
+    assert re.search(r"training tokens +256 \(2 steps x 128 tokens, eagle loss, online features\)", text), text
+    assert re.search(r"tau \(chain\) +\d\.\d\d tokens per target forward", text), text
+    plots = re.search(r"plots +(.+)", text).group(1).split(", ")
+    assert plots and all(Path(p).is_file() and p.endswith(".png") for p in plots)
+
+
+def test_rerun_with_the_same_config_redoes_nothing(selected_run, tiny_dir, monkeypatch):
+    run_dir, text = selected_run
+    before = {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS}
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("a current run must not compile the scoring step")
+
+    monkeypatch.setattr(scoring, "compile_score_step", no_compiling)
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5"))
+    assert pipeline.run(cfg) == text
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS} == before
+
+
+def test_without_a_selection_the_pipeline_trains_on_all_samples_and_says_so(tiny_dir, tmp_path):
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path, "select.keep=0.5"))
+    assert cfg.data.selection is None
+    text = pipeline.run(cfg)
+    assert re.search(r"samples kept +all 6 \(data\.selection: null; 2 held out\)", text), text
+    assert not (tmp_path / SELECTION_FILE).exists()
