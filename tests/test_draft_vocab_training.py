@@ -22,7 +22,7 @@ import pytest
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
 from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.stages import eval as eval_stage
-from flatspec_jax.stages import export, score, select, train
+from flatspec_jax.stages import export, import_eagle, score, select, train
 from flatspec_jax.stages.common import RunContext
 from tiny_target import save_tiny_llama, tiny_run_overrides
 
@@ -74,6 +74,10 @@ def test_export_lists_the_draft_vocabulary(reduced_run, tmp_path):
     out = export.run(reduced_run.cfg, argparse.Namespace(out=str(tmp_path / "eagle")), ctx=reduced_run)
     config = json.loads((out / "config.json").read_text())
     assert config["flatspec"]["draft_vocab"] == reduced_run.draft_ids(DRAFT_VOCAB).tolist()
+    imported = tmp_path / "imported"
+    import_eagle.run(reduced_run.cfg, argparse.Namespace(input=str(out), out=str(imported)), ctx=reduced_run)
+    assert read_meta(imported)[1]["draft_vocab"] == config["flatspec"]["draft_vocab"]
+    np.testing.assert_array_equal(reduced_run.decoding_draft_ids(imported), reduced_run.draft_ids(DRAFT_VOCAB))
 
 
 def test_a_whole_vocabulary_head_drafts_from_decode_draft_vocab(tiny_dir, tmp_path):

@@ -57,6 +57,7 @@ from flatspec_jax.sharding import ShardingRules, make_mesh, state_shardings
 from flatspec_jax.stages import export, import_eagle
 from flatspec_jax.train.optim import build_optimizer
 from flatspec_jax.train.step import TrainState
+from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.reader import open_checkpoint
 from flatspec_jax.weights.safetensors_reader import SafetensorsFile
 
@@ -410,6 +411,17 @@ def test_export_without_torch_writes_safetensors_and_warns(llama_run, llama_dir,
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
+def test_export_for_a_llama3_scaled_target_warns_that_the_reference_cannot_load_it(llama_run, llama_dir, qwen2_run,
+                                                                                   qwen2_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.stages.export"):
+        export.run(config_for(llama_dir, llama_run[0]), export_args(out=str(tmp_path / "llama")))
+    assert "EAGLE reference's EConfig accepts only linear and dynamic scaling" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.stages.export"):
+        export.run(config_for(qwen2_dir, qwen2_run[0]), export_args(out=str(tmp_path / "qwen2")))
+    assert "rope_scaling" not in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +587,13 @@ def test_import_warns_about_rope_and_norm_settings_it_replaces(llama_run, llama_
         import_eagle.run(config_for(llama_dir, tmp_path), import_args(input=str(head)))
     assert "rms_norm_eps = 1e-06 differs from the target's 1e-05" in caplog.text
     assert "rope_scaling = null but the target has" in caplog.text
+
+
+@pytest.mark.parametrize("ids", [[], [3, 2], [1, 1], [0, 10 ** 6], [0, "1"], "0-4"])
+def test_import_refuses_a_malformed_draft_vocabulary(llama_run, llama_dir, tmp_path, ids):
+    head = edit_head(llama_run[2], tmp_path / "head", {"flatspec": {"draft_vocab": ids}})
+    with pytest.raises(WeightsError, match=r"flatspec\.draft_vocab must be a non-empty ascending list of distinct"):
+        import_eagle.run(config_for(llama_dir, tmp_path), import_args(input=str(head)))
 
 
 def test_import_refuses_a_directory_that_holds_checkpoints(llama_run, llama_dir):

@@ -229,6 +229,9 @@ class HeadSpec:
     qkv_bias: bool
     flatspec: dict[str, Any] | None
     """Our export block (target identity), or None for a head from elsewhere."""
+    draft_vocab: np.ndarray | None = None
+    """[N] ascending token ids a head trained on a reduced vocabulary proposes from (our block's
+    ``draft_vocab``); None: the whole vocabulary."""
 
 
 def read_head_config(directory: Path) -> dict[str, Any]:
@@ -298,11 +301,13 @@ def check_head_config(config: Mapping[str, Any], target: ArchSpec, source: str,
         raise WeightsError(f"{source}: field hidden_act is {act!r}; only 'silu' is supported")
     _warn_runtime_differences(config, target, source)
     flatspec = config.get("flatspec")
+    draft_vocab = None
     if flatspec is not None:
         _check_flatspec_block(flatspec, target, target_vocab_hash, source)
+        draft_vocab = _draft_vocab_field(flatspec, target, source)
     return HeadSpec(num_layers=_int_field(config, "num_hidden_layers", source),
                     fc_bias=_bool_field(config, "bias", source, True),  # the reference's default
-                    qkv_bias=qkv_bias, flatspec=flatspec)
+                    qkv_bias=qkv_bias, flatspec=flatspec, draft_vocab=draft_vocab)
 
 
 def _warn_runtime_differences(config: Mapping[str, Any], target: ArchSpec, source: str) -> None:
@@ -332,6 +337,17 @@ def _check_flatspec_block(block: Any, target: ArchSpec, target_vocab_hash: str |
     if target_vocab_hash is not None and block.get("target_vocab_hash") != target_vocab_hash:
         raise CheckpointMismatchError(f"{source}: flatspec.target_vocab_hash: the head was trained with another "
                                       "tokenizer vocabulary (vocab hash differs)")
+
+
+def _draft_vocab_field(block: Mapping[str, Any], target: ArchSpec, source: str) -> np.ndarray | None:
+    ids = block.get("draft_vocab")
+    if ids is None:
+        return None
+    if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            or not all(0 <= i < target.vocab_size for i in ids) or any(a >= b for a, b in zip(ids, ids[1:]))):
+        raise WeightsError(f"{source}: field flatspec.draft_vocab must be a non-empty ascending list of distinct "
+                           f"token ids below the target's vocabulary size {target.vocab_size}")
+    return np.asarray(ids, np.int32)
 
 
 # ----------------------------------------------------------------------------------------------

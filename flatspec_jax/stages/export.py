@@ -73,6 +73,10 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if draft_vocab is not None:
         log.warning("the head was trained to propose only its %d draft_vocab tokens (listed in config.json's "
                     "flatspec block); the EAGLE-1/2 reference drafts from the whole vocabulary", len(draft_vocab))
+    if target.rope_scaling is not None:
+        log.warning("the target uses llama3 RoPE scaling, written as rope_scaling with rope_type 'llama3': the EAGLE "
+                    "reference's EConfig accepts only linear and dynamic scaling and cannot load this head "
+                    "(transformers-based loaders can)")
     if target.num_heads * target.head_dim != target.hidden_size:
         log.warning("head_dim x num_attention_heads != hidden_size: the EAGLE reference derives head_dim from "
                     "hidden_size and cannot load this head")

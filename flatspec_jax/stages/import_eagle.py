@@ -84,7 +84,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
         sharding = rules.sharding(mesh, logical_axes_of(variable), shape)
         placed[key] = variable.replace(host_to_global(np.asarray(host[key], dtype), sharding))
     params = unflatten_params(state, placed)
-    meta = draft_meta(cfg.to_dict(), draft_arch(target, spec.num_layers), target, target_hash, fc_bias=spec.fc_bias)
+    meta = draft_meta(cfg.to_dict(), draft_arch(target, spec.num_layers), target, target_hash, fc_bias=spec.fc_bias,
+                      draft_vocab=spec.draft_vocab)
     meta["imported_from"] = {"format": fmt, "directory": str(source), "file": tensor_source}
     step_dir = save_draft_params(out, params, meta, step=0)
     log.info("imported %s (%d layers, fc bias %s) as a params-only checkpoint: %s", tensor_source,
