@@ -340,13 +340,13 @@ def run_generate(gen_model, **settings):
     settings = GenerationSettings(**{"max_new_tokens": GEN_NEW, "cache_length": 32, "eos_ids": (),
                                      "pad_id": PAD, **settings})
     out = generate(graphdef, state, jnp.asarray(prompts), jnp.asarray(GEN_LENGTHS), jax.random.key(0), settings)
-    return np.asarray(out.tokens), np.asarray(out.lengths), int(out.target_calls)
+    return np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.target_calls)
 
 
 def test_generate_greedy_matches_full_forward_loop(gen_model, greedy_reference):
     tokens, lengths, calls = run_generate(gen_model)
     assert lengths.tolist() == [GEN_NEW, GEN_NEW]
-    assert calls == GEN_NEW - 1
+    assert calls.tolist() == [GEN_NEW - 1, GEN_NEW - 1]
     for row in range(2):
         assert tokens[row].tolist() == greedy_reference[row], row
     # Not degenerate: the test would notice a wrong cache.
@@ -358,7 +358,8 @@ def test_generate_stops_at_eos_and_pads(gen_model, greedy_reference):
     # A token row 0 emits for the first time at step j >= 2.
     j = next(i for i in range(2, GEN_NEW) if ref0[i] not in ref0[:i])
     eos = ref0[j]
-    tokens, lengths, _ = run_generate(gen_model, eos_ids=(eos,))
+    tokens, lengths, calls = run_generate(gen_model, eos_ids=(eos,))
+    np.testing.assert_array_equal(calls, lengths - 1)  # per row: a finished row stops counting
     for row in range(2):
         ref = greedy_reference[row]
         stop = ref.index(eos) + 1 if eos in ref else GEN_NEW

@@ -133,3 +133,22 @@ def test_tau_and_acceptance_rates():
     np.testing.assert_allclose(result.tau(), [8 / 3, 0.0])
     # Rounds reaching depth 1: 2 of 3; depth 2: 2 of 2; depth 3: 1 of 2.
     np.testing.assert_allclose(result.acceptance_rates(), [2 / 3, 1.0, 0.5])
+
+
+def test_a_capped_cache_is_warned_about_once_per_width(caplog):
+    from flatspec_jax.config import DecodeConfig
+    from flatspec_jax.decoding.runner import Decoder
+
+    target = random_module(lambda: create_model(ARCH), seed=3)
+    head = random_module(lambda: create_eagle_head(ARCH, 1), seed=4)
+    cfg = DecodeConfig(method="tree", max_new_tokens=64, max_cache_length=128, depth=2, top_k=3, total_tokens=9)
+    decoder = Decoder(target, cfg, (EOS,), 0, head=head)
+    with caplog.at_level("WARNING", logger="flatspec_jax.decoding.runner"):
+        assert decoder.cache_length(64) == 128
+        decoder.cache_length(64)
+    assert caplog.text.count("decode.max_cache_length=128 is below the 137 slots") == 1
+    assert "one round of 9 verified tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flatspec_jax.decoding.runner"):
+        assert decoder.cache_length(32) == 128  # 32 + 64 + 9 fits
+    assert caplog.text == ""

@@ -36,7 +36,8 @@ class GenerationSettings:
 
 class Generation(NamedTuple):
     """tokens: [B, M] generated ids (EOS included, ``pad_id`` after); lengths: [B];
-    target_calls: [] target forward passes after the prefill."""
+    target_calls: [B] target forward passes after the prefill while the row was generating
+    (lengths - 1: the last token is never fed back)."""
 
     tokens: Array
     lengths: Array
@@ -74,7 +75,7 @@ class _LoopState:
     cache: KVCache
     cache_index: Array  # [B] slots holding committed tokens
     key: Array
-    target_calls: Array
+    target_calls: Array  # [B]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
@@ -101,7 +102,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_l
         done=is_eos(first, settings.eos_ids) | (prompt_lengths >= settings.cache_length)
         | (settings.max_new_tokens <= 1),
         last=first, cache=prefilled.cache, cache_index=prompt_lengths.astype(jnp.int32), key=key,
-        target_calls=jnp.zeros((), jnp.int32))
+        target_calls=jnp.zeros((batch,), jnp.int32))
 
     def cond(s: _LoopState) -> Array:
         return ~jnp.all(s.done)
@@ -118,7 +119,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_l
         done = (s.done | is_eos(new, settings.eos_ids) | (lengths >= settings.max_new_tokens)
                 | (cache_index >= settings.cache_length))
         return _LoopState(tokens=tokens, lengths=lengths, done=done, last=new, cache=out.cache,
-                          cache_index=cache_index, key=key, target_calls=s.target_calls + 1)
+                          cache_index=cache_index, key=key, target_calls=s.target_calls + active)
 
     state = jax.lax.while_loop(cond, step, state)
     return Generation(state.tokens, state.lengths, state.target_calls)

@@ -10,6 +10,7 @@ Shape legend: B rows, W padded prompt width, M max new tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Sequence
 
@@ -24,6 +25,8 @@ from flatspec_jax.decoding.sampling import SamplingSettings
 from flatspec_jax.decoding.speculative import SpeculativeSettings, speculative_generate
 from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.models.llama import Llama
+
+log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 64
 """Prompt widths are rounded up to a multiple of this, bounding the number of compiled programs."""
@@ -74,6 +77,7 @@ class Decoder:
         self.target_graphdef, self.target_params = nnx.split(target)
         self.head_graphdef, self.head_params = (None, None) if head is None else nnx.split(head)
         self.draft_ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
+        self._capped_widths: set[int] = set()
 
     @property
     def speculative(self) -> bool:
@@ -91,6 +95,13 @@ class Decoder:
         if width >= self.cfg.max_cache_length:
             raise ValueError(f"a prompt of {width} tokens does not fit decode.max_cache_length="
                              f"{self.cfg.max_cache_length}")
+        if needed > self.cfg.max_cache_length and width not in self._capped_widths:
+            self._capped_widths.add(width)
+            log.warning("decode.max_cache_length=%d is below the %d slots that prompts padded to %d tokens, "
+                        "decode.max_new_tokens=%d and one round of %d verified tokens need: long rows stop early "
+                        "(%s decoding stops a row once a round no longer fits)", self.cfg.max_cache_length,
+                        width + self.cfg.max_new_tokens + self._round_tokens(), width, self.cfg.max_new_tokens,
+                        self._round_tokens(), self.method)
         return min(needed, self.cfg.max_cache_length)
 
     def _settings(self, width: int):
@@ -122,7 +133,7 @@ class Decoder:
             calls, accept_counts = out.rounds, out.accept_counts
         else:
             out = generate(self.target_graphdef, self.target_params, jnp.asarray(padded), lengths, key, settings)
-            calls, accept_counts = jnp.broadcast_to(out.target_calls, lengths.shape), None
+            calls, accept_counts = out.target_calls, None
         jax.block_until_ready(out.tokens)
         seconds = time.perf_counter() - start
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)

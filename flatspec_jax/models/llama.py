@@ -340,8 +340,9 @@ def sliding_window_mask(positions: Array, num_keys: int, cached: bool, window: i
 
     With a cache, key slot s is taken to hold position s; without one, keys are the new tokens
     themselves. A draft tree being verified breaks the first assumption (slot n + j holds
-    position n + depth(j)), which overstates distances inside the tree by less than its size:
-    it matters only for windows shorter than the tree, far below any real model's window.
+    position n + depth(j) <= n + j), which understates distances to keys inside the tree by
+    less than its size, so a node may see a tree key up to that far outside the window: it
+    matters only for windows shorter than the tree, far below any real model's window.
     """
     if window is None:
         return jnp.ones((1, 1, 1), bool)
