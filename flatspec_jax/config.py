@@ -169,7 +169,7 @@ class TrainConfig:
     row_length: int = 512
     """Tokens per packed training row."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step, weighted by trained tokens: the same step as one batch."""
     loss: LossName = "eagle"
     """Token term: eagle (soft cross-entropy), kl, tvd, tvdpp, lk (-log acceptance), lk_hybrid."""
     feature_weight: float = 1.0

@@ -31,7 +31,7 @@ from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.sharding import ShardingRules
 from flatspec_jax.train.head_loss import draft_loss_through_head
-from flatspec_jax.train.losses import LossTerms
+from flatspec_jax.train.losses import MASK_EPS, LossTerms
 
 Array = jax.Array
 NOISE_REFERENCE_LENGTH = 512
@@ -130,7 +130,14 @@ def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
 def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 settings: StepSettings, state: TrainState, target_params: nnx.State, batches: dict[str, Array],
                 agreement: bool | Array = True, draft_ids: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step over A micro-batches ([A, R, L] arrays): gradients are averaged.
+    """One optimizer step over A micro-batches ([A, R, L] arrays), equal to one batch of all A x R rows.
+
+    Each micro-batch's loss is a masked mean S_a / (n_a + eps) over its n_a trained positions; the
+    step weighs its gradient and metrics by (n_a + eps) and divides by (sum_a n_a + eps), which is
+    the gradient of sum_a S_a / (sum_a n_a + eps), the loss of the whole batch. (The EAGLE
+    reference's accumulation averages the micro-batch means instead, so a micro-batch with few
+    trained tokens weighs as much as a full one.) TVD++ normalises its reward within each
+    micro-batch, so for that loss the equality holds only for the normalisation's statistics.
 
     ``agreement`` ([] bool, traced) asks for the acceptance/top1/top3 metrics, which are NaN
     without it; the loop sets it only on the steps it logs. ``draft_ids`` [N]: a reduced draft
@@ -144,22 +151,31 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
         return draft_loss_on_rows(head, target, batch, key, settings, agreement, draft_ids)
 
     def accumulate(carry, inputs):
-        grads_sum, metrics_sum = carry
+        grads_sum, metrics_sum, count_sum = carry
         index, batch = inputs
-        (loss, (terms, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        (loss, (terms, count)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
             state.params, batch, jax.random.fold_in(base_key, index))
-        return (jax.tree.map(jnp.add, grads_sum, grads),
-                jax.tree.map(jnp.add, metrics_sum, metrics_of(loss, terms))), None
+        weight = count.astype(jnp.float32) + MASK_EPS  # undoes the micro-batch's masked-mean denominator
+        return (jax.tree.map(lambda total, g: total + weight * g, grads_sum, grads),
+                jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics_of(loss, terms)),
+                count_sum + count.astype(jnp.float32)), None
 
     micro_batches = jax.tree.leaves(batches)[0].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    scalar = jnp.zeros((), jnp.float32)
-    metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metrics_zero), (jnp.arange(micro_batches), batches))
-    grads = jax.tree.map(lambda g: g / micro_batches, grads)
+    if micro_batches == 1:  # nothing to weigh: the gradient as it is, bit for bit
+        batch = jax.tree.map(lambda x: x[0], batches)
+        (loss, (terms, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+            state.params, batch, jax.random.fold_in(base_key, 0))
+        metrics = metrics_of(loss, terms)
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        scalar = jnp.zeros((), jnp.float32)
+        metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
+        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, metrics_zero, scalar),
+                                                  (jnp.arange(micro_batches), batches))
+        grads = jax.tree.map(lambda g: g / (count + MASK_EPS), grads)
+        metrics = {name: value / (count + MASK_EPS) for name, value in metrics.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {name: value / micro_batches for name, value in metrics.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
