@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from flatspec_jax.config import load_config
+from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.selection import SELECTION_FILE
 from flatspec_jax import scoring
-from flatspec_jax.stages import pipeline
+from flatspec_jax.stages import pipeline, select
 from tiny_target import save_tiny_llama, tiny_run_overrides
 
 OUTPUTS = ("tokens.npz", "scores.parquet", "selection.json", "checkpoints/2/meta/metadata", "eval.json",
@@ -60,3 +60,10 @@ def test_without_a_selection_the_pipeline_trains_on_all_samples_and_says_so(tiny
     text = pipeline.run(cfg)
     assert re.search(r"samples kept +all 6 \(data\.selection: null; 2 held out\)", text), text
     assert not (tmp_path / SELECTION_FILE).exists()
+
+
+def test_select_refuses_scores_made_with_other_settings(selected_run, tiny_dir):
+    run_dir, _ = selected_run
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "score.temperature=2.0"))
+    with pytest.raises(ConfigError, match=r"scores\.parquet was scored from other data, model or score\.\* settings"):
+        select.run(cfg)

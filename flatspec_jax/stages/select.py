@@ -9,7 +9,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from flatspec_jax.config import Config
+from flatspec_jax.config import Config, ConfigError
+from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.scoring import read_fingerprint
 from flatspec_jax.selection import (
     SCORES_FILE,
     SELECTION_FILE,
@@ -19,6 +21,8 @@ from flatspec_jax.selection import (
     select_samples,
     write_manifest,
 )
+from flatspec_jax.stages.common import RunContext
+from flatspec_jax.stages.score import score_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: when the run directory has no scores.parquet yet.
+      ConfigError: when its scores were made with other data, model or scoring settings.
     """
     directory = Path(cfg.run_dir)
     scores_path = directory / SCORES_FILE
@@ -47,6 +52,10 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     if not scores_path.is_file():
         raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
                                 "(and run directory) first")
+    expected = score_fingerprint(cfg, tokens_fingerprint(cfg.data, RunContext(cfg).model_path, directory))
+    if read_fingerprint(scores_path) != expected:
+        raise ConfigError(f"{scores_path} was scored from other data, model or score.* settings than this config's: "
+                          "run `flatspec score` with it first")
     import jax
     from jax.experimental import multihost_utils
 
