@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,8 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatspec_jax.config import Config, DataConfig, SelectConfig
+from flatspec_jax.config import Config, ConfigError, DataConfig, ScoreConfig, SelectConfig
+from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.scoring import FINGERPRINT_KEY
 from flatspec_jax.selection import (
+    SCORES_FILE,
     ManifestError,
     keep_count,
     manifest_is_current,
@@ -25,6 +29,8 @@ from flatspec_jax.selection import (
     write_manifest,
 )
 from flatspec_jax.stages import select as select_stage
+from flatspec_jax.stages.common import RunContext
+from flatspec_jax.stages.score import score_fingerprint
 
 NAN = math.nan
 
@@ -215,9 +221,17 @@ def test_unreadable_manifest(tmp_path):
         read_manifest(tmp_path / "nope.json")
 
 
-def test_stage_writes_then_skips(run_files, caplog):
+def write_scores_of(cfg: Config, table: pa.Table) -> None:
+    """The scores file `flatspec score` would write for ``cfg`` (the stage checks its fingerprint)."""
+    run_dir = Path(cfg.run_dir)
+    fingerprint = score_fingerprint(cfg, tokens_fingerprint(cfg.data, RunContext(cfg).model_path, run_dir))
+    pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()}), run_dir / SCORES_FILE)
+
+
+def test_stage_writes_then_skips(run_files, table, caplog):
     directory, _ = run_files
     cfg = Config(run_dir=str(directory), select=SelectConfig(rule="sfdd", keep=0.5), data=DataConfig(heldout=2))
+    write_scores_of(cfg, table)
     with caplog.at_level(logging.INFO):
         manifest = select_stage.run(cfg)
     assert manifest["ids"] == ["s0", "s4", "s6"]
@@ -229,6 +243,13 @@ def test_stage_writes_then_skips(run_files, caplog):
     assert "is current" in caplog.text and (directory / "selection.json").stat().st_mtime_ns == mtime
     other = Config(run_dir=str(directory), select=SelectConfig(rule="nll", keep=0.5), data=DataConfig(heldout=2))
     assert select_stage.run(other)["rule"] == "nll"
+
+
+def test_stage_refuses_scores_of_other_settings(run_files, table):
+    directory, _ = run_files
+    write_scores_of(Config(run_dir=str(directory), score=ScoreConfig(temperature=2.0)), table)
+    with pytest.raises(ConfigError, match=r"scores\.parquet was scored from other data, model or score\.\* settings"):
+        select_stage.run(Config(run_dir=str(directory)))
 
 
 def test_stage_without_scores_says_run_score(tmp_path):
