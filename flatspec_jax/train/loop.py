@@ -108,6 +108,10 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step,
                              features=features) if len(heldout_indices) else [])
 
+    checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:  # before any compilation: a run that may not resume fails at once
+        check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)
     param_shardings = state_shardings(params, mesh, rules)
@@ -123,10 +127,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     train_step, evaluate = compile_steps(head_graphdef, target_graphdef, tx, StepSettings.from_config(tcfg, cfg.seed),
                                          shardings, target_shardings, mesh, rules, draft_ids)
 
-    checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
     if start:
-        check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
         state = checkpoints.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
                                     shardings, tx, iterator)
         log.info("resumed from %s/%d", checkpoints.directory, start)
