@@ -23,6 +23,7 @@ COMPARED_SECTIONS = ("model", "data", "draft", "train", "seed")
 FREE_TO_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.features",  # cached or recomputed target features are the same numbers
+    "train.loss_chunk",  # how the loss's LM-head work is split: memory, not the result
     "data.num_workers",
     # Compared through the samples' fingerprint and the selection's hash instead, so that a moved
     # file or a renamed manifest with the same contents stays resumable:
@@ -56,7 +57,7 @@ def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, in
     before, now = _trajectory_settings(saved_meta.get("config", {})), _trajectory_settings(cfg.to_dict())
     changes = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
                if before[key] != now[key]]
-    saved_inputs = saved_meta.get("inputs", {})
+    saved_inputs = saved_meta.get("inputs") or {}
     if saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
         changes.append("the tokenized samples (the data file, data.limit, data.max_length, data.responses "
                        "or the model's files changed)")
@@ -65,4 +66,3 @@ def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, in
     if changes:
         raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
                           f"a new run_dir, or delete {directory} to start this run over")
-
