@@ -72,7 +72,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
     else:  # training reads another run's manifest, or all samples: this run's selection would go unused
         path = train.selection_path(cfg)
         manifest = None if path is None else read_manifest(path)
-        log.info("pipeline: select skipped (data.selection: %s)", path)
+        log.info("pipeline: select skipped (training reads %s)", "all samples" if path is None else path)
     trained = timed("train", lambda: train.run(cfg, ctx=ctx))
     result = timed("eval", lambda: eval_stage.run(cfg, ctx=ctx))
     plots = timed("report", lambda: report.run(cfg))

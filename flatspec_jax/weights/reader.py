@@ -91,7 +91,7 @@ def open_checkpoint(path: str | Path, *, cache_dir: str | Path | None = None) ->
     if path.is_dir():
         return SafetensorsCheckpoint(path)
     if not path.exists():
-        raise WeightsError(f"{path}: checkpoint not found (expected an HF model directory or a .gguf file)")
+        raise _not_found(path)
     if path.suffix.lower() == ".gguf" or _starts_with(path, _GGUF_MAGIC):
         return open_gguf(path, cache_dir)
     raise WeightsError(f"{path}: not a checkpoint (expected an HF model directory or a .gguf file)")
@@ -112,8 +112,12 @@ def model_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
     if not path.exists():
-        raise WeightsError(f"{path}: checkpoint not found (expected an HF model directory or a .gguf file)")
+        raise _not_found(path)
     return [path]
+
+
+def _not_found(path: Path) -> WeightsError:
+    return WeightsError(f"{path}: checkpoint not found (expected an HF model directory or a .gguf file)")
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
