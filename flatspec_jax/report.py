@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from flatspec_jax.io import atomic_write
+from flatspec_jax.train.metrics import HELDOUT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,6 @@ def metric_keys(records: Records) -> list[str]:
 
 LOSS_LABELS = {"loss": "total loss", "loss_feature": "feature regression (SmoothL1)", "loss_token": "token term"}
 LR_KEYS = ("lr", "learning_rate")
-HELDOUT_PREFIX = "eval_"
 
 
 def loss_keys(records: Records) -> list[str]:

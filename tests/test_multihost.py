@@ -209,8 +209,7 @@ def read_records(run_dir: Path) -> dict[tuple[int, bool], dict]:
 
 def test_training_metrics_match_the_single_process_run(runs):
     single, multi = read_records(runs["single"]), read_records(runs["multi"])
-    assert sorted(single) == sorted(multi) == [(0, True), (1, False), (2, False), (3, False), (4, False), (5, False),
-                                               (5, True)]
+    assert sorted(single) == sorted(multi) == [(0, True), (1, False), (2, False), (3, False), (4, False), (5, True)]
     for key, want in single.items():
         got = multi[key]
         names = [n for n in want if n.startswith(("loss", "eval_", "grad_norm", "acceptance", "top"))]

@@ -12,6 +12,7 @@ from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.selection import SELECTION_FILE
 from flatspec_jax import scoring
 from flatspec_jax.stages import pipeline, select
+from flatspec_jax.train.metrics import read_metrics
 from tiny_target import save_tiny_llama, tiny_run_overrides
 
 OUTPUTS = ("tokens.npz", "scores.parquet", "selection.json", "checkpoints/2/meta/metadata", "eval.json",
@@ -39,6 +40,16 @@ def test_pipeline_runs_every_stage_and_summarises(selected_run):
     assert re.search(r"tau \(chain\) +\d\.\d\d tokens per target forward", text), text
     plots = re.search(r"plots +(.+)", text).group(1).split(", ")
     assert plots and all(Path(p).is_file() and p.endswith(".png") for p in plots)
+
+
+def test_metrics_hold_one_record_per_step(selected_run):
+    run_dir, _ = selected_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    baseline, logged, evaluated = records
+    assert "eval_loss" in baseline and "loss" not in baseline  # the untrained head on the held-out samples
+    assert "loss" in logged and "eval_loss" not in logged
+    assert {"loss", "lr", "tokens_per_s", "eval_loss", "eval_top1"} <= set(evaluated)
 
 
 def test_rerun_with_the_same_config_redoes_nothing(selected_run, tiny_dir, monkeypatch):

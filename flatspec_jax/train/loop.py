@@ -31,7 +31,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, batch_shards, place_state, state_shardings
-from flatspec_jax.train.metrics import MetricsLog, read_metrics
+from flatspec_jax.train.metrics import HELDOUT_PREFIX, MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, training_inputs
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
@@ -75,7 +75,7 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
         positions += count
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value * count
-    return {f"eval_{name}": value / max(positions, 1.0) for name, value in totals.items()}
+    return {f"{HELDOUT_PREFIX}{name}": value / max(positions, 1.0) for name, value in totals.items()}
 
 
 def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh) -> None:
@@ -157,16 +157,15 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
             paused = time.perf_counter()
             eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
             heldout_metrics = eval_metrics
-            metrics_log.write({"step": step, **eval_metrics})
             window_start += time.perf_counter() - paused
         if logged:
             final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, **final, "lr": float(schedule(step - 1)),
-                      "tokens_per_s": window_tokens / elapsed}
-            metrics_log.write(record)
+            final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
             progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
             window_start, window_tokens = time.perf_counter(), 0
+        if logged or eval_metrics is not None:  # one record per step: the batch's metrics and the held-out ones
+            metrics_log.write({"step": step, **(final if logged else {}), **(eval_metrics or {})})
         if step % tcfg.save_every == 0 or step == tcfg.steps:
             checkpoints.save(step, state, iterator, meta,
                              metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
@@ -176,7 +175,10 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     metrics_log.close()
     if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
         records = read_metrics(metrics_log.path)
-        final = next((r for r in reversed(records) if "loss" in r), {})
-        heldout_metrics = next((r for r in reversed(records) if "eval_loss" in r), {})
+        last_logged = next((r for r in reversed(records) if "loss" in r), {})
+        last_evaluated = next((r for r in reversed(records) if "eval_loss" in r), {})
+        final = {name: value for name, value in last_logged.items()
+                 if name != "step" and not name.startswith(HELDOUT_PREFIX)}
+        heldout_metrics = {name: value for name, value in last_evaluated.items() if name.startswith(HELDOUT_PREFIX)}
     return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
                         final=final, heldout=heldout_metrics)

@@ -1,5 +1,9 @@
 """Training metrics: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events.
 
+A step's record holds the training batch's metrics (``loss``, ``loss_*``, agreement, ``lr``,
+``tokens_per_s``) when the step is logged and the held-out ones (``eval_`` prefixed) when it is
+evaluated; the step-0 record, the untrained head's held-out baseline, has only the latter.
+
 Only JAX process 0 writes. On resume the log is cut back to the restored step, so the
 resumed run's log equals an uninterrupted run's instead of holding the lost steps twice.
 """
@@ -18,6 +22,8 @@ from flatspec_jax.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+HELDOUT_PREFIX = "eval_"
+"""Prefix of the held-out metrics' keys (``eval_loss``, ``eval_top1``, ...)."""
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
