@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("flatspec_jax.stages.train:run", "train the EAGLE draft head (resumes from the latest checkpoint)"),
     "eval": ("flatspec_jax.stages.eval:run", "speculative vs autoregressive decoding on MT-bench -> eval.json"),
     "report": ("flatspec_jax.stages.report:run", "plot scores, selection, training curves and eval -> plots/*.png"),
-    "pipeline": ("flatspec_jax.stages.pipeline:run", "score, select, train, eval and report in one run directory"),
+    "pipeline": ("flatspec_jax.stages.pipeline:run", "(regenerate ->) score -> (select ->) train -> eval -> report in one run directory"),
     "export": ("flatspec_jax.stages.export:run", "write the draft head in the public EAGLE layout -> export/eagle/"),
     "import": ("flatspec_jax.stages.import_eagle:run", "read an EAGLE-1/2 head into a params-only orbax checkpoint"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
