@@ -580,13 +580,27 @@ def test_import_names_what_does_not_match_the_target(llama_run, llama_dir, tmp_p
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_import_warns_about_rope_and_norm_settings_it_replaces(llama_run, llama_dir, tmp_path, caplog):
-    head = edit_head(llama_run[2], tmp_path / "head", {"rope_theta": None, "rope_scaling": None, "flatspec": None,
-                                                        "rms_norm_eps": 1e-6})
-    with caplog.at_level(logging.WARNING, logger="flatspec_jax.checkpoint.eagle_format"):
+def test_imported_head_keeps_its_own_rope_and_norm_settings(llama_dir, tokenizer, tmp_path, caplog):
+    """The reference runs a head with its config's RoPE and norm settings (the target here has llama3
+    scaling, theta 1e4 and eps 1e-5; the head plain RoPE, theta 1e5 and the default eps 1e-6)."""
+    config = published_config(tokenizer, rope_scaling=None, rope_theta=100000.0, rms_norm_eps=None,
+                              torch_dtype="float32")
+    torch.manual_seed(7)
+    model = ReferenceHead(config)
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text(json.dumps(config))
+    torch.save(model.state_dict(), head / "pytorch_model.bin")
+    with caplog.at_level(logging.INFO, logger="flatspec_jax.checkpoint.eagle_format"):
         import_eagle.run(config_for(llama_dir, tmp_path), import_args(input=str(head)))
-    assert "rms_norm_eps = 1e-06 differs from the target's 1e-05" in caplog.text
-    assert "rope_scaling = null but the target has" in caplog.text
+    assert "keeps its own rms_norm_eps = 1e-06 (the target has 1e-05)" in caplog.text
+    _, meta = read_meta(tmp_path / "checkpoints")
+    assert (meta["draft_arch"]["rope_theta"], meta["draft_arch"]["rope_scaling"],
+            meta["draft_arch"]["rms_norm_eps"]) == (100000.0, None, 1e-6)
+    features, tokens = sample_inputs(32, len(tokenizer), seed=3)
+    embedding = model.embed_tokens.weight.detach().numpy()
+    got = our_features(tmp_path / "checkpoints", llama_dir, tokenizer, features, tokens, embedding)
+    np.testing.assert_allclose(got, reference_features(head, features, tokens), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("ids", [[], [3, 2], [1, 1], [0, 10 ** 6], [0, "1"], "0-4"])

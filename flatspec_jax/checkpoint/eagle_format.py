@@ -42,12 +42,16 @@ import ml_dtypes
 import numpy as np
 
 from flatspec_jax.checkpoint.manager import CheckpointMismatchError
-from flatspec_jax.weights.arch import ArchSpec
+from flatspec_jax.models.eagle import draft_arch
+from flatspec_jax.weights.arch import ArchSpec, value_settings
 from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.layout import LAYER_TENSORS, Kind, hf_to_nnx, nnx_to_hf
 from flatspec_jax.weights.safetensors_reader import SafetensorsFile, write_safetensors
 
 log = logging.getLogger(__name__)
+
+REFERENCE_RMS_NORM_EPS = 1e-6
+"""The reference's ``rms_norm_eps`` for a head config.json without one (its EConfig default)."""
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -232,6 +236,14 @@ class HeadSpec:
     draft_vocab: np.ndarray | None = None
     """[N] ascending token ids a head trained on a reduced vocabulary proposes from (our block's
     ``draft_vocab``); None: the whole vocabulary."""
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The head's own ``rope_theta``, ``rope_scaling`` and ``rms_norm_eps`` (the reference's defaults
+    10000, none and 1e-6 where absent): the reference trains and runs a head with these, not the
+    target's."""
+
+    def arch(self, target: ArchSpec) -> ArchSpec:
+        """The imported head's architecture: the target's layer shapes with the head's own values."""
+        return dataclasses.replace(draft_arch(target, self.num_layers), **self.values)
 
 
 def read_head_config(directory: Path) -> dict[str, Any]:
@@ -269,8 +281,9 @@ def check_head_config(config: Mapping[str, Any], target: ArchSpec, source: str,
     """Checks that a head's config.json describes a head for ``target``.
 
     Shape fields (hidden_size, heads, KV heads, head_dim, intermediate_size, vocab_size) and
-    ``qkv_bias`` must equal the target's; RoPE and norm settings that differ are only warned
-    about (our head runs with the target's). A config with our ``flatspec`` block must also
+    ``qkv_bias`` must equal the target's; RoPE and norm settings are the head's own (the
+    reference runs a head with its config's, defaults included), logged where they differ from
+    the target's. A config with our ``flatspec`` block must also
     name exactly this target and, given ``target_vocab_hash``, its tokenizer vocabulary.
 
     Raises:
@@ -299,7 +312,10 @@ def check_head_config(config: Mapping[str, Any], target: ArchSpec, source: str,
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise WeightsError(f"{source}: field hidden_act is {act!r}; only 'silu' is supported")
-    _warn_runtime_differences(config, target, source)
+    values = value_settings(config, source, rms_norm_eps=REFERENCE_RMS_NORM_EPS,
+                            max_positions=_int_field(config, "max_position_embeddings", source,
+                                                     target.max_position_embeddings))
+    _log_value_differences(values, target, source)
     flatspec = config.get("flatspec")
     draft_vocab = None
     if flatspec is not None:
@@ -307,22 +323,15 @@ def check_head_config(config: Mapping[str, Any], target: ArchSpec, source: str,
         draft_vocab = _draft_vocab_field(flatspec, target, source)
     return HeadSpec(num_layers=_int_field(config, "num_hidden_layers", source),
                     fc_bias=_bool_field(config, "bias", source, True),  # the reference's default
-                    qkv_bias=qkv_bias, flatspec=flatspec, draft_vocab=draft_vocab)
+                    qkv_bias=qkv_bias, flatspec=flatspec, draft_vocab=draft_vocab, values=values)
 
 
-def _warn_runtime_differences(config: Mapping[str, Any], target: ArchSpec, source: str) -> None:
-    """RoPE/norm settings do not change shapes; the imported head runs with the target's."""
-    theta = config.get("rope_theta", 10000.0)  # the reference's default when the key is absent
-    checks = [("rms_norm_eps", config.get("rms_norm_eps", 1e-6), target.rms_norm_eps),
-              ("rope_theta", theta, target.rope_theta)]
-    for field, head_value, target_value in checks:
-        if isinstance(head_value, (int, float)) and not np.isclose(float(head_value), target_value, rtol=1e-6):
-            log.warning("%s: %s = %s differs from the target's %s; the imported head uses the target's",
-                        source, field, head_value, target_value)
-    scaling = config.get("rope_scaling")
-    if bool(scaling) != (target.rope_scaling is not None):
-        log.warning("%s: rope_scaling = %s but the target has %s; the imported head uses the target's",
-                    source, json.dumps(scaling), target.rope_scaling)
+def _log_value_differences(values: Mapping[str, Any], target: ArchSpec, source: str) -> None:
+    """Says where the head's RoPE/norm settings (kept: they do not change shapes) are not the target's."""
+    for field, value in values.items():
+        if value != getattr(target, field):
+            log.info("%s: the head keeps its own %s = %s (the target has %s), as the reference runs it",
+                     source, field, value, getattr(target, field))
 
 
 def _check_flatspec_block(block: Any, target: ArchSpec, target_vocab_hash: str | None, source: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -38,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
-from flatspec_jax.models.eagle import EagleHead, create_eagle_head
+from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.sharding import ShardingRules, state_shardings
 from flatspec_jax.weights.arch import ArchSpec
 
@@ -222,8 +223,10 @@ def load_draft_head(directory: Path, target: ArchSpec, target_vocab_hash: str, m
     step, meta = read_meta(directory, step)
     check_target(meta, target, target_vocab_hash, f"{directory}/{step}")
     draft = ArchSpec.from_json(json.dumps(meta["draft_arch"]), f"{directory}/{step}/meta")
-    abstract = nnx.eval_shape(lambda: create_eagle_head(target, draft.num_layers, dtype=dtype,
-                                                        fc_bias=meta["fc_bias"]))
+    # The saved draft architecture: the target's layer shapes (checked above) with the head's own
+    # RoPE and norm settings (an imported head's may differ from the target's).
+    abstract = nnx.eval_shape(lambda: EagleHead(draft, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                                                fc_bias=meta["fc_bias"]))
     graphdef, params = nnx.split(abstract)
     shardings = state_shardings(params, mesh, rules)
     target_tree = {"params": _as_abstract(flatten_params(params), flatten_params(shardings))}

@@ -15,7 +15,8 @@ Identity checks: the head's shape fields and ``qkv_bias`` must equal the target'
 head exported by us must name exactly this target and tokenizer vocabulary. The head's
 ``embed_tokens.weight`` must have the target's embedding shape; if its values differ from the
 target's a warning is logged (the head is then probably for another checkpoint of the same
-architecture), and it is not imported (the target's embedding is used at run time).
+architecture), and it is not imported (the target's embedding is used at run time). RoPE and
+norm settings are the head's own, as the reference runs it (``HeadSpec.arch``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from flatspec_jax.checkpoint.eagle_format import EMBED_KEY
 from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, CheckpointMismatchError, draft_meta, flatten_params,
                                              save_draft_params, unflatten_params, vocab_hash)
 from flatspec_jax.config import Config, ConfigError
-from flatspec_jax.models.eagle import create_eagle_head, draft_arch
+from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.sharding import host_to_global, logical_axes_of
 from flatspec_jax.stages.common import RunContext, arg
 from flatspec_jax.weights.reader import open_checkpoint
@@ -84,7 +85,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
         sharding = rules.sharding(mesh, logical_axes_of(variable), shape)
         placed[key] = variable.replace(host_to_global(np.asarray(host[key], dtype), sharding))
     params = unflatten_params(state, placed)
-    meta = draft_meta(cfg.to_dict(), draft_arch(target, spec.num_layers), target, target_hash, fc_bias=spec.fc_bias,
+    meta = draft_meta(cfg.to_dict(), spec.arch(target), target, target_hash, fc_bias=spec.fc_bias,
                       draft_vocab=spec.draft_vocab)
     meta["imported_from"] = {"format": fmt, "directory": str(source), "file": tensor_source}
     step_dir = save_draft_params(out, params, meta, step=0)

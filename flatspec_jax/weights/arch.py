@@ -167,6 +167,20 @@ class ArchSpec:
             raise WeightsError(f"{source}: stored architecture is unreadable ({e})") from e
 
 
+def value_settings(config: Mapping[str, Any], source: str, *, max_positions: int,
+                   rms_norm_eps: float) -> dict[str, Any]:
+    """The fields of an HF-style ``config`` that change a layer's values but not its shapes:
+    ``rope_theta`` (default 10000), ``rope_scaling`` (a :class:`RopeScaling` or None) and
+    ``rms_norm_eps`` (default ``rms_norm_eps``), read as :meth:`ArchSpec.from_hf_config` reads them.
+
+    Raises:
+      WeightsError: naming ``source`` and the field, for a malformed or unsupported value.
+    """
+    cfg = _Fields(config, source)
+    theta, scaling = _rope(config, cfg, max_positions)
+    return {"rope_theta": theta, "rope_scaling": scaling, "rms_norm_eps": cfg.number("rms_norm_eps", rms_norm_eps)}
+
+
 def _attention_bias(model_type: str, cfg: _Fields) -> bool:
     if model_type == "qwen2":
         return True  # Qwen2Attention always has q/k/v biases; its config has no switch.
