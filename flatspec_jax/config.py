@@ -275,7 +275,8 @@ class DecodeConfig:
     gamma: int = 4
     """Chain speculation: drafted tokens per round."""
     depth: int = 5
-    """Tree speculation: expansion steps after the root's children (the reference's depth), so a tree has up to depth + 1 draft levels and a round accepts up to depth + 1 drafts."""
+    """Tree speculation: expansion steps after the root's children (the reference's depth), so a
+    tree has up to depth + 1 draft levels and a round accepts up to depth + 1 drafts."""
     top_k: int = 8
     """Tree speculation: children expanded per level."""
     total_tokens: int = 63
