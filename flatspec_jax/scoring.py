@@ -51,7 +51,7 @@ from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
 from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
-from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards
+from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> S
     return ScorePlan(batches, max_segments, padding_fraction(rows, lengths, cfg.row_length))
 
 
-def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
+def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules) -> None:
+    check_process_rows(mesh, rules)
     shards = batch_shards(mesh)
     if cfg.rows_per_batch % shards:
         raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "
@@ -209,7 +210,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     if dataset.lengths.max() > cfg.row_length:
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
                           f"({dataset.lengths.max()} tokens); set it >= data.max_length")
-    check_mesh_fits(cfg, mesh)
+    check_mesh_fits(cfg, mesh, rules)
     # Every batch splits into equal row slices per data-parallel shard and per process (_global_rows).
     plan = make_plan(dataset.lengths, cfg, math.lcm(batch_shards(mesh), jax.process_count()))
     log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",

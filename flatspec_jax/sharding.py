@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -124,6 +124,34 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 def batch_shards(mesh: Mesh) -> int:
     """Slices of the batch axis over the mesh (data x fsdp): a batch's rows must be a multiple."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_process_rows(mesh: Mesh, rules: ShardingRules,
+                       process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
+    """Each of P processes reads only the contiguous block p of a batch's rows (the training pipeline
+    and scoring feed ``jax.make_array_from_process_local_data`` that way), so the mesh must give
+    exactly that block to process p's devices: the batch axes (data x fsdp) split evenly over the
+    processes, each host holding whole batch shards (``process_of``: a device's process).
+
+    Raises:
+      ConfigError: naming ``mesh.*`` when a process's devices hold other rows (e.g. a tensor axis
+        that spans hosts while data x fsdp does not).
+    """
+    processes = sorted({process_of(device) for device in mesh.devices.flat})
+    if len(processes) == 1:
+        return
+    rows = batch_shards(mesh) * len(processes)
+    held: dict[int, set[int]] = {p: set() for p in processes}
+    for device, index in batch_sharding(mesh, rules, 1).devices_indices_map((rows,)).items():
+        held[process_of(device)].update(range(rows)[index[0]])
+    block = rows // len(processes)
+    for rank, process in enumerate(processes):
+        if held[process] != set(range(rank * block, (rank + 1) * block)):
+            raise ConfigError(
+                f"mesh {dict(mesh.shape)}: process {process}'s devices hold rows {sorted(held[process])} of a "
+                f"{rows}-row batch, but each of the {len(processes)} processes reads its own contiguous "
+                f"block of {block}; make mesh.data x mesh.fsdp a multiple of the process count, with the "
+                "tensor axis within a host")
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int) -> NamedSharding:

@@ -67,9 +67,9 @@ def rows(dataset, split):
     return plan_training_rows(dataset, split[0], ROW_LENGTH)
 
 
-def iterator(dataset, rows, seed=0, global_rows=ROWS_PER_BATCH, features=None):
+def iterator(dataset, rows, seed=0, global_rows=ROWS_PER_BATCH, features=None, num_workers=0):
     return training_iterator(dataset, rows, row_length=ROW_LENGTH, global_rows_per_batch=global_rows, seed=seed,
-                             features=features)
+                             features=features, num_workers=num_workers)
 
 
 def take(it, count: int) -> list[dict[str, np.ndarray]]:
@@ -215,6 +215,25 @@ def test_state_restore_replays_the_same_batches(dataset, rows, consumed):
     assert restored.get_state() == original.get_state()
 
 
+@pytest.mark.parametrize("saved_workers, restored_workers", [(0, 2), (2, 0)])
+def test_worker_processes_yield_the_same_stream_and_states_move_between_worker_counts(
+        dataset, rows, saved_workers, restored_workers):
+    """``data.num_workers`` may change on resume: the state is the global batch count, whoever read them."""
+    want = take(iterator(dataset, rows, seed=5), 9)
+    original = iterator(dataset, rows, seed=5, num_workers=saved_workers)
+    assert_batches_equal(take(original, 4), want[:4])
+    assert original.get_state() == {"next_batch": 4}
+    restored = iterator(dataset, rows, seed=5, num_workers=restored_workers)
+    restored.set_state(original.get_state())
+    assert_batches_equal(take(restored, 5), want[4:])
+
+
+@pytest.mark.parametrize("state", [{}, {"next_index": 3}, {"next_batch": -1}, {"next_batch": "3"}, [3]])
+def test_a_malformed_state_is_refused(dataset, rows, state):
+    with pytest.raises(ValueError, match="not a training data state"):
+        iterator(dataset, rows).set_state(state)
+
+
 def test_not_enough_rows_is_an_error(dataset, rows):
     with pytest.raises(ValueError, match="packed rows"):
         iterator(dataset, rows[:2], global_rows=ROWS_PER_BATCH)
@@ -248,18 +267,22 @@ def test_process_slices_assemble_the_global_batch(monkeypatch, dataset, rows, pr
             np.testing.assert_array_equal(assembled, want[key], err_msg=f"batch {b} {key}")
 
 
-def test_process_iterator_state_restores(monkeypatch, dataset, rows):
-    """A process's iterator resumes its own slice exactly (each process saves its own state)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(jax, "process_count", lambda: 2)
-        patch.setattr(jax, "process_index", lambda: 1)
-        original = iterator(dataset, rows, seed=9)
-        take(original, 4)
-        state = original.get_state()
-        want = take(original, 6)
-        restored = iterator(dataset, rows, seed=9)
-        restored.set_state(state)
-        assert_batches_equal(take(restored, 6), want)
+def test_process_iterator_state_restores_on_another_process_count(monkeypatch, dataset, rows):
+    """The state counts global batches, so a single-process run's state resumes each process of a
+    two-process run at its own slice of the next global batch (and a run may change hosts)."""
+    original = iterator(dataset, rows, seed=9)
+    take(original, 4)
+    state = original.get_state()
+    later = take(original, 6)
+    for process in range(2):
+        with monkeypatch.context() as patch:
+            patch.setattr(jax, "process_count", lambda: 2)
+            patch.setattr(jax, "process_index", lambda: process)
+            restored = iterator(dataset, rows, seed=9)
+            restored.set_state(state)
+            half = ROWS_PER_BATCH // 2
+            want = [{k: v[process * half:(process + 1) * half] for k, v in batch.items()} for batch in later]
+            assert_batches_equal(take(restored, 6), want)
 
 
 def test_batch_that_does_not_split_over_processes_is_an_error(monkeypatch, dataset, rows):
@@ -335,13 +358,13 @@ def test_heldout_fixed_batches_cover_heldout_once_with_features(dataset, split, 
                                        features=features_cache), batches)
 
 
-def test_iterator_state_restore_with_features(dataset, rows, cache):
+def test_iterator_state_restore_with_features_read_by_worker_processes(dataset, rows, cache):
     features_cache, _ = cache
     original = iterator(dataset, rows, seed=4, features=features_cache)
     take(original, 2)
     state = original.get_state()
     want = take(original, 3)
-    restored = iterator(dataset, rows, seed=4, features=features_cache)
+    restored = iterator(dataset, rows, seed=4, features=features_cache, num_workers=2)
     restored.set_state(state)
     got = take(restored, 3)
     for g, w in zip(got, want):

@@ -618,8 +618,26 @@ def test_rows_that_do_not_split_over_the_mesh_name_the_settings():
 
     mesh = make_mesh(MeshConfig(data=8), jax.devices()[:8])
     fits = load_config(None, ["train.batch_tokens=512", "train.row_length=64"]).train  # 8 rows
-    _check_rows_fit_mesh(fits, mesh)
+    _check_rows_fit_mesh(fits, mesh, ShardingRules())
     six_rows = load_config(None, ["train.batch_tokens=384", "train.row_length=64"]).train
     with pytest.raises(ConfigError, match=r"train\.batch_tokens / \(train\.row_length x train\.grad_accum\) = 6 rows "
                                           r"per micro-batch is not a multiple of the 8 data-parallel shards"):
-        _check_rows_fit_mesh(six_rows, mesh)
+        _check_rows_fit_mesh(six_rows, mesh, ShardingRules())
+
+
+@pytest.mark.parametrize("mesh_cfg, process_of, fits", [
+    (MeshConfig(data=8), lambda d: d.id // 4, True),
+    (MeshConfig(data=2, tensor=4), lambda d: d.id // 4, True),  # tensor within a host
+    (MeshConfig(data=1, tensor=8), lambda d: d.id // 4, False),  # both hosts hold every row
+    (MeshConfig(data=2, tensor=4), lambda d: d.id % 2, False),  # each host's devices span both blocks
+])
+def test_each_process_must_hold_its_own_block_of_rows(mesh_cfg, process_of, fits):
+    """Simulated hosts (``process_of``) over the 8 CPU devices: process p feeds rows block p only."""
+    from flatspec_jax.sharding import check_process_rows
+
+    mesh = make_mesh(mesh_cfg, jax.devices()[:8])
+    if fits:
+        check_process_rows(mesh, ShardingRules(), process_of)
+    else:
+        with pytest.raises(ConfigError, match=r"each of the 2 processes reads its own contiguous block"):
+            check_process_rows(mesh, ShardingRules(), process_of)

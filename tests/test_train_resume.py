@@ -10,7 +10,7 @@ redo logged work), then re-run to completion. Checked, bitwise:
 * ``metrics.jsonl``: every record (training and held-out) of every step equal, in the same order,
   except the wall-clock ``tokens_per_s``; no step logged twice;
 * the final checkpoint: draft parameters, AdamW moments and step count identical;
-* the data order: the Grain iterator state saved with the final checkpoint is identical, and the
+* the data order: the data position saved with the final checkpoint is identical, and the
   losses could not match step for step if any batch had been skipped or repeated.
 """
 
@@ -165,11 +165,25 @@ def test_final_checkpoint_equals_uninterrupted_bitwise(runs):
 
 
 def test_data_position_equals_uninterrupted(runs):
-    def data_item(run_dir: Path) -> dict[str, bytes]:
-        directory = run_dir / "checkpoints" / str(STEPS) / "data"
-        # The iterator state (JSON), not orbax's commit marker (which names the run directory).
-        return {p.name: p.read_bytes() for p in sorted(directory.glob("*.json"))}
+    def data_item(run_dir: Path) -> dict:
+        return json.loads((run_dir / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
 
     want = data_item(runs["reference"])
-    assert want, "the checkpoint holds no data iterator state"
+    assert want == {"next_batch": STEPS * 2}  # two micro-batches per step (train.grad_accum)
     assert data_item(runs["resumed"]) == want
+
+
+def test_checkpoints_with_grain_iterator_states_still_resume(tmp_path):
+    """Checkpoints written before the data position was saved as JSON hold Grain's state of the same
+    iterator over global batches, one file per process; the position is read from it."""
+    from flatspec_jax.checkpoint.manager import DraftCheckpointer
+
+    data = tmp_path / "checkpoints" / "8" / "data"
+    data.mkdir(parents=True)
+    for process in range(2):
+        (data / f"process_{process}-of-2.json").write_text(json.dumps({"next_index": 16}))
+    checkpointer = DraftCheckpointer(tmp_path / "checkpoints", keep=1)
+    try:
+        assert checkpointer._data_state(8) == {"next_batch": 16}
+    finally:
+        checkpointer.close()

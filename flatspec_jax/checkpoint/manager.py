@@ -6,7 +6,9 @@ atomically by orbax: a half-written step is never visible as a step):
     state/   orbax StandardSave of {"params": {"first_layer/self_attn/q_proj": [...], ...},
                                     "opt_state": {"000": ..., "001": ...}, "step": []}
              parameters keyed by their NNX path; optimizer leaves in flattening order
-    data/    the Grain iterator's state (exact data order on resume)
+    data/    JSON: the training data's position, {"next_batch": global batches consumed}
+             (``data.pipeline.TrainingBatches``; exact data order on resume, with any worker
+             or process count)
     meta/    JSON: the resolved config, the draft architecture (ArchSpec), the target's
              identity (its ArchSpec and a hash of its tokenizer vocabulary) and, for a head
              trained on a reduced draft vocabulary (``draft.vocab``), its token ids under
@@ -122,32 +124,38 @@ class DraftCheckpointer:
 
     def save(self, step: int, state: Any, iterator: Any, meta: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
-        import grain  # noqa: PLC0415 - keeps grain off the import path of inference-only users
-
+        """Saves asynchronously: the train state, ``iterator.get_state()`` and ``meta``."""
         payload = {"params": flatten_params(state.params),
                    "opt_state": {f"{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))},
                    "step": state.step}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(payload), data=grain.checkpoint.CheckpointSave(iterator),
+            state=ocp.args.StandardSave(payload), data=ocp.args.JsonSave(iterator.get_state()),
             meta=ocp.args.JsonSave(meta)), metrics=metrics)
 
     def restore(self, step: int, abstract_state: Any, shardings: Any, tx: optax.GradientTransformation,
                 iterator: Any) -> Any:
-        """Restores a TrainState-like (step, params, opt_state) onto ``shardings`` and the iterator in place."""
-        import grain  # noqa: PLC0415
-
+        """Restores a TrainState-like (step, params, opt_state) onto ``shardings`` and the iterator's
+        position in place (``iterator.set_state``)."""
         params_abstract = _as_abstract(flatten_params(abstract_state.params), flatten_params(shardings.params))
         opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
         opt_abstract = {f"{i:03d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)
                         for i, (leaf, s) in enumerate(zip(opt_leaves, jax.tree.leaves(shardings.opt_state)))}
         target = {"params": params_abstract, "opt_state": opt_abstract,
                   "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings.step)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        iterator.set_state(self._data_state(step))
         state = restored["state"]
         return type(abstract_state)(
             step=state["step"], params=unflatten_params(abstract_state.params, state["params"]),
             opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][f"{i:03d}"] for i in range(len(opt_leaves))]))
+
+    def _data_state(self, step: int) -> dict[str, Any]:
+        # Checkpoints written before the position was saved as JSON hold Grain's own state of the
+        # same in-process iterator over global batches, per process: {"next_index": batches}.
+        grain_states = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        if grain_states:
+            return {"next_batch": json.loads(grain_states[0].read_text())["next_index"]}
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

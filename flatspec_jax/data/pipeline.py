@@ -6,8 +6,10 @@
     -> map(materialise row) -> batch(rows per process) -> to_iter_dataset() [-> mp_prefetch]
 
 Rows are planned once from the sample lengths, so every epoch sees the same fixed-shape
-rows in a new order; the iterator state is a single index, which orbax saves with every
-checkpoint (``grain.checkpoint.CheckpointSave``), so a resumed run replays exactly the
+rows in a new order. The stream is a random-access ``MapDataset`` of global batches, so the
+iterator's state is one number, the global batches yielded so far (:class:`TrainingBatches`):
+the same on every process, and valid for any ``data.num_workers`` and any number of
+processes. Orbax saves it with every checkpoint, so a resumed run replays exactly the
 batches an uninterrupted run would have seen. Each JAX process reads only its own slice
 of every global batch.
 
@@ -16,7 +18,7 @@ Shape legend: R rows per batch (this process's share), L row length, M segment s
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -113,13 +115,71 @@ class _ProcessRows(grain.MapDataset):
         return self._parent[block * self._global + self._offset + row]
 
 
+class TrainingBatches:
+    """An endless iterator over a ``MapDataset`` of batches, checkpointed as the number it has yielded.
+
+    Grain's own iterator state depends on the worker count (per-worker positions with
+    ``mp_prefetch``) and is saved per process, so a run could not resume with another
+    ``data.num_workers`` or on another number of hosts. Batch ``b`` of the dataset is global
+    batch ``b`` on every process, so ``{"next_batch": b}`` is the whole state: restoring it
+    restarts the stream at that batch, with ``num_workers`` worker processes (0: in process).
+    """
+
+    STATE_KEY = "next_batch"
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int = 0):
+        self._batches = batches
+        self._num_workers = num_workers
+        self._position = 0
+        self._iterator = self._start()
+
+    def _start(self) -> Any:
+        stream = self._batches.slice(slice(self._position, None)).to_iter_dataset()
+        if self._num_workers > 0:
+            _allow_grain_workers()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+        return iter(stream)
+
+    def __iter__(self) -> "TrainingBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {self.STATE_KEY: self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restarts the stream at ``state["next_batch"]`` (from :meth:`get_state`).
+
+        Raises:
+          ValueError: for a state that is not ``{"next_batch": int >= 0}``.
+        """
+        position = state.get(self.STATE_KEY) if isinstance(state, dict) else None
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"not a training data state: {state!r} (expected {{{self.STATE_KEY!r}: int >= 0}})")
+        self._position = position
+        self._iterator = self._start()
+
+
+def _allow_grain_workers() -> None:
+    """Grain's worker processes read an absl flag, which raises unless absl's flags are marked parsed;
+    ``flatspec`` never parses absl flags, so mark them (their defaults) as parsed."""
+    from absl import flags  # noqa: PLC0415 - grain's dependency, needed only with workers
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *, row_length: int,
                       global_rows_per_batch: int, seed: int, num_workers: int = 0,
-                      features: FeatureCache | None = None) -> grain.DatasetIterator:
+                      features: FeatureCache | None = None) -> TrainingBatches:
     """An endless, checkpointable iterator over this process's share of each global batch.
 
     Yields dicts of ``[global_rows_per_batch // process_count, L, ...]`` arrays (see
-    ``_MaterializeRow`` for the keys).
+    ``_MaterializeRow`` for the keys), read by ``num_workers`` worker processes (0: in process).
     """
     count, index = jax.process_count(), jax.process_index()
     if global_rows_per_batch % count:
@@ -130,10 +190,7 @@ def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *,
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
     ds = _ProcessRows(ds, global_rows_per_batch, index, count)
     ds = ds.map(_MaterializeRow(dataset, row_length, features)).batch(global_rows_per_batch // count)
-    iter_ds = ds.to_iter_dataset()
-    if num_workers > 0:
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter_ds.__iter__()
+    return TrainingBatches(ds, num_workers)
 
 
 def fixed_batches(dataset: TokenizedDataset, indices: np.ndarray, *, row_length: int, rows_per_batch: int,

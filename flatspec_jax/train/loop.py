@@ -30,7 +30,7 @@ from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
-from flatspec_jax.sharding import ShardingRules, batch_shards, place_state, state_shardings
+from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, training_inputs
@@ -78,8 +78,10 @@ def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
     return {f"{HELDOUT_PREFIX}{name}": value / max(positions, 1.0) for name, value in totals.items()}
 
 
-def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh) -> None:
-    """Every micro-batch's rows must split evenly over the mesh's batch shards."""
+def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh, rules: ShardingRules) -> None:
+    """Every micro-batch's rows must split evenly over the mesh's batch shards, each process's block
+    on its own devices."""
+    check_process_rows(mesh, rules)
     shards = batch_shards(mesh)
     if tcfg.rows_per_step % shards:
         raise ConfigError(f"train.batch_tokens / (train.row_length x train.grad_accum) = {tcfg.rows_per_step} "
@@ -97,7 +99,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     vocabulary the head is trained over, saved in every checkpoint's metadata.
     """
     tcfg = cfg.train
-    _check_rows_fit_mesh(tcfg, mesh)
+    _check_rows_fit_mesh(tcfg, mesh, rules)
     inputs = training_inputs(dataset, selected_ids)
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
