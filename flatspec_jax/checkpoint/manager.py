@@ -3,9 +3,13 @@
 On-disk layout of ``<run_dir>/checkpoints/<step>/`` (one orbax step directory, written
 atomically by orbax: a half-written step is never visible as a step):
 
-    state/   orbax StandardSave of {"params": {"first_layer/self_attn/q_proj": [...], ...},
+    state/   orbax StandardSave of {"params": {"first_layer/self_attn/q_proj": {"value": [D, N, H]}, ...},
                                     "opt_state": {"000": ..., "001": ...}, "step": []}
-             parameters keyed by their NNX path; optimizer leaves in flattening order
+             parameters keyed by their NNX path, each an NNX variable's {"value": array} in
+             our [in, out] orientation with head axes split (q_proj [D, N, H], o_proj [N, H, D];
+             ``weights.layout.LAYER_TENSORS`` maps them to HF names and shapes);
+             optimizer leaves in optax's flattening order of the AdamW state. To read a head
+             without this package, ``flatspec export`` writes the public EAGLE layout
     data/    JSON: the training data's position, {"next_batch": global batches consumed}
              (``data.pipeline.TrainingBatches``; exact data order on resume, with any worker
              or process count)
