@@ -217,6 +217,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
     parts_dir = out_path.with_name(out_path.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
+    if feature_dir is not None and jax.process_index() == 0:
+        feature_cache.unseal(feature_dir)  # this pass may overwrite shards of an older one
     graphdef, params = nnx.split(model)
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     step = compile_score_step(graphdef, cfg, plan.max_segments, mesh, rules, param_shardings,
@@ -257,12 +259,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         table, positions = _merge_parts(parts_dir, fingerprint, len(dataset))
         _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
                                                       POSITION_KEY: json.dumps(positions)})
-        shutil.rmtree(parts_dir)  # parts, and any temporary file a kill during a part write left behind
         log.info("wrote %s (%d samples)", out_path, table.num_rows)
         if feature_dir is not None:
             feature_cache.write_index(feature_dir, [c.start for c in _chunks(len(plan.batches), cfg.flush_every)],
                                       model.arch.hidden_size, fingerprint)
             log.info("cached features of %d samples in %s", len(dataset), feature_dir)
+        shutil.rmtree(parts_dir)  # last: until the index is sealed a re-run merges the parts again
     multihost_utils.sync_global_devices("flatspec: scores written")
     return pq.read_table(out_path)
 

@@ -57,6 +57,15 @@ def dataset() -> TokenizedDataset:
     return make_dataset()
 
 
+@pytest.mark.parametrize("cut", [0, 0.5])
+def test_a_cut_tokens_file_is_rebuilt_not_an_error(dataset, tmp_path, cut):
+    """tokens.npz cut short (an empty file, or half of it) loads as None: the caller rebuilds it."""
+    path = dataset.save(tmp_path / "tokens.npz")
+    assert TokenizedDataset.load(path, "synthetic") is not None
+    path.write_bytes(path.read_bytes()[:int(cut * path.stat().st_size)])
+    assert TokenizedDataset.load(path, "synthetic") is None
+
+
 @pytest.fixture(scope="module")
 def split(dataset):
     return train_and_heldout_indices(dataset, HELDOUT, None)
@@ -306,6 +315,29 @@ def cache(dataset, tmp_path_factory):
         feature_cache.write_shard(directory, chunk, {i: features[i] for i in members}, "fp")
     feature_cache.write_index(directory, list(range(len(chunks))), HIDDEN, "fp")
     return FeatureCache(directory), features
+
+
+def test_a_shard_overwritten_by_another_pass_or_cut_short_breaks_the_cache(cache, tmp_path):
+    """An interrupted pass with other settings may have overwritten shards; a kill or a full disk may
+    leave one short. Neither may pass for the sealed cache: it is no longer current, and reading it
+    names the shard instead of mixing two targets' features."""
+    import shutil
+
+    source, features = cache
+    for damage in ("other_pass", "truncated"):
+        directory = tmp_path / damage
+        shutil.copytree(source.directory, directory)
+        assert feature_cache.index_is_current(directory, "fp")
+        if damage == "other_pass":
+            feature_cache.write_shard(directory, 1, {i: features[i] for i in range(13, 30)}, "other")
+            message = r"shard-000001\.npy: written by a pass with other settings"
+        else:
+            npy = directory / "shard-000002.npy"
+            npy.write_bytes(npy.read_bytes()[:200])
+            message = r"shard-000002\.npy: unreadable"
+        assert not feature_cache.index_is_current(directory, "fp")
+        with pytest.raises(FileNotFoundError, match=message + r".*run `flatspec cache`"):
+            FeatureCache(directory)
 
 
 def check_features(dataset, row: dict[str, np.ndarray], features: dict[int, np.ndarray]) -> None:

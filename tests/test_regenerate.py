@@ -10,6 +10,7 @@ the run are built from the replies.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -131,6 +132,21 @@ def test_current_replies_are_reused_and_changed_settings_redo_them(reference, ti
     assert regen.regenerate_fingerprint(changed, ctx.model_path) != meta["fingerprint"]
 
 
+def test_replies_replaced_beside_an_old_meta_are_not_current(reference, tmp_path):
+    """A run with other settings killed between writing responses.jsonl and its meta leaves the old
+    meta beside new replies: they must not pass for the old config's."""
+    import shutil
+
+    cfg, ctx, _, ref_bytes = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run_dir)
+    copied = dataclasses.replace(cfg, run_dir=str(run_dir))
+    assert regen.responses_are_current(copied, ctx.model_path)
+    other = ref_bytes.replace(b'"content": "', b'"content": "x', 1)
+    regen.responses_path(run_dir).write_bytes(other)
+    assert not regen.responses_are_current(copied, ctx.model_path)
+
+
 def test_samples_are_built_from_the_replies(reference):
     cfg, ctx, _, _ = reference
     records = read_records(Path(cfg.run_dir))
@@ -147,11 +163,13 @@ def test_samples_are_built_from_the_replies(reference):
 
 
 def test_missing_replies_name_the_file_and_the_command(tiny_dir, tmp_path):
-    from flatspec_jax.data.prepare import conversations_source
+    from flatspec_jax.data.prepare import conversations_source, tokens_fingerprint
 
     cfg = make_config(tiny_dir, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"responses\.jsonl.*flatspec regenerate"):
         conversations_source(cfg.data, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"responses\.jsonl.*flatspec regenerate"):  # `select` asks this first
+        tokens_fingerprint(cfg.data, str(tiny_dir), tmp_path)
 
 
 def test_regenerate_settings_are_validated():

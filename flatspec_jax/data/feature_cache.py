@@ -7,8 +7,12 @@ Layout of the cache directory:
     index.json          {"fingerprint", "hidden_size", "shards": [...]} written last
 
 Shards are written atomically one scoring chunk at a time, so an interrupted pass keeps
-every finished shard and a re-run writes only the missing ones. Readers memory-map the
-shards, so random access costs one page-in per sample, not a load of the whole cache.
+every finished shard and a re-run writes only the missing ones. A shard counts only with
+its sidecar's fingerprint and a readable array of the rows the sidecar lists, and the index
+only while every shard it lists does: a pass with other settings that was interrupted after
+overwriting some shards leaves no index that a reader would take for complete. Readers
+memory-map the shards, so random access costs one page-in per sample, not a load of the
+whole cache.
 """
 
 from __future__ import annotations
@@ -31,13 +35,23 @@ def shard_name(chunk: int) -> str:
     return f"shard-{chunk:06d}"
 
 
-def shard_is_current(directory: Path, chunk: int, fingerprint: str) -> bool:
-    sidecar = directory / f"{shard_name(chunk)}.json"
+def _shard_problem(directory: Path, shard: str, fingerprint: str) -> str | None:
+    """Why ``shard`` is not a complete shard of ``fingerprint`` (None when it is)."""
     try:
-        return json.loads(sidecar.read_text())["fingerprint"] == fingerprint and \
-            (directory / f"{shard_name(chunk)}.npy").exists()
-    except (OSError, ValueError, KeyError):
-        return False
+        sidecar = json.loads((directory / f"{shard}.json").read_text())
+        rows = sum(length for _, _, length in sidecar["samples"])
+        array = np.load(directory / f"{shard}.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    if sidecar["fingerprint"] != fingerprint:
+        return "written by a pass with other settings"
+    if array.ndim != 2 or array.shape[0] != rows:
+        return f"holds an array of shape {array.shape}, its sidecar lists {rows} rows"
+    return None
+
+
+def shard_is_current(directory: Path, chunk: int, fingerprint: str) -> bool:
+    return _shard_problem(directory, shard_name(chunk), fingerprint) is None
 
 
 def write_shard(directory: Path, chunk: int, features: dict[int, np.ndarray], fingerprint: str) -> None:
@@ -61,10 +75,18 @@ def write_index(directory: Path, chunks: list[int], hidden_size: int, fingerprin
 
 
 def index_is_current(directory: Path, fingerprint: str) -> bool:
+    """The index is ``fingerprint``'s and every shard it lists is complete."""
     try:
-        return json.loads((directory / INDEX_FILE).read_text())["fingerprint"] == fingerprint
-    except (OSError, ValueError, KeyError):
+        index = json.loads((directory / INDEX_FILE).read_text())
+        return index["fingerprint"] == fingerprint and all(
+            _shard_problem(directory, shard, fingerprint) is None for shard in index["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def unseal(directory: Path) -> None:
+    """Removes the index, so shards a new pass overwrites can never pass for the old cache."""
+    (directory / INDEX_FILE).unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -81,6 +103,10 @@ class FeatureCache:
         self.hidden_size = index["hidden_size"]
         self._where: dict[int, tuple[str, int, int]] = {}
         for shard in index["shards"]:
+            problem = _shard_problem(self.directory, shard, self.fingerprint)
+            if problem is not None:
+                raise FileNotFoundError(f"{self.directory / shard}.npy: {problem}; run `flatspec cache` (or "
+                                        "`flatspec score` with train.features=offline) to rebuild it")
             for sample, start, length in json.loads((self.directory / f"{shard}.json").read_text())["samples"]:
                 self._where[sample] = (shard, start, length)
         self._arrays: dict[str, np.ndarray] = {}

@@ -33,17 +33,27 @@ def conversations_source(data: DataConfig, run_dir: Path) -> str:
     the run's ``responses.jsonl`` (``flatspec regenerate``)."""
     if data.responses == "source":
         return data.source
-    path = responses_path(run_dir)
-    if read_meta(run_dir) is None or not path.exists():
+    _responses_meta(run_dir)
+    return str(responses_path(run_dir))
+
+
+def _responses_meta(run_dir: Path) -> dict:
+    """``responses.meta.json`` of the run's target replies.
+
+    Raises:
+      FileNotFoundError: naming the file and the command when the replies have not been generated.
+    """
+    path, meta = responses_path(run_dir), read_meta(run_dir)
+    if meta is None or not path.exists():
         raise FileNotFoundError(f"data.responses=target but {path} is missing: run `flatspec regenerate` "
                                 "(or `flatspec pipeline`) first")
-    return str(path)
+    return meta
 
 
 def tokens_fingerprint(data: DataConfig, model_path: str, run_dir: Path) -> str:
     """What the tokenized samples depend on: the conversations (the source's files by content, or the
     run's target replies by their fingerprint), the limit, the max length and the tokenizer's files."""
-    responses = None if data.responses == "source" else read_meta(run_dir)["fingerprint"]
+    responses = None if data.responses == "source" else _responses_meta(run_dir)["fingerprint"]
     source = source_identity(data.source) if responses is None else None
     payload = json.dumps({"source": source, "responses": responses, "limit": data.limit,
                           "max_length": data.max_length, "tokenizer": model_identity(model_path)}, sort_keys=True)

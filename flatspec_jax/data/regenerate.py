@@ -15,8 +15,10 @@ within ``data.max_length`` (``prompt_too_long``) or the target's first reply is 
 Output, in the run directory:
   * ``responses.jsonl``: one ``{"id", "messages": [{"role", "content"}, ...]}`` line per kept
     conversation, in source order; a JSONL source like any other.
-  * ``responses.meta.json``: the fingerprint of everything the replies depend on, counts of
-    kept and dropped conversations, generated tokens and replies cut at ``max_new_tokens``.
+  * ``responses.meta.json``: the fingerprint of everything the replies depend on, the sha256 of
+    ``responses.jsonl`` (written after it, and removed before it is rewritten, so replies are
+    only current beside their own meta), counts of kept and dropped conversations, generated
+    tokens and replies cut at ``max_new_tokens``.
 Conversations are decoded in order of first-prompt length (so a batch's prompts pad to a
 similar width, and each width bucket compiles once) and written back in source order. Work is
 kept in parts (``responses.jsonl.parts/``, one atomically written file per ``flush_every``
@@ -47,7 +49,7 @@ from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.conversations import Conversation, SkipReport
 from flatspec_jax.data.sources import iter_conversations
 from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, round_up
-from flatspec_jax.fingerprint import model_identity, source_identity
+from flatspec_jax.fingerprint import file_sha256, model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
 from flatspec_jax.models.llama import Llama
 
@@ -82,9 +84,11 @@ def read_meta(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def responses_are_current(cfg: Config, model_path: str) -> bool:
+    """The meta is this config's and ``responses.jsonl`` is the file it was written with."""
     meta = read_meta(cfg.run_dir)
+    path = responses_path(cfg.run_dir)
     return (meta is not None and meta.get("fingerprint") == regenerate_fingerprint(cfg, model_path)
-            and responses_path(cfg.run_dir).exists())
+            and path.exists() and meta.get("responses_sha256") == file_sha256(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +279,10 @@ def _merge(run_dir: Path, parts: Path, chunk_starts: range, fingerprint: str, to
             else:
                 kept.append(record)
     kept.sort(key=lambda r: r["index"])
+    (run_dir / META_FILE).unlink(missing_ok=True)  # never an old meta beside new replies
     _write_jsonl(responses_path(run_dir), [{"id": r["id"], "messages": r["messages"]} for r in kept])
     atomic_write_json(run_dir / META_FILE, {
-        "fingerprint": fingerprint, "conversations": len(kept), "dropped": dropped,
+        "fingerprint": fingerprint, "responses_sha256": file_sha256(responses_path(run_dir)),
+        "conversations": len(kept), "dropped": dropped,
         "reply_tokens": sum(sum(r["reply_tokens"]) for r in kept), "cut_replies": sum(r["cut"] for r in kept)})
     shutil.rmtree(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -95,7 +96,7 @@ class TokenizedDataset:
                 loaded = cls(ids=data["ids"], offsets=data["offsets"], tokens=data["tokens"],
                              loss_mask=data["loss_mask"], truncated=data["truncated"],
                              fingerprint=str(data["fingerprint"]))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             log.warning("ignoring unreadable tokenized dataset %s (%s); rebuilding", path, err)
             return None
         if fingerprint is not None and loaded.fingerprint != fingerprint:
