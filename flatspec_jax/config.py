@@ -293,6 +293,7 @@ class DecodeConfig:
         _require(self.temperature >= 0, "decode.temperature", "must be >= 0")
         _require(0 < self.top_p <= 1, "decode.top_p", "must be in (0, 1]")
         _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be > 0")
+        _require(self.max_cache_length > 0, "decode.max_cache_length", "must be > 0")
         _require(self.gamma >= 1 and self.depth >= 1 and self.top_k >= 1, "decode.gamma",
                  "gamma, depth and top_k must be >= 1")
         _require(2 <= self.total_tokens <= 1 + self.top_k + self.depth * self.top_k ** 2, "decode.total_tokens",

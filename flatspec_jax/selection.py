@@ -46,7 +46,7 @@ from typing import Any, get_args
 import numpy as np
 import pyarrow as pa
 
-from flatspec_jax.config import SelectRule
+from flatspec_jax.config import ConfigError, SelectRule
 from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.io import atomic_write_json
 
@@ -168,7 +168,7 @@ def select_samples(table: pa.Table, rule: str, keep: float, seed: int | None, he
                          "would be ambiguous")
     candidates = total - heldout
     if candidates <= 0:
-        raise ValueError(f"heldout={heldout} leaves no candidate out of {total} scored samples")
+        raise ConfigError(f"data.heldout={heldout} leaves no candidate out of {total} scored samples")
     columns = {c: _column(table, c) for c in SUMMARY_COLUMNS}
     trained = columns["n_trained_tokens"][:candidates] > 0
     keep_recorded, seed_recorded = normalized_settings(rule, keep, seed)

@@ -56,6 +56,7 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
     ("seed=4294967296", r"seed: must be in"),
     ("data.shuffle_seed=-5", r"data\.shuffle_seed: must be in"),
     ("data.source=''", r"data\.source: must name"),
+    ("decode.max_cache_length=-5", r"decode\.max_cache_length: must be > 0"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -78,3 +78,18 @@ def test_select_refuses_scores_made_with_other_settings(selected_run, tiny_dir):
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "score.temperature=2.0"))
     with pytest.raises(ConfigError, match=r"scores\.parquet was scored from other data, model or score\.\* settings"):
         select.run(cfg)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.heldout=100", r"flatspec train: ConfigError: data\.heldout=100 leaves no training sample out of 8"),
+    ("train.batch_tokens=8192", r"flatspec train: ConfigError: only \d+ packed rows of training data"),
+    ("draft.vocab=100000", r"flatspec train: ConfigError: draft\.vocab=100000 exceeds the target's vocabulary"),
+])
+def test_input_errors_are_one_line_naming_the_setting(tiny_dir, tmp_path, capsys, setting, message):
+    from flatspec_jax import cli
+
+    overrides = [x for o in tiny_run_overrides(tiny_dir, tmp_path, setting) for x in ("--set", o)]
+    assert cli.main(["train", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err

@@ -25,9 +25,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from flatspec_jax.config import ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.packing import pack_rows, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.selection import ManifestError
 
 def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
                               selected_ids: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -41,14 +43,14 @@ def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
     """
     n = len(dataset)
     if heldout >= n:
-        raise ValueError(f"data.heldout={heldout} leaves no training sample out of {n}")
+        raise ConfigError(f"data.heldout={heldout} leaves no training sample out of {n}")
     heldout_indices = np.arange(n - heldout, n)
     if selected_ids is None:
         return np.arange(n - heldout), heldout_indices
     position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
     missing = [s for s in selected_ids if s not in position]
     if missing:
-        raise ValueError(f"selection names sample {missing[0]!r} ({len(missing)} in all) that the tokenized "
+        raise ManifestError(f"selection names sample {missing[0]!r} ({len(missing)} in all) that the tokenized "
                          "data does not contain; was it made from another data config?")
     chosen = np.asarray(sorted(position[s] for s in selected_ids), np.int64)
     return chosen[chosen < n - heldout], heldout_indices
@@ -183,9 +185,9 @@ def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *,
     """
     count, index = jax.process_count(), jax.process_index()
     if global_rows_per_batch % count:
-        raise ValueError(f"{global_rows_per_batch} rows per batch do not split over {count} processes")
+        raise ConfigError(f"{global_rows_per_batch} rows per batch do not split over {count} processes")
     if len(rows) < global_rows_per_batch:
-        raise ValueError(f"only {len(rows)} packed rows of training data; a batch needs {global_rows_per_batch}. "
+        raise ConfigError(f"only {len(rows)} packed rows of training data; a batch needs {global_rows_per_batch}. "
                          "Select more samples or lower train.batch_tokens")
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
     ds = _ProcessRows(ds, global_rows_per_batch, index, count)

@@ -17,7 +17,7 @@ import jax
 
 from flatspec_jax.config import DataConfig
 from flatspec_jax.data.chat import tokenize_conversations
-from flatspec_jax.data.sources import iter_conversations
+from flatspec_jax.data.sources import DataFormatError, iter_conversations
 from flatspec_jax.data.conversations import SkipReport
 from flatspec_jax.data.regenerate import read_meta, responses_path
 from flatspec_jax.data.tokenized import TokenizedDataset
@@ -85,7 +85,7 @@ def prepare_samples(data: DataConfig, model_path: str, tokenizer, run_dir: Path)
         log.info("dropped %d samples with no assistant token within data.max_length=%d", untrainable,
                  data.max_length)
     if not kept:
-        raise ValueError(f"{source} gave no sample with an assistant token "
+        raise DataFormatError(f"{source} gave no sample with an assistant token "
                          f"(data.limit={data.limit}, data.max_length={data.max_length})")
     _check_unique_ids(source, [sample_id for sample_id, *_ in kept])
     dataset = TokenizedDataset.from_samples(kept, fingerprint)
@@ -102,6 +102,6 @@ def _check_unique_ids(source: str, ids: list[str]) -> None:
     first: dict[str, int] = {}
     for index, sample_id in enumerate(ids):
         if sample_id in first:
-            raise ValueError(f"{source}: samples {first[sample_id]} and {index} have the same id {sample_id!r}; "
+            raise DataFormatError(f"{source}: samples {first[sample_id]} and {index} have the same id {sample_id!r}; "
                              "give every record a distinct 'id'")
         first[sample_id] = index

@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from flatspec_jax.config import Config, DecodeConfig
+from flatspec_jax.config import Config, ConfigError, DecodeConfig
 from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.conversations import Conversation, SkipReport
 from flatspec_jax.data.sources import iter_conversations
@@ -228,7 +228,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     log.info("%s: %s; %d conversations to answer, %d dropped (first prompt >= data.max_length=%d tokens)",
              cfg.data.source, report.summary(), len(sources), too_long, cfg.data.max_length)
     if not sources:
-        raise ValueError(f"data.source={cfg.data.source!r} has no conversation whose first prompt fits "
+        raise ConfigError(f"data.source={cfg.data.source!r} has no conversation whose first prompt fits "
                          f"data.max_length={cfg.data.max_length}")
     parts = _parts_dir(run_dir, fingerprint)
     multihost_utils.sync_global_devices("flatspec: regenerate parts checked")

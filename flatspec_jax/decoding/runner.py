@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flatspec_jax.config import DecodeConfig
+from flatspec_jax.config import ConfigError, DecodeConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings
 from flatspec_jax.decoding.speculative import SpeculativeSettings, speculative_generate
@@ -71,7 +71,7 @@ class Decoder:
         self.cfg = cfg
         self.method = method or cfg.method
         if self.method != "ar" and head is None:
-            raise ValueError(f"decode.method={self.method!r} needs a draft head (pass --draft or train one)")
+            raise ConfigError(f"decode.method={self.method!r} needs a draft head (pass --draft or train one)")
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self.target_graphdef, self.target_params = nnx.split(target)
@@ -93,7 +93,7 @@ class Decoder:
         """Cache slots for prompts padded to ``width``: prompt, every new token and one round of drafts."""
         needed = round_up(width + self.cfg.max_new_tokens + self._round_tokens(), CACHE_BUCKET)
         if width >= self.cfg.max_cache_length:
-            raise ValueError(f"a prompt of {width} tokens does not fit decode.max_cache_length="
+            raise ConfigError(f"a prompt of {width} tokens does not fit decode.max_cache_length="
                              f"{self.cfg.max_cache_length}")
         if needed > self.cfg.max_cache_length and width not in self._capped_widths:
             self._capped_widths.add(width)

@@ -95,7 +95,7 @@ class RunContext:
         if not size:
             return None
         if size > vocab:
-            raise ValueError(f"{setting}={size} exceeds the target's vocabulary ({vocab} tokens)")
+            raise ConfigError(f"{setting}={size} exceeds the target's vocabulary ({vocab} tokens)")
         ids = frequent_token_ids(self.samples.tokens, vocab, size, self.eos_ids())
         log.info("draft vocabulary: the %d most frequent of %d tokens", size, vocab)
         return ids
