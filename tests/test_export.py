@@ -655,3 +655,23 @@ def test_cli_export_and_import(cli, llama_run, llama_dir, tokenizer, tmp_path, c
     assert "flatspec import: CheckpointMismatchError" in err and "field hidden_size = 48" in err
     with pytest.raises(SystemExit):
         cli.main(["export", *common, "--format", "onnx"])
+
+
+@pytest.mark.parametrize("damage", ["garbled meta", "state removed", "state files cut"])
+def test_a_damaged_checkpoint_step_is_named_with_what_to_do(llama_run, llama_dir, tokenizer, tmp_path, damage):
+    import shutil
+
+    run_dir, _, _ = llama_run
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", copy)
+    step_dir = copy / str(max(int(p.name) for p in copy.iterdir() if p.name.isdigit()))
+    if damage == "garbled meta":
+        (step_dir / "meta" / "metadata").write_text("not json")
+    elif damage == "state removed":
+        shutil.rmtree(step_dir / "state")
+    else:
+        for path in (step_dir / "state").rglob("*"):
+            if path.is_file() and path.stat().st_size > 64 and path.parent.name == "d":
+                path.write_bytes(path.read_bytes()[:32])
+    with pytest.raises(CheckpointMismatchError, match=rf"{step_dir}: cannot read its .*delete that directory"):
+        head_params(copy, llama_dir, tokenizer)

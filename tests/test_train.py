@@ -613,6 +613,17 @@ def test_metrics_log_resumed_keeps_records_up_to_the_checkpoint_untouched(tmp_pa
     assert [r["step"] for r in read_metrics(path)] == [0, 1]
 
 
+def test_metrics_log_resumed_after_a_cut_last_line_drops_it(tmp_path):
+    """A run killed while writing step 3 leaves a cut line; the resumed run's step 3 must not be
+    appended onto it (and so lost)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"loss": 0.0, "step": 1}\n{"loss": 1.0, "step": 2}\n{"loss": 2.0, "st')
+    log = MetricsLog(tmp_path, resume_step=2)
+    log.write({"step": 3, "loss": 2.5})
+    log.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
 def test_rows_that_do_not_split_over_the_mesh_name_the_settings():
     from flatspec_jax.train.loop import _check_rows_fit_mesh
 

@@ -57,7 +57,19 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint was made for another target model or is not a draft checkpoint."""
+    """A checkpoint was made for another target model, is not a draft checkpoint, or is damaged."""
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, what: str, **items: Any) -> Any:
+    """``manager.restore`` of ``items`` at ``step``; a damaged step (a missing item, cut or garbled
+    files) is a one-line error naming the step directory and what to do."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except (KeyError, ValueError, OSError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointMismatchError(
+            f"{manager.directory}/{step}: cannot read its {what} ({type(err).__name__}: {first_line[:300]}); the "
+            "step is damaged: delete that directory to use the previous checkpoint") from err
 
 
 def vocab_hash(tokenizer) -> str:
@@ -146,7 +158,7 @@ class DraftCheckpointer:
                         for i, (leaf, s) in enumerate(zip(opt_leaves, jax.tree.leaves(shardings.opt_state)))}
         target = {"params": params_abstract, "opt_state": opt_abstract,
                   "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings.step)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        restored = _restore_item(self.manager, step, "training state", state=ocp.args.StandardRestore(target))
         iterator.set_state(self._data_state(step))
         state = restored["state"]
         return type(abstract_state)(
@@ -159,7 +171,7 @@ class DraftCheckpointer:
         grain_states = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
         if grain_states:
             return {"next_batch": json.loads(grain_states[0].read_text())["next_index"]}
-        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        return _restore_item(self.manager, step, "data position", data=ocp.args.JsonRestore())["data"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -205,7 +217,7 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _restore_item(manager, step, "metadata", meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise CheckpointMismatchError(f"{directory}/{step}/meta is not flatspec draft metadata "
                                       f"(version {META_VERSION} expected)")
@@ -246,8 +258,7 @@ def load_draft_head(directory: Path, target: ArchSpec, target_vocab_hash: str, m
                                     item_names=("state", "data", "meta"))
     # PyTreeRestore takes the shardings from restore_args only (the item's ShapeDtypeStruct
     # shardings are ignored: orbax would fall back to the saved topology's shardings).
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree),
-                                     partial_restore=True)))
+    restored = _restore_item(manager, step, "parameters", state=ocp.args.PyTreeRestore(
+        target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree), partial_restore=True))
     log.info("loaded draft head from %s (step %d)", directory, step)
     return nnx.merge(graphdef, unflatten_params(params, restored["state"]["params"]))

@@ -68,11 +68,20 @@ class MetricsLog:
         # that restarts without a checkpoint.
         records = read_metrics(self.path)
         kept = [r for r in records if r.get("step", 0) <= resume_step] if resume_step else []
-        if kept != records or not self.path.exists():
+        if kept != records or not self._holds_exactly(kept):
             atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, writer process only
 
         self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _holds_exactly(self, records: list[dict[str, Any]]) -> bool:
+        """The file is these records' lines and nothing else (a killed run can leave a cut last line,
+        which the next record would be appended onto)."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return text == "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
