@@ -93,3 +93,27 @@ def test_input_errors_are_one_line_naming_the_setting(tiny_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+def test_eval_stays_current_in_a_moved_run_and_not_for_edited_prompts(selected_run, tiny_dir, tmp_path):
+    import shutil
+
+    from flatspec_jax.stages.eval import eval_is_current
+
+    run_dir, _ = selected_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, moved, "data.selection=run", "select.keep=0.5"))
+    assert eval_is_current(cfg, moved / "checkpoints")
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hello."}\n')
+    on_file = load_config(None, tiny_run_overrides(tiny_dir, moved, "data.selection=run", "select.keep=0.5",
+                                                    f"eval.prompts={prompts}"))
+    assert not eval_is_current(on_file, moved / "checkpoints")  # other prompts than eval.json's
+    from flatspec_jax.stages import eval as eval_stage
+
+    eval_stage.run(on_file)
+    assert eval_is_current(on_file, moved / "checkpoints")
+    prompts.write_text('{"prompt": "Say goodbye."}\n')
+    assert not eval_is_current(on_file, moved / "checkpoints")

@@ -17,6 +17,7 @@ from flatspec_jax.config import Config
 from flatspec_jax.data.prompts import load_prompts
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.evaluation import evaluate
+from flatspec_jax.fingerprint import file_identity
 from flatspec_jax.io import atomic_write_json
 from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg
 
@@ -29,8 +30,14 @@ def _fingerprint(cfg: Config, checkpoint: Path, step: int, meta: dict[str, Any])
     # data: a reduced draft vocabulary (decode.draft_vocab) is counted on the run's samples; one the head was
     # trained on (draft.vocab) is part of the checkpoint. The checkpoint's metadata (its training config and
     # inputs) tells a retrained head at the same path and step from the one evaluated.
+    # The prompts file counts by content (edited in place, it is other prompts); the checkpoint by its
+    # place in the run directory, so a moved run stays current.
     trained = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{checkpoint.resolve()}:{step}:{trained}"
+    prompts = "mtbench" if cfg.eval.prompts == "mtbench" else file_identity(cfg.eval.prompts)[:16]
+    place = checkpoint.resolve()
+    if place.is_relative_to(Path(cfg.run_dir).resolve()):
+        place = place.relative_to(Path(cfg.run_dir).resolve())
+    return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{prompts}:{place}:{step}:{trained}"
 
 
 def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
