@@ -9,6 +9,7 @@ overrides and dispatches, importing the heavy modules lazily so ``--help`` is in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -35,6 +36,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("flatspec_jax.stages.import_eagle:run", "read an EAGLE-1/2 head into a params-only orbax checkpoint"),
     "generate": ("flatspec_jax.stages.generate:run", "chat with the target (speculative with --draft)"),
 }
+WRITES_RUN_DIR = frozenset(VERBS) - {"generate"}
+"""Verbs that hold the run directory's lock while they run (`runtime.run_dir_lock`)."""
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +127,12 @@ def _main(argv: Sequence[str] | None) -> int:
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        handler(cfg, args)
+        with runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext():
+            handler(cfg, args)
         return 0
+    except runtime.RunDirBusyError as err:
+        print(f"flatspec {args.verb}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         log.warning("interrupted; finished work is saved and a re-run resumes from it")
         return 130

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import jax
 
@@ -75,3 +78,42 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+
+
+LOCK_FILE = ".flatspec.lock"
+
+
+class RunDirBusyError(RuntimeError):
+    """Another flatspec process is working in the run directory."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``run_dir`` (JAX process 0 only) while a verb writes into it, so
+    two commands on one run directory cannot interleave their outputs. The lock is released when the
+    process ends, however it ends.
+
+    Raises:
+      RunDirBusyError: naming the directory and the holder's pid when it is already locked.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunDirBusyError(f"run directory {run_dir} is in use by another flatspec process (pid {holder}); "
+                                  "wait for it or use another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

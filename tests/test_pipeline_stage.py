@@ -3,6 +3,7 @@ that redoes nothing, and the select stage only where training reads its manifest
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -117,3 +118,15 @@ def test_eval_stays_current_in_a_moved_run_and_not_for_edited_prompts(selected_r
     assert eval_is_current(on_file, moved / "checkpoints")
     prompts.write_text('{"prompt": "Say goodbye."}\n')
     assert not eval_is_current(on_file, moved / "checkpoints")
+
+
+def test_a_second_command_on_a_busy_run_dir_is_refused(tiny_dir, tmp_path, capsys):
+    """Two commands writing one run directory at once would interleave their outputs."""
+    from flatspec_jax import cli, runtime
+
+    overrides = [x for o in tiny_run_overrides(tiny_dir, tmp_path) for x in ("--set", o)]
+    with runtime.run_dir_lock(tmp_path):
+        assert cli.main(["select", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"flatspec select: run directory {tmp_path} is in use by another flatspec process "
+                     rf"\(pid {os.getpid()}\)", err), err
