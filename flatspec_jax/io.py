@@ -48,3 +48,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Writes JSON with sorted keys and a trailing newline (byte-for-byte reproducible)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def remove_temporaries(directory: str | Path) -> int:
+    """Deletes the temporary files :func:`atomic_write` left in ``directory`` when a process was killed
+    mid-write (``.<name>.<random>.tmp``); call it only while no writer can be active there. Returns
+    how many were removed."""
+    removed = 0
+    for tmp in Path(directory).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -13,6 +13,7 @@ from typing import Iterator
 import jax
 
 from flatspec_jax.config import DistributedConfig
+from flatspec_jax.io import remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
 
 
 LOCK_FILE = ".flatspec.lock"
+STALE_TEMPORARIES_IN = (".", "features", "plots")
+"""Run-directory folders whose atomic writes a killed run may have left half-written temporaries in:
+the run directory itself, the feature cache (``stages.score.FEATURES_DIR``) and the plots
+(``stages.report.PLOTS_DIR``)."""
 
 
 class RunDirBusyError(RuntimeError):
@@ -91,7 +96,8 @@ class RunDirBusyError(RuntimeError):
 def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     """Holds an exclusive lock on ``run_dir`` (JAX process 0 only) while a verb writes into it, so
     two commands on one run directory cannot interleave their outputs. The lock is released when the
-    process ends, however it ends.
+    process ends, however it ends. Once it is held, temporary files a killed run left in the run
+    directory and its ``features/`` and ``plots/`` are removed.
 
     Raises:
       RunDirBusyError: naming the directory and the holder's pid when it is already locked.
@@ -113,6 +119,9 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        removed = sum(remove_temporaries(Path(run_dir) / sub) for sub in STALE_TEMPORARIES_IN)
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted run left in %s", removed, run_dir)
         try:
             yield
         finally:

@@ -130,3 +130,17 @@ def test_a_second_command_on_a_busy_run_dir_is_refused(tiny_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(rf"flatspec select: run directory {tmp_path} is in use by another flatspec process "
                      rf"\(pid {os.getpid()}\)", err), err
+
+
+def test_taking_the_lock_removes_temporaries_a_killed_run_left(tmp_path):
+    from flatspec_jax import runtime
+
+    leftovers = [tmp_path / ".scores.parquet.k2j3.tmp", tmp_path / "features" / ".shard-000002.npy.67_k9.tmp",
+                 tmp_path / "plots" / ".position_flatness.png.x1.tmp"]
+    kept = [tmp_path / "scores.parquet", tmp_path / "features" / "shard-000002.npy"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    with runtime.run_dir_lock(tmp_path):
+        pass
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
