@@ -56,6 +56,7 @@ def test_metrics_hold_one_record_per_step(selected_run):
 def test_rerun_with_the_same_config_redoes_nothing(selected_run, tiny_dir, monkeypatch):
     run_dir, text = selected_run
     before = {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS}
+    events = sorted((run_dir / "tensorboard").iterdir())
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("a current run must not compile the scoring step")
@@ -64,6 +65,7 @@ def test_rerun_with_the_same_config_redoes_nothing(selected_run, tiny_dir, monke
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5"))
     assert pipeline.run(cfg) == text
     assert {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS} == before
+    assert sorted((run_dir / "tensorboard").iterdir()) == events  # a finished training opens no new event file
 
 
 def test_without_a_selection_the_pipeline_trains_on_all_samples_and_says_so(tiny_dir, tmp_path):

@@ -31,7 +31,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
-from flatspec_jax.train.metrics import HELDOUT_PREFIX, MetricsLog, read_metrics
+from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, training_inputs
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
@@ -114,6 +114,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     start = checkpoints.latest_step() or 0
     if start:  # before any compilation: a run that may not resume fails at once
         check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
+    if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
+        checkpoints.close()
+        return _finished_summary(run_dir / METRICS_FILE, tcfg, len(train_indices))
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)
     param_shardings = state_shardings(params, mesh, rules)
@@ -175,12 +178,17 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     checkpoints.wait()
     checkpoints.close()
     metrics_log.close()
-    if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
-        records = read_metrics(metrics_log.path)
-        last_logged = next((r for r in reversed(records) if "loss" in r), {})
-        last_evaluated = next((r for r in reversed(records) if "eval_loss" in r), {})
-        final = {name: value for name, value in last_logged.items()
-                 if name != "step" and not name.startswith(HELDOUT_PREFIX)}
-        heldout_metrics = {name: value for name, value in last_evaluated.items() if name.startswith(HELDOUT_PREFIX)}
     return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
                         final=final, heldout=heldout_metrics)
+
+
+def _finished_summary(metrics_path: Path, tcfg: TrainConfig, train_samples: int) -> TrainSummary:
+    """The summary of a run whose last checkpoint is its last step, from what it logged."""
+    records = read_metrics(metrics_path)
+    last_logged = next((r for r in reversed(records) if "loss" in r), {})
+    last_evaluated = next((r for r in reversed(records) if "eval_loss" in r), {})
+    final = {name: value for name, value in last_logged.items()
+             if name != "step" and not name.startswith(HELDOUT_PREFIX)}
+    heldout = {name: value for name, value in last_evaluated.items() if name.startswith(HELDOUT_PREFIX)}
+    return TrainSummary(steps=tcfg.steps, train_samples=train_samples, train_tokens_per_step=tcfg.batch_tokens,
+                        final=final, heldout=heldout)
