@@ -374,20 +374,37 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from err
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    given: dict[str, str] = {}
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+        given[key.strip()] = override
     try:
         return _build(Config, raw, prefix="")
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        # Blame the --set that gave the value, or else the file.
+        culprit = next((f"--set {o}" for k, o in given.items() if str(err).startswith(f"{k}:")), source)
+        raise ConfigError(f"{culprit}: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -61,3 +61,17 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\ntrain:\n  steps: 7\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML: duplicate key 'train'"):
+        load_config(path)
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.steps=abc: train\.steps: expected an integer"):
+        load_config(path, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match=rf"^{path}: train\.steps: expected an integer"):
+        load_config(write(tmp_path, "train:\n  steps: abc\n"), ["train.log_every=3"])

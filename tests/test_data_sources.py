@@ -281,3 +281,10 @@ def test_corrupt_record_in_a_file_that_also_lacks_its_end_is_an_error(tmp_path):
     path.write_text("[" + json.dumps(GOOD) + ', {"b": tru}, ' + json.dumps(GOOD)[:-5])
     with pytest.raises(DataFormatError, match="invalid JSON in record 1"):
         list(iter_json_array(path))
+
+
+def test_an_unreadable_parquet_source_names_the_file(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataFormatError, match=rf"{path}: not a readable parquet file"):
+        load_conversations(str(path))

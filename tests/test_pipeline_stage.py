@@ -146,3 +146,16 @@ def test_taking_the_lock_removes_temporaries_a_killed_run_left(tmp_path):
     with runtime.run_dir_lock(tmp_path):
         pass
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+
+
+def test_select_names_a_cut_scores_file_as_unreadable(selected_run, tiny_dir, tmp_path):
+    import shutil
+
+    run_dir, _ = selected_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    scores = copy / "scores.parquet"
+    scores.write_bytes(scores.read_bytes()[:100])
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, copy, "data.selection=run", "select.keep=0.5"))
+    with pytest.raises(ConfigError, match=r"scores\.parquet is unreadable .*run `flatspec score`"):
+        select.run(cfg)

@@ -173,14 +173,18 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import datasets  # heavy; only parquet sources need it
+    import datasets  # noqa: PLC0415 - heavy; only parquet sources need it
+    import pyarrow as pa  # noqa: PLC0415 - datasets' own dependency
 
-    dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    columns = list(dataset.column_names or [])
-    if not any(column in columns for column in TURN_COLUMNS):
-        raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
-                              f"its columns are {columns}")
-    yield from enumerate(dataset)
+    try:
+        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        columns = list(dataset.column_names or [])
+        if not any(column in columns for column in TURN_COLUMNS):
+            raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
+                                  f"its columns are {columns}")
+        yield from enumerate(dataset)
+    except (OSError, pa.ArrowException) as err:
+        raise DataFormatError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
 
 
 class _Window:

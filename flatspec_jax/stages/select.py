@@ -53,7 +53,11 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
                                 "(and run directory) first")
     expected = score_fingerprint(cfg, tokens_fingerprint(cfg.data, RunContext(cfg).model_path, directory))
-    if read_fingerprint(scores_path) != expected:
+    found = read_fingerprint(scores_path)
+    if found is None:
+        raise ConfigError(f"{scores_path} is unreadable (cut short or not a scores file): run `flatspec score` "
+                          "with this config to rewrite it")
+    if found != expected:
         raise ConfigError(f"{scores_path} was scored from other data, model or score.* settings than this config's: "
                           "run `flatspec score` with it first")
     import jax
