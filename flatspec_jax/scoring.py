@@ -228,10 +228,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     progress = tqdm(total=len(dataset), unit="sample", desc="score", file=sys.stderr, disable=not is_writer,
                     dynamic_ncols=True)
     tokens_done, start = 0, time.perf_counter()
+    # Parts are chunks of flush_every batches: a part counts only for the chunking it was cut with.
+    part_fingerprint = f"{fingerprint}/flush_every={cfg.flush_every}"
     for chunk in _chunks(len(plan.batches), cfg.flush_every):
         part = parts_dir / f"part-{chunk.start:06d}.parquet"
         chunk_samples = sum(len(row) for b in chunk for row in plan.batches[b])
-        if read_fingerprint(part) == fingerprint and (
+        if read_fingerprint(part) == part_fingerprint and (
                 feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint)):
             progress.update(chunk_samples)
             continue
@@ -251,12 +253,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         if is_writer:
             if feature_dir is not None:
                 feature_cache.write_shard(feature_dir, chunk.start, features, fingerprint)
-            _write_parquet(part, pa.concat_tables(tables), fingerprint,
+            _write_parquet(part, pa.concat_tables(tables), part_fingerprint,
                            {POSITION_KEY: json.dumps([position_sum.tolist(), position_count.tolist()])})
     progress.close()
     multihost_utils.sync_global_devices("flatspec: score parts written")
     if is_writer:
-        table, positions = _merge_parts(parts_dir, fingerprint, len(dataset))
+        table, positions = _merge_parts(parts_dir, part_fingerprint, len(dataset))
         _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
                                                       POSITION_KEY: json.dumps(positions)})
         log.info("wrote %s (%d samples)", out_path, table.num_rows)

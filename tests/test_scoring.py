@@ -444,6 +444,8 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
         table = score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint)
     assert out.read_bytes() == before_bytes and out.stat().st_mtime_ns == before_mtime
     assert table.equals(pq.read_table(out))
+    coarse, *_ = _stage_inputs(run_dir, tiny_dir, ["score.flush_every=3"])
+    assert score_fingerprint(coarse, dataset.fingerprint) == fingerprint  # it only bounds the work a crash loses
 
     hot, dataset2, model2, mesh2, rules2 = _stage_inputs(run_dir, tiny_dir, ["score.temperature=2.0"])
     hot_fingerprint = score_fingerprint(hot, dataset2.fingerprint)

@@ -7,7 +7,9 @@ cache in the same pass; ``cache`` always writes both. Both resume where they sto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -25,8 +27,12 @@ FEATURES_DIR = "features"
 
 
 def score_fingerprint(cfg: Config, tokens_fingerprint: str) -> str:
-    """Scores and cached features depend on the tokenized samples, the target and the scoring settings."""
-    payload = f"{tokens_fingerprint}:{cfg.section_hash('model', 'score')}"
+    """Scores and cached features depend on the tokenized samples, the target and the scoring settings
+    except ``score.flush_every``, which only bounds the work a crash loses (lowering it after one
+    must not redo a finished pass)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.score).items() if k != "flush_every"}
+    payload = json.dumps({"tokens": tokens_fingerprint, "model": cfg.section_hash("model"), "score": settings},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
