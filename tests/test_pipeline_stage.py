@@ -159,3 +159,14 @@ def test_select_names_a_cut_scores_file_as_unreadable(selected_run, tiny_dir, tm
     cfg = load_config(None, tiny_run_overrides(tiny_dir, copy, "data.selection=run", "select.keep=0.5"))
     with pytest.raises(ConfigError, match=r"scores\.parquet is unreadable .*run `flatspec score`"):
         select.run(cfg)
+
+
+def test_pipeline_refuses_unresumable_settings_before_rewriting_anything(selected_run, tiny_dir):
+    run_dir, _ = selected_run
+    before = {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS}
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
+                                               "model.dtype=bfloat16"))
+    with pytest.raises(ConfigError, match=r"holds a draft trained with other inputs: model\.dtype: 'float32' -> "
+                                          r"'bfloat16'"):
+        pipeline.run(cfg)
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS} == before

@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
 from flatspec_jax.config import Config
 from flatspec_jax.selection import read_manifest
 from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import report, score, select, train
 from flatspec_jax.stages.common import RunContext
+from flatspec_jax.train.resume import check_settings_resumable
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
         timings[name] = time.perf_counter() - began
         return out
 
+    checkpoints = Path(cfg.run_dir) / CHECKPOINT_DIR
+    if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in checkpoints.iterdir()):
+        # Training would refuse these settings: say so before any stage rewrites its outputs.
+        check_settings_resumable(checkpoints, read_meta(checkpoints)[1], cfg)
     if cfg.data.responses == "target":
         timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))

@@ -49,20 +49,34 @@ def _trajectory_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in FREE_TO_CHANGE}
 
 
+def _setting_changes(saved_meta: dict[str, Any], cfg: Config) -> list[str]:
+    before, now = _trajectory_settings(saved_meta.get("config", {})), _trajectory_settings(cfg.to_dict())
+    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
+            if before[key] != now[key]]
+
+
+def _refuse(directory: Path, changes: list[str]) -> None:
+    if changes:
+        raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
+                          f"a new run_dir, or delete {directory} to start this run over")
+
+
+def check_settings_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config) -> None:
+    """:func:`check_resumable`'s settings part alone, for before the samples exist (``flatspec
+    pipeline`` checks it first, so a run that could not resume rewrites none of its outputs)."""
+    _refuse(directory, _setting_changes(saved_meta, cfg))
+
+
 def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None]) -> None:
     """Raises ConfigError listing every difference between the checkpoints in ``directory`` and this run.
 
     Settings and inputs a checkpoint written by an older version did not record are not compared.
     """
-    before, now = _trajectory_settings(saved_meta.get("config", {})), _trajectory_settings(cfg.to_dict())
-    changes = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
-               if before[key] != now[key]]
+    changes = _setting_changes(saved_meta, cfg)
     saved_inputs = saved_meta.get("inputs") or {}
     if saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
         changes.append("the tokenized samples (the data file, data.limit, data.max_length, data.responses "
                        "or the model's files changed)")
     if saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
         changes.append("the selected samples (select.*, score.* or data.selection changed)")
-    if changes:
-        raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
-                          f"a new run_dir, or delete {directory} to start this run over")
+    _refuse(directory, changes)
