@@ -163,6 +163,7 @@ class TrainingBatches:
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise ValueError(f"not a training data state: {state!r} (expected {{{self.STATE_KEY!r}: int >= 0}})")
         self._position = position
+        self._iterator.close()  # stops the old stream's worker processes
         self._iterator = self._start()
 
 
