@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
+import numpy as np
 
 from flatspec_jax.config import DistributedConfig
 from flatspec_jax.io import remove_temporaries
@@ -126,3 +127,17 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def process_zero_says(value: Any) -> np.ndarray:
+    """Process 0's ``value`` (a bool or an array of the same shape on every process), on every process.
+
+    Decisions read from the run directory (is an output current, which parts are written) must be
+    the same on every process, or they would part ways and hang in a collective; the processes'
+    views of a shared or bucket-mounted directory can lag behind process 0's writes.
+    """
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))

@@ -51,6 +51,7 @@ from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
 from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
+from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     Returns:
       The scores table (also when everything was already current and nothing ran).
     """
-    if read_fingerprint(out_path) == fingerprint and (
-            feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint)):
+    if process_zero_says(read_fingerprint(out_path) == fingerprint and (
+            feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint))):
         log.info("scores in %s are current; nothing to do", out_path)
         return pq.read_table(out_path)
     if dataset.lengths.max() > cfg.row_length:
@@ -230,12 +231,15 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     tokens_done, start = 0, time.perf_counter()
     # Parts are chunks of flush_every batches: a part counts only for the chunking it was cut with.
     part_fingerprint = f"{fingerprint}/flush_every={cfg.flush_every}"
-    for chunk in _chunks(len(plan.batches), cfg.flush_every):
+    chunks = list(_chunks(len(plan.batches), cfg.flush_every))
+    written = process_zero_says([
+        read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (
+            feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint))
+        for chunk in chunks])
+    for chunk, done in zip(chunks, written):
         part = parts_dir / f"part-{chunk.start:06d}.parquet"
-        chunk_samples = sum(len(row) for b in chunk for row in plan.batches[b])
-        if read_fingerprint(part) == part_fingerprint and (
-                feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint)):
-            progress.update(chunk_samples)
+        if done:
+            progress.update(sum(len(row) for b in chunk for row in plan.batches[b]))
             continue
         tables, features = [], {}
         position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)

@@ -52,6 +52,7 @@ from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, r
 from flatspec_jax.fingerprint import file_sha256, model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
 from flatspec_jax.models.llama import Llama
+from flatspec_jax.runtime import process_zero_says
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     """
     run_dir = Path(cfg.run_dir)
     fingerprint = regenerate_fingerprint(cfg, model_path)
-    if responses_are_current(cfg, model_path):
+    if process_zero_says(responses_are_current(cfg, model_path)):
         log.info("%s is current; nothing to do", responses_path(run_dir))
         return read_meta(run_dir)
     settings = cfg.regenerate
@@ -235,7 +236,8 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     order = [sources[i] for i in np.argsort(first_lengths, kind="stable")]
     num_batches = -(-len(sources) // settings.batch_size)
     chunk_starts = range(0, num_batches, settings.flush_every)
-    done = {start for start in chunk_starts if (parts / f"part-{start:06d}.jsonl").exists()}
+    written = process_zero_says([(parts / f"part-{start:06d}.jsonl").exists() for start in chunk_starts])
+    done = {start for start, exists in zip(chunk_starts, written) if exists}
     if done:
         log.info("resuming: %d of %d parts already written", len(done), len(chunk_starts))
     key = jax.random.key(cfg.seed)
