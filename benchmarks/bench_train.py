@@ -145,9 +145,8 @@ class Ours:
                                      target.arch.eos_token_ids)
             self.states["ours_reduced"] = initial_state()
             self.train["ours_reduced"] = compiled(ids)[0]
-        rows_sharding, eval_sharding = batch_spec(mesh, rules, 1), batch_spec(mesh, rules, 0)
+        rows_sharding = batch_spec(mesh, rules, 1)
         self.online = {k: jax.device_put(v[None], rows_sharding) for k, v in batch.items()}
-        self.eval_batch = {k: jax.device_put(v, eval_sharding) for k, v in batch.items()}
         # Offline: the target's features of the batch, stored bfloat16 as the feature cache stores them.
         forward = jax.jit(lambda p, t, pos, s: nnx.merge(target_graphdef, p)(
             t, pos, segment_causal_mask(s), return_logits=False).hidden)
@@ -157,7 +156,7 @@ class Ours:
         self.offline = {**self.online, "features": jax.device_put(features[None], rows_sharding)}
 
     def eval_loss(self) -> float:
-        return float(self.evaluate(self.states["ours"].params, self.target_params, self.eval_batch)["loss"])
+        return float(self.evaluate(self.states["ours"].params, self.target_params, self.online)["loss"])
 
     def step(self, variant: str, side: str = "ours") -> float:
         # An unlogged step, as the training loop runs most steps: loss terms only, no agreement

@@ -48,7 +48,8 @@ def test_metrics_hold_one_record_per_step(selected_run):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     baseline, logged, evaluated = records
-    assert "eval_loss" in baseline and "loss" not in baseline  # the untrained head on the held-out samples
+    # The untrained head, on the first training batch and on the held-out samples.
+    assert {"loss", "loss_feature", "loss_token", "top1", "eval_loss", "eval_top1"} <= set(baseline)
     assert "loss" in logged and "eval_loss" not in logged
     assert {"loss", "lr", "tokens_per_s", "eval_loss", "eval_top1"} <= set(evaluated)
 

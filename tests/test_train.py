@@ -58,6 +58,7 @@ from flatspec_jax.train.step import (
     NOISE_REFERENCE_LENGTH,
     StepSettings,
     TrainState,
+    _eval_step,
     _train_step,
     draft_loss_on_rows,
     draft_targets,
@@ -304,7 +305,8 @@ def step_lab(target, dataset):
       accum_unlogged: the same step without the agreement metrics;
       micro: loss, trained count and gradient of each of those micro-batches alone, with the step's noise keys;
       quiet_accum / quiet_single: the accum micro-batches (different trained counts) vs 1 batch of the same
-        4 rows, noise off (its keys depend on the micro-batch index).
+        4 rows, noise off (its keys depend on the micro-batch index);
+      eval_accum / eval_single: the eval step (no noise, no update) on those two inputs.
     """
     head = new_head()
     head_graphdef, head_params = nnx.split(head)
@@ -319,6 +321,8 @@ def step_lab(target, dataset):
                "accum_unlogged": step(NOISY, state, target_params, inputs["accum"], False),
                "quiet_accum": step(QUIET, state, target_params, inputs["accum"]),
                "quiet_single": step(QUIET, state, target_params, inputs["single"])}
+        evaluate = functools.partial(_eval_step, head_graphdef, target_graphdef, QUIET, state.params, target_params)
+        out["eval_accum"], out["eval_single"] = evaluate(inputs["accum"]), evaluate(inputs["single"])
         model = nnx.merge(target_graphdef, target_params)
         base = jax.random.fold_in(jax.random.key(SEED), state.step)
         micro = []
@@ -417,6 +421,18 @@ def test_micro_batches_equal_one_big_batch(step_lab):
                                    err_msg=name)
 
 
+def test_eval_step_weighs_micro_batches_as_the_train_step(step_lab):
+    """The eval step (held-out batches, and the untrained head's step-0 record on the first training batch)
+    gives a train step's metrics without noise, over 2 micro-batches as over 1 batch of the same rows."""
+    out = step_lab["out"]
+    counts = [int(m["count"]) for m in out["micro"]]
+    for name in ("eval_accum", "eval_single"):
+        assert int(out[name]["positions"]) == sum(counts), name
+        for metric in ("loss", "loss_feature", "loss_token", "acceptance", "top1", "top3"):
+            np.testing.assert_allclose(float(out[name][metric]), float(out["quiet_accum"][1][metric]), rtol=TOL,
+                                       err_msg=f"{name}: {metric}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Meshes: 1 device vs (data=2, fsdp=4) vs (data=8), through train_draft
 # ----------------------------------------------------------------------------------------------
@@ -452,14 +468,15 @@ def mesh_runs(target, dataset, tmp_path_factory):
 
 def test_meshes_give_the_same_losses_per_step(mesh_runs):
     want = mesh_runs["single"]["records"]
-    assert [r["step"] for r in want] == list(range(1, MESH_STEPS + 1))
+    assert [r["step"] for r in want] == list(range(MESH_STEPS + 1))  # step 0: the untrained head
     assert all(np.isfinite(r["loss"]) for r in want)
-    assert len({round(r["loss"], 6) for r in want}) == MESH_STEPS  # the batches differ from step to step
+    assert len({round(r["loss"], 6) for r in want[1:]}) == MESH_STEPS  # the batches differ from step to step
     for name in ("data2_fsdp4", "data8"):
         got = mesh_runs[name]["records"]
         assert [r["step"] for r in got] == [r["step"] for r in want]
         for g, w in zip(got, want):
-            for key in ("loss", "loss_feature", "loss_token", "acceptance", "top1", "grad_norm", "lr"):
+            assert g.keys() == w.keys()
+            for key in {"loss", "loss_feature", "loss_token", "acceptance", "top1", "grad_norm", "lr"} & w.keys():
                 assert abs(g[key] - w[key]) <= TOL, (name, g["step"], key, g[key], w[key])
 
 

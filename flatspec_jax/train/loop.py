@@ -65,17 +65,27 @@ def _next_micro_batches(iterator: Any, count: int) -> dict[str, np.ndarray]:
 
 def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
                      batches: Sequence[dict[str, np.ndarray]], sharding: NamedSharding) -> dict[str, float]:
-    """Held-out metrics averaged over trained positions (``eval_`` prefixed)."""
+    """Held-out metrics averaged over trained positions (``eval_`` prefixed); ``batches`` are global
+    [R, L] batches, placed with ``sharding`` (that of [1, R, L] micro-batches)."""
     totals: dict[str, float] = {}
     positions = 0.0
     for batch in batches:
-        arrays = {name: jax.device_put(value, sharding) for name, value in batch.items()}
+        arrays = {name: jax.device_put(value[None], sharding) for name, value in batch.items()}
         metrics = jax.tree.map(float, evaluate(params, target_params, arrays))
         count = metrics.pop("positions")
         positions += count
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value * count
     return {f"{HELDOUT_PREFIX}{name}": value / max(positions, 1.0) for name, value in totals.items()}
+
+
+def _untrained_metrics(evaluate, params: nnx.State, target_params: nnx.State,
+                       batches: dict[str, jax.Array]) -> dict[str, float]:
+    """The untrained head's loss terms on the first training batch ([A, R, L] global arrays), without
+    the feature noise of a training step."""
+    metrics = jax.tree.map(float, evaluate(params, target_params, batches))
+    metrics.pop("positions")
+    return metrics
 
 
 def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh, rules: ShardingRules) -> None:
@@ -141,23 +151,28 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     metrics_log = MetricsLog(run_dir, resume_step=start)
     schedule = learning_rate_schedule(tcfg)
     rows_sharding = batch_spec(mesh, rules, 1)
-    eval_sharding = batch_spec(mesh, rules, 0)
+    eval_sharding = batch_spec(mesh, rules, 1)
     final: dict[str, float] = {}
     heldout_metrics: dict[str, float] = {}
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
-    if heldout and start == 0:  # the untrained head's agreement: the baseline of the curve
-        heldout_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
-        metrics_log.write({"step": 0, **heldout_metrics})
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start + 1, tcfg.steps + 1):
         local = _next_micro_batches(iterator, tcfg.grad_accum)
         window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
-        logged = step % tcfg.log_every == 0 or step == tcfg.steps
-        state, metrics = train_step(state, target_params, _global_batch(local, rows_sharding), logged)
+        batches = _global_batch(local, rows_sharding)
+        if step == 1:  # the untrained head: the baseline of the curves
+            heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
+                               if heldout else {})
+            metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
+                               **heldout_metrics})
+            window_start = time.perf_counter()
+        evaluated = bool(heldout) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
+        logged = step % tcfg.log_every == 0 or step == tcfg.steps or evaluated
+        state, metrics = train_step(state, target_params, batches, logged)
         progress.update(1)
         eval_metrics = None
-        if heldout and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        if evaluated:
             jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
             paused = time.perf_counter()
             eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
@@ -169,8 +184,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
             final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
             progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
             window_start, window_tokens = time.perf_counter(), 0
-        if logged or eval_metrics is not None:  # one record per step: the batch's metrics and the held-out ones
-            metrics_log.write({"step": step, **(final if logged else {}), **(eval_metrics or {})})
+            metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
         if step % tcfg.save_every == 0 or step == tcfg.steps:
             checkpoints.save(step, state, iterator, meta,
                              metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})

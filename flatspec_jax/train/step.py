@@ -181,13 +181,28 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
 
 
 def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, settings: StepSettings,
-               params: nnx.State, target_params: nnx.State, batch: dict[str, Array], draft_ids: Array | None = None
+               params: nnx.State, target_params: nnx.State, batches: dict[str, Array], draft_ids: Array | None = None
                ) -> dict[str, Array]:
-    """Held-out loss terms of one batch (no noise), with the number of trained positions for weighting."""
+    """Loss terms of A micro-batches ([A, R, L] arrays) without noise or update: their trained-position
+    weighted means (as `_train_step` weighs them), with the number of trained positions for weighting."""
     head = nnx.merge(head_graphdef, params)
     target = nnx.merge(target_graphdef, target_params)
-    loss, (terms, positions) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
-    return {**metrics_of(loss, terms), "positions": positions}
+
+    def accumulate(carry, batch):
+        metrics_sum, count_sum = carry
+        loss, (terms, count) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
+        weight = count.astype(jnp.float32) + MASK_EPS
+        return (jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics_of(loss, terms)),
+                count_sum + count.astype(jnp.float32)), None
+
+    if jax.tree.leaves(batches)[0].shape[0] == 1:  # nothing to weigh, as in `_train_step`
+        loss, (terms, positions) = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None,
+                                                      settings, draft_ids=draft_ids)
+        return {**metrics_of(loss, terms), "positions": positions}
+    scalar = jnp.zeros((), jnp.float32)
+    metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
+    (metrics, positions), _ = jax.lax.scan(accumulate, (metrics_zero, scalar), batches)
+    return {**{name: value / (positions + MASK_EPS) for name, value in metrics.items()}, "positions": positions}
 
 
 def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
@@ -199,7 +214,7 @@ def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx
                   settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
                   rules: ShardingRules, draft_ids: np.ndarray | None = None):
     """The jitted train step ``(state, target_params, batches, agreement)`` (state donated, explicit
-    shardings) and eval step ``(params, target_params, batch)``; ``draft_ids`` [N] (a reduced draft
+    shardings) and eval step ``(params, target_params, batches)``, both over [A, R, L] micro-batches; ``draft_ids`` [N] (a reduced draft
     vocabulary, `draft_loss_through_head`) is a constant of both."""
     replicated = NamedSharding(mesh, PartitionSpec())
     ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
@@ -207,6 +222,6 @@ def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx
                     in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1), replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings, draft_ids=ids),
-                       in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 0)),
+                       in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 1)),
                        out_shardings=replicated)
     return train, evaluate
