@@ -214,8 +214,8 @@ def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx
                   settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
                   rules: ShardingRules, draft_ids: np.ndarray | None = None):
     """The jitted train step ``(state, target_params, batches, agreement)`` (state donated, explicit
-    shardings) and eval step ``(params, target_params, batches)``, both over [A, R, L] micro-batches; ``draft_ids`` [N] (a reduced draft
-    vocabulary, `draft_loss_through_head`) is a constant of both."""
+    shardings) and eval step ``(params, target_params, batches)``, both over [A, R, L] micro-batches;
+    ``draft_ids`` [N] (a reduced draft vocabulary, `draft_loss_through_head`) is a constant of both."""
     replicated = NamedSharding(mesh, PartitionSpec())
     ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
     train = jax.jit(functools.partial(_train_step, head_graphdef, target_graphdef, tx, settings, draft_ids=ids),
