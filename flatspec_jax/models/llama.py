@@ -194,8 +194,11 @@ class Attention(nnx.Module):
                                    for start in range(0, t, ATTENTION_BLOCK)], axis=2)
         else:
             out = _attend(q, k, v, mask)
-        o_proj = self.o_proj[...].astype(self.dtype).reshape(self.num_kv_heads, groups, head_dim, -1)
-        return jnp.einsum("bktgh,kghd->btd", out, o_proj), cache
+        # Heads back to [B, T, N x H] (head n = k x G + g) and one plain matmul with o_proj as
+        # [N x H, D]: contracting the heads-major output against o_proj reshaped [K, G, H, D]
+        # made XLA transpose the weight instead, a copy of it per layer and call.
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, n_heads * head_dim)
+        return out @ self.o_proj[...].astype(self.dtype).reshape(n_heads * head_dim, -1), cache
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
