@@ -204,7 +204,7 @@ class TrainConfig:
     """Steps between metrics.jsonl records (the only host syncs of the loop); only these steps
     compute the training agreement metrics (acceptance, top-1, top-3)."""
     eval_every: int = 50
-    """Steps between held-out evaluations (top-1/top-3 agreement, losses)."""
+    """Steps between held-out evaluations (top-1/top-3 agreement, losses); an evaluated step is also logged."""
     save_every: int = 50
     """Steps between orbax checkpoints."""
     keep_checkpoints: int = 3
@@ -220,8 +220,8 @@ class TrainConfig:
         _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
-        _require(self.feature_weight >= 0 and self.token_weight >= 0, "train.feature_weight",
-                 "loss weights must be >= 0")
+        _require(self.feature_weight >= 0, "train.feature_weight", "must be >= 0")
+        _require(self.token_weight >= 0, "train.token_weight", "must be >= 0")
 
     @property
     def rows_per_step(self) -> int:
@@ -241,9 +241,10 @@ class MeshConfig:
     """Tensor-parallel axis: heads, MLP and vocabulary dimensions."""
 
     def __post_init__(self) -> None:
-        sizes = (self.data, self.fsdp, self.tensor)
-        _require(all(s == -1 or s >= 1 for s in sizes), "mesh", "axis sizes must be >= 1 or -1")
-        _require(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            _require(size == -1 or size >= 1, f"mesh.{name}", "must be >= 1 or -1")
+        _require(sum(s == -1 for s in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,12 +295,14 @@ class DecodeConfig:
         _require(0 < self.top_p <= 1, "decode.top_p", "must be in (0, 1]")
         _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be > 0")
         _require(self.max_cache_length > 0, "decode.max_cache_length", "must be > 0")
-        _require(self.gamma >= 1 and self.depth >= 1 and self.top_k >= 1, "decode.gamma",
-                 "gamma, depth and top_k must be >= 1")
-        _require(2 <= self.total_tokens <= 1 + self.top_k + self.depth * self.top_k ** 2, "decode.total_tokens",
-                 "must be between 2 and 1 + top_k + depth x top_k^2")
-        _require(self.draft_vocab == 0 or self.draft_vocab >= self.top_k, "decode.draft_vocab",
-                 "must be 0 (whole vocabulary) or at least decode.top_k")
+        for name in ("gamma", "depth", "top_k"):
+            _require(getattr(self, name) >= 1, f"decode.{name}", "must be >= 1")
+        if self.method != "chain":  # the tree's settings (eval falls back to a tree when method is ar)
+            most = 1 + self.top_k + self.depth * self.top_k ** 2
+            _require(2 <= self.total_tokens <= most, "decode.total_tokens",
+                     f"must be between 2 and 1 + top_k + depth x top_k^2 = {most}")
+            _require(self.draft_vocab == 0 or self.draft_vocab >= self.top_k, "decode.draft_vocab",
+                     "must be 0 (whole vocabulary) or at least decode.top_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +323,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.turns in (1, 2), "eval.turns", "must be 1 or 2")
         _require(self.limit is None or self.limit > 0, "eval.limit", "must be positive or null")
-        _require(self.warmup >= 0 and self.batch_size >= 1, "eval.warmup", "warmup >= 0 and batch_size >= 1")
+        _require(self.warmup >= 0, "eval.warmup", "must be >= 0")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,8 +393,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     try:
         return _build(Config, raw, prefix="")
     except ConfigError as err:
-        # Blame the --set that gave the value, or else the file.
-        culprit = next((f"--set {o}" for k, o in given.items() if str(err).startswith(f"{k}:")), source)
+        # Blame the --set that gave the key or value at fault (or one inside the section at fault), or else the file.
+        message = str(err)
+        key = message.partition(";")[0][len("unknown key "):] if message.startswith("unknown key ") else \
+            message.partition(":")[0]
+        culprit = next((f"--set {o}" for k, o in given.items() if k == key or k.startswith(key + ".")), source)
         raise ConfigError(f"{culprit}: {err}") from None
 
 

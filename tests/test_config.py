@@ -1,5 +1,7 @@
 """Config loading: YAML and --set values are typed, validated, and errors name the key at fault."""
 
+import re
+
 import pytest
 
 from flatspec_jax.config import ConfigError, load_config
@@ -49,6 +51,13 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
         load_config(None, ["decode.draft_vocab=4", "decode.top_k=8"])
 
 
+def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
+    with pytest.raises(ConfigError, match=r"decode\.total_tokens: must be between 2 and .* = 23"):
+        load_config(None, ["decode.method=tree", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63"])
+    chain = load_config(None, ["decode.method=chain", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63"])
+    assert chain.decode.top_k == 2
+
+
 @pytest.mark.parametrize("override, key", [
     ("score.temperature=.inf", r"score\.temperature: expected a finite number"),
     ("decode.temperature=.nan", r"decode\.temperature: expected a finite number"),
@@ -57,6 +66,10 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
     ("data.shuffle_seed=-5", r"data\.shuffle_seed: must be in"),
     ("data.source=''", r"data\.source: must name"),
     ("decode.max_cache_length=-5", r"decode\.max_cache_length: must be > 0"),
+    ("train.token_weight=-1", r"train\.token_weight: must be >= 0"),
+    ("decode.depth=0", r"decode\.depth: must be >= 1"),
+    ("eval.batch_size=0", r"eval\.batch_size: must be >= 1"),
+    ("mesh.tensor=0", r"mesh\.tensor: must be >= 1 or -1"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -75,3 +88,14 @@ def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
         load_config(path, ["train.steps=abc"])
     with pytest.raises(ConfigError, match=rf"^{path}: train\.steps: expected an integer"):
         load_config(write(tmp_path, "train:\n  steps: abc\n"), ["train.log_every=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=5", r"unknown key train\.stpes"),  # a mistyped key
+    ("trian.steps=5", r"unknown key trian;"),  # a mistyped section
+    ("mesh.tensor=0", r"mesh\.tensor: must be"),
+    ("mesh.fsdp=-1", r"mesh: at most one axis may be -1"),  # a section-wide check, set through one key
+])
+def test_a_bad_set_key_is_blamed_on_the_set_not_the_file(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: {message}"):
+        load_config(write(tmp_path, "train:\n  steps: 5\n"), [override])

@@ -13,6 +13,7 @@ from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.selection import SELECTION_FILE
 from flatspec_jax import scoring
 from flatspec_jax.stages import pipeline, select
+from flatspec_jax.stages.common import RunContext
 from flatspec_jax.train.metrics import read_metrics
 from tiny_target import save_tiny_llama, tiny_run_overrides
 
@@ -162,12 +163,27 @@ def test_select_names_a_cut_scores_file_as_unreadable(selected_run, tiny_dir, tm
         select.run(cfg)
 
 
-def test_pipeline_refuses_unresumable_settings_before_rewriting_anything(selected_run, tiny_dir):
+@pytest.mark.parametrize("change, reason", [
+    ("model.dtype=bfloat16", r"model\.dtype: 'float32' -> 'bfloat16'"),
+    ("select.keep=0.9", r"the selected samples \(select\.\*"),  # the selection, recomputed in memory, differs
+    ("score.temperature=2.0", r"the scores, which would be recomputed"),
+    ("data.limit=10", r"the tokenized samples"),
+    ("data.selection=null", r"the selected samples"),
+])
+def test_pipeline_refuses_unresumable_settings_before_rewriting_anything(selected_run, tiny_dir, change, reason):
+    """Settings training would refuse after the stages before it had rewritten the replies, scores or selection
+    it was trained on are refused before the first stage."""
     run_dir, _ = selected_run
     before = {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS}
-    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
-                                               "model.dtype=bfloat16"))
-    with pytest.raises(ConfigError, match=r"holds a draft trained with other inputs: model\.dtype: 'float32' -> "
-                                          r"'bfloat16'"):
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5", change))
+    with pytest.raises(ConfigError, match=r"holds a draft trained with other inputs: " + reason):
         pipeline.run(cfg)
     assert {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS} == before
+
+
+def test_pipeline_lets_a_select_change_that_keeps_the_selection_resume(selected_run, tiny_dir):
+    """A changed selection setting whose selection, recomputed, holds the same ids is not refused."""
+    run_dir, _ = selected_run
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
+                                               "select.keep=0.45"))
+    pipeline.check_training_resumes(cfg, RunContext(cfg))

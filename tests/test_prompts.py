@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flatspec_jax.data.prompts import load_prompts
+from flatspec_jax.data.sources import DataFormatError
 
 
 def write_jsonl(tmp_path, *records) -> str:
@@ -45,3 +46,6 @@ def test_invalid_json_and_empty_files_are_named(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match=rf"{empty}: no prompts"):
         load_prompts(str(empty))
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(DataFormatError, match=rf"{missing}: cannot read the prompts"):
+        load_prompts(str(missing))

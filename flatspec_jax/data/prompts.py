@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from flatspec_jax import assets
+from flatspec_jax.data.sources import DataFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,28 +26,33 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
     ``question_id``/``id`` and ``category``.
 
     Raises:
-      ValueError: naming the file and line of a record without a usable prompt.
+      DataFormatError: naming the file (and line) when it cannot be read, a record has no usable
+        prompt, or it holds none.
     """
     path = assets.mtbench_questions() if source == "mtbench" else Path(source)
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read the prompts ({err.strerror})") from None
     prompts = []
-    with open(path, encoding="utf-8") as handle:
+    with handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             texts = _turns(record)
             if texts is None:
-                raise ValueError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
+                raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
                                  f"'turns' list of non-empty strings")
             prompt_id = str(record.get("question_id", record.get("id", number)))
             prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
             if limit is not None and len(prompts) >= limit:
                 break
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise DataFormatError(f"{path}: no prompts")
     return prompts
 
 

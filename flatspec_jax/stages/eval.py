@@ -63,6 +63,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if eval_is_current(cfg, checkpoint):
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad file fails before any loading
     step, meta = read_meta(checkpoint)
     method = cfg.decode.method if cfg.decode.method != "ar" else "tree"
     head = ctx.draft_head(checkpoint)
@@ -70,7 +71,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     ar = Decoder(ctx.target, cfg.decode, eos, pad, method="ar")
     draft_ids = ctx.decoding_draft_ids(checkpoint)
     spec = Decoder(ctx.target, cfg.decode, eos, pad, head=head, method=method, draft_ids=draft_ids)
-    prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)
     log.info("evaluating %s decoding (draft %s step %d) on %d prompts x %d turn(s)", method, checkpoint, step,
              len(prompts), cfg.eval.turns)
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)

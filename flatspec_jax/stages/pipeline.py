@@ -17,13 +17,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.parquet as pq
+
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
 from flatspec_jax.config import Config
-from flatspec_jax.selection import read_manifest
+from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.data.regenerate import responses_are_current
+from flatspec_jax.runtime import process_zero_says
+from flatspec_jax.scoring import read_fingerprint
+from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, manifest_is_current, read_manifest, select_samples
 from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import report, score, select, train
 from flatspec_jax.stages.common import RunContext
-from flatspec_jax.train.resume import check_settings_resumable
+from flatspec_jax.stages.score import score_fingerprint
+from flatspec_jax.train.resume import input_changes, refuse, selection_hash, setting_changes
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,49 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
     return "\n".join(lines)
 
 
+def check_training_resumes(cfg: Config, ctx: RunContext) -> None:
+    """Refuses, before any stage writes, a run whose training would refuse to resume its checkpoints.
+
+    Training compares its settings, the tokenized samples and the selected ids with the
+    checkpoints' (:mod:`flatspec_jax.train.resume`); the stages before it would already have
+    rewritten the replies, scores or selection it was trained on. So the samples and the
+    selection this config would train on are worked out here without writing anything: from the
+    files when they are current, the selection recomputed in memory when only ``select.*``
+    changed. Scores that would be recomputed (``score.*`` or the samples changed) give a selection
+    that cannot be known before that pass, and are refused too.
+    """
+    checkpoints = Path(cfg.run_dir) / CHECKPOINT_DIR
+    trained = checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in checkpoints.iterdir())
+    if not process_zero_says(trained):
+        return
+    saved = read_meta(checkpoints)[1]
+    changes = setting_changes(saved, cfg) + _input_changes(cfg, ctx, saved)
+    if process_zero_says(bool(changes)):
+        refuse(checkpoints, changes or ["the inputs process 0 found changed"])
+
+
+def _input_changes(cfg: Config, ctx: RunContext, saved: dict[str, Any]) -> list[str]:
+    run_dir = Path(cfg.run_dir)
+    if cfg.data.responses == "target" and not responses_are_current(cfg, ctx.model_path):
+        return ["the target's replies, which would be regenerated (regenerate.*, data.* or the model changed)"]
+    samples = tokens_fingerprint(cfg.data, ctx.model_path, run_dir)
+    changes = input_changes(saved, {"samples": samples})
+    if changes or cfg.data.selection != "run":
+        path = train.selection_path(cfg)
+        return changes + input_changes(saved, {"selection": selection_hash(None if path is None else
+                                                                          read_manifest(path)["ids"])})
+    scores = run_dir / SCORES_FILE
+    if read_fingerprint(scores) != score_fingerprint(cfg, samples):
+        return ["the scores, which would be recomputed (score.* changed, or scores.parquet is missing): the "
+                "selection they give cannot be known before that pass"]
+    manifest = run_dir / SELECTION_FILE
+    if manifest_is_current(manifest, scores, cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout):
+        ids = read_manifest(manifest)["ids"]
+    else:
+        ids = select_samples(pq.read_table(scores), cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout).ids
+    return input_changes(saved, {"selection": selection_hash(ids)})
+
+
 def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
     ctx = RunContext(cfg)
     timings: dict[str, float] = {}
@@ -67,10 +117,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
         timings[name] = time.perf_counter() - began
         return out
 
-    checkpoints = Path(cfg.run_dir) / CHECKPOINT_DIR
-    if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in checkpoints.iterdir()):
-        # Training would refuse these settings: say so before any stage rewrites its outputs.
-        check_settings_resumable(checkpoints, read_meta(checkpoints)[1], cfg)
+    check_training_resumes(cfg, ctx)
     if cfg.data.responses == "target":
         timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))

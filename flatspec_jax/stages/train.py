@@ -20,10 +20,14 @@ def selection_path(cfg: Config) -> Path | None:
     """The manifest ``data.selection`` names: a path, 'run' (this run's selection.json) or null (all data)."""
     if cfg.data.selection is None:
         return None
-    path = Path(cfg.run_dir) / SELECTION_FILE if cfg.data.selection == "run" else Path(cfg.data.selection)
+    if cfg.data.selection == "run":
+        path = Path(cfg.run_dir) / SELECTION_FILE
+        hint = "run `flatspec select` first, or set data.selection to null to train on all data"
+    else:
+        path = Path(cfg.data.selection)
+        hint = "name another run's selection.json, 'run' for this run's own, or null for all data"
     if not path.exists():
-        raise ConfigError(f"data.selection: {path} does not exist (run `flatspec select` first, or set it to null "
-                          "to train on all data)")
+        raise ConfigError(f"data.selection: {path} does not exist ({hint})")
     return path
 
 

@@ -31,10 +31,14 @@ FREE_TO_CHANGE = frozenset({
 })
 
 
+def selection_hash(selected_ids: Sequence[str] | None) -> str | None:
+    """The sha256 of the selected ids, in order (None: all samples)."""
+    return None if selected_ids is None else hashlib.sha256(json.dumps(list(selected_ids)).encode()).hexdigest()
+
+
 def training_inputs(dataset: TokenizedDataset, selected_ids: Sequence[str] | None) -> dict[str, str | None]:
     """The fingerprint of the tokenized samples and the sha256 of the selected ids (None: all samples)."""
-    selection = None if selected_ids is None else hashlib.sha256(json.dumps(list(selected_ids)).encode()).hexdigest()
-    return {"samples": dataset.fingerprint, "selection": selection}
+    return {"samples": dataset.fingerprint, "selection": selection_hash(selected_ids)}
 
 
 def _trajectory_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -49,22 +53,17 @@ def _trajectory_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in FREE_TO_CHANGE}
 
 
-def _setting_changes(saved_meta: dict[str, Any], cfg: Config) -> list[str]:
+def setting_changes(saved_meta: dict[str, Any], cfg: Config) -> list[str]:
     before, now = _trajectory_settings(saved_meta.get("config", {})), _trajectory_settings(cfg.to_dict())
     return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
             if before[key] != now[key]]
 
 
-def _refuse(directory: Path, changes: list[str]) -> None:
+def refuse(directory: Path, changes: list[str]) -> None:
+    """Raises ConfigError naming ``changes`` (a run that may not resume from ``directory``), if any."""
     if changes:
         raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
                           f"a new run_dir, or delete {directory} to start this run over")
-
-
-def check_settings_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config) -> None:
-    """:func:`check_resumable`'s settings part alone, for before the samples exist (``flatspec
-    pipeline`` checks it first, so a run that could not resume rewrites none of its outputs)."""
-    _refuse(directory, _setting_changes(saved_meta, cfg))
 
 
 def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None]) -> None:
@@ -72,11 +71,20 @@ def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, in
 
     Settings and inputs a checkpoint written by an older version did not record are not compared.
     """
-    changes = _setting_changes(saved_meta, cfg)
+    refuse(directory, setting_changes(saved_meta, cfg) + input_changes(saved_meta, inputs))
+
+
+SAMPLES_CHANGED = ("the tokenized samples (the data file, data.limit, data.max_length, data.responses or the model's "
+                   "files changed)")
+
+
+def input_changes(saved_meta: dict[str, Any], inputs: dict[str, str | None]) -> list[str]:
+    """The training inputs (:func:`training_inputs`; a key left out is not compared) that differ from
+    the checkpoints' ``saved_meta``."""
     saved_inputs = saved_meta.get("inputs") or {}
-    if saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
-        changes.append("the tokenized samples (the data file, data.limit, data.max_length, data.responses "
-                       "or the model's files changed)")
-    if saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
+    changes = []
+    if "samples" in inputs and saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
+        changes.append(SAMPLES_CHANGED)
+    if "selection" in inputs and saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
         changes.append("the selected samples (select.*, score.* or data.selection changed)")
-    _refuse(directory, changes)
+    return changes
