@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from flatspec_jax.train.losses import (
     TOKEN_LOSSES,
     LossTerms,
     acceptance_rate,
+    agreement_terms,
     draft_loss,
     forward_kl,
     lk_acceptance,
@@ -237,6 +240,19 @@ def test_zero_probability_tokens_are_safe():
 
 # ------------------------------------------------------------------------------ gradients
 
+
+
+def test_lk_acceptance_is_floored_where_the_distributions_do_not_overlap():
+    """alpha = 0 in float32 (disjoint supports: each side's other tokens underflow) gives
+    L_alpha = -log(1e-5), finite with a finite gradient, instead of -log 0 = inf; above the floor it is -log alpha."""
+    draft, target = logits_pair(7, seed=8)
+    draft[0, 0], target[0, 0] = np.eye(7)[1] * 200.0, np.eye(7)[4] * 200.0  # p, q one-hot on different tokens
+    d, t = jnp.asarray(draft), jnp.asarray(target)
+    value, grad = np.asarray(PUBLIC["lk"](d, t)), np.asarray(sum_grad(PUBLIC["lk"])(d, t))
+    assert float(PUBLIC["alpha"](d, t)[0, 0]) == 0.0
+    np.testing.assert_allclose(value[0, 0], -np.log(1e-5), rtol=1e-6)
+    np.testing.assert_allclose(value.ravel()[1:], np_terms(draft, target)["lk"].ravel()[1:], rtol=RTOL, atol=ATOL)
+    assert np.all(np.isfinite(grad))
 
 @pytest.mark.parametrize("name", ["eagle", "kl", "lk"])
 def test_check_grads_smooth_terms(name):
@@ -570,3 +586,36 @@ def test_bfloat16_inputs_use_float32_math():
     assert got.dtype == jnp.float32
     want = np_terms(np.asarray(d16, np.float32), np.asarray(t16, np.float32))["eagle"]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [*PUBLIC, *(f"registry/{n}" for n in NAMES)])
+def test_terms_called_on_their_own_give_the_target_logits_no_gradient(name):
+    """The public terms and registry entries stop the target's gradient themselves, not only inside
+    draft_loss: a caller differentiating one of them alone must not train the teacher."""
+    draft, target = (jnp.asarray(x) for x in logits_pair(VOCAB, seed=23))
+    if name.startswith("registry/"):
+        term = functools.partial(lambda fn, d, t: fn(d, t, jnp.ones((B, T))), TOKEN_LOSSES[name.split("/")[1]])
+    else:
+        term = PUBLIC[name]
+    g_draft, g_target = sum_grad(term, argnums=(0, 1))(draft, target)
+    assert np.any(np.asarray(g_draft)) and not np.any(np.asarray(g_target))
+
+
+agreement = jax.jit(agreement_terms)
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=st.integers(0, 2**32 - 1), levels=st.integers(1, 4))
+def test_top_k_metric_ties_rank_the_lower_token_id_first(seed, levels):
+    """Draft logits drawn from a few values tie often; the target's argmax then counts as a top-1/top-3
+    hit exactly where a stable descending sort (ties by token id, as lax.top_k) puts it first/in the first 3."""
+    rng = np.random.default_rng(seed)
+    draft = rng.integers(0, levels, (B, T, VOCAB)).astype(np.float32)
+    target = np.zeros((B, T, VOCAB), np.float32)
+    tops = rng.integers(0, VOCAB, (B, T))
+    np.put_along_axis(target, tops[..., None], 5.0, axis=-1)
+    ranking = np.argsort(-draft, axis=-1, kind="stable")
+    rank = np.argmax(ranking == tops[..., None], axis=-1)
+    _, top1, top3 = agreement(jnp.asarray(draft), jnp.asarray(target))
+    np.testing.assert_array_equal(np.asarray(top1), rank == 0)
+    np.testing.assert_array_equal(np.asarray(top3), rank < 3)
