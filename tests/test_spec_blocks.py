@@ -150,6 +150,21 @@ def test_build_tree_on_random_pools_keeps_the_best_and_their_parents():
             assert all(node_parents[path[d + 1]] == path[d] for d in range(depth_j))
 
 
+
+@pytest.mark.parametrize("total", [1, 2, 4])
+def test_build_tree_cut_through_a_parent_child_tie_keeps_the_parent(total):
+    """A child whose draft log-prob is exactly 0 ties its parent's cumulative score. Ties go to the
+    lower pool index, i.e. the parent, so a cut between the two keeps the parent and never an orphan."""
+    # Pool (k=2): level 1 = [0, 1]; level 2 = children [2, 3] of 0 and [4, 5] of 1.
+    scores = np.asarray([[-0.5, -0.5, -0.5, -3.0, -0.5, -4.0]], np.float32)  # 2 ties 0, 4 ties 1
+    parents = np.asarray([[-1, -1, 0, 0, 1, 1]], np.int32)
+    tree = jit_build_tree(jnp.asarray([7]), jnp.asarray(scores), 100 + jnp.arange(6, dtype=jnp.int32)[None],
+                          jnp.asarray(parents), total_tokens=total, max_depth=2)
+    kept = {1: [0], 2: [0, 1], 4: [0, 1, 2, 4]}[total]
+    want_parents = {1: [0, 0], 2: [0, 0, 0], 4: [0, 0, 0, 1, 2]}[total]
+    assert tree.tokens[0].tolist() == [7] + [100 + i for i in kept]
+    assert tree.parents[0].tolist() == want_parents
+
 def test_chain_tree():
     tree = jit_chain_tree(jnp.asarray([5, 6]), jnp.asarray([[1, 2, 3], [4, 5, 6]]))
     assert tree.tokens.tolist() == [[5, 1, 2, 3], [6, 4, 5, 6]]
