@@ -57,6 +57,7 @@ from flatspec_jax.sharding import ShardingRules, make_mesh, state_shardings
 from flatspec_jax.stages import export, import_eagle
 from flatspec_jax.train.optim import build_optimizer
 from flatspec_jax.train.step import TrainState
+from flatspec_jax.weights.arch import ArchSpec
 from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.reader import open_checkpoint
 from flatspec_jax.weights.safetensors_reader import SafetensorsFile
@@ -425,6 +426,28 @@ def test_export_for_a_llama3_scaled_target_warns_that_the_reference_cannot_load_
 # ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------
+
+
+def test_state_dict_maps_each_stacked_layer_by_its_number_beyond_ten_layers():
+    """Layers 1..L-1 are one stacked parameter. With 12 layers "layers.10" sorts before "layers.2" as
+    text; export and import must still pair stack index i - 1 with layers.i (PyTorch [out, in] layout)."""
+    arch = ArchSpec(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=12,
+                    num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=10000.0)
+    abstract = nnx.eval_shape(lambda: create_eagle_head(arch, 12))
+    shapes = {k: tuple(v.get_value().shape) for k, v in flatten_params(nnx.state(abstract, nnx.Param)).items()}
+    rng = np.random.default_rng(0)
+    flat = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
+    tensors = eagle_format.to_state_dict(flat)
+    for i in range(1, 12):
+        np.testing.assert_array_equal(tensors[f"layers.{i}.mlp.down_proj.weight"],
+                                      flat["more_layers/layers/mlp/down_proj"][i - 1].T)
+        np.testing.assert_array_equal(tensors[f"layers.{i}.input_layernorm.weight"],
+                                      flat["more_layers/layers/input_layernorm/weight"][i - 1])
+    np.testing.assert_array_equal(tensors["layers.0.mlp.down_proj.weight"], flat["first_layer/mlp/down_proj"].T)
+    back = eagle_format.from_state_dict(tensors, shapes, "12-layer head")
+    assert back.keys() == flat.keys()
+    for key, value in flat.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
