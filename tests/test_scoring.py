@@ -37,12 +37,15 @@ from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.flatness import sample_stats, token_stats_from_logits
+from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import causal_mask
 from flatspec_jax.scoring import STAT_COLUMNS, read_fingerprint, score_dataset
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
+from flatspec_jax.weights.arch import ArchSpec
 from flatspec_jax.weights.to_nnx import load_target_model
+from random_weights import random_module
 from tiny_target import cli_env, save_tiny_llama
 
 pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
@@ -248,6 +251,29 @@ def test_library_unpacked_path_equals_numpy_reference(per_sample_logits, dataset
     """Samples unpacked (one per row) through token_stats_from_logits + sample_stats."""
     assert_stats_match(jax_unpacked_scores(per_sample_logits, dataset), numpy_scores(per_sample_logits, dataset))
 
+
+
+def test_a_sample_that_fills_its_row_has_no_next_token_at_the_last_position():
+    """The last slot of a row predicts nothing, even when the row's only sample reaches it (a next token
+    read by wrapping around to the row's start would be the same sample's first token): a sample filling
+    its row scores as it does with padding after it, over its n - 1 prediction positions."""
+    arch = ArchSpec(architecture="llama", vocab_size=13, hidden_size=8, intermediate_size=12, num_layers=1,
+                    num_heads=1, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
+    graphdef, params = nnx.split(random_module(lambda: create_model(arch), seed=1))
+    step = jax.jit(functools.partial(scoring._score_rows, graphdef, num_segments=1, temperature=1.0, vocab_chunk=13,
+                                     return_features=False))
+    n, pad = 11, 3
+    tokens = np.random.default_rng(2).integers(1, arch.vocab_size, (1, n)).astype(np.int32)
+    ones = np.ones((1, n), np.int32)  # every token trained, the first one too
+    full = step(params, tokens, np.arange(n, dtype=np.int32)[None], ones, ones)
+
+    def padded(x):
+        return np.pad(x, [(0, 0), (0, pad)])
+
+    alone = step(params, padded(tokens), padded(np.arange(n, dtype=np.int32)[None]), padded(ones), padded(ones))
+    assert int(full["n_tokens"][0, 0]) == int(full["n_trained_tokens"][0, 0]) == n - 1
+    for name in (*STAT_COLUMNS, "n_tokens", "n_trained_tokens"):
+        np.testing.assert_allclose(np.asarray(full[name]), np.asarray(alone[name]), rtol=TOL, err_msg=name)
 
 def test_dense_packing_temperature_and_uneven_vocab_chunks_match_numpy(tiny_dir, dataset, per_sample_logits,
                                                                        tmp_path):
