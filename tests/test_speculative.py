@@ -125,6 +125,25 @@ def test_rows_accept_different_lengths_in_one_round(pairs, method):
         np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
 
 
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_rows_keep_going_while_the_cache_holds_another_round(pairs, method):
+    """Prompts one slot short of leaving room for two rounds: a row whose first round accepts nothing has
+    committed + T == cache slots, so it still fits one more round and must run it. Every row that ends
+    without EOS ends because the next round would not fit (committed + T > cache slots)."""
+    settings = METHODS[method]
+    tokens_per_round = settings.verify_tokens
+    prompt = CACHE - tokens_per_round - 1
+    prompts, lengths = prompts_of_lengths([prompt] * BATCH, seed=4)
+    reference, result = run_both(pairs["random"], settings, prompts, lengths)
+    no_eos = ~np.any(np.asarray(result.tokens) == EOS, axis=1)
+    committed = prompt + np.asarray(result.lengths) - 1  # the last emitted token is the uncommitted root
+    assert np.all((committed + tokens_per_round > CACHE)[no_eos]), committed[no_eos]
+    assert np.any((np.asarray(result.rounds) == 2) & no_eos)  # the boundary case occurred
+    for row in range(BATCH):
+        common = min(int(result.lengths[row]), int(reference.lengths[row]))
+        np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
+
 def test_tau_and_acceptance_rates():
     # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.
     # Row 1: stopped before any round (first token EOS).
