@@ -160,6 +160,15 @@ def test_draft_targets_hand_checked_on_two_packed_samples():
     assert next_tokens[0, -1] == 0 and not next_features[0, -1].any()
 
 
+
+def test_draft_targets_never_train_across_a_sample_boundary():
+    """Even when the next sample's tokens are all assistant tokens (and padding carries a stray loss
+    mask), position t is trained only if x_{t+1} and x_{t+2} are both in t's own sample."""
+    all_trained = np.ones_like(HAND_LOSS_MASK)
+    _, _, trained = draft_targets(jnp.zeros((1, 12, 2)), jnp.asarray(HAND_TOKENS), jnp.asarray(HAND_SEGMENTS),
+                                  jnp.asarray(all_trained))
+    np.testing.assert_array_equal(np.asarray(trained), [[1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0]])
+
 def test_packed_row_loss_equals_separate_rows(target):
     """No information crosses samples: the head's loss on the packed row equals its loss on the two samples
     each alone in a row (same trained positions, so the same masked mean)."""
