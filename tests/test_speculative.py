@@ -144,6 +144,29 @@ def test_rows_keep_going_while_the_cache_holds_another_round(pairs, method):
         common = min(int(result.lengths[row]), int(reference.lengths[row]))
         np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
 
+
+def test_first_round_drafts_continue_from_the_first_generated_token(pairs):
+    """The prefill ends with the draft pair (f_{P-1}, first token). The agreeing head's prediction is
+    4 embed(token) whatever the feature, so its greedy chain in round one is d_1 = g(first),
+    d_{j+1} = g(d_j) with g(x) = argmax logits(4 embed(x)), and the round accepts exactly the
+    drafts that lead the target's own continuation."""
+    settings = METHODS["chain"]
+    prompts, lengths = prompts_of_lengths([CACHE - settings.verify_tokens] * BATCH, seed=5)  # room for one round
+    reference, result = run_both(pairs["agreeing"], settings, prompts, lengths)
+    target = nnx.merge(*pairs["agreeing"][0])
+    g = np.asarray(jnp.argmax(target.logits(4 * target.embed(jnp.arange(ARCH.vocab_size)[None]))[0], axis=-1))
+    want = []
+    for row in range(BATCH):
+        drafts = [int(g[int(reference.tokens[row, 0])])]
+        while len(drafts) < settings.gamma:
+            drafts.append(int(g[drafts[-1]]))
+        matches = np.asarray(drafts) == np.asarray(reference.tokens[row, 1:settings.gamma + 1])
+        want.append(int(np.cumprod(matches).sum()))
+    clean = ~np.any(np.asarray(reference.tokens[:, :settings.gamma + 1]) == EOS, axis=1)  # the target never stopped
+    assert clean.sum() >= BATCH // 2 and len(set(np.asarray(want)[clean].tolist())) >= 2
+    np.testing.assert_array_equal(np.asarray(result.rounds)[clean], 1)
+    np.testing.assert_array_equal(np.argmax(np.asarray(result.accept_counts), axis=1)[clean], np.asarray(want)[clean])
+
 def test_tau_and_acceptance_rates():
     # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.
     # Row 1: stopped before any round (first token EOS).
