@@ -165,6 +165,7 @@ def test_build_tree_cut_through_a_parent_child_tie_keeps_the_parent(total):
     assert tree.tokens[0].tolist() == [7] + [100 + i for i in kept]
     assert tree.parents[0].tolist() == want_parents
 
+
 def test_chain_tree():
     tree = jit_chain_tree(jnp.asarray([5, 6]), jnp.asarray([[1, 2, 3], [4, 5, 6]]))
     assert tree.tokens.tolist() == [[5, 1, 2, 3], [6, 4, 5, 6]]
@@ -243,8 +244,22 @@ def two_catch_ups_then_tree(target_graphdef, target_params, head_graphdef, head_
     return tree
 
 
-def test_draft_tree_matches_a_cache_free_eagle2_reference(target, head):
+@pytest.fixture(scope="module")
+def sharp_head():
+    """A head whose attention is sharp (q, k scaled up) and weighs in its output (v, o scaled up), so its
+    drafts depend on the RoPE positions the beams are run at, not only on the tokens."""
+    head = random_module(lambda: create_eagle_head(ARCH, 1), seed=4)
+    attention = head.first_layer.self_attn
+    for weight, scale in ((attention.q_proj, 6.0), (attention.k_proj, 6.0), (attention.v_proj, 3.0),
+                          (attention.o_proj, 3.0)):
+        weight[...] = weight[...] * scale
+    return nnx.split(head)
+
+
+@pytest.mark.parametrize("head_name", ["head", "sharp_head"])
+def test_draft_tree_matches_a_cache_free_eagle2_reference(target, head_name, request):
     """Two rows at different committed lengths n."""
+    head = request.getfixturevalue(head_name)
     k, depth, total = 3, 2, 8
     rng = np.random.default_rng(1)
     lengths = np.asarray([6, 4], np.int32)
