@@ -3,6 +3,7 @@ that redoes nothing, and the select stage only where training reads its manifest
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.selection import SELECTION_FILE
 from flatspec_jax import scoring
-from flatspec_jax.stages import pipeline, select
+from flatspec_jax.stages import export, import_eagle, pipeline, select, train
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.train.metrics import read_metrics
 from tiny_target import save_tiny_llama, tiny_run_overrides
@@ -187,3 +188,18 @@ def test_pipeline_lets_a_select_change_that_keeps_the_selection_resume(selected_
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
                                                "select.keep=0.45"))
     pipeline.check_training_resumes(cfg, RunContext(cfg))
+
+
+def test_training_refuses_a_run_dir_holding_an_imported_head(selected_run, tiny_dir, tmp_path):
+    """`flatspec import` writes a params-only step 0; training there would start a fresh head beside it and
+    rotate it out of the checkpoints."""
+    run_dir, _ = selected_run
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5"))
+    exported = export.run(cfg, argparse.Namespace(format="eagle", checkpoint=None, step=None, out=str(tmp_path / "eagle"),
+                                                  dtype="float32"))
+    imported_run = tmp_path / "imported_run"
+    imported_cfg = load_config(None, tiny_run_overrides(tiny_dir, imported_run, "data.selection=null"))
+    import_eagle.run(imported_cfg, argparse.Namespace(format="eagle", input=str(exported), out=None))
+    with pytest.raises(ConfigError, match=r"holds an imported draft head \(step 0, parameters only\)"):
+        train.run(imported_cfg)
+    assert sorted(p.name for p in (imported_run / "checkpoints").iterdir() if p.name.isdigit()) == ["0"]

@@ -122,6 +122,11 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
 
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
     start = checkpoints.latest_step() or 0
+    if checkpoints.latest_step() == 0:  # only `flatspec import` writes a step 0
+        checkpoints.close()
+        raise ConfigError(f"{checkpoints.directory} holds an imported draft head (step 0, parameters only): training "
+                          "does not start from it, and its checkpoints would be written beside it and rotate it out. "
+                          "Train into another run_dir")
     if start:  # before any compilation: a run that may not resume fails at once
         check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
     if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
