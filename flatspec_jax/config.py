@@ -220,6 +220,10 @@ class TrainConfig:
         _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(0 <= self.b1 < 1, "train.b1", "must be in [0, 1)")
+        _require(0 <= self.b2 < 1, "train.b2", "must be in [0, 1)")
+        _require(self.noise >= 0, "train.noise", "must be >= 0")
         _require(self.feature_weight >= 0, "train.feature_weight", "must be >= 0")
         _require(self.token_weight >= 0, "train.token_weight", "must be >= 0")
 

@@ -16,6 +16,6 @@ from flatspec_jax.stages.common import RunContext
 
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> dict[str, Any]:
     if cfg.data.responses != "target":
-        raise ConfigError("flatspec regenerate: data.responses is 'source', so no stage would read the target's "
+        raise ConfigError("data.responses is 'source', so no stage would read the target's "
                           "replies; set data.responses: target (e.g. --set data.responses=target)")
     return (ctx or RunContext(cfg)).responses
