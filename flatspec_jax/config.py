@@ -378,11 +378,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            with open(path, encoding="utf-8") as handle:  # a file object: YAML's error marks name it
+                raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from err
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(raw, dict):

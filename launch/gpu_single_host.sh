@@ -3,9 +3,8 @@
 #
 #   bash launch/gpu_single_host.sh configs/smollm2_sharegpt_full.yaml [--set key=value ...]
 #
-# Installs into .venv with JAX's CUDA wheels unless a JAX with CUDA support is already
-# importable (FLATSPEC_SKIP_INSTALL=1 skips the install entirely, e.g. on machines with a
-# preinstalled stack). The mesh takes every visible GPU on its data axis unless the config
+# Installs into .venv with JAX's CUDA wheels; FLATSPEC_SKIP_INSTALL=1 skips the install and runs
+# .venv's Python if there is one, else python3 on PATH (machines with a preinstalled JAX/CUDA stack). The mesh takes every visible GPU on its data axis unless the config
 # or --set says otherwise (mesh.data=-1).
 set -euo pipefail
 cd "$(dirname "$0")/.."

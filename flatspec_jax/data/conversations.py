@@ -145,7 +145,7 @@ class SkipReport:
                  for kind, count in sorted(self.notes.items(), key=lambda kv: (-kv[1], kv[0]))]
         if notes:
             text += ". Trimmed but kept: " + "; ".join(notes)
-        return text + "."
+        return text
 
     def _describe(self, key: str, count: int, explanations: dict[str, str]) -> str:
         examples = ", ".join(self.examples.get(key, []))

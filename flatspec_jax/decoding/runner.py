@@ -93,7 +93,7 @@ class Decoder:
         """Cache slots for prompts padded to ``width``: prompt, every new token and one round of drafts."""
         needed = round_up(width + self.cfg.max_new_tokens + self._round_tokens(), CACHE_BUCKET)
         if width >= self.cfg.max_cache_length:
-            raise ConfigError(f"a prompt of {width} tokens does not fit decode.max_cache_length="
+            raise ConfigError(f"prompts padded to {width} tokens do not fit decode.max_cache_length="
                              f"{self.cfg.max_cache_length}")
         if needed > self.cfg.max_cache_length and width not in self._capped_widths:
             self._capped_widths.add(width)

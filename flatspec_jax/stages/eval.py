@@ -53,7 +53,7 @@ def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
 def summary_line(result: dict[str, Any]) -> str:
     return (f"tau {result['tau']:.2f} tokens per target forward, speedup {result['speedup']:.2f}x "
             f"({result['tokens_per_s_spec']:.1f} vs {result['tokens_per_s_ar']:.1f} tokens/s autoregressive) "
-            f"over {result['turns']} turns")
+            f"over {result['turns']} turn{'s' if result['turns'] != 1 else ''}")
 
 
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> dict[str, Any]:
