@@ -236,6 +236,9 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (
             feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint))
         for chunk in chunks])
+    if written.any():
+        log.info("resuming: %d of %d parts (of %d batches each) are already written in %s", int(written.sum()),
+                 len(chunks), cfg.flush_every, parts_dir)
     for chunk, done in zip(chunks, written):
         part = parts_dir / f"part-{chunk.start:06d}.parquet"
         if done:

@@ -130,6 +130,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     if start:  # before any compilation: a run that may not resume fails at once
         check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
     if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
+        log.info("%s holds step %d (train.steps=%d): nothing to train", checkpoints.directory, start, tcfg.steps)
         checkpoints.close()
         return _finished_summary(run_dir / METRICS_FILE, tcfg, len(train_indices))
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
