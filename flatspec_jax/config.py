@@ -108,7 +108,7 @@ class ScoreConfig:
     vocab_chunk: int = 8192
     """Vocabulary rows per chunk of the fused LM-head + statistics kernel."""
     row_length: int = 512
-    """Tokens per packed row; several samples share a row."""
+    """Tokens per packed row; several samples share a row (>= data.max_length)."""
     rows_per_batch: int = 4
     """Packed rows per scoring step (global, across data-parallel devices)."""
     flush_every: int = 8
@@ -353,6 +353,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        _require(self.score.row_length >= self.data.max_length, "score.row_length",
+                 f"must be >= data.max_length ({self.data.max_length}): each sample is scored within one row")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

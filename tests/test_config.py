@@ -70,6 +70,7 @@ def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     ("decode.depth=0", r"decode\.depth: must be >= 1"),
     ("eval.batch_size=0", r"eval\.batch_size: must be >= 1"),
     ("mesh.tensor=0", r"mesh\.tensor: must be >= 1 or -1"),
+    ("score.row_length=256", r"score\.row_length: must be >= data\.max_length \(512\)"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
