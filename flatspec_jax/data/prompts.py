@@ -46,7 +46,7 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
             texts = _turns(record)
             if texts is None:
                 raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
-                                 f"'turns' list of non-empty strings")
+                                      f"'turns' list of non-empty strings")
             prompt_id = str(record.get("question_id", record.get("id", number)))
             prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
             if limit is not None and len(prompts) >= limit:

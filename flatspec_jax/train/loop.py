@@ -121,8 +121,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                              features=features) if len(heldout_indices) else [])
 
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if checkpoints.latest_step() == 0:  # only `flatspec import` writes a step 0
+    latest = checkpoints.latest_step()
+    start = latest or 0
+    if latest == 0:  # only `flatspec import` writes a step 0
         checkpoints.close()
         raise ConfigError(f"{checkpoints.directory} holds an imported draft head (step 0, parameters only): training "
                           "does not start from it, and its checkpoints would be written beside it and rotate it out. "

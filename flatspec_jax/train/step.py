@@ -127,6 +127,12 @@ def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
     return {name: value.astype(jnp.float32) for name, value in {"loss": loss, **named}.items()}
 
 
+def _zero_metrics() -> dict[str, Array]:
+    """The carry a micro-batch scan sums :func:`metrics_of` into."""
+    scalar = jnp.zeros((), jnp.float32)
+    return metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
+
+
 def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 settings: StepSettings, state: TrainState, target_params: nnx.State, batches: dict[str, Array],
                 agreement: bool | Array = True, draft_ids: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
@@ -169,8 +175,7 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     else:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         scalar = jnp.zeros((), jnp.float32)
-        metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
-        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, metrics_zero, scalar),
+        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, _zero_metrics(), scalar),
                                                   (jnp.arange(micro_batches), batches))
         grads = jax.tree.map(lambda g: g / (count + MASK_EPS), grads)
         metrics = {name: value / (count + MASK_EPS) for name, value in metrics.items()}
@@ -199,9 +204,7 @@ def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, setti
         loss, (terms, positions) = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None,
                                                       settings, draft_ids=draft_ids)
         return {**metrics_of(loss, terms), "positions": positions}
-    scalar = jnp.zeros((), jnp.float32)
-    metrics_zero = metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
-    (metrics, positions), _ = jax.lax.scan(accumulate, (metrics_zero, scalar), batches)
+    (metrics, positions), _ = jax.lax.scan(accumulate, (_zero_metrics(), jnp.zeros((), jnp.float32)), batches)
     return {**{name: value / (positions + MASK_EPS) for name, value in metrics.items()}, "positions": positions}
 
 
