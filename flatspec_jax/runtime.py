@@ -36,6 +36,9 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax logs routine notices (read-only managers, async saves) as absl warnings.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # transformers (imported for the tokenizer only) advises at import that PyTorch is missing,
+    # which no verb needs; a user's own setting of the variable wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if jax.process_count() > 1:  # initialize_distributed runs before logging is set up
         log.info("JAX process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
