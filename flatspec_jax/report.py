@@ -300,7 +300,7 @@ def plot_agreement(records: Records, path: str | Path) -> Path:
     if not keys:
         raise ValueError("no top-k agreement (eval_top*, top*) in the metrics records")
     keys += ["acceptance"]
-    figure = _figure()
+    figure = _figure(7.0, 5.5)
     ax = figure.add_subplot()
     _train_and_heldout(ax, records, keys,
                        lambda k: "acceptance Σ min(p, q)" if k == "acceptance" else f"top-{k[3:]} agreement")
@@ -309,7 +309,8 @@ def plot_agreement(records: Records, path: str | Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title("Draft agreement with the target (top-k: the target's top-1 token is in the draft's top k)",
                  fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes: the curves rise into any corner inside them.
+    figure.legend(fontsize=8, loc="outside lower center", ncols=2)
     ax.grid(alpha=0.3)
     return _save(figure, path)
 
