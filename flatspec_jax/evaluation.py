@@ -24,6 +24,7 @@ import numpy as np
 from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
 from flatspec_jax.decoding.runner import PROMPT_BUCKET, Decoder, DecodeResult, round_up
+from flatspec_jax.decoding.speculative import acceptance_by_depth
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ class TurnRecord:
 def _turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarray:
     """Prompt ids of the next turn: the user turns so far, each answered by its earlier reply."""
     return render_prompt(tokenizer, answered_turns(prompt.turns[:len(replies) + 1], replies))
-
-
-def acceptance_by_depth(accept_counts: np.ndarray) -> list[float]:
-    """[A + 1] histogram of accepted drafts per round -> P(depth d accepted | d - 1 accepted), d = 1..A."""
-    reached = np.cumsum(accept_counts[::-1])[::-1]
-    return [float(reached[d] / reached[d - 1]) if reached[d - 1] else 0.0 for d in range(1, len(accept_counts))]
 
 
 def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *, warmup: int,
@@ -104,16 +99,20 @@ def _speedup(records: Sequence[TurnRecord]) -> float:
 
 
 def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
+    """The figures of the module docstring over ``records``; ``turns`` counts decoded turns (a
+    2-turn question counts twice), ``prompts`` the questions they came from, ``questions`` lists
+    every turn's record with its own tau and speedup."""
     counts = np.sum([r.accept_counts for r in records], axis=0)
     return {
         "tau": _tau(records),
         "speedup": _speedup(records),
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
-        "per_depth_acceptance": acceptance_by_depth(counts),
+        "per_depth_acceptance": np.asarray(acceptance_by_depth(counts)).tolist(),
         "accept_histogram": counts.tolist(),
         "same_output_fraction": float(np.mean([r.same_output for r in records])),
         "turns": len(records),
+        "prompts": len({r.prompt_id for r in records}),
         "tokens_ar": sum(r.ar_tokens for r in records),
         "tokens_spec": sum(r.spec_tokens for r in records),
         "questions": [dataclasses.asdict(r) | {"tau": _tau([r]), "speedup": _speedup([r])} for r in records],

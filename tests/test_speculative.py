@@ -177,6 +177,26 @@ def test_tau_and_acceptance_rates():
     np.testing.assert_allclose(result.acceptance_rates(), [2 / 3, 1.0, 0.5])
 
 
+def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
+    from flatspec_jax.evaluation import TurnRecord, summarize
+
+    def turn(prompt_id, turn, spec_tokens, rounds, accept_counts, same=True):
+        return TurnRecord(prompt_id=prompt_id, turn=turn, prompt_tokens=10, ar_tokens=spec_tokens, ar_seconds=2.0,
+                          spec_tokens=spec_tokens, spec_seconds=1.0, rounds=rounds, accept_counts=accept_counts,
+                          same_output=same)
+
+    # Question "a" has two turns, "b" one; tau pools rounds: (5 - 1 + 3 - 1 + 7 - 1) / (2 + 1 + 3).
+    summary = summarize([turn("a", 1, 5, 2, [0, 1, 1]), turn("a", 2, 3, 1, [0, 1, 0]),
+                         turn("b", 1, 7, 3, [1, 0, 2], same=False)])
+    assert (summary["turns"], summary["prompts"]) == (3, 2)
+    assert summary["tau"] == pytest.approx(12 / 6)
+    assert summary["speedup"] == pytest.approx(2.0)
+    assert summary["accept_histogram"] == [1, 2, 3]
+    np.testing.assert_allclose(summary["per_depth_acceptance"], [5 / 6, 3 / 5])
+    assert summary["same_output_fraction"] == pytest.approx(2 / 3)
+    assert [q["tau"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 2.0])
+
+
 def test_a_capped_cache_is_warned_about_once_per_width(caplog):
     from flatspec_jax.config import DecodeConfig
     from flatspec_jax.decoding.runner import Decoder

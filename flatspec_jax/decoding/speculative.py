@@ -128,10 +128,15 @@ class SpeculativeGeneration(NamedTuple):
         return jnp.where(self.rounds > 0, (self.lengths - 1) / jnp.maximum(self.rounds, 1), 0.0)
 
     def acceptance_rates(self) -> Array:
-        """[A] over all rows: P(depth d accepted | depth d - 1 accepted), d = 1..A (0 if never reached)."""
-        counts = jnp.sum(self.accept_counts, axis=0)
-        reached = jnp.cumsum(counts[::-1])[::-1]  # rounds accepting at least d drafts, d = 0..A
-        return jnp.where(reached[:-1] > 0, reached[1:] / jnp.maximum(reached[:-1], 1), 0.0)
+        """[A] over all rows: :func:`acceptance_by_depth` of the summed histograms."""
+        return acceptance_by_depth(jnp.sum(self.accept_counts, axis=0))
+
+
+def acceptance_by_depth(accept_counts: Array) -> Array:
+    """[A + 1] histogram of accepted drafts per round -> [A] P(depth d accepted | depth d - 1
+    accepted), d = 1..A (0 where depth d - 1 was never reached)."""
+    reached = jnp.cumsum(accept_counts[::-1])[::-1]  # rounds accepting at least d drafts, d = 0..A
+    return jnp.where(reached[:-1] > 0, reached[1:] / jnp.maximum(reached[:-1], 1), 0.0)
 
 
 @flax.struct.dataclass
