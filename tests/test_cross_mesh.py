@@ -22,6 +22,8 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -240,3 +242,45 @@ def test_a_directory_without_checkpoints_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointMismatchError, match="holds no checkpoint"):
         load_draft_head(tmp_path / "empty", TARGET, VOCAB_HASH, mesh_of(), RULES)
+
+
+def saved_opt_keys(directory) -> set[str]:
+    reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                   item_handlers={"state": ocp.StandardCheckpointHandler()})
+    try:
+        return set(reader.item_metadata(STEP)["state"]["opt_state"])
+    finally:
+        reader.close()
+
+
+def test_optimizer_leaves_are_saved_under_their_optax_paths(fsdp8_checkpoint):
+    keys = saved_opt_keys(fsdp8_checkpoint[0])
+    # chain(clip, adamw): adamw's ScaleByAdamState (count, first and second moments) is 1/0.
+    assert {"1/0/count", "1/0/mu/fc/value", "1/0/nu/fc/value",
+            "1/0/mu/more_layers/layers/self_attn/q_proj/value"} <= keys
+    assert not any(key.isdigit() for key in keys)
+
+
+def test_checkpoints_with_optimizer_leaves_keyed_by_index_still_restore(tmp_path, tx, monkeypatch):
+    """Checkpoints written before leaves were keyed by path hold them as "000", "001", ... in
+    flattening order."""
+    from flatspec_jax.checkpoint import manager
+
+    monkeypatch.setattr(manager, "_flatten_opt_state",
+                        lambda opt_state: {f"{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))})
+    directory = tmp_path / "checkpoints"
+    state, next_item = save_train_checkpoint(directory, mesh_of(fsdp=2), tx)
+    monkeypatch.undo()
+    assert "000" in saved_opt_keys(directory)
+    restored, shardings, restored_next = restore_on(directory, mesh_of(data=2), tx)
+    assert_shardings(restored, shardings)
+    assert_trees_equal(restored, host(state))
+    assert restored_next == next_item
+
+
+def test_restore_with_another_optimizer_names_the_step_and_the_leaves(fsdp8_checkpoint):
+    directory = fsdp8_checkpoint[0]
+    sgd = optax.sgd(0.1, momentum=0.9)
+    with pytest.raises(CheckpointMismatchError, match=rf"{directory}/{STEP}: its optimizer state does not fit "
+                                                      r"this optimizer \(missing \['0/trace/"):
+        restore_on(directory, mesh_of(), sgd)

@@ -4,11 +4,13 @@ On-disk layout of ``<run_dir>/checkpoints/<step>/`` (one orbax step directory, w
 atomically by orbax: a half-written step is never visible as a step):
 
     state/   orbax StandardSave of {"params": {"first_layer/self_attn/q_proj": {"value": [D, N, H]}, ...},
-                                    "opt_state": {"000": ..., "001": ...}, "step": []}
+                                    "opt_state": {"1/0/count": [], "1/0/mu/...": ...}, "step": []}
              parameters keyed by their NNX path, each an NNX variable's {"value": array} in
              our [in, out] orientation with head axes split (q_proj [D, N, H], o_proj [N, H, D];
              ``weights.layout.LAYER_TENSORS`` maps them to HF names and shapes);
-             optimizer leaves in optax's flattening order of the AdamW state. To read a head
+             optimizer leaves keyed by their path in optax's state, e.g. "1/0/mu/fc/kernel/value"
+             (the AdamW first moment of fc's kernel; checkpoints written before 2026-12-03 key
+             them "000", "001", ... in flattening order, and still restore). To read a head
              without this package, ``flatspec export`` writes the public EAGLE layout
     data/    JSON: the training data's position, {"next_batch": global batches consumed}
              (``data.pipeline.TrainingBatches``; exact data order on resume, with any worker
@@ -106,6 +108,12 @@ def unflatten_params(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
     return nnx.from_flat_state(pairs)
 
 
+def _flatten_opt_state(opt_state: Any) -> dict[str, Any]:
+    """{"1/0/mu/fc/kernel/value": leaf, ...}: every leaf of an optax state keyed by its path."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+
+
 def _as_abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -141,8 +149,7 @@ class DraftCheckpointer:
     def save(self, step: int, state: Any, iterator: Any, meta: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
         """Saves asynchronously: the train state, ``iterator.get_state()`` and ``meta``."""
-        payload = {"params": flatten_params(state.params),
-                   "opt_state": {f"{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))},
+        payload = {"params": flatten_params(state.params), "opt_state": _flatten_opt_state(state.opt_state),
                    "step": state.step}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(payload), data=ocp.args.JsonSave(iterator.get_state()),
@@ -153,17 +160,42 @@ class DraftCheckpointer:
         """Restores a TrainState-like (step, params, opt_state) onto ``shardings`` and the iterator's
         position in place (``iterator.set_state``)."""
         params_abstract = _as_abstract(flatten_params(abstract_state.params), flatten_params(shardings.params))
-        opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
-        opt_abstract = {f"{i:03d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)
-                        for i, (leaf, s) in enumerate(zip(opt_leaves, jax.tree.leaves(shardings.opt_state)))}
-        target = {"params": params_abstract, "opt_state": opt_abstract,
+        opt_abstract = _as_abstract(_flatten_opt_state(abstract_state.opt_state),
+                                    _flatten_opt_state(shardings.opt_state))
+        names = self._saved_opt_names(step, list(opt_abstract))
+        target = {"params": params_abstract, "opt_state": dict(zip(names, opt_abstract.values())),
                   "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings.step)}
         restored = _restore_item(self.manager, step, "training state", state=ocp.args.StandardRestore(target))
         iterator.set_state(self._data_state(step))
         state = restored["state"]
+        opt_def = jax.tree.structure(abstract_state.opt_state)
         return type(abstract_state)(
             step=state["step"], params=unflatten_params(abstract_state.params, state["params"]),
-            opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][f"{i:03d}"] for i in range(len(opt_leaves))]))
+            opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][name] for name in names]))
+
+    def _saved_opt_names(self, step: int, names: list[str]) -> list[str]:
+        """The on-disk keys of the optimizer leaves ``names`` (this optimizer's paths, in flattening
+        order): the paths themselves, or "000", "001", ... in a checkpoint written before leaves
+        were keyed by path."""
+        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                       item_handlers={"state": ocp.StandardCheckpointHandler()})
+        try:
+            saved = set(reader.item_metadata(step)["state"]["opt_state"])
+        except (KeyError, TypeError, ValueError, OSError) as err:
+            raise CheckpointMismatchError(f"{self.directory}/{step}: cannot read its state's metadata ({err}); "
+                                          "the step is damaged: delete that directory to use the previous "
+                                          "checkpoint") from err
+        finally:
+            reader.close()
+        by_index = [f"{i:03d}" for i in range(len(names))]
+        for layout in (names, by_index):
+            if saved == set(layout):
+                return layout
+        missing, unexpected = sorted(set(names) - saved), sorted(saved - set(names))
+        raise CheckpointMismatchError(
+            f"{self.directory}/{step}: its optimizer state does not fit this optimizer (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); a checkpoint resumes only with the optax transformation it was "
+            "trained with")
 
     def _data_state(self, step: int) -> dict[str, Any]:
         # Checkpoints written before the position was saved as JSON hold Grain's own state of the
