@@ -148,21 +148,37 @@ def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one verb; returns the exit status.
 
-    In a multi-process job a failing process must not wait in jax.distributed's shutdown for
-    peers that wait for it in a collective, so it reports and leaves at once.
+    In a multi-process job a failing process (an exception, or an error it reported as a non-zero
+    status) must not wait in jax.distributed's shutdown for peers that wait for it in a
+    collective, so it reports and leaves at once; the coordination service then ends the peers.
     """
     try:
-        return _main(argv)
+        status = _main(argv)
     except BaseException:
-        import jax  # noqa: PLC0415 - already imported by any verb that gets here
-
-        if jax.process_count() > 1:
+        if _multi_process():
             import traceback  # noqa: PLC0415
 
             traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
+            _leave_now(1)
         raise
+    if status and _multi_process():
+        _leave_now(status)
+    return status
+
+
+def _multi_process() -> bool:
+    if "jax" not in sys.modules:  # failed before any verb imported (and joined) JAX
+        return False
+    import jax  # noqa: PLC0415
+
+    return jax.process_count() > 1
+
+
+def _leave_now(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -98,18 +98,31 @@ class RunDirBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
-    """Holds an exclusive lock on ``run_dir`` (JAX process 0 only) while a verb writes into it, so
-    two commands on one run directory cannot interleave their outputs. The lock is released when the
-    process ends, however it ends. Once it is held, temporary files a killed run left in the run
+    """Holds an exclusive lock on ``run_dir`` (taken by JAX process 0) while a verb writes into it,
+    so two commands on one run directory cannot interleave their outputs. The lock is released when
+    the process ends, however it ends. Once it is held, temporaries a killed run left in the run
     directory and its ``features/`` and ``plots/`` are removed.
 
     Raises:
-      RunDirBusyError: naming the directory and the holder's pid when it is already locked.
+      RunDirBusyError: on every process when process 0 finds the directory locked, naming it and
+        the holder's pid (process 0's answer is broadcast, so no process goes on alone).
     """
-    if jax.process_index() != 0:
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(_locked(Path(run_dir)))
+            except RunDirBusyError as err:
+                refusal = err
+        if process_zero_says(refusal is not None):
+            raise refusal or RunDirBusyError(f"run directory {run_dir} is in use by another flatspec process "
+                                             "(found by JAX process 0)")
         yield
-        return
-    path = Path(run_dir) / LOCK_FILE
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    path = run_dir / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -123,7 +136,7 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        removed = sum(remove_temporaries(Path(run_dir) / sub) for sub in STALE_TEMPORARIES_IN)
+        removed = sum(remove_temporaries(run_dir / sub) for sub in STALE_TEMPORARIES_IN)
         if removed:
             log.info("removed %d temporary file(s) an interrupted run left in %s", removed, run_dir)
         try:

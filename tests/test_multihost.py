@@ -10,12 +10,15 @@ tokenizer) and the same ``data=2, fsdp=4`` mesh:
 * 2 processes x 4 fake CPU devices, joined through ``JAX_COORDINATOR_ADDRESS`` /
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``runtime.initialize_distributed`` selects gloo).
 
-Both chains run concurrently (about 2.5 min on 2 loaded CPU cores). Checked: the scores parquet, the selection, the per-step
-training metrics (loss terms, gradient norm, held-out metrics) and the saved draft head agree
+Both chains run concurrently (about 2.5 min on 2 loaded CPU cores). Checked: the scores parquet, the
+selection, the per-step training metrics (loss terms, gradient norm, held-out metrics) and the saved draft head agree
 to 1e-5; only process 0 writes logs, scores, manifests, tokenized samples and metrics (process
 1 writes nothing but its share of the orbax checkpoint, seen through an audit hook, see
 ``multihost_worker.py``), and process 1 logs nothing at INFO. Every subprocess is killed on
 failure or timeout.
+
+A third job (2 processes) meets a run directory another command has locked: every process
+refuses and exits, none runs the verb alone.
 
 Training runs with the default feature noise: it depends on a row's position in the global
 batch, so the losses match only because every row lands at the same position whatever the
@@ -287,3 +290,41 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
     for b in range(3):
         # Process p's local rows are the p-th block of the global array (make_array_from_process_local_data).
         np.testing.assert_array_equal(np.concatenate([per_process[0][b], per_process[1][b]]), single[b])
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals reach every process
+# ----------------------------------------------------------------------------------------------
+
+CLI = "import sys; from flatspec_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_a_busy_run_directory_is_refused_by_every_process_and_they_exit(tiny_dir, tmp_path):
+    """Process 0 takes the run directory's lock; when another command holds it, every process must
+    refuse (process 1 would otherwise run the verb alone into a collective) and leave at once."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port = free_port()
+    with open(run_dir / ".flatspec.lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242")
+        holder.flush()
+        procs = []
+        for rank in range(PROCESSES):
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                   "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                   "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+            procs.append(subprocess.Popen([sys.executable, "-c", CLI, "select", "--run-dir", str(run_dir), "--set",
+                                           f"model.path={tiny_dir}"], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+        try:
+            errors = [proc.communicate(timeout=120)[1] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [1, 1], errors
+    assert "in use by another flatspec process (pid 4242)" in errors[0], errors[0]
+    assert "in use by another flatspec process (found by JAX process 0)" in errors[1], errors[1]
