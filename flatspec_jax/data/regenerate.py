@@ -192,12 +192,12 @@ def _parts_dir(run_dir: Path, fingerprint: str) -> Path:
     """The parts directory of this fingerprint; parts of other settings are removed."""
     parts = run_dir / (RESPONSES_FILE + ".parts")
     stamp = parts / "FINGERPRINT"
-    if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the others wait at the caller's barrier
+        if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
             shutil.rmtree(parts)
-    if jax.process_index() == 0 and not stamp.exists():
-        parts.mkdir(parents=True, exist_ok=True)
-        atomic_write(stamp, lambda tmp: tmp.write_text(fingerprint))
+        if not stamp.exists():
+            parts.mkdir(parents=True, exist_ok=True)
+            atomic_write(stamp, lambda tmp: tmp.write_text(fingerprint))
     return parts
 
 

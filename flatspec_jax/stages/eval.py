@@ -19,6 +19,7 @@ from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.evaluation import evaluate
 from flatspec_jax.fingerprint import file_identity
 from flatspec_jax.io import atomic_write_json
+from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     ctx = ctx or RunContext(cfg)
     checkpoint = Path(arg(args, "draft", ctx.run_dir / CHECKPOINT_DIR))
     path = ctx.run_dir / EVAL_FILE
-    if eval_is_current(cfg, checkpoint):
+    if process_zero_says(eval_is_current(cfg, checkpoint)):  # every process takes process 0's branch
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
     prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad file fails before any loading

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.scoring import read_fingerprint
 from flatspec_jax.selection import (
     SCORES_FILE,
@@ -64,11 +65,9 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     from jax.experimental import multihost_utils
 
     rule, keep, seed, heldout = cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout
-    current = manifest_is_current(manifest_path, scores_path, rule, keep, seed, heldout)
-    if jax.process_count() > 1:
-        # Every process decides before the first one writes: a process that checked after the
-        # write would skip the barrier below and leave the others waiting at it.
-        multihost_utils.sync_global_devices("flatspec: selection checked")
+    # Process 0 decides for all (a broadcast, so before anyone writes): a process seeing another
+    # version of the manifest would otherwise skip the barrier below and leave the others at it.
+    current = bool(process_zero_says(manifest_is_current(manifest_path, scores_path, rule, keep, seed, heldout)))
     if current:
         manifest = read_manifest(manifest_path)
         log.info("%s is current; nothing to do", manifest_path)

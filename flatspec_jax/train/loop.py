@@ -30,6 +30,7 @@ from flatspec_jax.data.pipeline import fixed_batches, plan_training_rows, train_
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
+from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
@@ -121,8 +122,11 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                              features=features) if len(heldout_indices) else [])
 
     checkpoints = DraftCheckpointer(run_dir / CHECKPOINT_DIR, tcfg.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    start = latest or 0
+    # Process 0's view of the directory, for all: processes resuming from different steps would
+    # part ways at the first restore or save.
+    on_disk = checkpoints.latest_step()
+    latest = int(process_zero_says(-1 if on_disk is None else on_disk))
+    start = max(latest, 0)
     if latest == 0:  # only `flatspec import` writes a step 0
         checkpoints.close()
         raise ConfigError(f"{checkpoints.directory} holds an imported draft head (step 0, parameters only): training "
@@ -157,8 +161,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                       draft_vocab=draft_ids, inputs=inputs)
     metrics_log = MetricsLog(run_dir, resume_step=start)
     schedule = learning_rate_schedule(tcfg)
-    rows_sharding = batch_spec(mesh, rules, 1)
-    eval_sharding = batch_spec(mesh, rules, 1)
+    rows_sharding = batch_spec(mesh, rules, 1)  # [A, R, L] micro-batches, rows over the batch axes
     final: dict[str, float] = {}
     heldout_metrics: dict[str, float] = {}
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
@@ -169,7 +172,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
         batches = _global_batch(local, rows_sharding)
         if step == 1:  # the untrained head: the baseline of the curves
-            heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
+            heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding)
                                if heldout else {})
             metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
                                **heldout_metrics})
@@ -182,7 +185,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         if evaluated:
             jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
             paused = time.perf_counter()
-            eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, eval_sharding)
+            eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding)
             heldout_metrics = eval_metrics
             window_start += time.perf_counter() - paused
         if logged:
