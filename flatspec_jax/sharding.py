@@ -127,18 +127,27 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def check_process_rows(mesh: Mesh, rules: ShardingRules,
-                       process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
+                       process_of: Callable[[jax.Device], int] = lambda device: device.process_index,
+                       process_count: int | None = None) -> None:
     """Each of P processes reads only the contiguous block p of a batch's rows (the training pipeline
     and scoring feed ``jax.make_array_from_process_local_data`` that way), so the mesh must give
     exactly that block to process p's devices: the batch axes (data x fsdp) split evenly over the
-    processes, each host holding whole batch shards (``process_of``: a device's process).
+    processes, each host holding whole batch shards (``process_of``: a device's process;
+    ``process_count``: the job's processes, ``jax.process_count()`` by default).
 
     Raises:
-      ConfigError: naming ``mesh.*`` when a process's devices hold other rows (e.g. a tensor axis
-        that spans hosts while data x fsdp does not).
+      ConfigError: naming ``mesh.*`` when some process holds none of the mesh's devices (fixed
+        axis sizes below the device count take the first devices, process 0's), or when a
+        process's devices hold other rows (e.g. a tensor axis that spans hosts while data x fsdp
+        does not).
     """
     processes = sorted({process_of(device) for device in mesh.devices.flat})
-    if len(processes) == 1:
+    count = jax.process_count() if process_count is None else process_count
+    if processes != list(range(count)):
+        raise ConfigError(
+            f"mesh {dict(mesh.shape)} holds devices of process(es) {processes} only, but all {count} processes "
+            "feed it rows: size mesh.data x mesh.fsdp x mesh.tensor to every device of the job (-1 for one axis)")
+    if count == 1:
         return
     rows = batch_shards(mesh) * len(processes)
     held: dict[int, set[int]] = {p: set() for p in processes}

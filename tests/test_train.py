@@ -674,7 +674,17 @@ def test_each_process_must_hold_its_own_block_of_rows(mesh_cfg, process_of, fits
 
     mesh = make_mesh(mesh_cfg, jax.devices()[:8])
     if fits:
-        check_process_rows(mesh, ShardingRules(), process_of)
+        check_process_rows(mesh, ShardingRules(), process_of, process_count=2)
     else:
         with pytest.raises(ConfigError, match=r"each of the 2 processes reads its own contiguous block"):
-            check_process_rows(mesh, ShardingRules(), process_of)
+            check_process_rows(mesh, ShardingRules(), process_of, process_count=2)
+
+
+def test_a_mesh_must_hold_devices_of_every_process():
+    """Fixed mesh sizes below the device count take the first devices: on 2 hosts of 4, process 0's."""
+    from flatspec_jax.sharding import check_process_rows
+
+    mesh = make_mesh(MeshConfig(data=4), jax.devices()[:8])
+    with pytest.raises(ConfigError, match=r"mesh \{'data': 4, 'fsdp': 1, 'tensor': 1\} holds devices of process\(es\) "
+                                          r"\[0\] only, but all 2 processes feed it rows"):
+        check_process_rows(mesh, ShardingRules(), lambda d: d.id // 4, process_count=2)
