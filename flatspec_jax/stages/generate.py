@@ -31,5 +31,6 @@ def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) ->
     log.info("%s decoding: %d tokens in %.2f s (compilation included), %d target forwards after the prompt",
              method, len(result.tokens[0]), result.seconds, calls)
     reply = decoder.text(ctx.tokenizer, result.tokens[0])
-    print(reply)
+    if jax.process_index() == 0:  # every process decodes the same reply
+        print(reply)
     return reply

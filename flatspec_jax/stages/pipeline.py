@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import pyarrow.parquet as pq
 
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
@@ -133,5 +134,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
     log.info("pipeline finished in %.0f s (%s)", sum(timings.values()),
              ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
     text = summary(cfg, manifest, trained, result, plots, ctx.responses)
-    print(text)
+    if jax.process_index() == 0:  # one summary per job (the others hold no plots)
+        print(text)
     return text
