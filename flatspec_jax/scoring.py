@@ -130,13 +130,31 @@ def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, po
 def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: int, mesh: Mesh,
                        rules: ShardingRules, param_shardings: nnx.State, return_features: bool
                        ) -> Callable[..., dict[str, jax.Array]]:
-    """The jitted scoring step with explicit shardings: rows over the batch axes, results replicated
-    (they are small), so every process can read them."""
+    """The jitted scoring step with explicit shardings: rows over the batch axes, the statistics
+    replicated (they are small), so every process can read them.
+
+    The hidden states (``return_features``, [R, L, D]) stay split by rows on one host, which
+    gathers them from its devices, rather than every device receiving the whole batch's copy; in a
+    multi-process job they are replicated like the statistics, since process 0 writes them all.
+    """
     rows = batch_sharding(mesh, rules, 2)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    features = batch_sharding(mesh, rules, 3) if jax.process_count() == 1 else replicated
     step = functools.partial(_score_rows, graphdef, num_segments=num_segments, temperature=cfg.temperature,
                              vocab_chunk=cfg.vocab_chunk, return_features=return_features)
-    return jax.jit(step, in_shardings=(param_shardings, rows, rows, rows, rows),
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def stats_and_features(*args: jax.Array) -> tuple[dict[str, jax.Array], jax.Array | None]:
+        stats = step(*args)
+        return stats, stats.pop("features", None)
+
+    jitted = jax.jit(stats_and_features, in_shardings=(param_shardings, rows, rows, rows, rows),
+                     out_shardings=(replicated, features))
+
+    def run(*args: jax.Array) -> dict[str, jax.Array]:
+        stats, hidden = jitted(*args)
+        return stats if hidden is None else {**stats, "features": hidden}
+
+    return run
 
 
 def _global_rows(packed: PackedRows, sharding: NamedSharding) -> tuple[jax.Array, ...]:

@@ -146,6 +146,40 @@ def test_sharded_scores_equal_single_device(tiny_dir, dataset, single_scores, me
     assert_scores_close(got, single_scores)
 
 
+def test_sharded_feature_cache_equals_single_device_and_stays_split_by_rows(tiny_dir, dataset, tmp_path,
+                                                                           monkeypatch):
+    from flatspec_jax.data.feature_cache import FeatureCache
+
+    shardings = []
+    original = scoring.compile_score_step
+
+    def recording(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def run(*inputs):
+            out = step(*inputs)
+            shardings.append(out["features"].sharding)
+            return out
+        return run
+
+    def cached(mesh_cfg: MeshConfig, devices, name: str) -> FeatureCache:
+        mesh, rules = make_mesh(mesh_cfg, devices), ShardingRules()
+        model = load_target_model(str(tiny_dir), mesh, rules)
+        score_dataset(model, dataset, ScoreConfig(row_length=64, rows_per_batch=ROWS), mesh, rules,
+                      tmp_path / name / "scores.parquet", "test-fingerprint", feature_dir=tmp_path / name / "features")
+        return FeatureCache(tmp_path / name / "features")
+
+    want = cached(MeshConfig(), single_device(), "single")
+    monkeypatch.setattr(scoring, "compile_score_step", recording)
+    got = cached(MeshConfig(data=8), None, "data8")
+    # Each device holds its own rows of the hidden states, not a copy of the whole batch.
+    assert shardings and all(not s.is_fully_replicated and s.spec[0] is not None for s in shardings)
+    assert len(got) == len(want) == len(dataset)
+    for sample in range(len(dataset)):
+        np.testing.assert_allclose(got[sample].astype(np.float32), want[sample].astype(np.float32),
+                                   rtol=2e-2, atol=2e-2, err_msg=f"sample {sample}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Packed vs unpacked vs an independent NumPy computation
 # ----------------------------------------------------------------------------------------------
