@@ -278,6 +278,25 @@ def test_checkpoints_with_optimizer_leaves_keyed_by_index_still_restore(tmp_path
     assert restored_next == next_item
 
 
+@pytest.mark.parametrize("by_index", [False, True], ids=["keyed_by_path", "keyed_by_index"])
+def test_optimizer_leaves_return_to_their_places_when_key_order_differs_from_tree_order(tmp_path, monkeypatch,
+                                                                                       by_index):
+    """Chain entries 2 and 10 hold same-shaped momenta: as strings "10/..." sorts before "2/...", so a
+    restore that paired leaves in key order would swap them silently."""
+    from flatspec_jax.checkpoint import manager
+
+    tx = optax.chain(optax.identity(), optax.identity(), optax.trace(0.9), *[optax.identity()] * 7,
+                     optax.trace(0.5))
+    if by_index:
+        monkeypatch.setattr(manager, "_flatten_opt_state",
+                            lambda opt_state: {f"{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))})
+    directory = tmp_path / "checkpoints"
+    state, _ = save_train_checkpoint(directory, mesh_of(), tx)
+    monkeypatch.undo()
+    restored, _, _ = restore_on(directory, mesh_of(), tx)
+    assert_trees_equal(restored, host(state))
+
+
 def test_restore_with_another_optimizer_names_the_step_and_the_leaves(fsdp8_checkpoint):
     directory = fsdp8_checkpoint[0]
     sgd = optax.sgd(0.1, momentum=0.9)

@@ -9,8 +9,8 @@ atomically by orbax: a half-written step is never visible as a step):
              our [in, out] orientation with head axes split (q_proj [D, N, H], o_proj [N, H, D];
              ``weights.layout.LAYER_TENSORS`` maps them to HF names and shapes);
              optimizer leaves keyed by their path in optax's state, e.g. "1/0/mu/fc/kernel/value"
-             (the AdamW first moment of fc's kernel; checkpoints written before 2026-12-03 key
-             them "000", "001", ... in flattening order, and still restore). To read a head
+             (the AdamW first moment of fc's kernel; checkpoints of earlier versions of this package
+             key them "000", "001", ... in flattening order, and still restore). To read a head
              without this package, ``flatspec export`` writes the public EAGLE layout
     data/    JSON: the training data's position, {"next_batch": global batches consumed}
              (``data.pipeline.TrainingBatches``; exact data order on resume, with any worker
@@ -109,9 +109,14 @@ def unflatten_params(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
 
 
 def _flatten_opt_state(opt_state: Any) -> dict[str, Any]:
-    """{"1/0/mu/fc/kernel/value": leaf, ...}: every leaf of an optax state keyed by its path."""
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+    """{"1/0/mu/fc/kernel/value": leaf, ...}: every leaf of an optax state keyed by its path, in
+    flattening order."""
+    pairs = [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
+    flat = dict(pairs)
+    if len(flat) != len(pairs):
+        raise ValueError("two optimizer-state leaves have the same path; they cannot be checkpointed by path")
+    return flat
 
 
 def _as_abstract(tree: Any, shardings: Any) -> Any:
@@ -160,18 +165,19 @@ class DraftCheckpointer:
         """Restores a TrainState-like (step, params, opt_state) onto ``shardings`` and the iterator's
         position in place (``iterator.set_state``)."""
         params_abstract = _as_abstract(flatten_params(abstract_state.params), flatten_params(shardings.params))
-        opt_abstract = _as_abstract(_flatten_opt_state(abstract_state.opt_state),
-                                    _flatten_opt_state(shardings.opt_state))
-        names = self._saved_opt_names(step, list(opt_abstract))
-        target = {"params": params_abstract, "opt_state": dict(zip(names, opt_abstract.values())),
+        # Optimizer leaves in flattening order (a jax.tree.map over the dict would sort its keys).
+        opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
+        saved_names = self._saved_opt_names(step, list(_flatten_opt_state(abstract_state.opt_state)))
+        opt_abstract = {name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding) for name, leaf, sharding
+                        in zip(saved_names, opt_leaves, jax.tree.leaves(shardings.opt_state), strict=True)}
+        target = {"params": params_abstract, "opt_state": opt_abstract,
                   "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings.step)}
         restored = _restore_item(self.manager, step, "training state", state=ocp.args.StandardRestore(target))
         iterator.set_state(self._data_state(step))
         state = restored["state"]
-        opt_def = jax.tree.structure(abstract_state.opt_state)
         return type(abstract_state)(
             step=state["step"], params=unflatten_params(abstract_state.params, state["params"]),
-            opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][name] for name in names]))
+            opt_state=jax.tree.unflatten(opt_def, [state["opt_state"][name] for name in saved_names]))
 
     def _saved_opt_names(self, step: int, names: list[str]) -> list[str]:
         """The on-disk keys of the optimizer leaves ``names`` (this optimizer's paths, in flattening
@@ -195,7 +201,7 @@ class DraftCheckpointer:
         raise CheckpointMismatchError(
             f"{self.directory}/{step}: its optimizer state does not fit this optimizer (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); a checkpoint resumes only with the optax transformation it was "
-            "trained with")
+            "trained with (and optax / flax versions that name its state the same way)")
 
     def _data_state(self, step: int) -> dict[str, Any]:
         # Checkpoints written before the position was saved as JSON hold Grain's own state of the
