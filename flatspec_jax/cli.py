@@ -171,7 +171,7 @@ def _multi_process() -> bool:
         return False
     import jax  # noqa: PLC0415
 
-    return jax.process_count() > 1
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def _leave_now(status: int) -> None:

@@ -105,18 +105,19 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
 
     Raises:
       RunDirBusyError: on every process when process 0 finds the directory locked, naming it and
-        the holder's pid (process 0's answer is broadcast, so no process goes on alone).
+        the holder's pid (process 0's answer is broadcast, so no process goes on alone); process 0
+        raises its OSError when it cannot create or open the lock file.
     """
     with contextlib.ExitStack() as stack:
         refusal = None
         if jax.process_index() == 0:
             try:
                 stack.enter_context(_locked(Path(run_dir)))
-            except RunDirBusyError as err:
+            except (RunDirBusyError, OSError) as err:  # OSError: the directory cannot be made or opened
                 refusal = err
         if process_zero_says(refusal is not None):
-            raise refusal or RunDirBusyError(f"run directory {run_dir} is in use by another flatspec process "
-                                             "(found by JAX process 0)")
+            raise refusal or RunDirBusyError(f"run directory {run_dir} could not be locked by JAX process 0 (in "
+                                             "use by another flatspec process, or not writable there)")
         yield
 
 

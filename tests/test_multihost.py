@@ -327,4 +327,4 @@ def test_a_busy_run_directory_is_refused_by_every_process_and_they_exit(tiny_dir
                 proc.kill()
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert "in use by another flatspec process (pid 4242)" in errors[0], errors[0]
-    assert "in use by another flatspec process (found by JAX process 0)" in errors[1], errors[1]
+    assert "could not be locked by JAX process 0" in errors[1], errors[1]
