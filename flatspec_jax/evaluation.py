@@ -108,7 +108,7 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "speedup": _speedup(records),
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
-        "per_depth_acceptance": np.asarray(acceptance_by_depth(counts)).tolist(),
+        "per_depth_acceptance": acceptance_by_depth(counts).tolist(),
         "accept_histogram": counts.tolist(),
         "same_output_fraction": float(np.mean([r.same_output for r in records])),
         "turns": len(records),

@@ -139,7 +139,7 @@ def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: i
     """
     rows = batch_sharding(mesh, rules, 2)
     replicated = NamedSharding(mesh, PartitionSpec())
-    features = batch_sharding(mesh, rules, 3) if jax.process_count() == 1 else replicated
+    feature_sharding = batch_sharding(mesh, rules, 3) if jax.process_count() == 1 else replicated
     step = functools.partial(_score_rows, graphdef, num_segments=num_segments, temperature=cfg.temperature,
                              vocab_chunk=cfg.vocab_chunk, return_features=return_features)
 
@@ -148,7 +148,7 @@ def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: i
         return stats, stats.pop("features", None)
 
     jitted = jax.jit(stats_and_features, in_shardings=(param_shardings, rows, rows, rows, rows),
-                     out_shardings=(replicated, features))
+                     out_shardings=(replicated, feature_sharding))
 
     def run(*args: jax.Array) -> dict[str, jax.Array]:
         stats, hidden = jitted(*args)

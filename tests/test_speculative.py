@@ -192,7 +192,7 @@ def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     assert summary["tau"] == pytest.approx(12 / 6)
     assert summary["speedup"] == pytest.approx(2.0)
     assert summary["accept_histogram"] == [1, 2, 3]
-    np.testing.assert_allclose(summary["per_depth_acceptance"], [5 / 6, 3 / 5])
+    assert summary["per_depth_acceptance"] == [5 / 6, 3 / 5]  # float64, as written to eval.json
     assert summary["same_output_fraction"] == pytest.approx(2 / 3)
     assert [q["tau"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 2.0])
 

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flatspec_jax.decoding.autoregressive import GenerationSettings, is_eos, prefill
@@ -127,16 +128,16 @@ class SpeculativeGeneration(NamedTuple):
         """
         return jnp.where(self.rounds > 0, (self.lengths - 1) / jnp.maximum(self.rounds, 1), 0.0)
 
-    def acceptance_rates(self) -> Array:
+    def acceptance_rates(self) -> np.ndarray:
         """[A] over all rows: :func:`acceptance_by_depth` of the summed histograms."""
-        return acceptance_by_depth(jnp.sum(self.accept_counts, axis=0))
+        return acceptance_by_depth(np.sum(np.asarray(self.accept_counts), axis=0))
 
 
-def acceptance_by_depth(accept_counts: Array) -> Array:
-    """[A + 1] histogram of accepted drafts per round -> [A] P(depth d accepted | depth d - 1
-    accepted), d = 1..A (0 where depth d - 1 was never reached)."""
-    reached = jnp.cumsum(accept_counts[::-1])[::-1]  # rounds accepting at least d drafts, d = 0..A
-    return jnp.where(reached[:-1] > 0, reached[1:] / jnp.maximum(reached[:-1], 1), 0.0)
+def acceptance_by_depth(accept_counts: np.ndarray) -> np.ndarray:
+    """[A + 1] histogram of accepted drafts per round (host values) -> [A] float64 P(depth d
+    accepted | depth d - 1 accepted), d = 1..A (0 where depth d - 1 was never reached)."""
+    reached = np.cumsum(np.asarray(accept_counts)[::-1])[::-1].astype(np.float64)  # rounds accepting >= d, d = 0..A
+    return np.divide(reached[1:], reached[:-1], out=np.zeros(len(reached) - 1), where=reached[:-1] > 0)
 
 
 @flax.struct.dataclass
