@@ -1,21 +1,22 @@
 """Two JAX processes on localhost (CPU, gloo collectives) give the single-process results.
 
-``flatspec score``, ``select`` and ``train`` (5 steps, 3 scoring batches) run through the CLI
-(``flatspec_jax.cli.main`` with ``--set`` overrides, in ``multihost_worker.py`` subprocesses:
-one per JAX process, the three verbs one after the other with a barrier between them, as
-separate invocations would) twice, on a tiny random Llama (an HF directory with SmolLM2's
-tokenizer) and the same ``data=2, fsdp=4`` mesh:
+``flatspec score``, ``select``, ``train`` (5 steps, 3 scoring batches) and ``eval`` (2 MT-bench
+questions, greedy tree decoding) run through the CLI (``flatspec_jax.cli.main`` with ``--set``
+overrides, in ``multihost_worker.py`` subprocesses: one per JAX process, the four verbs one
+after the other with a barrier between them, as separate invocations would) twice, on a tiny
+random Llama (an HF directory with SmolLM2's tokenizer) and the same ``data=2, fsdp=4`` mesh:
 
 * single process, 8 fake CPU devices;
 * 2 processes x 4 fake CPU devices, joined through ``JAX_COORDINATOR_ADDRESS`` /
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``runtime.initialize_distributed`` selects gloo).
 
-Both chains run concurrently (about 2.5 min on 2 loaded CPU cores). Checked: the scores parquet, the
-selection, the per-step training metrics (loss terms, gradient norm, held-out metrics) and the saved draft head agree
-to 1e-5; only process 0 writes logs, scores, manifests, tokenized samples and metrics (process
-1 writes nothing but its share of the orbax checkpoint, seen through an audit hook, see
-``multihost_worker.py``), and process 1 logs nothing at INFO. Every subprocess is killed on
-failure or timeout.
+Both chains run concurrently (about 2 min on 2 loaded CPU cores). Checked: the scores parquet,
+the selection, the per-step training metrics (loss terms, gradient norm, held-out metrics) and
+the saved draft head agree to 1e-5, the evaluation's acceptance counts and output lengths
+exactly; only process 0 writes logs, scores, manifests, tokenized samples, metrics and
+``eval.json`` (process 1 writes nothing but its share of the orbax checkpoint, seen through an
+audit hook, see ``multihost_worker.py``), and process 1 logs nothing at INFO. Every subprocess
+is killed on failure or timeout.
 
 A third job (2 processes) meets a run directory another command has locked: every process
 refuses and exits, none runs the verb alone.
@@ -65,8 +66,9 @@ SETTINGS = [
     "data.limit=40", "data.max_length=64", "data.heldout=4", "data.selection=run", "select.keep=0.75",
     "score.row_length=64", "score.rows_per_batch=8", "train.row_length=64", "train.batch_tokens=512",
     "train.steps=5", "train.log_every=1", "mesh.data=2", "mesh.fsdp=4",
+    "eval.limit=2", "decode.max_new_tokens=12", "decode.depth=2", "decode.top_k=2", "decode.total_tokens=5",
 ]
-VERBS = ("score", "select", "train")
+VERBS = ("score", "select", "train", "eval")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class Aborted(RuntimeError):
 
 
 class Chain:
-    """score, select and train, one after the other, in ``processes`` worker processes (one per rank)."""
+    """score, select, train and eval, one after the other, in ``processes`` worker processes (one per rank)."""
 
     def __init__(self, name: str, processes: int, run_dir: Path, model_dir: Path, logs: Path, abort: threading.Event,
                  deadline: float):
@@ -237,6 +239,21 @@ def test_saved_draft_heads_match(runs):
         np.testing.assert_allclose(heads["multi"][key], want, rtol=TOL, atol=TOL, err_msg=key)
 
 
+def test_evaluation_matches_the_single_process_run(runs):
+    """Greedy tree decoding with the target and head sharded over both processes: the same output
+    lengths, acceptance counts and tau (the 5-step head on a random target accepts little or
+    nothing; what is checked is that decoding runs across processes and agrees)."""
+    single = json.loads((runs["single"] / "eval.json").read_text())
+    multi = json.loads((runs["multi"] / "eval.json").read_text())
+    assert single["turns"] == multi["turns"] == 2 and single["method"] == multi["method"] == "tree"
+    assert single["same_output_fraction"] == multi["same_output_fraction"] == 1.0
+    for name in ("tau", "accept_histogram", "tokens_ar", "tokens_spec", "per_depth_acceptance"):
+        assert multi[name] == single[name], name
+    for want, got in zip(single["questions"], multi["questions"]):
+        assert (got["prompt_id"], got["rounds"], got["accept_counts"]) == (
+            want["prompt_id"], want["rounds"], want["accept_counts"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Only process 0 writes
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +275,7 @@ def test_only_process_zero_writes_outputs_and_logs(runs):
     rank0, rank1 = audited(logs, 0, run_dir), audited(logs, 1, run_dir)
     # The audit sees the writes: process 0 wrote every output, each in its stage ...
     assert {"tokens.npz", "scores.parquet"} <= rank0["score"], sorted(rank0["score"])
-    assert "selection.json" in rank0["select"] and "metrics.jsonl" in rank0["train"]
+    assert "selection.json" in rank0["select"] and "metrics.jsonl" in rank0["train"] and "eval.json" in rank0["eval"]
     # ... and process 1 wrote nothing but its share of the orbax checkpoint.
     assert set(rank1) == {"train"}, {verb: sorted(paths) for verb, paths in rank1.items()}
     assert rank1["train"] and all(p.startswith("checkpoints" + os.sep) for p in rank1["train"]), sorted(rank1["train"])
