@@ -217,8 +217,8 @@ def test_training_metrics_match_the_single_process_run(runs):
     assert sorted(single) == sorted(multi) == [(0, True), (1, False), (2, False), (3, False), (4, False), (5, True)]
     for key, want in single.items():
         got = multi[key]
-        names = [n for n in want if n.startswith(("loss", "eval_", "grad_norm", "acceptance", "top"))]
-        assert names and set(names) <= set(got)
+        names = [n for n in want if n.startswith(("loss", "eval_", "grad_norm", "acceptance", "top")) or n == "tokens"]
+        assert names and set(names) <= set(got) and ("tokens" in names) == (key[0] > 0)
         for name in names:
             np.testing.assert_allclose(got[name], want[name], rtol=TOL, atol=TOL, err_msg=f"step {key}: {name}")
         assert got.get("lr") == want.get("lr")

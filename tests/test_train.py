@@ -428,6 +428,10 @@ def test_micro_batches_equal_one_big_batch(step_lab):
     for name in ("loss", "loss_feature", "loss_token", "acceptance", "top1", "top3", "grad_norm"):
         np.testing.assert_allclose(float(out["quiet_accum"][1][name]), float(out["quiet_single"][1][name]), rtol=TOL,
                                    err_msg=name)
+    # ``tokens``: the non-padding tokens of all rows (the loop's tokens/s), not the trained positions.
+    non_padding = int((np.asarray(step_lab["inputs"]["accum"]["segment_ids"]) > 0).sum())
+    assert non_padding > sum(int(m["count"]) for m in out["micro"])
+    assert float(out["quiet_accum"][1]["tokens"]) == float(out["quiet_single"][1]["tokens"]) == non_padding
 
 
 def test_eval_step_weighs_micro_batches_as_the_train_step(step_lab):

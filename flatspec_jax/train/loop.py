@@ -166,10 +166,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     heldout_metrics: dict[str, float] = {}
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_counts = time.perf_counter(), []
     for step in range(start + 1, tcfg.steps + 1):
         local = _next_micro_batches(iterator, tcfg.grad_accum)
-        window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
         batches = _global_batch(local, rows_sharding)
         if step == 1:  # the untrained head: the baseline of the curves
             heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding)
@@ -181,6 +180,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         logged = step % tcfg.log_every == 0 or step == tcfg.steps or evaluated
         state, metrics = train_step(state, target_params, batches, logged)
         progress.update(1)
+        window_counts.append(metrics["tokens"])  # a device scalar: read when the step is logged
         eval_metrics = None
         if evaluated:
             jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
@@ -191,9 +191,10 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         if logged:
             final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
             elapsed = time.perf_counter() - window_start
+            window_tokens = sum(float(count) for count in window_counts)
             final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
             progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_counts = time.perf_counter(), []
             metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
         if step % tcfg.save_every == 0 or step == tcfg.steps:
             checkpoints.save(step, state, iterator, meta,

@@ -1,9 +1,11 @@
 """Training metrics: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events.
 
-A logged step's record holds the training batch's metrics (``loss``, ``loss_*``, agreement, ``lr``,
-``tokens_per_s``) and, when the step is evaluated (an evaluated step is always logged), the
-held-out ones (``eval_`` prefixed). The step-0 record is the untrained head's baseline: its loss
-terms and agreement on the first training batch and its held-out metrics.
+A logged step's record holds the training batch's metrics (``loss``, ``loss_*``, agreement,
+``grad_norm``, ``lr``, ``tokens``: the step's non-padding tokens over all processes, and
+``tokens_per_s`` since the previous logged step, held-out evaluation time excluded) and, when
+the step is evaluated (an evaluated step is always logged), the held-out ones (``eval_``
+prefixed). The step-0 record is the untrained head's baseline: its loss terms and agreement on
+the first training batch and its held-out metrics.
 
 Only JAX process 0 writes. On resume the log is cut back to the restored step, so the
 resumed run's log equals an uninterrupted run's instead of holding the lost steps twice.

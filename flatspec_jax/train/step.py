@@ -145,6 +145,9 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     trained tokens weighs as much as a full one.) TVD++ normalises its reward within each
     micro-batch, so for that loss the equality holds only for the normalisation's statistics.
 
+    Metrics: the loss terms and agreement of :func:`metrics_of`, ``grad_norm`` and ``tokens`` (the
+    step's non-padding tokens, all rows of the global batch).
+
     ``agreement`` ([] bool, traced) asks for the acceptance/top1/top3 metrics, which are NaN
     without it; the loop sets it only on the steps it logs. ``draft_ids`` [N]: a reduced draft
     vocabulary the token term is computed over (`draft_loss_through_head`).
@@ -182,6 +185,7 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["tokens"] = (batches["segment_ids"] > 0).sum().astype(jnp.float32)  # over every process's rows
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
