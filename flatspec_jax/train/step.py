@@ -185,7 +185,7 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["tokens"] = (batches["segment_ids"] > 0).sum().astype(jnp.float32)  # over every process's rows
+    metrics["tokens"] = (batches["segment_ids"] > 0).sum(dtype=jnp.int32)  # every process's rows; exact past 2**24
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
