@@ -32,11 +32,12 @@ state), so one is written as step 0, which ``flatspec train`` never restores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +57,23 @@ log = logging.getLogger(__name__)
 META_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 """A run directory's orbax draft checkpoints."""
+ITEM_NAMES = ("state", "data", "meta")
+"""The items of a step directory (see the module docstring)."""
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was made for another target model, is not a draft checkpoint, or is damaged."""
+
+
+@contextlib.contextmanager
+def _reader(directory: Path, **kwargs: Any) -> Iterator[ocp.CheckpointManager]:
+    """A read-only orbax manager of ``directory`` (``kwargs``: its item names or handlers), closed
+    on the way out, a failed restore included."""
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+    try:
+        yield manager
+    finally:
+        manager.close()
 
 
 def _restore_item(manager: ocp.CheckpointManager, step: int, what: str, **items: Any) -> Any:
@@ -146,7 +160,7 @@ class DraftCheckpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(preservation_policy=preservation, enable_async_checkpointing=True,
                                                  cleanup_tmp_directories=True),
-            item_names=("state", "data", "meta"))
+            item_names=ITEM_NAMES)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -183,16 +197,13 @@ class DraftCheckpointer:
         """The on-disk keys of the optimizer leaves ``names`` (this optimizer's paths, in flattening
         order): the paths themselves, or "000", "001", ... in a checkpoint written before leaves
         were keyed by path."""
-        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                       item_handlers={"state": ocp.StandardCheckpointHandler()})
-        try:
-            saved = set(reader.item_metadata(step)["state"]["opt_state"])
-        except (KeyError, TypeError, ValueError, OSError) as err:
-            raise CheckpointMismatchError(f"{self.directory}/{step}: cannot read its state's metadata ({err}); "
-                                          "the step is damaged: delete that directory to use the previous "
-                                          "checkpoint") from err
-        finally:
-            reader.close()
+        with _reader(self.directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as reader:
+            try:
+                saved = set(reader.item_metadata(step)["state"]["opt_state"])
+            except (KeyError, TypeError, ValueError, OSError) as err:
+                raise CheckpointMismatchError(f"{self.directory}/{step}: cannot read its state's metadata ({err}); "
+                                              "the step is damaged: delete that directory to use the previous "
+                                              "checkpoint") from err
         by_index = [f"{i:03d}" for i in range(len(names))]
         for layout in (names, by_index):
             if saved == set(layout):
@@ -230,7 +241,7 @@ def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], 
     """
     directory = Path(directory).absolute()
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-                                    item_names=("state", "data", "meta"))
+                                    item_names=ITEM_NAMES)
     try:
         if step in manager.all_steps():
             raise CheckpointMismatchError(f"{directory} already holds step {step}")
@@ -250,12 +261,11 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
       CheckpointMismatchError: naming the directory when it holds no draft checkpoint.
     """
     directory = Path(directory).absolute()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "data", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
-    meta = _restore_item(manager, step, "metadata", meta=ocp.args.JsonRestore())["meta"]
+    with _reader(directory, item_names=ITEM_NAMES) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
+        meta = _restore_item(manager, step, "metadata", meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise CheckpointMismatchError(f"{directory}/{step}/meta is not flatspec draft metadata "
                                       f"(version {META_VERSION} expected)")
@@ -292,11 +302,10 @@ def load_draft_head(directory: Path, target: ArchSpec, target_vocab_hash: str, m
     graphdef, params = nnx.split(abstract)
     shardings = state_shardings(params, mesh, rules)
     target_tree = {"params": _as_abstract(flatten_params(params), flatten_params(shardings))}
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "data", "meta"))
     # PyTreeRestore takes the shardings from restore_args only (the item's ShapeDtypeStruct
     # shardings are ignored: orbax would fall back to the saved topology's shardings).
-    restored = _restore_item(manager, step, "parameters", state=ocp.args.PyTreeRestore(
-        target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree), partial_restore=True))
+    with _reader(directory, item_names=ITEM_NAMES) as manager:
+        restored = _restore_item(manager, step, "parameters", state=ocp.args.PyTreeRestore(
+            target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree), partial_restore=True))
     log.info("loaded draft head from %s (step %d)", directory, step)
     return nnx.merge(graphdef, unflatten_params(params, restored["state"]["params"]))
