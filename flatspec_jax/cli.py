@@ -123,6 +123,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     runtime.initialize_distributed(cfg.distributed)
     runtime.setup_logging(args.verbose)
+    runtime.ignore_closed_loop_callbacks()
     runtime.enable_compilation_cache()
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)

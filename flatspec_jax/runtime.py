@@ -44,6 +44,29 @@ def setup_logging(verbose: bool = False) -> None:
                  jax.local_device_count())
 
 
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """An ``Event loop is closed`` RuntimeError raised where no Python object owns it: a TensorStore
+    reader thread completing, after orbax's event loop has closed, one of the other reads of a
+    restore that already failed (a damaged checkpoint step, reported by the verb on its own)."""
+    exc = unraisable.exc_value
+    return unraisable.object is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def ignore_closed_loop_callbacks() -> None:
+    """Keeps those late callbacks (:func:`_is_closed_loop_callback`) out of stderr, where they
+    buried the one-line error of a damaged checkpoint under tracebacks; every other unraisable
+    exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if _is_closed_loop_callback(unraisable):
+            log.debug("ignored a callback onto a closed event loop: %s", unraisable.exc_value)
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def enable_compilation_cache() -> None:
     """Persists compiled XLA programs across runs, so a second run skips compilation."""
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))

@@ -680,7 +680,7 @@ def test_cli_export_and_import(cli, llama_run, llama_dir, tokenizer, tmp_path, c
         cli.main(["export", *common, "--format", "onnx"])
 
 
-@pytest.mark.parametrize("damage", ["garbled meta", "state removed", "state files cut"])
+@pytest.mark.parametrize("damage", ["garbled meta", "state removed", "state files cut", "largest array file halved"])
 def test_a_damaged_checkpoint_step_is_named_with_what_to_do(llama_run, llama_dir, tokenizer, tmp_path, damage):
     import shutil
 
@@ -692,9 +692,13 @@ def test_a_damaged_checkpoint_step_is_named_with_what_to_do(llama_run, llama_dir
         (step_dir / "meta" / "metadata").write_text("not json")
     elif damage == "state removed":
         shutil.rmtree(step_dir / "state")
-    else:
+    elif damage == "state files cut":
         for path in (step_dir / "state").rglob("*"):
             if path.is_file() and path.stat().st_size > 64 and path.parent.name == "d":
                 path.write_bytes(path.read_bytes()[:32])
+    else:  # orbax reports this one as a bare Exception
+        largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                      key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
     with pytest.raises(CheckpointMismatchError, match=rf"{step_dir}: cannot read its .*delete that directory"):
         head_params(copy, llama_dir, tokenizer)

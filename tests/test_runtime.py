@@ -2,6 +2,8 @@
 
 import logging
 import os
+import sys
+import types
 
 import pytest
 from transformers.utils import logging as hf_logging
@@ -50,3 +52,21 @@ def test_a_failing_process_of_a_multi_process_job_leaves_at_once(monkeypatch, st
         assert left.value.args == (status,)
     else:
         assert cli.main([]) == status
+
+
+def test_only_callbacks_onto_a_closed_event_loop_are_kept_out_of_stderr(monkeypatch):
+    """TensorStore threads finishing a failed restore's other reads after orbax's loop closed raise
+    'Event loop is closed' with no owning object; those are dropped, anything else is passed on."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    runtime.ignore_closed_loop_callbacks()
+
+    def unraisable(exc, obj=None):
+        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg=None, object=obj)
+
+    late = unraisable(RuntimeError("Event loop is closed"))
+    others = [unraisable(RuntimeError("Event loop is closed"), obj=object()), unraisable(RuntimeError("other")),
+              unraisable(ValueError("Event loop is closed"))]
+    for item in [late, *others]:
+        sys.unraisablehook(item)
+    assert seen == others

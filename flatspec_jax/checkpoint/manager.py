@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 META_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 """A run directory's orbax draft checkpoints."""
+DAMAGED_STEP = ("the step is damaged: delete that directory (training then resumes from the previous checkpoint, "
+                "if there is one)")
 ITEM_NAMES = ("state", "data", "meta")
 """The items of a step directory (see the module docstring)."""
 
@@ -81,11 +84,12 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, what: str, **items:
     files) is a one-line error naming the step directory and what to do."""
     try:
         return manager.restore(step, args=ocp.args.Composite(**items))
-    except (KeyError, ValueError, OSError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    except Exception as err:  # noqa: BLE001 - orbax reports a cut array file as a bare Exception
+        # The first sentence: orbax appends a dump of the TensorStore spec to a failed array read.
+        first = re.split(r"(?<=\S)\.\s", str(err).strip().partition("\n")[0], maxsplit=1)[0]
         raise CheckpointMismatchError(
-            f"{manager.directory}/{step}: cannot read its {what} ({type(err).__name__}: {first_line[:300]}); the "
-            "step is damaged: delete that directory to use the previous checkpoint") from err
+            f"{manager.directory}/{step}: cannot read its {what} ({type(err).__name__}: {first[:300]}); "
+            f"{DAMAGED_STEP}") from err
 
 
 def vocab_hash(tokenizer) -> str:
@@ -202,8 +206,7 @@ class DraftCheckpointer:
                 saved = set(reader.item_metadata(step)["state"]["opt_state"])
             except (KeyError, TypeError, ValueError, OSError) as err:
                 raise CheckpointMismatchError(f"{self.directory}/{step}: cannot read its state's metadata ({err}); "
-                                              "the step is damaged: delete that directory to use the previous "
-                                              "checkpoint") from err
+                                              f"{DAMAGED_STEP}") from err
         by_index = [f"{i:03d}" for i in range(len(names))]
         for layout in (names, by_index):
             if saved == set(layout):
