@@ -384,6 +384,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(raw, dict):
@@ -393,7 +395,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
-        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+        _set_path(raw, key.strip().split("."), _parse_value(value), source)
         given[key.strip()] = override
     try:
         return _build(Config, raw, prefix="")
@@ -419,13 +421,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = raw
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it (``3`` an int, ``null`` None, ``[1, 2]`` a list), or the
+    text itself where it is not YAML (``*.jsonl``, ``@prompts``): the field's type check then
+    judges it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any, source: str) -> None:
+    node, prefix = raw, ""
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a section")
-        node = child
+            given_by = source if source != "defaults" else "an earlier --set"  # the file, unless no file
+            raise ConfigError(f"{given_by}: {prefix}{key}: expected a mapping, got {child!r} (so --set "
+                              f"{'.'.join(keys)} cannot apply)")
+        node, prefix = child, f"{prefix}{key}."
     node[keys[-1]] = value
 
 

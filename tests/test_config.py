@@ -45,6 +45,33 @@ def test_invalid_yaml_names_the_file(tmp_path):
         load_config(path)
 
 
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path):
+    path = tmp_path / "scores.yaml"
+    path.write_bytes(b"PAR1\xba\xff\x00")
+    with pytest.raises(ConfigError, match=rf"^{path}: not a UTF-8 text file"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("data.source=*.jsonl", "source", "*.jsonl"),  # a relative glob: a YAML alias, were it parsed
+    ("eval.prompts=@prompts.jsonl", "prompts", "@prompts.jsonl"),  # '@' is reserved in YAML
+])
+def test_a_set_value_that_is_not_yaml_is_taken_as_text(override, field, value):
+    config = load_config(None, [override])
+    assert getattr(getattr(config, override.partition(".")[0]), field) == value
+
+
+def test_a_set_value_that_is_not_yaml_meets_the_fields_type_check():
+    with pytest.raises(ConfigError, match=r"^--set train\.steps=\[1: train\.steps: expected an integer, got '\[1'"):
+        load_config(None, ["train.steps=[1"])
+
+
+def test_a_set_into_a_files_non_section_blames_the_file(tmp_path):
+    path = write(tmp_path, "train: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: train: expected a mapping, got 5 \(so --set train\.steps"):
+        load_config(path, ["train.steps=4"])
+
+
 def test_draft_vocabulary_smaller_than_top_k_is_refused():
     assert load_config(None, ["decode.draft_vocab=8", "decode.top_k=8"]).decode.draft_vocab == 8
     with pytest.raises(ConfigError, match=r"decode\.draft_vocab"):
