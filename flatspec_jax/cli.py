@@ -137,9 +137,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; finished work is saved and a re-run resumes from it")
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         # Our own errors (bad config, data, weights, checkpoints) are ValueError/FileNotFoundError
-        # subclasses whose message names the file, record or setting; show it without a traceback.
+        # subclasses whose message names the file, record or setting, and the system's OSErrors name
+        # the path (a run directory that is a file, a folder without write permission); show them
+        # without a traceback.
         if args.verbose or type(err) is ValueError:
             raise
         print(f"flatspec {args.verb}: {type(err).__name__}: {err}", file=sys.stderr)

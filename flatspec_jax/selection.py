@@ -323,6 +323,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ManifestError(f"cannot read selection manifest {path}: {err}") from err
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     for key, (check, message) in _KEY_CHECKS.items():

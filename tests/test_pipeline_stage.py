@@ -137,6 +137,17 @@ def test_a_second_command_on_a_busy_run_dir_is_refused(tiny_dir, tmp_path, capsy
                      rf"\(pid {os.getpid()}\)", err), err
 
 
+def test_a_run_dir_that_is_a_file_is_one_line_naming_it(tiny_dir, tmp_path, capsys):
+    from flatspec_jax import cli
+
+    run_dir = tmp_path / "afile"
+    run_dir.write_text("")
+    overrides = [x for o in tiny_run_overrides(tiny_dir, run_dir) for x in ("--set", o)]
+    assert cli.main(["select", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"flatspec select: FileExistsError: \[Errno 17\] File exists: '{run_dir}'\n", err), err
+
+
 def test_taking_the_lock_removes_temporaries_a_killed_run_left(tmp_path):
     from flatspec_jax import runtime
 

@@ -49,3 +49,7 @@ def test_invalid_json_and_empty_files_are_named(tmp_path):
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(DataFormatError, match=rf"{missing}: cannot read the prompts"):
         load_prompts(str(missing))
+    binary = tmp_path / "scores.parquet"
+    binary.write_bytes(b"PAR1\xba\xff\x00\n")
+    with pytest.raises(DataFormatError, match=rf"{binary}: not a UTF-8 text file"):
+        load_prompts(str(binary))

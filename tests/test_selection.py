@@ -219,6 +219,9 @@ def test_unreadable_manifest(tmp_path):
         read_manifest(path)
     with pytest.raises(ManifestError, match="cannot read"):
         read_manifest(tmp_path / "nope.json")
+    path.write_bytes(b"PAR1\xba\xff\x00")
+    with pytest.raises(ManifestError, match=rf"{path}: not a UTF-8 text file"):
+        read_manifest(path)
 
 
 def write_scores_of(cfg: Config, table: pa.Table) -> None:

@@ -36,21 +36,24 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
         raise DataFormatError(f"{path}: cannot read the prompts ({err.strerror})") from None
     prompts = []
     with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            texts = _turns(record)
-            if texts is None:
-                raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
-                                      f"'turns' list of non-empty strings")
-            prompt_id = str(record.get("question_id", record.get("id", number)))
-            prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
-            if limit is not None and len(prompts) >= limit:
-                break
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                texts = _turns(record)
+                if texts is None:
+                    raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
+                                          f"'turns' list of non-empty strings")
+                prompt_id = str(record.get("question_id", record.get("id", number)))
+                prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
+                if limit is not None and len(prompts) >= limit:
+                    break
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{path}: not a UTF-8 text file ({err.reason})") from None
     if not prompts:
         raise DataFormatError(f"{path}: no prompts")
     return prompts
