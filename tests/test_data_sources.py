@@ -190,10 +190,13 @@ def test_limit_counts_valid_conversations_in_file_order(tmp_path):
         load_conversations(str(tmp_path / "l.json"), limit=0)
 
 
+BROKEN_LINE = '{"id": "broken", "conversations": ['
+
+
 def test_jsonl_with_both_schemas_and_a_bad_line(tmp_path, caplog):
     path = write_jsonl(tmp_path / "chats.jsonl", [
         sharegpt_record("sg", ("human", "Hi"), ("gpt", "Hello!")),
-        '{"id": "broken", "conversations": [',
+        BROKEN_LINE,
         "",
         {"id": "hf", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
         {"messages": [{"role": "user", "content": "Q"}, {"role": "model", "content": "A"}]},
@@ -203,7 +206,26 @@ def test_jsonl_with_both_schemas_and_a_bad_line(tmp_path, caplog):
     assert convs[0].messages == convs[1].messages == (Message("user", "Hi"), Message("assistant", "Hello!"))
     assert convs[2].messages[1] == Message("assistant", "A")
     assert report.records == 4 and dict(report.skipped) == {"invalid_json": 1}
-    assert report.examples["invalid_json"][0].startswith("chats.jsonl:1: line 2: ")
+    assert report.examples["invalid_json"] == [f"chats.jsonl line 2: Expecting value at column {len(BROKEN_LINE) + 1}"]
+    # A file with lines that do not parse is damaged: its summary is a warning, not routine information.
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "chats.jsonl line 2" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+
+
+def test_a_jsonl_file_none_of_whose_lines_parses_is_refused(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    path.write_bytes(b"PAR1\xba\xff\x00\nmore binary\n")
+    with pytest.raises(DataFormatError, match=rf"{path}: no line is a JSON value \(line 1: not UTF-8"):
+        load_conversations(str(path))
+
+
+def test_routine_skips_are_information_not_warnings(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "chats.jsonl", [sharegpt_record("sg", ("human", "Hi"), ("gpt", "Hello!")),
+                                                  {"id": "lonely", "conversations": [{"from": "human", "value": "x"}]}])
+    caplog.set_level(logging.INFO)
+    _, report = load_conversations(str(path))
+    assert report.num_skipped == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_jsonl_without_turn_column_names_file_and_columns(tmp_path):

@@ -103,3 +103,12 @@ def test_repeated_sample_ids_are_refused_before_scoring(tmp_path, model_dir):
                                                   conversation("same", "three")])
     with pytest.raises(ValueError, match=r"train\.jsonl: samples 0 and 2 have the same id 'same'"):
         prepare_samples(DataConfig(source=str(data)), str(model_dir), load_tokenizer(model_dir), tmp_path)
+
+
+def test_a_source_without_one_usable_conversation_names_the_records_reason(tmp_path, model_dir):
+    """Not "no sample with an assistant token (data.limit, data.max_length)": the settings are not at fault."""
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"id": "a", "foo": 1}, {"id": "b", "foo": 2}]))
+    with pytest.raises(ValueError, match=rf"{data}: no usable conversation: 2 records read, 0 conversations kept, "
+                                         r"2 skipped \(2 missing_turns"):
+        prepare_samples(DataConfig(source=str(data)), str(model_dir), load_tokenizer(model_dir), tmp_path)

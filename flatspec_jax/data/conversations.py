@@ -23,8 +23,11 @@ Normalisation rules:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
 
@@ -146,6 +149,12 @@ class SkipReport:
         if notes:
             text += ". Trimmed but kept: " + "; ".join(notes)
         return text
+
+    def log_summary(self, source: str) -> None:
+        """Logs :meth:`summary`: a warning when lines of a file did not parse (a damaged file), else
+        information (records without a usable conversation are routine in chat dumps)."""
+        level = logging.WARNING if self.skipped[INVALID_JSON] else logging.INFO
+        log.log(level, "%s: %s", source, self.summary())
 
     def _describe(self, key: str, count: int, explanations: dict[str, str]) -> str:
         examples = ", ".join(self.examples.get(key, []))

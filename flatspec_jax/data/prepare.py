@@ -80,13 +80,15 @@ def prepare_samples(data: DataConfig, model_path: str, tokenizer, run_dir: Path)
             untrainable += 1
             continue
         kept.append((sample.id, sample.input_ids, sample.loss_mask, sample.truncated))
-    log.info("%s: %s", source, report.summary())
+    report.log_summary(source)
     if untrainable:
         log.info("dropped %d samples with no assistant token within data.max_length=%d", untrainable,
                  data.max_length)
+    if not report.kept:  # the reason is the records', not the settings'
+        raise DataFormatError(f"{source}: no usable conversation: {report.summary()}")
     if not kept:
         raise DataFormatError(f"{source} gave no sample with an assistant token "
-                         f"(data.limit={data.limit}, data.max_length={data.max_length})")
+                              f"(data.limit={data.limit}, data.max_length={data.max_length})")
     _check_unique_ids(source, [sample_id for sample_id, *_ in kept])
     dataset = TokenizedDataset.from_samples(kept, fingerprint)
     if jax.process_index() == 0:

@@ -12,7 +12,8 @@ Formats (picked by file extension; a directory or glob may mix them, read in sor
     syntax error before its end, raises ``DataFormatError`` naming the file and byte.
   * ``.jsonl``: parsed line by line here, not through ``datasets``: its JSON loader
     rejects a whole file for one bad line, and we skip and count bad lines
-    (reason ``invalid_json``, examples name the line) like any other bad record.
+    (reason ``invalid_json``, examples name the line; the summary is then a warning) like
+    any other bad record. A file none of whose lines parses raises ``DataFormatError``.
   * ``.parquet``: streamed through ``datasets.load_dataset("parquet", streaming=True)``,
     which reads the local files directly (no hub, no Arrow cache copy).
 A JSONL or parquet file must have a ``conversations`` (ShareGPT ``from``/``value``) or
@@ -70,7 +71,7 @@ def load_conversations(source: str, limit: int | None = None) -> tuple[list[Conv
     """
     report = SkipReport()
     conversations = list(iter_conversations(source, report, limit))
-    log.info("%s: %s", source, report.summary())
+    report.log_summary(source)
     return conversations, report
 
 
@@ -83,7 +84,7 @@ def iter_conversations(source: str, report: SkipReport, limit: int | None = None
         for index, raw in _iter_records(path):
             if isinstance(raw, _BadLine):
                 report.records += 1
-                report.skip(INVALID_JSON, f"{source_name}:{index}", f"line {raw.line}: {raw.error}")
+                report.skip(INVALID_JSON, f"{source_name} line {raw.line}", raw.error)
                 continue
             conv = normalize_record(raw, index, source_name, report)
             if conv is not None:
@@ -146,7 +147,8 @@ class _BadLine:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Parses one JSON value per non-blank line; a bad line becomes a _BadLine, never an exception.
+    """Parses one JSON value per non-blank line; a bad line becomes a _BadLine, unless no line of the
+    file parses (a binary or other file), which raises DataFormatError.
 
     JSONL has no schema, so the "no turn column" check is made on the whole file: if it had
     object records and none of them had a turn column, it is the wrong kind of file.
@@ -154,19 +156,27 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     columns: dict[str, None] = {}  # ordered union of the keys seen, for the error message
     index = 0
     has_turns = False
+    first_bad: _BadLine | None = None
+    bad_lines = 0
     with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)  # bytes: invalid UTF-8 raises UnicodeDecodeError, a ValueError
-            except ValueError as err:
-                raw = _BadLine(line_number, str(err))
+                raw = json.loads(line.rstrip(b"\r\n"))  # bytes: invalid UTF-8 raises UnicodeDecodeError
+            except json.JSONDecodeError as err:
+                raw = _BadLine(line_number, f"{err.msg} at column {err.colno}")
+            except UnicodeDecodeError as err:
+                raw = _BadLine(line_number, f"not UTF-8 ({err.reason})")
+            if isinstance(raw, _BadLine):
+                first_bad, bad_lines = first_bad or raw, bad_lines + 1
             if isinstance(raw, dict):
                 has_turns = has_turns or any(key in raw for key in TURN_COLUMNS)
                 columns.update(dict.fromkeys(raw))
             yield index, raw
             index += 1
+    if first_bad is not None and bad_lines == index:  # not a JSONL file at all (binary, another format)
+        raise DataFormatError(f"{path}: no line is a JSON value (line {first_bad.line}: {first_bad.error})")
     if columns and not has_turns:
         raise DataFormatError(f"{path}: no record has a {' or '.join(map(repr, TURN_COLUMNS))} column; "
                               f"its records have the columns {list(columns)}")
