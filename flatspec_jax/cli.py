@@ -124,6 +124,9 @@ def _main(argv: Sequence[str] | None) -> int:
     runtime.initialize_distributed(cfg.distributed)
     runtime.setup_logging(args.verbose)
     runtime.ignore_closed_loop_callbacks()
+    if args.config is None and args.verb in WRITES_RUN_DIR:
+        log.warning("no --config: the built-in defaults (data.source=%s, data.limit=%s, run_dir=%s); the demo is "
+                    "--config configs/smollm2_sharegpt_demo.yaml", cfg.data.source, cfg.data.limit, cfg.run_dir)
     runtime.enable_compilation_cache()
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)

@@ -242,6 +242,11 @@ def test_a_directory_without_checkpoints_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointMismatchError, match="holds no checkpoint"):
         load_draft_head(tmp_path / "empty", TARGET, VOCAB_HASH, mesh_of(), RULES)
+    with pytest.raises(CheckpointMismatchError, match=f"{tmp_path / 'missing'} does not exist"):
+        load_draft_head(tmp_path / "missing", TARGET, VOCAB_HASH, mesh_of(), RULES)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CheckpointMismatchError, match=f"{tmp_path / 'afile'} is not a directory"):
+        load_draft_head(tmp_path / "afile", TARGET, VOCAB_HASH, mesh_of(), RULES)
 
 
 def saved_opt_keys(directory) -> set[str]:

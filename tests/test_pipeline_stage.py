@@ -193,6 +193,26 @@ def test_pipeline_refuses_unresumable_settings_before_rewriting_anything(selecte
     assert {name: (run_dir / name).stat().st_mtime_ns for name in OUTPUTS} == before
 
 
+def test_pipeline_refuses_a_bad_prompts_file_before_the_first_stage(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n{"prompt": \n')
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, f"eval.prompts={prompts}", "eval.limit=2"))
+    with pytest.raises(ValueError, match=rf"{prompts}:2: not valid JSON"):
+        pipeline.run(cfg)
+    assert not (run_dir / "tokens.npz").exists()
+
+
+def test_select_refuses_to_rewrite_the_selection_the_checkpoints_were_trained_on(selected_run, tiny_dir):
+    """Training would then refuse to resume; the manifest is left as it is."""
+    run_dir, _ = selected_run
+    before = (run_dir / "selection.json").read_bytes()
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.9"))
+    with pytest.raises(ConfigError, match=r"checkpoints holds a draft trained on another selection"):
+        select.run(cfg)
+    assert (run_dir / "selection.json").read_bytes() == before
+
+
 def test_pipeline_lets_a_select_change_that_keeps_the_selection_resume(selected_run, tiny_dir):
     """A changed selection setting whose selection, recomputed, holds the same ids is not refused."""
     run_dir, _ = selected_run

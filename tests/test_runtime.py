@@ -70,3 +70,15 @@ def test_only_callbacks_onto_a_closed_event_loop_are_kept_out_of_stderr(monkeypa
     for item in [late, *others]:
         sys.unraisablehook(item)
     assert seen == others
+
+
+def test_a_verb_without_config_warns_that_it_runs_the_built_in_defaults(tmp_path, caplog):
+    """The defaults read all of ShareGPT: hours of scoring for a user who forgot --config."""
+    with caplog.at_level(logging.WARNING, logger="flatspec"):
+        assert cli.main(["select", "--run-dir", str(tmp_path)]) == 1  # no scores yet: refused after the warning
+    assert "no --config: the built-in defaults (data.source=sharegpt, data.limit=None" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flatspec"):
+        (tmp_path / "run.yaml").write_text("data:\n  limit: 8\n")
+        assert cli.main(["select", "--config", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path)]) == 1
+    assert "no --config" not in caplog.text

@@ -257,6 +257,12 @@ def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], 
     return directory / str(step)
 
 
+def holds_trained_steps(directory: Path) -> bool:
+    """True when ``directory`` holds a training step (an imported head is step 0, never trained on)."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in directory.iterdir())
+
+
 def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, metadata) of a checkpoint directory's given or latest step.
 
@@ -264,6 +270,9 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
       CheckpointMismatchError: naming the directory when it holds no draft checkpoint.
     """
     directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise CheckpointMismatchError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'}"
+                                      " (expected a checkpoint directory of orbax step directories)")
     with _reader(directory, item_names=ITEM_NAMES) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -20,9 +20,10 @@ from typing import Any, Callable
 import jax
 import pyarrow.parquet as pq
 
-from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps, read_meta
 from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.data.prompts import load_prompts
 from flatspec_jax.data.regenerate import responses_are_current
 from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.scoring import read_fingerprint
@@ -76,8 +77,7 @@ def check_training_resumes(cfg: Config, ctx: RunContext) -> None:
     that cannot be known before that pass, and are refused too.
     """
     checkpoints = Path(cfg.run_dir) / CHECKPOINT_DIR
-    trained = checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in checkpoints.iterdir())
-    if not process_zero_says(trained):
+    if not process_zero_says(holds_trained_steps(checkpoints)):
         return
     saved = read_meta(checkpoints)[1]
     changes = setting_changes(saved, cfg) + _input_changes(cfg, ctx, saved)
@@ -119,6 +119,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
         return out
 
     check_training_resumes(cfg, ctx)
+    load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad prompts file fails now, not after training
     if cfg.data.responses == "target":
         timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))

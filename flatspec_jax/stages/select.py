@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps, read_meta
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.prepare import tokens_fingerprint
 from flatspec_jax.runtime import process_zero_says
@@ -24,6 +25,7 @@ from flatspec_jax.selection import (
 )
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
+from flatspec_jax.train.resume import input_changes, selection_hash
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,23 @@ def summarize(manifest: dict[str, Any]) -> str:
             f"{summary['candidates']['trained_tokens']} trained tokens ({share}){cut}")
 
 
+def _refuse_if_trained_on_another_selection(checkpoints: Path, ids: list[str]) -> None:
+    """Rewriting the manifest a run's checkpoints were trained on would leave training unable to
+    resume (it refuses another selection): refused here, before the manifest is touched."""
+    changed = holds_trained_steps(checkpoints) and bool(
+        input_changes(read_meta(checkpoints)[1], {"selection": selection_hash(ids)}))
+    if process_zero_says(changed):
+        raise ConfigError(f"{checkpoints} holds a draft trained on another selection than these select.* settings "
+                          "give; select into a new run_dir, or delete the checkpoints to train on this selection")
+
+
 def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Writes ``<run_dir>/selection.json`` and returns the manifest (read back when already current).
 
     Raises:
       FileNotFoundError: when the run directory has no scores.parquet yet.
-      ConfigError: when its scores were made with other data, model or scoring settings.
+      ConfigError: when its scores were made with other data, model or scoring settings, or when
+        the run's checkpoints were trained on another selection than this one.
     """
     directory = Path(cfg.run_dir)
     scores_path = directory / SCORES_FILE
@@ -74,6 +87,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     else:
         # Every process computes the same selection (cheap, CPU-only); the first one writes it.
         selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
+        if cfg.data.selection == "run":
+            _refuse_if_trained_on_another_selection(directory / CHECKPOINT_DIR, selection.ids)
         manifest = manifest_dict(selection, scores_path, manifest_path)
         if jax.process_index() == 0:
             write_manifest(manifest_path, selection, scores_path)
