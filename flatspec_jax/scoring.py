@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,7 @@ STAT_COLUMNS = ("flatness", "flatness_all", "entropy", "top1_prob", "nll")
 """Per-sample means written to scores.parquet (float64 columns; NaN where nothing to average)."""
 FINGERPRINT_KEY = b"flatspec_fingerprint"
 POSITION_KEY = "flatspec_position_flatness"
+INPUTS_KEY = "flatspec_score_inputs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,16 @@ def read_fingerprint(path: Path) -> str | None:
     return value.decode() if value else None
 
 
+def read_inputs(path: Path) -> dict[str, Any] | None:
+    """The inputs a scores file was made with (``score_dataset``'s ``inputs``); None when unreadable
+    or not recorded."""
+    try:
+        value = (pq.read_schema(path).metadata or {}).get(INPUTS_KEY.encode())
+        return json.loads(value) if value else None
+    except (OSError, pa.ArrowInvalid, ValueError):
+        return None
+
+
 def _chunks(num_batches: int, flush_every: int) -> Iterator[range]:
     for start in range(0, num_batches, flush_every):
         yield range(start, min(start + flush_every, num_batches))
@@ -210,12 +221,15 @@ def _sample_features(packed: PackedRows, features: np.ndarray) -> dict[int, np.n
 
 
 def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules,
-                  out_path: Path, fingerprint: str, feature_dir: Path | None = None) -> pa.Table:
+                  out_path: Path, fingerprint: str, feature_dir: Path | None = None,
+                  inputs: dict[str, Any] | None = None) -> pa.Table:
     """Scores every sample of ``dataset`` and writes ``out_path`` (parquet, one row per sample, file order).
 
     Args:
       model: the target, placed on ``mesh`` by ``rules``.
       fingerprint: identifies everything the scores depend on; stored in the file and its parts.
+      inputs: what the fingerprint hashes (JSON); stored in the file (:func:`read_inputs`) so that a
+        stale file's error can name the setting that changed.
       feature_dir: also cache every sample's last hidden states there (same pass, no extra forward);
         see :mod:`flatspec_jax.data.feature_cache`.
 
@@ -285,7 +299,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     if is_writer:
         table, positions = _merge_parts(parts_dir, part_fingerprint, len(dataset))
         _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
-                                                      POSITION_KEY: json.dumps(positions)})
+                                                      POSITION_KEY: json.dumps(positions),
+                                                      INPUTS_KEY: json.dumps(inputs, sort_keys=True)})
         log.info("wrote %s (%d samples)", out_path, table.num_rows)
         if feature_dir is not None:
             feature_cache.write_index(feature_dir, [c.start for c in _chunks(len(plan.batches), cfg.flush_every)],

@@ -82,7 +82,8 @@ def test_without_a_selection_the_pipeline_trains_on_all_samples_and_says_so(tiny
 def test_select_refuses_scores_made_with_other_settings(selected_run, tiny_dir):
     run_dir, _ = selected_run
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "score.temperature=2.0"))
-    with pytest.raises(ConfigError, match=r"scores\.parquet was scored from other data, model or score\.\* settings"):
+    with pytest.raises(ConfigError, match=r"scores\.parquet was scored with other inputs than this config's "
+                                          r"\(score\.temperature: 1\.0 -> 2\.0\): run `flatspec score`"):
         select.run(cfg)
 
 

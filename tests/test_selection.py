@@ -251,7 +251,9 @@ def test_stage_writes_then_skips(run_files, table, caplog):
 def test_stage_refuses_scores_of_other_settings(run_files, table):
     directory, _ = run_files
     write_scores_of(Config(run_dir=str(directory), score=ScoreConfig(temperature=2.0)), table)
-    with pytest.raises(ConfigError, match=r"scores\.parquet was scored from other data, model or score\.\* settings"):
+    # A scores file that does not record its inputs (written by an older version, as here): a generic reason.
+    with pytest.raises(ConfigError, match=r"scores\.parquet was scored with other inputs than this config's "
+                                          r"\(other data, model or score\.\* settings\)"):
         select_stage.run(Config(run_dir=str(directory)))
 
 
@@ -287,3 +289,13 @@ def test_sfdd_property(values, keep, heldout):
     assert selection.cut == flatness[chosen].min()
     assert list(selection.indices) == sorted(selection.indices)
     assert all(i < candidates for i in selection.indices)
+
+
+def test_the_changed_scoring_inputs_are_named():
+    from flatspec_jax.stages.score import score_input_changes, score_inputs
+
+    saved = score_inputs(Config(), "samples-a")
+    assert score_input_changes(saved, score_inputs(Config(), "samples-a")) == "other settings"
+    now = score_inputs(Config(score=ScoreConfig(temperature=2.0, row_length=4096)), "samples-b")
+    assert score_input_changes(saved, now) == ("the tokenized samples (data.*, the data or the model files); "
+                                               "score.row_length: 512 -> 4096; score.temperature: 1.0 -> 2.0")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +27,32 @@ log = logging.getLogger(__name__)
 FEATURES_DIR = "features"
 
 
-def score_fingerprint(cfg: Config, tokens_fingerprint: str) -> str:
-    """Scores and cached features depend on the tokenized samples, the target and the scoring settings
-    except ``score.flush_every``, which only bounds the work a crash loses (lowering it after one
-    must not redo a finished pass)."""
+def score_inputs(cfg: Config, tokens_fingerprint: str) -> dict[str, Any]:
+    """What scores and cached features depend on: the tokenized samples, the target and the scoring
+    settings except ``score.flush_every``, which only bounds the work a crash loses (lowering it
+    after one must not redo a finished pass). Stored in the scores file, to name what changed."""
     settings = {k: v for k, v in dataclasses.asdict(cfg.score).items() if k != "flush_every"}
-    payload = json.dumps({"tokens": tokens_fingerprint, "model": cfg.section_hash("model"), "score": settings},
-                         sort_keys=True)
+    return {"tokens": tokens_fingerprint, "model": cfg.section_hash("model"), "score": settings}
+
+
+def score_fingerprint(cfg: Config, tokens_fingerprint: str) -> str:
+    """The sha256 (16 hex digits) of :func:`score_inputs`."""
+    payload = json.dumps(score_inputs(cfg, tokens_fingerprint), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def score_input_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between the :func:`score_inputs` a scores file was made with and ``now``, for an
+    error message ("score.temperature: 1.0 -> 2.0"); a generic phrase for files that did not record them."""
+    if not saved:
+        return "other data, model or score.* settings"
+    changes = [f"score.{key}: {saved['score'].get(key)!r} -> {value!r}"
+               for key, value in sorted(now["score"].items()) if saved["score"].get(key) != value]
+    if saved.get("model") != now["model"]:
+        changes.insert(0, "the model.* settings")
+    if saved.get("tokens") != now["tokens"]:
+        changes.insert(0, "the tokenized samples (data.*, the data or the model files)")
+    return "; ".join(changes) or "other settings"
 
 
 def summarize(table: pa.Table) -> str:
@@ -51,7 +70,8 @@ def _score(cfg: Config, ctx: RunContext | None, with_features: bool) -> pa.Table
     ctx = ctx or RunContext(cfg)
     table = score_dataset(ctx.target, ctx.samples, cfg.score, ctx.mesh, ctx.rules, ctx.run_dir / SCORES_FILE,
                           score_fingerprint(cfg, ctx.samples.fingerprint),
-                          feature_dir(cfg) if with_features else None)
+                          feature_dir(cfg) if with_features else None,
+                          inputs=score_inputs(cfg, ctx.samples.fingerprint))
     log.info("scores: %s", summarize(table))
     return table
 

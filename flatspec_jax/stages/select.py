@@ -13,7 +13,7 @@ from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps,
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.prepare import tokens_fingerprint
 from flatspec_jax.runtime import process_zero_says
-from flatspec_jax.scoring import read_fingerprint
+from flatspec_jax.scoring import read_fingerprint, read_inputs
 from flatspec_jax.selection import (
     SCORES_FILE,
     SELECTION_FILE,
@@ -24,7 +24,7 @@ from flatspec_jax.selection import (
     write_manifest,
 )
 from flatspec_jax.stages.common import RunContext
-from flatspec_jax.stages.score import score_fingerprint
+from flatspec_jax.stages.score import score_fingerprint, score_input_changes, score_inputs
 from flatspec_jax.train.resume import input_changes, selection_hash
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,15 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
     if not scores_path.is_file():
         raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
                                 "(and run directory) first")
-    expected = score_fingerprint(cfg, tokens_fingerprint(cfg.data, RunContext(cfg).model_path, directory))
+    samples = tokens_fingerprint(cfg.data, RunContext(cfg).model_path, directory)
     found = read_fingerprint(scores_path)
     if found is None:
         raise ConfigError(f"{scores_path} is unreadable (cut short or not a scores file): run `flatspec score` "
                           "with this config to rewrite it")
-    if found != expected:
-        raise ConfigError(f"{scores_path} was scored from other data, model or score.* settings than this config's: "
-                          "run `flatspec score` with it first")
+    if found != score_fingerprint(cfg, samples):
+        changes = score_input_changes(read_inputs(scores_path), score_inputs(cfg, samples))
+        raise ConfigError(f"{scores_path} was scored with other inputs than this config's ({changes}): run "
+                          "`flatspec score` with it first")
     import jax
     from jax.experimental import multihost_utils
 
