@@ -109,10 +109,41 @@ def test_resuming_with_other_inputs_is_an_error_naming_them(reduced_run, tmp_pat
                                       "train.steps=4", *changes))
     ctx = RunContext(cfg)
     score.run(cfg, ctx=ctx)
+    # select itself refuses a new selection beside checkpoints trained on another (the test below); training
+    # must refuse too, as for a manifest written elsewhere.
+    (run_dir / CHECKPOINT_DIR).rename(tmp_path / "aside")
     select.run(cfg)
+    (tmp_path / "aside").rename(run_dir / CHECKPOINT_DIR)
     with pytest.raises(ConfigError, match=rf"{run_dir / CHECKPOINT_DIR} holds a draft trained with other inputs: "
                                           rf"{named}.*new run_dir"):
         train.run(cfg, ctx=ctx)
+
+
+def test_select_refuses_a_new_selection_beside_checkpoints_trained_on_all_samples(reduced_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reduced_run.run_dir, run_dir)
+    cfg = load_config(None, tiny_run_overrides(Path(reduced_run.cfg.model.path), run_dir, f"draft.vocab={DRAFT_VOCAB}",
+                                               "data.selection=run", "select.keep=0.5"))
+    score.run(cfg)
+    manifest = run_dir / "selection.json"
+    before = manifest.read_bytes() if manifest.exists() else None
+    with pytest.raises(ConfigError, match=rf"{run_dir / CHECKPOINT_DIR} holds a draft trained on another selection"):
+        select.run(cfg)
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
+
+
+def test_offline_features_of_other_inputs_are_refused_naming_what_changed(reduced_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reduced_run.run_dir, run_dir)
+    model = Path(reduced_run.cfg.model.path)
+    cached = load_config(None, tiny_run_overrides(model, run_dir, f"draft.vocab={DRAFT_VOCAB}",
+                                                  "train.features=offline"))
+    score.run(cached)  # the scores and the feature cache, in one pass
+    cfg = load_config(None, tiny_run_overrides(model, run_dir, f"draft.vocab={DRAFT_VOCAB}", "train.features=offline",
+                                               "score.temperature=2.0"))
+    with pytest.raises(ConfigError, match=r"the feature cache in .* was made with other inputs "
+                                          r"\(score\.temperature: 1\.0 -> 2\.0\); re-run `flatspec cache`"):
+        train.run(cfg)
 
 
 def test_resuming_with_a_longer_run_and_other_bookkeeping_continues(reduced_run, tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 from flatspec_jax.checkpoint.manager import vocab_hash
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
-from flatspec_jax.selection import SELECTION_FILE, read_manifest
+from flatspec_jax.scoring import read_fingerprint, read_inputs
+from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, read_manifest
 from flatspec_jax.stages.common import RunContext
-from flatspec_jax.stages.score import feature_dir, score_fingerprint
+from flatspec_jax.stages.score import feature_dir, score_fingerprint, score_input_changes, score_inputs
 from flatspec_jax.train.loop import TrainSummary, train_draft
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,12 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if cfg.train.features == "offline":
         features = FeatureCache(feature_dir(cfg))
         if features.fingerprint != score_fingerprint(cfg, ctx.samples.fingerprint):
-            raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made from other "
-                              "data or model settings; re-run `flatspec cache`")
+            # The cache and the scores are written by one pass with one fingerprint; the scores file records its inputs.
+            scores = ctx.run_dir / SCORES_FILE
+            saved = read_inputs(scores) if read_fingerprint(scores) == features.fingerprint else None
+            changes = score_input_changes(saved, score_inputs(cfg, ctx.samples.fingerprint))
+            raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made with other "
+                              f"inputs ({changes}); re-run `flatspec cache`")
     summary = train_draft(cfg, ctx.run_dir, ctx.mesh, ctx.rules, ctx.target, ctx.samples, selected,
                           vocab_hash(ctx.tokenizer), features, ctx.draft_ids(cfg.draft.vocab, "draft.vocab"))
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
