@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
 
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps, read_meta
 from flatspec_jax.config import Config, ConfigError
@@ -45,7 +47,7 @@ def summarize(manifest: dict[str, Any]) -> str:
 def _refuse_if_trained_on_another_selection(checkpoints: Path, ids: list[str]) -> None:
     """Rewriting the manifest a run's checkpoints were trained on would leave training unable to
     resume (it refuses another selection): refused here, before the manifest is touched."""
-    changed = holds_trained_steps(checkpoints) and bool(
+    changed = jax.process_index() == 0 and holds_trained_steps(checkpoints) and bool(  # process 0 reads for all
         input_changes(read_meta(checkpoints)[1], {"selection": selection_hash(ids)}))
     if process_zero_says(changed):
         raise ConfigError(f"{checkpoints} holds a draft trained on another selection than these select.* settings "
@@ -75,9 +77,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
         changes = score_input_changes(read_inputs(scores_path), score_inputs(cfg, samples))
         raise ConfigError(f"{scores_path} was scored with other inputs than this config's ({changes}): run "
                           "`flatspec score` with it first")
-    import jax
-    from jax.experimental import multihost_utils
-
     rule, keep, seed, heldout = cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout
     # Process 0 decides for all (a broadcast, so before anyone writes): a process seeing another
     # version of the manifest would otherwise skip the barrier below and leave the others at it.
