@@ -31,29 +31,27 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
     """
     path = assets.mtbench_questions() if source == "mtbench" else Path(source)
     try:
-        handle = open(path, encoding="utf-8")
+        text = path.read_text(encoding="utf-8")  # prompt files are small: read whole, decoded once
     except OSError as err:
         raise DataFormatError(f"{path}: cannot read the prompts ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     prompts = []
-    with handle:
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
         try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                texts = _turns(record)
-                if texts is None:
-                    raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
-                                          f"'turns' list of non-empty strings")
-                prompt_id = str(record.get("question_id", record.get("id", number)))
-                prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
-                if limit is not None and len(prompts) >= limit:
-                    break
-        except UnicodeDecodeError as err:
-            raise DataFormatError(f"{path}: not a UTF-8 text file ({err.reason})") from None
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        texts = _turns(record)
+        if texts is None:
+            raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
+                                  f"'turns' list of non-empty strings")
+        prompt_id = str(record.get("question_id", record.get("id", number)))
+        prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise DataFormatError(f"{path}: no prompts")
     return prompts
