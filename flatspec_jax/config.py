@@ -332,6 +332,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """jax.profiler traces of a few steps of `score` and `train` (process 0), for XProf / TensorBoard."""
+
+    steps: int = 0
+    """Consecutive steps traced per stage (scoring batches, training steps) into run_dir/profile/<stage>; 0 = none."""
+    start: int = 3
+    """First traced step, counted from 1 among the steps the command runs (the first compiles)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "profile.steps", "must be >= 0")
+        _require(self.start >= 1, "profile.start", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: every stage of (regenerate ->) score -> select -> train -> eval."""
 
@@ -346,6 +360,7 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
     decode: DecodeConfig = DecodeConfig()
     eval: EvalConfig = EvalConfig()
+    profile: ProfileConfig = ProfileConfig()
     seed: int = 0
     """Seed of the draft's initialisation, training noise and sampling."""
     run_dir: str = "runs/default"

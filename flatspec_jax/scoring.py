@@ -51,6 +51,7 @@ from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
 from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
+from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows
 
@@ -222,7 +223,7 @@ def _sample_features(packed: PackedRows, features: np.ndarray) -> dict[int, np.n
 
 def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules,
                   out_path: Path, fingerprint: str, feature_dir: Path | None = None,
-                  inputs: dict[str, Any] | None = None) -> pa.Table:
+                  inputs: dict[str, Any] | None = None, profiler: StepProfiler | None = None) -> pa.Table:
     """Scores every sample of ``dataset`` and writes ``out_path`` (parquet, one row per sample, file order).
 
     Args:
@@ -232,6 +233,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         stale file's error can name the setting that changed.
       feature_dir: also cache every sample's last hidden states there (same pass, no extra forward);
         see :mod:`flatspec_jax.data.feature_cache`.
+      profiler: traces some of the batches this call scores (:mod:`flatspec_jax.profiling`).
 
     Returns:
       The scores table (also when everything was already current and nothing ran).
@@ -271,29 +273,35 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     if written.any():
         log.info("resuming: %d of %d parts (of %d batches each) are already written in %s", int(written.sum()),
                  len(chunks), cfg.flush_every, parts_dir)
-    for chunk, done in zip(chunks, written):
-        part = parts_dir / f"part-{chunk.start:06d}.parquet"
-        if done:
-            progress.update(sum(len(row) for b in chunk for row in plan.batches[b]))
-            continue
-        tables, features = [], {}
-        position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)
-        for b in chunk:
-            packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
-            stats = jax.tree.map(np.asarray, step(params, *_global_rows(packed, row_sharding)))
-            position_sum += stats.pop("position_flatness_sum")
-            position_count += stats.pop("position_count")
-            if feature_dir is not None:
-                features.update(_sample_features(packed, stats.pop("features")))
-            tables.append(_rows_to_table(packed, stats, dataset, fingerprint))
-            tokens_done += packed.num_tokens
-            progress.update(int((packed.sample_index >= 0).sum()))
-            progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - start):.0f}")
-        if is_writer:
-            if feature_dir is not None:
-                feature_cache.write_shard(feature_dir, chunk.start, features, fingerprint)
-            _write_parquet(part, pa.concat_tables(tables), part_fingerprint,
-                           {POSITION_KEY: json.dumps([position_sum.tolist(), position_count.tolist()])})
+    profiler = profiler or StepProfiler(None)
+    steps_run = 0
+    with profiler:
+        for chunk, done in zip(chunks, written):
+            part = parts_dir / f"part-{chunk.start:06d}.parquet"
+            if done:
+                progress.update(sum(len(row) for b in chunk for row in plan.batches[b]))
+                continue
+            tables, features = [], {}
+            position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)
+            for b in chunk:
+                packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
+                steps_run += 1
+                with profiler.step(steps_run):
+                    stats = jax.tree.map(np.asarray, step(params, *_global_rows(packed, row_sharding)))
+                profiler.step_done(steps_run, stats)
+                position_sum += stats.pop("position_flatness_sum")
+                position_count += stats.pop("position_count")
+                if feature_dir is not None:
+                    features.update(_sample_features(packed, stats.pop("features")))
+                tables.append(_rows_to_table(packed, stats, dataset, fingerprint))
+                tokens_done += packed.num_tokens
+                progress.update(int((packed.sample_index >= 0).sum()))
+                progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - start):.0f}")
+            if is_writer:
+                if feature_dir is not None:
+                    feature_cache.write_shard(feature_dir, chunk.start, features, fingerprint)
+                _write_parquet(part, pa.concat_tables(tables), part_fingerprint,
+                               {POSITION_KEY: json.dumps([position_sum.tolist(), position_count.tolist()])})
     progress.close()
     multihost_utils.sync_global_devices("flatspec: score parts written")
     if is_writer:

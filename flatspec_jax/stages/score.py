@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from flatspec_jax.config import Config
+from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.scoring import score_dataset
 from flatspec_jax.selection import SCORES_FILE
 from flatspec_jax.stages.common import RunContext
@@ -71,7 +72,8 @@ def _score(cfg: Config, ctx: RunContext | None, with_features: bool) -> pa.Table
     table = score_dataset(ctx.target, ctx.samples, cfg.score, ctx.mesh, ctx.rules, ctx.run_dir / SCORES_FILE,
                           score_fingerprint(cfg, ctx.samples.fingerprint),
                           feature_dir(cfg) if with_features else None,
-                          inputs=score_inputs(cfg, ctx.samples.fingerprint))
+                          inputs=score_inputs(cfg, ctx.samples.fingerprint),
+                          profiler=StepProfiler.for_stage(cfg.profile, ctx.run_dir, "score"))
     log.info("scores: %s", summarize(table))
     return table
 
