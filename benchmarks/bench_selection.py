@@ -27,41 +27,16 @@ arm's tau, speedup and training time relative to ``all``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, benchmark_parser, child_env, print_table, run_measured, wait_for_quiet,  # noqa: E402
-                     write_results)
-from collect_demo import stage_times  # noqa: E402
+from _arms import (OUTCOME_HEADER, arm_outcome, flatspec, link_outputs, outcome_cells,  # noqa: E402
+                   relative_cell)
+from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
 
 ARMS = ("sfdd", "random", "flatness_low", "all")
-SCORED_OUTPUTS = ("scores.parquet", "tokens.npz", "features")
-"""What ``flatspec score`` leaves in a run directory that later stages read."""
-
-
-def flatspec(verb: str, config: str, run_dir: Path, overrides: list[str], log: str) -> Path:
-    """Runs one ``flatspec`` verb in ``run_dir`` (logs ``run_dir/<log>.out|err``); returns the stderr log."""
-    argv = [sys.executable, "-m", "flatspec_jax.cli", verb, "--config", config, "--run-dir", str(run_dir)]
-    for override in overrides:
-        argv += ["--set", override]
-    return run_measured(argv, child_env(), run_dir / log).check(f"flatspec {verb} in {run_dir}").stderr
-
-
-def link_scored(scored: Path, run_dir: Path) -> None:
-    """Hard-links the scoring outputs of ``scored`` into ``run_dir`` (stages replace files by rename, never
-    write into them, so the arms cannot change each other's copies)."""
-    for name in SCORED_OUTPUTS:
-        source = scored / name
-        if not source.exists():
-            continue
-        for path in [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()):
-            target = run_dir / path.relative_to(scored)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(path, target)
 
 
 def trained_tokens(run_dir: Path) -> int:
@@ -73,7 +48,7 @@ def run_arm(config: str, scored: Path, run_dir: Path, arm: str, keep: float, bas
             reference_tokens: int) -> dict:
     """Selects, then runs (or completes) one arm's pipeline with steps scaled to its kept tokens."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    link_scored(scored, run_dir)
+    link_outputs(scored, run_dir)
     selection = [f"select.rule={arm}", f"select.keep={1.0 if arm == 'all' else keep}"]
     flatspec("select", config, run_dir, selection, "select")
     tokens = trained_tokens(run_dir)
@@ -81,14 +56,8 @@ def run_arm(config: str, scored: Path, run_dir: Path, arm: str, keep: float, bas
     reused = (run_dir / "eval.json").exists()
     log = flatspec("pipeline", config, run_dir, selection + [f"train.steps={steps}"], "pipeline")
     manifest = json.loads((run_dir / "selection.json").read_text())
-    evaluation = json.loads((run_dir / "eval.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
-             if "eval_top1" in r]
-    # A reused run's stages were skipped: its stage times are not the arm's cost.
-    return {"reused_complete_run": reused, "rule": arm, "keep": manifest["keep"], "samples": manifest["count"],
-            "trained_tokens": tokens, "steps": steps, "stage_seconds": stage_times(log), "heldout": curve,
-            "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
+    return {"rule": arm, "keep": manifest["keep"], "samples": manifest["count"], "trained_tokens": tokens,
+            "steps": steps, **arm_outcome(run_dir, log, reused)}
 
 
 def main() -> int:
@@ -117,16 +86,10 @@ def main() -> int:
     baseline = arms.get("all")
     rows = []
     for name, arm in arms.items():
-        last, e = arm["heldout"][-1], arm["eval"]
-        relative = ("" if baseline is None else
-                    f"{e['tau'] / baseline['eval']['tau']:.2f}x / {e['speedup'] / baseline['eval']['speedup']:.2f}x")
-        rows.append([name, arm["samples"], arm["trained_tokens"], arm["steps"],
-                     f"{arm['stage_seconds'].get('train', float('nan')) / 60:.1f}", f"{last['eval_top1']:.3f}",
-                     f"{last['eval_acceptance']:.3f}", f"{e['tau']:.3f}",
-                     ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]), f"{e['speedup']:.2f}x", relative])
+        rows.append([name, arm["samples"], arm["trained_tokens"], arm["steps"], *outcome_cells(arm),
+                     relative_cell(arm, baseline)])
     print_table(f"draft per selection rule, same epochs ({args.config})",
-                ["arm", "samples", "trained tokens", "steps", "train min", "held-out top-1", "held-out acceptance",
-                 "tau", "per-depth acceptance", "speedup", "tau / speedup vs all"], rows)
+                ["arm", "samples", "trained tokens", "steps", *OUTCOME_HEADER, "tau / speedup vs all"], rows)
     print(f"wrote {write_results(results, args.out)}")
     return 0
 

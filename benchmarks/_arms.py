@@ -1,0 +1,73 @@
+"""Shared parts of the benchmarks that compare whole pipeline runs ("arms") on one scored dataset.
+
+The config's data is scored once in ``WORK/scored``; each arm's run directory gets those outputs
+hard-linked in (stages replace files by rename and never write into them, so arms cannot change
+each other's copies) and runs ``flatspec pipeline`` with its own overrides. A complete arm
+directory is reused (the pipeline skips current stages), so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from _common import child_env, run_measured
+from collect_demo import stage_times
+
+SCORED_OUTPUTS = ("scores.parquet", "tokens.npz", "features")
+"""What ``flatspec score`` leaves in a run directory that later stages read."""
+
+
+def flatspec(verb: str, config: str, run_dir: Path, overrides: list[str], log: str) -> Path:
+    """Runs one ``flatspec`` verb in ``run_dir`` (logs ``run_dir/<log>.out|err``); returns the stderr log."""
+    argv = [sys.executable, "-m", "flatspec_jax.cli", verb, "--config", config, "--run-dir", str(run_dir)]
+    for override in overrides:
+        argv += ["--set", override]
+    return run_measured(argv, child_env(), run_dir / log).check(f"flatspec {verb} in {run_dir}").stderr
+
+
+def link_outputs(source_dir: Path, run_dir: Path, names: tuple[str, ...] = SCORED_OUTPUTS) -> None:
+    """Hard-links the files (and folders' files) ``names`` of ``source_dir`` into ``run_dir``, where absent."""
+    for name in names:
+        source = source_dir / name
+        if not source.exists():
+            continue
+        for path in [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()):
+            target = run_dir / path.relative_to(source_dir)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, target)
+
+
+def arm_outcome(run_dir: Path, pipeline_log: Path, reused: bool) -> dict:
+    """A finished arm: stage wall times (from the pipeline's log), the held-out agreement at every
+    evaluated step, and eval.json's summary (per-question records dropped). ``reused``: the arm's
+    run was complete before this benchmark ran it, so its stage times are not the arm's cost."""
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
+             if "eval_top1" in r]
+    return {"reused_complete_run": reused, "stage_seconds": stage_times(pipeline_log), "heldout": curve,
+            "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
+
+
+def outcome_cells(arm: dict) -> list[str]:
+    """Table cells of :func:`arm_outcome`: train minutes, last held-out top-1 and acceptance, tau,
+    per-depth acceptance, speedup."""
+    last, e = arm["heldout"][-1], arm["eval"]
+    per_depth = ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"])
+    return [f"{arm['stage_seconds'].get('train', float('nan')) / 60:.1f}", f"{last['eval_top1']:.3f}",
+            f"{last['eval_acceptance']:.3f}", f"{e['tau']:.3f}", per_depth, f"{e['speedup']:.2f}x"]
+
+
+def relative_cell(arm: dict, baseline: dict | None) -> str:
+    """``arm``'s tau and speedup over ``baseline``'s ("1.02x / 0.98x"; empty without a baseline)."""
+    if baseline is None:
+        return ""
+    e, b = arm["eval"], baseline["eval"]
+    return f"{e['tau'] / b['tau']:.2f}x / {e['speedup'] / b['speedup']:.2f}x"
+
+
+OUTCOME_HEADER = ["train min", "held-out top-1", "held-out acceptance", "tau", "per-depth acceptance", "speedup"]

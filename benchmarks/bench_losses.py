@@ -1,0 +1,69 @@
+"""Draft quality per token loss on one scored and selected dataset: EAGLE's soft CE vs KL, TVD, TVD++, LK.
+
+    python benchmarks/bench_losses.py [--config configs/smollm2_sharegpt_demo.yaml] [--work DIR]
+                                      [--losses eagle kl tvd tvdpp lk lk_hybrid] [--set KEY=VALUE ...]
+
+The config's data is scored and selected once (``flatspec score`` and ``select`` in
+``DIR/scored``); each loss then gets ``DIR/<loss>`` with those outputs and the selection
+hard-linked in and runs ``flatspec pipeline`` there with ``train.loss=<loss>`` (plus every
+``--set``, e.g. ``train.token_weight=1.0``), so the arms differ in the token term alone: same
+samples, steps, feature term and weights, seed and data order. All arms share the held-out tail
+and the MT-bench turns, so held-out agreement, tau and speedup compare directly. A complete arm
+directory is reused, so an interrupted benchmark continues. Prints and writes
+(``benchmarks/results/losses.json``) per arm: training wall time, the held-out agreement curve,
+tau, per-depth acceptance and the speedup over autoregressive decoding measured in the same
+process; then each arm's tau and speedup relative to ``eagle`` (the reference recipe).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _arms import (OUTCOME_HEADER, arm_outcome, flatspec, link_outputs, outcome_cells,  # noqa: E402
+                   relative_cell)
+from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
+
+LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
+SELECTED_OUTPUTS = ("scores.parquet", "tokens.npz", "features", "selection.json")
+
+
+def run_arm(config: str, scored: Path, run_dir: Path, loss: str, overrides: list[str]) -> dict:
+    """Runs (or completes) one loss's pipeline on the scored and selected data."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_outputs(scored, run_dir, SELECTED_OUTPUTS)
+    reused = (run_dir / "eval.json").exists()
+    log = flatspec("pipeline", config, run_dir, [f"train.loss={loss}", *overrides], "pipeline")
+    return {"loss": loss, **arm_outcome(run_dir, log, reused)}
+
+
+def main() -> int:
+    parser = benchmark_parser(__doc__, "losses.json")
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench_losses"))
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm (repeatable)")
+    args = parser.parse_args()
+    gate = wait_for_quiet(args.max_load, args.max_wait)
+    work = Path(args.work)
+    scored = work / "scored"
+    scored.mkdir(parents=True, exist_ok=True)
+    flatspec("score", args.config, scored, args.overrides, "score")
+    flatspec("select", args.config, scored, args.overrides, "select")
+    results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
+    for loss in args.losses:
+        results["arms"][loss] = run_arm(args.config, scored, work / loss, loss, args.overrides)
+    arms = results["arms"]
+    baseline = arms.get("eagle")
+    rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline)] for name, arm in arms.items()]
+    print_table(f"draft per token loss, same data and steps ({args.config} {' '.join(args.overrides)})",
+                ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
+    print(f"wrote {write_results(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
