@@ -52,7 +52,7 @@ from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, make_mesh, place_state
 from flatspec_jax.train.loop import train_draft
-from flatspec_jax.train.metrics import MetricsLog, read_metrics
+from flatspec_jax.train.metrics import MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer
 from flatspec_jax.train.step import (
     NOISE_REFERENCE_LENGTH,
@@ -607,6 +607,22 @@ def test_bfloat16_compute_and_offline_features_track_online_float32(variant_runs
 # ----------------------------------------------------------------------------------------------
 # Regression
 # ----------------------------------------------------------------------------------------------
+
+
+class _DeviceWithStats:
+    def __init__(self, stats):
+        self._stats = stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_device_peak_memory_is_the_highest_peak_and_absent_without_statistics():
+    devices = [_DeviceWithStats({"peak_bytes_in_use": 2**30, "bytes_in_use": 2**29}),
+               _DeviceWithStats({"peak_bytes_in_use": 3 * 2**30}), _DeviceWithStats(None)]
+    assert device_peak_gib(devices) == 3.0
+    assert device_peak_gib([_DeviceWithStats(None), _DeviceWithStats({})]) is None
+    assert device_peak_gib() is None  # the CPU backend keeps no allocator statistics
 
 
 def test_metrics_log_on_a_fresh_run(tmp_path):

@@ -33,7 +33,7 @@ from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
-from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, read_metrics
+from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, training_inputs
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
@@ -197,6 +197,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                 elapsed = time.perf_counter() - window_start
                 window_tokens = sum(float(count) for count in window_counts)
                 final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
+                peak = device_peak_gib()
+                if peak is not None:
+                    final["device_peak_gib"] = peak
                 progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
                 window_start, window_counts = time.perf_counter(), []
                 metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step

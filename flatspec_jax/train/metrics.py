@@ -2,7 +2,9 @@
 
 A logged step's record holds the training batch's metrics (``loss``, ``loss_*``, agreement,
 ``grad_norm``, ``lr``, ``tokens``: the step's non-padding tokens over all processes, and
-``tokens_per_s`` since the previous logged step, held-out evaluation time excluded) and, when
+``tokens_per_s`` since the previous logged step, held-out evaluation time excluded, and on
+backends that keep allocator statistics (GPU, TPU; not CPU) ``device_peak_gib``: the peak memory
+in use on any of process 0's devices so far, GiB) and, when
 the step is evaluated (an evaluated step is always logged), the held-out ones (``eval_``
 prefixed). The step-0 record is the untrained head's baseline: its loss terms and agreement on
 the first training batch and its held-out metrics.
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 HELDOUT_PREFIX = "eval_"
 """Prefix of the held-out metrics' keys (``eval_loss``, ``eval_top1``, ...)."""
+
+
+def device_peak_gib(devices: list[jax.Device] | None = None) -> float | None:
+    """The highest ``peak_bytes_in_use`` of ``devices`` (default: this process's), in GiB; None where
+    the backend keeps no allocator statistics (CPU)."""
+    stats = [device.memory_stats() for device in (devices or jax.local_devices())]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return max(peaks) / 2**30 if peaks else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
