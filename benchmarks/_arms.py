@@ -3,7 +3,8 @@
 The config's data is scored once in ``WORK/scored``; each arm's run directory gets those outputs
 hard-linked in (stages replace files by rename and never write into them, so arms cannot change
 each other's copies) and runs ``flatspec pipeline`` with its own overrides. A complete arm
-directory is reused (the pipeline skips current stages), so an interrupted benchmark continues.
+directory is reused (the pipeline skips current stages), so an interrupted or extended benchmark
+continues.
 """
 
 from __future__ import annotations
@@ -41,20 +42,27 @@ def link_outputs(source_dir: Path, run_dir: Path, names: tuple[str, ...] = SCORE
                 os.link(path, target)
 
 
-def arm_outcome(run_dir: Path, pipeline_log: Path, reused: bool) -> dict:
-    """A finished arm: stage wall times (from the pipeline's log), the held-out agreement at every
-    evaluated step, and eval.json's summary (per-question records dropped). ``reused``: the arm's
-    run was complete before this benchmark ran it, so its stage times are not the arm's cost."""
+def run_arm_pipeline(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Runs (or completes) ``flatspec pipeline`` in ``run_dir``; returns its outcome: stage wall times,
+    the held-out agreement at every evaluated step, and eval.json's summary (per-question records
+    dropped).
+
+    A run that was complete before (``eval.json`` present) is run again only to confirm it is
+    current; that check logs to ``pipeline-check.*``, so ``pipeline.err`` and the stage times
+    stay those of the run that did the work (``reused_complete_run`` says so).
+    """
+    reused = (run_dir / "eval.json").exists() and (run_dir / "pipeline.err").exists()
+    flatspec("pipeline", config, run_dir, overrides, "pipeline-check" if reused else "pipeline")
     evaluation = json.loads((run_dir / "eval.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
              if "eval_top1" in r]
-    return {"reused_complete_run": reused, "stage_seconds": stage_times(pipeline_log), "heldout": curve,
+    return {"reused_complete_run": reused, "stage_seconds": stage_times(run_dir / "pipeline.err"), "heldout": curve,
             "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
 
 
 def outcome_cells(arm: dict) -> list[str]:
-    """Table cells of :func:`arm_outcome`: train minutes, last held-out top-1 and acceptance, tau,
+    """Table cells of :func:`run_arm_pipeline`'s outcome: train minutes, last held-out top-1 and acceptance, tau,
     per-depth acceptance, speedup."""
     last, e = arm["heldout"][-1], arm["eval"]
     per_depth = ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"])

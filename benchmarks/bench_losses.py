@@ -2,6 +2,7 @@
 
     python benchmarks/bench_losses.py [--config configs/smollm2_sharegpt_demo.yaml] [--work DIR]
                                       [--losses eagle kl tvd tvdpp lk lk_hybrid] [--set KEY=VALUE ...]
+                                      [--temperatures 1.0 ...]
 
 The config's data is scored and selected once (``flatspec score`` and ``select`` in
 ``DIR/scored``); each loss then gets ``DIR/<loss>`` with those outputs and the selection
@@ -13,30 +14,47 @@ directory is reused, so an interrupted benchmark continues. Prints and writes
 (``benchmarks/results/losses.json``) per arm: training wall time, the held-out agreement curve,
 tau, per-depth acceptance and the speedup over autoregressive decoding measured in the same
 process; then each arm's tau and speedup relative to ``eagle`` (the reference recipe).
+
+The pipeline evaluates at the config's ``decode.temperature`` (greedy in the demo), where only
+the draft's top-1 token matters; TVD, TVD++ and LK optimise the acceptance of speculative
+sampling instead. ``--temperatures`` also evaluates every arm's head with sampling at each given
+temperature (``flatspec eval`` in ``DIR/<loss>-t<T>``, the arm's outputs linked in), reported as
+tau and per-depth acceptance per temperature.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arm_outcome, flatspec, link_outputs, outcome_cells,  # noqa: E402
-                   relative_cell)
+from _arms import (OUTCOME_HEADER, flatspec, link_outputs, outcome_cells, relative_cell,  # noqa: E402
+                   run_arm_pipeline)
 from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
 
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
 SELECTED_OUTPUTS = ("scores.parquet", "tokens.npz", "features", "selection.json")
+TRAINED_OUTPUTS = SELECTED_OUTPUTS + ("checkpoints",)
 
 
 def run_arm(config: str, scored: Path, run_dir: Path, loss: str, overrides: list[str]) -> dict:
     """Runs (or completes) one loss's pipeline on the scored and selected data."""
     run_dir.mkdir(parents=True, exist_ok=True)
     link_outputs(scored, run_dir, SELECTED_OUTPUTS)
-    reused = (run_dir / "eval.json").exists()
-    log = flatspec("pipeline", config, run_dir, [f"train.loss={loss}", *overrides], "pipeline")
-    return {"loss": loss, **arm_outcome(run_dir, log, reused)}
+    return {"loss": loss, **run_arm_pipeline(config, run_dir, [f"train.loss={loss}", *overrides])}
+
+
+def evaluate_sampling(config: str, arm_dir: Path, loss: str, temperature: float, overrides: list[str]) -> dict:
+    """The arm's trained head evaluated with sampling at ``temperature``, in ``<arm_dir>-t<T>``: eval.json's
+    summary (per-question records dropped)."""
+    run_dir = arm_dir.with_name(f"{arm_dir.name}-t{temperature:g}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_outputs(arm_dir, run_dir, TRAINED_OUTPUTS)
+    flatspec("eval", config, run_dir, [f"train.loss={loss}", *overrides, f"decode.temperature={temperature}"], "eval")
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    return {k: v for k, v in evaluation.items() if k != "questions"}
 
 
 def main() -> int:
@@ -46,6 +64,8 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm (repeatable)")
+    parser.add_argument("--temperatures", nargs="*", type=float, default=[],
+                        help="also evaluate every arm with sampling at these decode temperatures")
     args = parser.parse_args()
     gate = wait_for_quiet(args.max_load, args.max_wait)
     work = Path(args.work)
@@ -55,12 +75,20 @@ def main() -> int:
     flatspec("select", args.config, scored, args.overrides, "select")
     results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
     for loss in args.losses:
-        results["arms"][loss] = run_arm(args.config, scored, work / loss, loss, args.overrides)
+        arm = run_arm(args.config, scored, work / loss, loss, args.overrides)
+        arm["sampled"] = {f"{t:g}": evaluate_sampling(args.config, work / loss, loss, t, args.overrides)
+                          for t in args.temperatures}
+        results["arms"][loss] = arm
     arms = results["arms"]
     baseline = arms.get("eagle")
+    title = f"draft per token loss, same data and steps ({args.config} {' '.join(args.overrides)})"
     rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline)] for name, arm in arms.items()]
-    print_table(f"draft per token loss, same data and steps ({args.config} {' '.join(args.overrides)})",
-                ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
+    print_table(title, ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
+    for t in args.temperatures:
+        rows = [[name, f"{arm['sampled'][f'{t:g}']['tau']:.3f}",
+                 ", ".join(f"{a:.2f}" for a in arm["sampled"][f"{t:g}"]["per_depth_acceptance"]),
+                 f"{arm['sampled'][f'{t:g}']['speedup']:.2f}x"] for name, arm in arms.items()]
+        print_table(f"{title}, sampled at temperature {t:g}", ["loss", "tau", "per-depth acceptance", "speedup"], rows)
     print(f"wrote {write_results(results, args.out)}")
     return 0
 

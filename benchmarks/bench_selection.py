@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arm_outcome, flatspec, link_outputs, outcome_cells,  # noqa: E402
-                   relative_cell)
+from _arms import (OUTCOME_HEADER, flatspec, link_outputs, outcome_cells, relative_cell,  # noqa: E402
+                   run_arm_pipeline)
 from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
 
 ARMS = ("sfdd", "random", "flatness_low", "all")
@@ -53,11 +53,10 @@ def run_arm(config: str, scored: Path, run_dir: Path, arm: str, keep: float, bas
     flatspec("select", config, run_dir, selection, "select")
     tokens = trained_tokens(run_dir)
     steps = max(1, round(base_steps * tokens / reference_tokens))
-    reused = (run_dir / "eval.json").exists()
-    log = flatspec("pipeline", config, run_dir, selection + [f"train.steps={steps}"], "pipeline")
+    outcome = run_arm_pipeline(config, run_dir, selection + [f"train.steps={steps}"])
     manifest = json.loads((run_dir / "selection.json").read_text())
     return {"rule": arm, "keep": manifest["keep"], "samples": manifest["count"], "trained_tokens": tokens,
-            "steps": steps, **arm_outcome(run_dir, log, reused)}
+            "steps": steps, **outcome}
 
 
 def main() -> int:
