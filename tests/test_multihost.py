@@ -278,8 +278,9 @@ def test_only_process_zero_writes_outputs_and_logs(runs):
     # The audit sees the writes: process 0 wrote every output, each in its stage ...
     assert {"tokens.npz", "scores.parquet"} <= rank0["score"], sorted(rank0["score"])
     assert "selection.json" in rank0["select"] and "metrics.jsonl" in rank0["train"] and "eval.json" in rank0["eval"]
-    # The pipeline over the finished run rewrote nothing but the plots.
-    assert rank0["pipeline"] and all(p.startswith("plots" + os.sep) for p in rank0["pipeline"]), sorted(rank0["pipeline"])
+    # The pipeline over the finished run rewrote nothing but the plots (and took the run's lock).
+    plots = {p for p in rank0["pipeline"] if p.startswith("plots" + os.sep)}
+    assert plots and rank0["pipeline"] - plots == {".flatspec.lock"}, sorted(rank0["pipeline"])
     # ... and process 1 wrote nothing but its share of the orbax checkpoint.
     assert set(rank1) == {"train"}, {verb: sorted(paths) for verb, paths in rank1.items()}
     assert rank1["train"] and all(p.startswith("checkpoints" + os.sep) for p in rank1["train"]), sorted(rank1["train"])
