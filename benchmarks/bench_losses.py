@@ -30,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, flatspec, link_outputs, outcome_cells, relative_cell,  # noqa: E402
-                   run_arm_pipeline)
+from _arms import (OUTCOME_HEADER, SCORED_OUTPUTS, flatspec, link_outputs, outcome_cells,  # noqa: E402
+                   relative_cell, run_arm_pipeline)
 from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
 
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
-SELECTED_OUTPUTS = ("scores.parquet", "tokens.npz", "features", "selection.json")
+SELECTED_OUTPUTS = SCORED_OUTPUTS + ("selection.json",)
 TRAINED_OUTPUTS = SELECTED_OUTPUTS + ("checkpoints",)
 
 
@@ -85,9 +85,9 @@ def main() -> int:
     rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline)] for name, arm in arms.items()]
     print_table(title, ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
     for t in args.temperatures:
-        rows = [[name, f"{arm['sampled'][f'{t:g}']['tau']:.3f}",
-                 ", ".join(f"{a:.2f}" for a in arm["sampled"][f"{t:g}"]["per_depth_acceptance"]),
-                 f"{arm['sampled'][f'{t:g}']['speedup']:.2f}x"] for name, arm in arms.items()]
+        sampled = {name: arm["sampled"][f"{t:g}"] for name, arm in arms.items()}
+        rows = [[name, f"{e['tau']:.3f}", ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]),
+                 f"{e['speedup']:.2f}x"] for name, e in sampled.items()]
         print_table(f"{title}, sampled at temperature {t:g}", ["loss", "tau", "per-depth acceptance", "speedup"], rows)
     print(f"wrote {write_results(results, args.out)}")
     return 0
