@@ -10,6 +10,7 @@ constants.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -23,8 +24,8 @@ from flax import nnx
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
-from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, rope_inverse_frequencies
-from flatspec_jax.models.masks import cached_mask, causal_mask, segment_causal_mask
+from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, create_model, rope_inverse_frequencies
+from flatspec_jax.models.masks import beside_cache_mask, cached_mask, causal_mask, segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
 from flatspec_jax.weights.to_nnx import load_target_model
@@ -290,6 +291,47 @@ def test_cached_rows_at_different_cache_indices(llama):
         for row in range(2):
             assert max_diff(logits[row, 0], full[row, index[row]]) <= SELF_TOL, (row, index[row])
         index += 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _read_only_forward(graphdef, state, tokens, positions, mask, cache, cache_index):
+    out = nnx.merge(graphdef, state)(tokens, positions, mask, cache, write_cache=False)
+    return out.logits, cache.write(out.cache, cache_index)
+
+
+@pytest.mark.parametrize("window, tree", [(None, False), (None, True), (5, False)],
+                         ids=["causal", "tree", "sliding-window"])
+def test_reading_the_cache_beside_new_tokens_equals_writing_them_into_it(llama, window, tree):
+    """Two rows prefilled to different lengths, then 4 new tokens each (a chain, or a tree: nodes
+    2 and 3 children of node 1, so node 3 must not see node 2): the forward that only reads the
+    cache (mask [B, T, S + T]) gives the logits of the one that writes the tokens into it, and
+    storing its new keys and values with ``KVCache.write`` gives the same cache."""
+    _, _, unwindowed, state = llama
+    arch = dataclasses.replace(graphdef_arch(unwindowed, state), sliding_window=window)
+    graphdef = unwindowed if window is None else nnx.split(create_model(arch))[0]  # same weights, a window of 5
+    ids = random_ids(2, PREFILL + 4, seed=8)
+    cache = KVCache.zeros(arch, arch.num_layers, 2, SLOTS, jnp.float32)
+    _, cache = cached_run(graphdef, state, ids[:, :PREFILL], [0, 0], cache)
+    index = jnp.asarray([6, PREFILL], jnp.int32)  # row 0 continues after 6 of its prefilled tokens
+    parents = [0, 0, 1, 1] if tree else [0, 0, 1, 2]
+    ancestry = np.eye(4, dtype=bool)
+    for node in range(1, 4):
+        ancestry[node] |= ancestry[parents[node]]
+    depths = ancestry.sum(axis=1) - 1
+    new_mask = jnp.broadcast_to(jnp.asarray(ancestry), (2, 4, 4))
+    tokens = jnp.asarray(ids[:, PREFILL:], jnp.int32)
+    positions = index[:, None] + jnp.asarray(depths, jnp.int32)[None]
+    want_logits, want_cache = _cached_forward(graphdef, state, tokens, positions,
+                                              cached_mask(index, new_mask, SLOTS), cache, index)
+    logits, written = _read_only_forward(graphdef, state, tokens, positions,
+                                         beside_cache_mask(index, new_mask, SLOTS), cache, index)
+    assert max_diff(np.asarray(logits), np.asarray(want_logits)) <= SELF_TOL
+    np.testing.assert_allclose(written.k, want_cache.k, atol=1e-6)
+    np.testing.assert_allclose(written.v, want_cache.v, atol=1e-6)
+    if window is not None:  # the window shapes the result
+        unwindowed_logits, _ = _cached_forward(unwindowed, state, tokens, positions,
+                                               cached_mask(index, new_mask, SLOTS), cache, index)
+        assert max_diff(np.asarray(want_logits), np.asarray(unwindowed_logits)) > 1e-3
 
 
 def test_cache_index_is_required_with_a_cache(llama):

@@ -15,6 +15,7 @@ decoding and tree verification.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
@@ -66,9 +67,22 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
+    def write(self, new: "KVCache", cache_index: Array) -> "KVCache":
+        """Writes ``new`` ([L, B, K, T, H] per tensor, e.g. a ``write=False`` forward's) into
+        slots cache_index .. cache_index + T - 1 of each row ([B] cache_index); slots past the
+        cache are dropped."""
+        slots = cache_index[:, None] + jnp.arange(new.k.shape[3])[None, :]
+        rows = jnp.arange(new.k.shape[1])[:, None]
+
+        def scatter(cache: Array, values: Array) -> Array:  # indexed [:, rows, :, slots] it reads [B, T, L, K, H]
+            return cache.at[:, rows, :, slots].set(values.transpose(1, 3, 0, 2, 4).astype(cache.dtype), mode="drop")
+
+        return KVCache(k=scatter(self.k, new.k), v=scatter(self.v, new.v))
+
 
 class ModelOutput(NamedTuple):
-    """hidden: [B, T, D] last hidden states after the final norm; logits: [B, T, V] or None."""
+    """hidden: [B, T, D] last hidden states after the final norm; logits: [B, T, V] or None;
+    cache: the updated cache, or with ``write_cache=False`` the new tokens' [L, B, K, T, H]."""
 
     hidden: Array
     logits: Array | None
@@ -145,21 +159,25 @@ class Attention(nnx.Module):
         return out if bias is None else out + bias[...].astype(self.dtype)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0,
+                 write: bool = True) -> tuple[Array, tuple[Array, Array] | None]:
         """Self-attention of the T new tokens over S keys.
 
         Args:
           x: [B, T, D] normed input.
           cos, sin: [B, T, H] rotary tables of the new tokens' positions.
           mask: [B, T, S] True where query t may attend key s. Without a cache it must be causal
-            (False wherever s > t); keys after a query's block are not read.
+            (False wherever s > t); keys after a query's block are not read. With ``write=False``
+            it is [B, T, S + T]: the cached slots, then the new tokens.
           cache: the whole model's (k, v), each [L, B, K, S, H], or None (keys are the new tokens, S = T).
           cache_index: [B] slot where each row's first new token is written.
           layer: this layer's index into the cache.
+          write: False leaves the cache untouched (only read) and attends over its slots and the
+            new tokens side by side; see :class:`Llama`.
 
         Returns:
-          [B, T, D] output and the updated (k, v) cache (None without a cache).
+          [B, T, D] output and the updated (k, v) cache (None without a cache), or with
+          ``write=False`` the new tokens' (k, v), each [B, K, T, H].
 
         The new keys and values are scattered straight into the whole cache (in place under jit)
         and only this layer's slice is read back, already heads-major: no per-layer copy of the
@@ -169,14 +187,19 @@ class Attention(nnx.Module):
         q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
         k = apply_rope(self._project(x, self.k_proj, self.k_bias), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
-        if cache is not None:
+        new_kv = None
+        if cache is not None and not write:
+            new_kv = (k.transpose(0, 2, 1, 3).astype(cache[0].dtype), v.transpose(0, 2, 1, 3).astype(cache[1].dtype))
+            keys = (cache[0][layer].astype(self.dtype), new_kv[0].astype(self.dtype))
+            values = (cache[1][layer].astype(self.dtype), new_kv[1].astype(self.dtype))
+        elif cache is not None:
             slots = cache_index[:, None] + jnp.arange(t)[None, :]
             rows = jnp.arange(b)[:, None]
             # Indexed [layer, rows, :, slots] the cache reads as [B, T, K, H], the new keys' layout.
             k_all = cache[0].at[layer, rows, :, slots].set(k.astype(cache[0].dtype), mode="drop")
             v_all = cache[1].at[layer, rows, :, slots].set(v.astype(cache[1].dtype), mode="drop")
             cache = (k_all, v_all)
-            k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
+            keys, values = (k_all[layer].astype(self.dtype),), (v_all[layer].astype(self.dtype),)
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         n_heads, head_dim = q.shape[2], q.shape[3]
@@ -188,32 +211,39 @@ class Attention(nnx.Module):
             # Cache-free masks are causal in index order (query t sees keys s <= t; packed, plain
             # and draft-tree masks all are), so a block of queries needs only the keys up to its
             # own end: about half the score work, and block-sized score arrays.
-            out = jnp.concatenate([_attend(q[:, :, start:start + ATTENTION_BLOCK], k[:, :, :start + ATTENTION_BLOCK],
-                                           v[:, :, :start + ATTENTION_BLOCK],
+            out = jnp.concatenate([_attend(q[:, :, start:start + ATTENTION_BLOCK], (k[:, :, :start + ATTENTION_BLOCK],),
+                                           (v[:, :, :start + ATTENTION_BLOCK],),
                                            mask[:, start:start + ATTENTION_BLOCK, :start + ATTENTION_BLOCK])
                                    for start in range(0, t, ATTENTION_BLOCK)], axis=2)
         else:
-            out = _attend(q, k, v, mask)
+            out = _attend(q, keys, values, mask)
         # Heads back to [B, T, N x H] (head n = k x G + g) and one plain matmul with o_proj as
         # [N x H, D]: contracting the heads-major output against o_proj reshaped [K, G, H, D]
         # made XLA transpose the weight instead, a copy of it per layer and call.
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, n_heads * head_dim)
-        return out @ self.o_proj[...].astype(self.dtype).reshape(n_heads * head_dim, -1), cache
+        out = out @ self.o_proj[...].astype(self.dtype).reshape(n_heads * head_dim, -1)
+        return out, (new_kv if new_kv is not None else cache)
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention of grouped queries [B, K, T, G, H] over keys/values [B, K, S, H] with a [B, T, S] mask.
+def _attend(q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], mask: Array) -> Array:
+    """Softmax attention of grouped queries [B, K, T, G, H] over keys/values given as blocks
+    [B, K, S_i, H] (one softmax over all S = sum S_i keys, the blocks never concatenated) with a
+    [B, T, S] mask.
 
-    Returns [B, K, T, G, H] in the dtype of ``v``; scores and softmax are float32.
+    Returns [B, K, T, G, H] in the dtype of the values; scores and softmax are float32.
     """
     b, kv_heads, t, groups, head_dim = q.shape
-    scores = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, kv_heads, t * groups, head_dim), k,
-                        preferred_element_type=jnp.float32).reshape(b, kv_heads, t, groups, -1)
+    flat_q = q.reshape(b, kv_heads, t * groups, head_dim)
+    scores = jnp.concatenate([jnp.einsum("bkqh,bksh->bkqs", flat_q, k, preferred_element_type=jnp.float32)
+                              for k in keys], axis=-1).reshape(b, kv_heads, t, groups, -1)
     scores = scores * (head_dim ** -0.5)
     # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
     scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, t * groups, -1)
-    return jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(b, kv_heads, t, groups, head_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values[0].dtype).reshape(b, kv_heads, t * groups, -1)
+    bounds = np.cumsum([0] + [v.shape[2] for v in values])
+    out = functools.reduce(jnp.add, [jnp.einsum("bkqs,bksh->bkqh", probs[..., start:end], v)
+                                     for start, end, v in zip(bounds[:-1], bounds[1:], values)])
+    return out.reshape(b, kv_heads, t, groups, head_dim)
 
 
 class MLP(nnx.Module):
@@ -244,11 +274,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(arch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0,
+                 write: bool = True) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [B, T, D] residual stream -> [B, T, D]; see :meth:`Attention.__call__` for the rest."""
         h = x if self.input_layernorm is None else self.input_layernorm(x)
-        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, layer)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, layer, write)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -269,10 +299,21 @@ class DecoderStack(nnx.Module):
         self.layers = make_layers(rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache: KVCache | None,
-                 cache_index: Array | None, first_layer: int = 0) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None, first_layer: int = 0, write: bool = True) -> tuple[Array, KVCache | None]:
         """x: [B, T, D] -> [B, T, D]. The cache (if any) is [L', B, K, S, H] per tensor, L' >= first_layer +
-        num_layers; layer i of the stack uses cache layer ``first_layer + i``."""
+        num_layers; layer i of the stack uses cache layer ``first_layer + i``. Returns the updated
+        cache, or with ``write=False`` (cache only read) the new tokens' keys and values as a
+        [num_layers, B, K, T, H] :class:`KVCache`."""
         graphdef, layer_state = nnx.split(self.layers)
+        if cache is not None and not write:
+            def read_only(h, layer):
+                index, state = layer
+                h, new_kv = nnx.merge(graphdef, state)(h, cos, sin, mask, (cache.k, cache.v), None,
+                                                       first_layer + index, write=False)
+                return h, new_kv
+
+            x, (k, v) = jax.lax.scan(read_only, x, (jnp.arange(self.num_layers), layer_state))
+            return x, KVCache(k=k, v=v)
 
         def body(carry, layer):
             h, kv = carry
@@ -315,7 +356,8 @@ class Llama(nnx.Module):
         return lm_head_logits(hidden, self.lm_head_weight())
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None, *, return_logits: bool = True) -> ModelOutput:
+                 cache_index: Array | None = None, *, return_logits: bool = True, write_cache: bool = True
+                 ) -> ModelOutput:
         """Runs the decoder over T new tokens per row.
 
         Args:
@@ -327,30 +369,39 @@ class Llama(nnx.Module):
           cache_index: [B] slot of each row's first new token (required with a cache).
           return_logits: compute [B, T, V] logits; skip when only hidden states are needed
             (e.g. fused flatness scoring or EAGLE features).
+          write_cache: False only reads the cache: the new tokens attend to its S slots and to
+            each other side by side (``mask`` is then [B, T, S + T]), and the output's ``cache``
+            holds just their keys and values ([L, B, K, T, H]; :meth:`KVCache.write` stores
+            them). Inside ``lax.cond``/``switch`` branches this spares XLA copying the whole
+            cache into each branch, which it does for a cache the branch writes.
         """
-        if cache is not None and cache_index is None:
+        read_only = cache is not None and not write_cache
+        if cache is not None and cache_index is None and not read_only:
             raise ValueError("cache_index is required when a cache is given")
         inv_freq = rope_inverse_frequencies(self.arch.head_dim, self.arch.rope_theta, self.arch.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq)
-        mask = mask & sliding_window_mask(positions, mask.shape[-1], cache is not None, self.arch.sliding_window)
-        x, cache = self.layers(self.embed(tokens), cos, sin, mask, cache, cache_index)
+        if self.arch.sliding_window is not None:
+            # Keys: the cache's slots (slot s holding position s), the new tokens, or both side by side.
+            batch = positions.shape[0]
+            keys = [] if cache is None else [jnp.broadcast_to(jnp.arange(cache.length), (batch, cache.length))]
+            keys += [positions] * (cache is None or read_only)
+            mask = mask & sliding_window_mask(positions, jnp.concatenate(keys, axis=1), self.arch.sliding_window)
+        x, cache = self.layers(self.embed(tokens), cos, sin, mask, cache, cache_index, write=write_cache)
         hidden = self.norm(x)
         return ModelOutput(hidden, self.logits(hidden) if return_logits else None, cache)
 
 
-def sliding_window_mask(positions: Array, num_keys: int, cached: bool, window: int | None) -> Array:
-    """[B, T, S] True where the key lies within the sliding window of the query (all True without one).
+def sliding_window_mask(positions: Array, key_positions: Array, window: int) -> Array:
+    """[B, T] query and [B, S] key positions -> [B, T, S] True where the key lies within the
+    query's sliding window.
 
-    With a cache, key slot s is taken to hold position s; without one, keys are the new tokens
-    themselves. A draft tree being verified breaks the first assumption (slot n + j holds
-    position n + depth(j) <= n + j), which understates distances to keys inside the tree by
-    less than its size, so a node may see a tree key up to that far outside the window: it
-    matters only for windows shorter than the tree, far below any real model's window.
+    A cache's slot s is taken to hold position s. A draft tree verified by writing it into the
+    cache breaks that (slot n + j holds position n + depth(j) <= n + j), which understates
+    distances to keys inside the tree by less than its size, so a node may see a tree key up to
+    that far outside the window: it matters only for windows shorter than the tree, far below
+    any real model's window.
     """
-    if window is None:
-        return jnp.ones((1, 1, 1), bool)
-    key_positions = jnp.arange(num_keys)[None, None, :] if cached else positions[:, None, :]
-    return positions[:, :, None] - key_positions < window
+    return positions[:, :, None] - key_positions[:, None, :] < window
 
 
 def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32") -> Llama:

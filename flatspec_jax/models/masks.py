@@ -46,3 +46,19 @@ def cached_mask(cache_index: Array, new_mask: Array, num_slots: int) -> Array:
     in_new = (relative >= 0) & (relative < t)
     index = jnp.broadcast_to(jnp.clip(relative, 0, t - 1), (new_mask.shape[0], t, num_slots))
     return committed | (in_new & jnp.take_along_axis(new_mask, index, axis=-1))
+
+
+def beside_cache_mask(cache_index: Array, new_mask: Array, num_slots: int) -> Array:
+    """Mask of T new tokens over a cache of S slots that they only read (``write_cache=False``).
+
+    Args:
+      cache_index: [B] committed slots: slots before it hold the committed prefix.
+      new_mask: [B, T, T] how the new tokens see each other.
+      num_slots: S, the cache length.
+
+    Returns:
+      [B, T, S + T]: every committed slot, then the new tokens that ``new_mask`` allows.
+    """
+    batch, t = new_mask.shape[:2]
+    committed = jnp.arange(num_slots)[None, None, :] < cache_index[:, None, None]
+    return jnp.concatenate([jnp.broadcast_to(committed, (batch, t, num_slots)), new_mask], axis=-1)
