@@ -12,9 +12,10 @@ drift in the machine's speed hits all alike):
     (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``; with
     ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens; a head trained
     with ``draft.vocab`` always drafts from its own tokens, and N must then be 0 or their count).
-Prints tokens/s, tau (tokens emitted per target forward, the prefill's token excluded) and the
-speedups over both baselines, checks that every greedy output equals our autoregressive one,
-and writes JSON and a bar plot (PNG beside the JSON).
+Prints tokens/s, tau (tokens emitted per target forward, the prefill's token excluded), drafts
+verified per round (fewer than gamma with ``min_confidence``) and the speedups over both
+baselines, checks that every greedy output equals our autoregressive one, and writes JSON and a
+bar plot (PNG beside the JSON).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,t
                     "tree63:method=tree,depth=5,top_k=8,total_tokens=63")
 
 
-VARIANT_KEYS = ("method", "gamma", "depth", "top_k", "total_tokens", "draft_vocab")
+VARIANT_KEYS = ("method", "gamma", "min_confidence", "depth", "top_k", "total_tokens", "draft_vocab")
 
 
 def _variant(spec: str) -> tuple[str, list[str]]:
@@ -122,34 +123,36 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     eos_list = list(eos)
 
-    def hf_generate(prompt: np.ndarray) -> tuple[np.ndarray, float, int]:
+    def hf_generate(prompt: np.ndarray) -> tuple[np.ndarray, float, int, int]:
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos_list, pad_token_id=pad)
         generated = out[0, len(prompt):].numpy()
-        return generated, time.perf_counter() - start, max(len(generated) - 1, 0)
+        return generated, time.perf_counter() - start, max(len(generated) - 1, 0), 0
 
-    def ours(decoder: Decoder, prompt: np.ndarray) -> tuple[np.ndarray, float, int]:
+    def ours(decoder: Decoder, prompt: np.ndarray) -> tuple[np.ndarray, float, int, int]:
         out = decoder.run([prompt], key, width)
-        return out.tokens[0], out.seconds, int(out.target_calls[0])
+        return out.tokens[0], out.seconds, int(out.target_calls[0]), 0 if out.drafts is None else int(out.drafts[0])
 
     runners = {**{name: functools.partial(ours, decoder) for name, decoder in decoders.items()},
                "hf_generate": hf_generate}
     for run in runners.values():
         run(prompts[0])  # warm-up: compilation, allocator
     outputs: dict[str, list[np.ndarray]] = {name: [None] * len(prompts) for name in runners}
-    totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0} for name in runners}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0, "drafts": 0} for name in runners}
     for i, name in rotating_turns(len(prompts), list(runners)):  # every decoder in turn, prompt by prompt
-        generated, seconds, calls = runners[name](prompts[i])
+        generated, seconds, calls, drafts = runners[name](prompts[i])
         outputs[name][i] = generated
         totals[name]["tokens"] += len(generated)
         totals[name]["seconds"] += seconds
         totals[name]["calls"] += calls
+        totals[name]["drafts"] += drafts
     results: dict[str, dict] = {}
     for name, t in totals.items():
         results[name] = {"tokens": t["tokens"], "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],
-                         "tau": (t["tokens"] - len(prompts)) / t["calls"] if t["calls"] else 0.0}
+                         "tau": (t["tokens"] - len(prompts)) / t["calls"] if t["calls"] else 0.0,
+                         "drafts_per_round": t["drafts"] / t["calls"] if t["calls"] else 0.0}
 
     reference = outputs["ours_ar"]
     for name, result in results.items():
@@ -171,9 +174,11 @@ def main() -> None:
 
     print(f"\nMT-bench first turns: {len(prompts)} questions, greedy, <= {args.max_new_tokens} new tokens, "
           f"load {quiet['load_at_start']:.2f}")
-    print(f"{'decoder':<14} {'tokens/s':>9} {'tau':>6} {'vs ours AR':>11} {'vs HF generate':>15} {'same output':>12}")
+    print(f"{'decoder':<14} {'tokens/s':>9} {'tau':>6} {'drafts/round':>13} {'vs ours AR':>11} {'vs HF generate':>15} "
+          f"{'same output':>12}")
     for name, r in results.items():
-        print(f"{name:<14} {r['tokens_per_s']:>9.2f} {r['tau']:>6.2f} {r['speedup_vs_ours_ar']:>10.2f}x "
+        print(f"{name:<14} {r['tokens_per_s']:>9.2f} {r['tau']:>6.2f} {r['drafts_per_round']:>13.2f} "
+              f"{r['speedup_vs_ours_ar']:>10.2f}x "
               f"{r['speedup_vs_hf_generate']:>14.2f}x {r['same_output_as_ours_ar']:>12.0%}")
     print(f"results: {out}")
 

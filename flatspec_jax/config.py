@@ -278,7 +278,13 @@ class DecodeConfig:
     max_new_tokens: int = 128
     """Tokens generated per prompt at most."""
     gamma: int = 4
-    """Chain speculation: drafted tokens per round."""
+    """Chain speculation: drafted tokens per round (the most, with min_confidence)."""
+    min_confidence: float = 0.0
+    """Chain speculation: draft j is proposed only while the draft's confidence in it, its
+    probability of the drafts before j times its top probability for j (softmax at temperature 1,
+    no top-p; EAGLE-2's confidence), is at least this; each round verifies the batch's longest
+    proposed chain, so rounds where the draft is unsure cost about one autoregressive step.
+    Output is unchanged (lossless either way). 0 = always gamma drafts."""
     depth: int = 5
     """Tree speculation: expansion steps after the root's children (the reference's depth), so a
     tree has up to depth + 1 draft levels and a round accepts up to depth + 1 drafts."""
@@ -301,6 +307,9 @@ class DecodeConfig:
         _require(self.max_cache_length > 0, "decode.max_cache_length", "must be > 0")
         for name in ("gamma", "depth", "top_k"):
             _require(getattr(self, name) >= 1, f"decode.{name}", "must be >= 1")
+        _require(0 <= self.min_confidence < 1, "decode.min_confidence", "must be in [0, 1)")
+        _require(self.min_confidence == 0 or self.method == "chain", "decode.min_confidence",
+                 "applies to chain speculation only (decode.method=chain)")
         if self.method != "chain":  # the tree's settings (eval falls back to a tree when method is ar)
             most = 1 + self.top_k + self.depth * self.top_k ** 2
             _require(2 <= self.total_tokens <= most, "decode.total_tokens",

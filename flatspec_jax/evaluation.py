@@ -8,7 +8,9 @@ decoders see the same context.
 
 Definitions (over all prompts): tau = tokens emitted per target verification forward (the
 bonus token counts; the prefill's first token does not, so autoregressive decoding has tau 1);
-per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted); tokens/s =
+per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted), a draft not
+proposed (``decode.min_confidence``) counting as not accepted; drafts per round = drafts
+proposed for verification per target forward; tokens/s =
 generated tokens / decoding wall time; speedup = speculative tokens/s / autoregressive tokens/s.
 """
 
@@ -42,6 +44,7 @@ class TurnRecord:
     spec_seconds: float
     rounds: int
     accept_counts: list[int]
+    drafts: int
     same_output: bool
 
 
@@ -75,7 +78,7 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
                 prompt_id=prompt.id, turn=turn + 1, prompt_tokens=len(prompt_ids),
                 ar_tokens=len(ar_out.tokens[0]), ar_seconds=ar_out.seconds, spec_tokens=len(spec_out.tokens[0]),
                 spec_seconds=spec_out.seconds, rounds=int(spec_out.target_calls[0]),
-                accept_counts=spec_out.accept_counts[0].tolist(),
+                accept_counts=spec_out.accept_counts[0].tolist(), drafts=int(spec_out.drafts[0]),
                 same_output=bool(np.array_equal(ar_out.tokens[0], spec_out.tokens[0])))
             records.append(record)
             log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
@@ -86,6 +89,11 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
 def _tau(records: Sequence[TurnRecord]) -> float:
     rounds = sum(r.rounds for r in records)
     return sum(r.spec_tokens - 1 for r in records) / rounds if rounds else 0.0
+
+
+def _drafts_per_round(records: Sequence[TurnRecord]) -> float:
+    rounds = sum(r.rounds for r in records)
+    return sum(r.drafts for r in records) / rounds if rounds else 0.0
 
 
 def _rate(records: Sequence[TurnRecord], side: str) -> float:
@@ -109,6 +117,7 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
         "per_depth_acceptance": acceptance_by_depth(counts).tolist(),
+        "drafts_per_round": _drafts_per_round(records),
         "accept_histogram": counts.tolist(),
         "same_output_fraction": float(np.mean([r.same_output for r in records])),
         "turns": len(records),

@@ -81,8 +81,9 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
 def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     with pytest.raises(ConfigError, match=r"decode\.total_tokens: must be between 2 and .* = 23"):
         load_config(None, ["decode.method=tree", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63"])
-    chain = load_config(None, ["decode.method=chain", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63"])
-    assert chain.decode.top_k == 2
+    chain = load_config(None, ["decode.method=chain", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63",
+                               "decode.min_confidence=0.5"])
+    assert (chain.decode.top_k, chain.decode.min_confidence) == (2, 0.5)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -95,6 +96,8 @@ def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     ("decode.max_cache_length=-5", r"decode\.max_cache_length: must be > 0"),
     ("train.token_weight=-1", r"train\.token_weight: must be >= 0"),
     ("decode.depth=0", r"decode\.depth: must be >= 1"),
+    ("decode.min_confidence=1", r"decode\.min_confidence: must be in \[0, 1\)"),
+    ("decode.min_confidence=0.5", r"decode\.min_confidence: applies to chain speculation only"),
     ("eval.batch_size=0", r"eval\.batch_size: must be >= 1"),
     ("mesh.tensor=0", r"mesh\.tensor: must be >= 1 or -1"),
     ("score.row_length=256", r"score\.row_length: must be >= data\.max_length \(512\)"),

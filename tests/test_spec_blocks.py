@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from flatspec_jax.decoding.commit import append_tokens, compact_cache, emitted_tokens
-from flatspec_jax.decoding.drafting import catch_up, draft_tree
+from flatspec_jax.decoding.drafting import catch_up, draft_chain, draft_tree
 from flatspec_jax.decoding.sampling import SamplingSettings
 from flatspec_jax.decoding.tree import build_tree, chain_tree, tree_from_parents
 from flatspec_jax.decoding.verify import (Verdict, verify_greedy_chain, verify_greedy_tree, verify_sampling_chain,
@@ -227,21 +227,37 @@ def reference_eagle2_tree(target, head, features, tokens, root, k, depth, total)
             [0] + [0 if pool_parents[i] < 0 else node_of[pool_parents[i]] for i in kept])
 
 
-@functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "k", "depth", "total"))
-def two_catch_ups_then_tree(target_graphdef, target_params, head_graphdef, head_params, features, pairs, lengths,
-                            roots, k, depth, total):
+def two_catch_ups(head, target, features, pairs, lengths):
     """Draft cache filled by a catch-up over pairs 0..n-3 and one over the last two (padded to
-    4 pairs), then an EAGLE-2 tree."""
-    target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
+    4 pairs): the prediction after pair n - 1 [B, D] and the cache."""
     batch = pairs.shape[0]
     cache = KVCache.zeros(head.arch, 1, batch, SLOTS, jnp.float32)
     _, cache = catch_up(head, target, cache, features, pairs, lengths - 2, jnp.zeros(batch, jnp.int32))
     start = lengths - 2
     tail = jnp.minimum(start[:, None] + jnp.arange(4), pairs.shape[1] - 1)
     rows = jnp.arange(batch)[:, None]
-    hidden, cache = catch_up(head, target, cache, features[rows, tail], pairs[rows, tail], jnp.full(batch, 2), start)
+    return catch_up(head, target, cache, features[rows, tail], pairs[rows, tail], jnp.full(batch, 2), start)
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "k", "depth", "total"))
+def two_catch_ups_then_tree(target_graphdef, target_params, head_graphdef, head_params, features, pairs, lengths,
+                            roots, k, depth, total):
+    """:func:`two_catch_ups`, then an EAGLE-2 tree."""
+    target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
+    hidden, cache = two_catch_ups(head, target, features, pairs, lengths)
     tree, _ = draft_tree(head, target, cache, hidden, roots, lengths, k, depth, total)
     return tree
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "gamma", "min_confidence"))
+def two_catch_ups_then_chain(target_graphdef, target_params, head_graphdef, head_params, features, pairs, lengths,
+                             gamma, min_confidence):
+    """:func:`two_catch_ups`, then a greedy chain; also returns the cache the chain started from."""
+    target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
+    hidden, cache = two_catch_ups(head, target, features, pairs, lengths)
+    chain = draft_chain(head, target, cache, hidden, lengths, jax.random.key(0), gamma, SamplingSettings(),
+                        min_confidence=min_confidence)
+    return chain, cache
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +295,53 @@ def test_draft_tree_matches_a_cache_free_eagle2_reference(target, head_name, req
         assert tree.parents[b].tolist() == parents
 
 
+def test_draft_chain_proposes_while_the_chain_is_confident(target, head):
+    """Greedy chains of two rows against the cache-free head: the tokens, and the count of leading
+    drafts whose chain probability (product of the top softmax probabilities) reaches the
+    threshold; thresholds between the rows' products cut them at different depths. With no row
+    confident the head never runs past the first draft, leaving the cache as it was."""
+    gamma = 3
+    rng = np.random.default_rng(2)
+    lengths = np.asarray([6, 4], np.int32)
+    seqs = rng.integers(0, ARCH.vocab_size, (2, 7)).astype(np.int32)
+    features = target_forward(*target, jnp.asarray(seqs[:, :6]), jnp.broadcast_to(jnp.arange(6), (2, 6)),
+                              causal_mask(2, 6), KVCache.zeros(ARCH, ARCH.num_layers, 2, 6, jnp.float32),
+                              jnp.zeros(2, jnp.int32)).hidden
+    pairs = jnp.asarray(seqs[:, 1:7])
+    chains, products = [], []
+    for b in range(2):  # the reference: draft j is the argmax after the path of drafts 1..j-1
+        n = int(lengths[b])
+        tokens, path_hidden, probs = list(seqs[b, 1:n + 1]), [], []
+        for _ in range(gamma):
+            width = 16
+            feats = jnp.pad(jnp.concatenate([features[b, :n]] + [h[None] for h in path_hidden]),
+                            ((0, width - n - len(path_hidden)), (0, 0)))
+            toks = np.zeros(width, np.int32)
+            toks[:len(tokens)] = tokens
+            hidden, logp = draft_log_probs(*target, *head, feats[None], jnp.asarray(toks)[None], len(tokens))
+            tokens.append(int(np.argmax(logp)))
+            probs.append(float(np.exp(np.max(logp))))
+            path_hidden.append(hidden)
+        chains.append(tokens[n:])
+        products.append(np.cumprod(probs))
+    thresholds = sorted({0.0, *(float(np.sqrt(a * b)) for a, b in zip(products[0][:-1], products[0][1:]))})
+    for threshold in thresholds:
+        chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
+                                            min_confidence=threshold)
+        want = [int(np.sum(np.cumprod(p >= threshold))) for p in products]
+        assert chain.kept.tolist() == want, threshold
+        for b in range(2):
+            assert chain.tokens[b, :want[b]].tolist() == chains[b][:want[b]]
+    assert len({tuple(int(np.sum(p >= t)) for p in products) for t in thresholds}) >= 3
+    chain, start_cache = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
+                                                  min_confidence=0.99)
+    assert chain.kept.tolist() == [0, 0]
+    np.testing.assert_array_equal(chain.cache.k, start_cache.k)
+    chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
+                                        min_confidence=0.0)
+    assert not np.array_equal(chain.cache.k, start_cache.k)
+
+
 # --- verifiers -------------------------------------------------------------------------------
 
 def one_hot_logits(choices, scale=10.0):
@@ -298,6 +361,22 @@ def test_verify_greedy_chain():
     assert verdict.accepted.tolist() == [3, 1, 0]
     assert verdict.bonus.tolist() == [9, 7, 2]
     assert verdict.path.tolist() == [[0, 1, 2, 3], [0, 1, -1, -1], [0, -1, -1, -1]]
+
+
+def test_verify_chains_stop_after_the_proposed_drafts():
+    """Every draft matches the target, but rows proposed 3, 1 and 0 of them: greedy and sampled
+    verification (the draft a point mass on the target's own choice) accept exactly those, and
+    the bonus is the target's token after the last proposed one."""
+    drafts = jnp.asarray([[3, 4, 5]] * 3)
+    logits = one_hot_logits([[3, 4, 5, 9]] * 3, scale=40.0)
+    proposed = jnp.asarray([3, 1, 0])
+    greedy = jax.jit(verify_greedy_chain)(drafts, logits, proposed)
+    sampled = jax.jit(verify_sampling_chain, static_argnames=("sampling",))(
+        jax.random.key(0), drafts, jax.nn.one_hot(drafts, ARCH.vocab_size), logits, SamplingSettings(temperature=1.0),
+        proposed)
+    for verdict in (greedy, sampled):
+        assert verdict.accepted.tolist() == [3, 1, 0]
+        assert verdict.bonus.tolist() == [9, 4, 3]
 
 
 def test_verify_greedy_tree_follows_the_target_through_a_later_branch():

@@ -3,10 +3,13 @@
 SmolLM2-135M-Instruct (float32), the first turns of 10 MT-bench questions decoded as one batch
 of 10 rows (so rows accept different lengths per round), chain and EAGLE-2 tree drafts, with an
 untrained head and with a head trained for a few steps on ShareGPT (that one also drafting from
-the 4096 most frequent tokens of the samples only).
+the 4096 most frequent tokens of the samples only, and as a chain that proposes only confident
+drafts).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -83,4 +86,17 @@ def test_greedy_speculative_with_a_reduced_draft_vocabulary_equals_autoregressiv
     result = decoder.run(prompts, jax.random.key(0))
     for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
         np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} ({method}, 4096-token draft)")
+    assert result.accept_counts.sum(axis=0)[1:].sum() > 0
+
+
+def test_greedy_confident_chain_equals_autoregressive(context, prompts, reference, heads):
+    """decode.min_confidence: the ten rows propose 0..gamma drafts per round, the round verifying
+    the most any row proposed (the cache only read in the verify forward, written after it)."""
+    cfg, ctx = context
+    settings = dataclasses.replace(cfg.decode, method="chain", min_confidence=0.3)
+    decoder = Decoder(ctx.target, settings, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"])
+    result = decoder.run(prompts, jax.random.key(0))
+    for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
+        np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} (chain, min_confidence 0.3)")
+    assert 0 < result.drafts.sum() < settings.gamma * result.target_calls.sum()
     assert result.accept_counts.sum(axis=0)[1:].sum() > 0

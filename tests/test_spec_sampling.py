@@ -40,6 +40,8 @@ MIN_EXPECTED = 5  # cells expected less often are pooled into one
 CASES = {
     "chain": {"method": "chain", "gamma": 2},
     "tree": {"method": "tree", "top_k": 3, "depth": 1, "total_tokens": 5},
+    # Drafts only while the draft's confidence stays >= 0.3: rounds propose 0, 1 or 2.
+    "chain-confident": {"method": "chain", "gamma": 2, "min_confidence": 0.3},
 }
 TEMPERATURE_ONE = SamplingSettings(temperature=1.0)
 NUCLEUS = SamplingSettings(temperature=0.8, top_p=0.7)
@@ -84,7 +86,7 @@ def speculative_first_tokens(models, sampling, case, draft_ids=None):
     result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths,
                                   jax.random.key(7), settings, draft_ids)
     assert result.lengths.tolist() == [3] * SAMPLES
-    return np.asarray(result.tokens), np.asarray(result.accept_counts)
+    return jax.tree.map(np.asarray, result)
 
 
 def chi_square_p_value(tokens: np.ndarray, exact: np.ndarray) -> float:
@@ -115,14 +117,19 @@ def broken_residual(monkeypatch):
 
 
 @pytest.mark.parametrize("case,sampling", [("chain", TEMPERATURE_ONE), ("tree", TEMPERATURE_ONE),
-                                           ("tree", NUCLEUS)], ids=["chain", "tree", "tree-top-p"])
+                                           ("tree", NUCLEUS), ("chain-confident", TEMPERATURE_ONE)],
+                         ids=["chain", "tree", "tree-top-p", "chain-confident"])
 def test_speculative_sampling_matches_the_target_distribution(models, case, sampling):
     (target_graphdef, target_params), _ = models
     exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), sampling)
-    tokens, accept_counts = speculative_first_tokens(models, sampling, case)
-    # Rejections and acceptances both occur, at every depth.
-    assert np.all(accept_counts.sum(axis=0) > SAMPLES // 20), accept_counts.sum(axis=0)
-    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    result = speculative_first_tokens(models, sampling, case)
+    # Rejections and acceptances both occur, at every depth (depth 2 is rarer when drafts are cut).
+    floor = SAMPLES // (100 if case == "chain-confident" else 20)
+    assert np.all(result.accept_counts.sum(axis=0) > floor), result.accept_counts.sum(axis=0)
+    if case == "chain-confident":  # rounds proposing 0, 1 and 2 drafts all occur
+        short = result.drafts < CASES[case]["gamma"] * result.rounds
+        assert short.sum() > SAMPLES // 4 and (result.drafts == 0).sum() > SAMPLES // 20
+    p_value = chi_square_p_value(result.tokens, np.asarray(exact))
     assert p_value > 0.01, p_value
 
 
@@ -132,9 +139,9 @@ def test_sampling_with_a_reduced_draft_vocabulary_matches_the_target_distributio
     (target_graphdef, target_params), _ = models
     exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), TEMPERATURE_ONE)
     draft_ids = jnp.asarray([0, 1, 3, 4, 6, 9, 12], jnp.int32)
-    tokens, accept_counts = speculative_first_tokens(models, TEMPERATURE_ONE, case, draft_ids)
-    assert accept_counts[:, 1:].sum() > SAMPLES // 20, accept_counts.sum(axis=0)
-    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    result = speculative_first_tokens(models, TEMPERATURE_ONE, case, draft_ids)
+    assert result.accept_counts[:, 1:].sum() > SAMPLES // 20, result.accept_counts.sum(axis=0)
+    p_value = chi_square_p_value(result.tokens, np.asarray(exact))
     assert p_value > 0.01, p_value
 
 
@@ -142,6 +149,5 @@ def test_sampling_with_a_reduced_draft_vocabulary_matches_the_target_distributio
 def test_broken_residual_is_detected(models, broken_residual, case):
     (target_graphdef, target_params), _ = models
     exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), TEMPERATURE_ONE)
-    tokens, _ = speculative_first_tokens(models, TEMPERATURE_ONE, case)
-    p_value = chi_square_p_value(tokens, np.asarray(exact))
+    p_value = chi_square_p_value(speculative_first_tokens(models, TEMPERATURE_ONE, case).tokens, np.asarray(exact))
     assert p_value < 1e-3, p_value

@@ -12,6 +12,8 @@ Parameters always enter ``jax.jit`` as arguments (``nnx.split``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,10 +85,55 @@ def test_greedy_matches_autoregressive(pairs, method, pair_name):
     assert bool(jnp.all(result.lengths - 1 <= emitted))
     assert bool(jnp.all(result.lengths - 1 > emitted - (settings.max_accept + 1)))
     assert bool(jnp.any(ends_on_eos))  # EOS before max_new_tokens too
+    np.testing.assert_array_equal(result.drafts, result.rounds * (settings.verify_tokens - 1))
     if pair_name == "agreeing":
         assert float(jnp.mean(result.tau())) > 1.8
     else:
         assert int(jnp.sum(result.accept_counts[:, 1:])) > 0  # some drafts accepted
+
+
+CONFIDENT = SpeculativeSettings(GENERATION, method="chain", gamma=3, min_confidence=0.5)
+"""A chain that drafts only while the draft's probability of the chain stays >= 0.5."""
+
+
+def accepted_drafts(result: SpeculativeGeneration) -> int:
+    return int(jnp.sum(result.accept_counts * jnp.arange(result.accept_counts.shape[1])))
+
+
+def test_a_confident_chain_matches_autoregressive_and_withholds_unsure_drafts(pairs):
+    """Greedy output is unchanged. The random head (flat over 13 tokens) never reaches 0.5, so it
+    proposes nothing and every round is an autoregressive step; the agreeing head proposes fewer
+    than gamma drafts per round, and those it proposes are mostly accepted (0.92 of them, against
+    half of all gamma drafts without the cut)."""
+    prompts, lengths = prompts_of_lengths(np.random.default_rng(1).integers(1, 13, BATCH), seed=2)
+    for pair_name in ("random", "agreeing"):
+        reference, result = run_both(pairs[pair_name], CONFIDENT, prompts, lengths)
+        np.testing.assert_array_equal(result.tokens, reference.tokens)
+        np.testing.assert_array_equal(result.lengths, reference.lengths)
+        assert int(jnp.sum(result.drafts)) < int(jnp.sum(result.rounds)) * CONFIDENT.gamma
+        assert accepted_drafts(result) <= int(jnp.sum(result.drafts))
+    np.testing.assert_array_equal(run_both(pairs["random"], CONFIDENT, prompts, lengths)[1].drafts, 0)
+    assert accepted_drafts(result) > 0.8 * int(jnp.sum(result.drafts))
+    _, uncut = run_both(pairs["agreeing"], METHODS["chain"], prompts, lengths)
+    assert accepted_drafts(uncut) < 0.6 * int(jnp.sum(uncut.drafts))
+
+
+def test_confident_rows_propose_different_counts_in_one_round(pairs):
+    """Room for exactly one round: at min_confidence 0.3 rows propose 1, 2 and 3 drafts in the
+    same round, which verifies the longest; no row accepts more than it proposed, and the tokens
+    are the target's own."""
+    settings = dataclasses.replace(CONFIDENT, min_confidence=0.3)
+    prompts, lengths = prompts_of_lengths([CACHE - settings.verify_tokens] * BATCH, seed=3)
+    reference, result = run_both(pairs["agreeing"], settings, prompts, lengths)
+    ran = np.asarray(result.rounds) == 1
+    assert ran.sum() >= BATCH // 2
+    proposed = np.asarray(result.drafts)[ran]
+    assert set(proposed.tolist()) == {1, 2, 3}, proposed
+    accepted = np.argmax(np.asarray(result.accept_counts), axis=1)[ran]
+    assert np.all(accepted <= proposed) and np.any(accepted == proposed) and np.any(proposed > 0)
+    for row in range(BATCH):
+        common = min(int(result.lengths[row]), int(reference.lengths[row]))
+        np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -171,7 +218,8 @@ def test_tau_and_acceptance_rates():
     # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.
     # Row 1: stopped before any round (first token EOS).
     result = SpeculativeGeneration(tokens=jnp.zeros((2, 9), jnp.int32), lengths=jnp.asarray([9, 1]),
-                                   rounds=jnp.asarray([3, 0]), accept_counts=jnp.asarray([[1, 0, 1, 1], [0, 0, 0, 0]]))
+                                   rounds=jnp.asarray([3, 0]), accept_counts=jnp.asarray([[1, 0, 1, 1], [0, 0, 0, 0]]),
+                                   drafts=jnp.asarray([9, 0]))
     np.testing.assert_allclose(result.tau(), [8 / 3, 0.0])
     # Rounds reaching depth 1: 2 of 3; depth 2: 2 of 2; depth 3: 1 of 2.
     np.testing.assert_allclose(result.acceptance_rates(), [2 / 3, 1.0, 0.5])
@@ -183,7 +231,7 @@ def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     def turn(prompt_id, turn, spec_tokens, rounds, accept_counts, same=True):
         return TurnRecord(prompt_id=prompt_id, turn=turn, prompt_tokens=10, ar_tokens=spec_tokens, ar_seconds=2.0,
                           spec_tokens=spec_tokens, spec_seconds=1.0, rounds=rounds, accept_counts=accept_counts,
-                          same_output=same)
+                          drafts=2 * rounds - 1, same_output=same)
 
     # Question "a" has two turns, "b" one; tau pools rounds: (5 - 1 + 3 - 1 + 7 - 1) / (2 + 1 + 3).
     summary = summarize([turn("a", 1, 5, 2, [0, 1, 1]), turn("a", 2, 3, 1, [0, 1, 0]),
@@ -193,6 +241,7 @@ def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     assert summary["speedup"] == pytest.approx(2.0)
     assert summary["accept_histogram"] == [1, 2, 3]
     assert summary["per_depth_acceptance"] == [5 / 6, 3 / 5]  # float64, as written to eval.json
+    assert summary["drafts_per_round"] == pytest.approx((3 + 1 + 5) / 6)
     assert summary["same_output_fraction"] == pytest.approx(2 / 3)
     assert [q["tau"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 2.0])
 

@@ -13,6 +13,8 @@ ranks and proposes only that vocabulary's N tokens (V otherwise).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -48,51 +50,96 @@ def catch_up(head: EagleHead, target: Llama, cache: KVCache, features: Array, ne
     return last, cache
 
 
+class ChainDrafts(NamedTuple):
+    """Result of :func:`draft_chain`.
+
+    Attributes:
+      tokens: [B, gamma] drafted tokens (those past a row's ``kept`` are scratch).
+      probs: [B, gamma, V] the (warped) distribution q each draft was drawn from, zero outside
+        the draft vocabulary; None when greedy.
+      kept: [B] drafts proposed for verification: the leading ones whose chain confidence
+        reaches ``min_confidence`` (gamma when it is 0).
+      cache: the draft cache, its slots past the committed pairs holding scratch.
+    """
+
+    tokens: Array
+    probs: Array | None
+    kept: Array
+    cache: KVCache
+
+
 def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, committed: Array, key: Array,
-                gamma: int, sampling: SamplingSettings,
-                vocab: DraftVocab | None = None) -> tuple[Array, Array | None, KVCache]:
-    """Drafts gamma tokens autoregressively after the root.
+                gamma: int, sampling: SamplingSettings, vocab: DraftVocab | None = None,
+                min_confidence: float = 0.0) -> ChainDrafts:
+    """Drafts up to gamma tokens autoregressively after the root.
 
     Each draft is drawn from the warped draft distribution (argmax when greedy), the same
     warping the target is verified with, so the recorded q is the one the token came from.
+    A row proposes draft j while its confidence, the draft's probability of the drafts before
+    j times its top probability for draft j (softmax at temperature 1, no top-p, over the draft
+    vocabulary; greedy: the probability of the chain up to j), is at least ``min_confidence``;
+    drafting stops once no row of the batch proposes, so unsure rounds skip the remaining head
+    steps. Whether draft j is proposed depends on the drafts before it and on j's distribution,
+    never on the token drawn for j, so a proposed draft is distributed as its q and
+    verification stays lossless (deciding on the drawn token's own probability would bias it).
 
     Args:
       root_hidden: [B, D] the head's prediction of the root's feature (from :func:`catch_up`).
       committed: [B] committed tokens n; the root sits at position n, draft j (1-based) at n + j.
-
-    Returns:
-      drafts [B, gamma]; their draft distributions q [B, gamma, V] (None when greedy; zero
-      outside ``vocab``); the cache.
+      min_confidence: in [0, 1); 0 keeps all gamma drafts.
     """
     batch = committed.shape[0]
     keys = jax.random.split(key, gamma)
 
-    def propose(step_key: Array, hidden: Array) -> tuple[Array, Array | None]:
+    def propose(step_key: Array, hidden: Array) -> tuple[Array, Array | None, Array, Array]:
+        """[B, D] -> token [B], its q [B, V] (None when greedy), and the softmax's top probability
+        [B] and the token's [B]."""
         logits = draft_logits(target, hidden, vocab)
+        log_softmax = jax.nn.log_softmax(logits, axis=-1)
         if sampling.greedy:
-            return token_ids(sample(step_key, logits, sampling), vocab), None
-        log_q = warped_log_probs(logits, sampling)
-        index = jax.random.categorical(step_key, log_q, axis=-1).astype(jnp.int32)
-        return token_ids(index, vocab), full_vocab_probs(jnp.exp(log_q), vocab, target.arch.vocab_size)
+            index = sample(step_key, logits, sampling)
+            probs = None
+        else:
+            log_q = warped_log_probs(logits, sampling)
+            index = jax.random.categorical(step_key, log_q, axis=-1).astype(jnp.int32)
+            probs = full_vocab_probs(jnp.exp(log_q), vocab, target.arch.vocab_size)
+        chosen = jnp.take_along_axis(log_softmax, index[:, None], axis=-1)[:, 0]
+        return token_ids(index, vocab), probs, jnp.exp(jnp.max(log_softmax, axis=-1)), jnp.exp(chosen)
 
-    def step(carry, inputs):
-        hidden, token, cache = carry
-        index, step_key = inputs
-        # Pair (predicted feature at position n + index, draft token index + 1) -> next feature.
-        slot = committed + index
+    def keep(kept: Array, count: Array, confidence: Array) -> Array:
+        """Rows that proposed all ``count - 1`` earlier drafts propose draft ``count`` if confident."""
+        return jnp.where((kept == count - 1) & (confidence >= min_confidence), count, kept)
+
+    def store(drafts: Array, probs: Array | None, index: Array, token: Array, q: Array | None):
+        drafts = jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], index, axis=1)
+        if q is not None:
+            probs = jax.lax.dynamic_update_slice_in_dim(probs, q[:, None], index, axis=1)
+        return drafts, probs
+
+    def more(carry) -> Array:
+        count, *_, kept = carry
+        return (count < gamma) & jnp.any(kept == count)
+
+    def step(carry):
+        count, hidden, token, cache, drafts, probs, chain_prob, kept = carry
+        # Pair (predicted feature at position n + count - 1, draft `count`) -> next feature.
+        slot = committed + count - 1
         mask = cached_mask(slot, jnp.ones((batch, 1, 1), bool), cache.length)
         out, cache = head(hidden[:, None], target.embed(token[:, None]), slot[:, None], mask, cache, slot)
         hidden = out[:, 0]
-        token, probs = propose(step_key, hidden)
-        return (hidden, token, cache), (token, probs)
+        token, q, top, chosen = propose(keys[count], hidden)
+        drafts, probs = store(drafts, probs, count, token, q)
+        kept = keep(kept, count + 1, chain_prob * top)
+        return count + 1, hidden, token, cache, drafts, probs, chain_prob * chosen, kept
 
-    first, first_probs = propose(keys[0], root_hidden)
-    (_, _, cache), (rest, rest_probs) = jax.lax.scan(
-        step, (root_hidden, first, cache), (jnp.arange(gamma - 1, dtype=jnp.int32), keys[1:]))
-    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
-    if sampling.greedy:
-        return drafts, None, cache
-    return drafts, jnp.concatenate([first_probs[:, None], jnp.moveaxis(rest_probs, 0, 1)], axis=1), cache
+    first, first_q, top, chosen = propose(keys[0], root_hidden)
+    drafts, probs = store(jnp.zeros((batch, gamma), jnp.int32),
+                          None if first_q is None else jnp.zeros((batch, gamma, first_q.shape[-1]), first_q.dtype),
+                          jnp.int32(0), first, first_q)
+    kept = keep(jnp.zeros((batch,), jnp.int32), jnp.int32(1), top)
+    carry = (jnp.int32(1), root_hidden, first, cache, drafts, probs, chosen, kept)
+    _, _, _, cache, drafts, probs, _, kept = jax.lax.while_loop(more, step, carry)
+    return ChainDrafts(drafts, probs, kept, cache)
 
 
 def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, root: Array, committed: Array,

@@ -46,12 +46,14 @@ class DecodeResult:
       seconds: wall time of the jitted call (after the device finished).
       target_calls: [B] target forwards after the prefill (AR: one per token; speculative: rounds).
       accept_counts: [B, A + 1] histogram of accepted drafts per round (speculative only).
+      drafts: [B] drafts proposed for verification over all rounds (speculative only).
     """
 
     tokens: list[np.ndarray]
     seconds: float
     target_calls: np.ndarray
     accept_counts: np.ndarray | None
+    drafts: np.ndarray | None
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +114,7 @@ class Decoder:
             return generation
         return SpeculativeSettings(generation=generation, method=self.method, gamma=self.cfg.gamma,
                                    depth=self.cfg.depth, top_k=self.cfg.top_k,
-                                   total_tokens=self.cfg.total_tokens - 1)
+                                   total_tokens=self.cfg.total_tokens - 1, min_confidence=self.cfg.min_confidence)
 
     def run(self, prompts: Sequence[np.ndarray], key: jax.Array, width: int | None = None) -> DecodeResult:
         """Decodes a batch of prompt id arrays, right-padded to ``width`` (default: their bucket)."""
@@ -130,16 +132,17 @@ class Decoder:
             out = speculative_generate(self.target_graphdef, self.target_params, self.head_graphdef,
                                        self.head_params, jnp.asarray(padded), lengths, key, settings,
                                        self.draft_ids)
-            calls, accept_counts = out.rounds, out.accept_counts
+            calls, accept_counts, drafts = out.rounds, out.accept_counts, out.drafts
         else:
             out = generate(self.target_graphdef, self.target_params, jnp.asarray(padded), lengths, key, settings)
-            calls, accept_counts = out.target_calls, None
+            calls, accept_counts, drafts = out.target_calls, None, None
         jax.block_until_ready(out.tokens)
         seconds = time.perf_counter() - start
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
         return DecodeResult(tokens=[tokens[row, :counts[row]] for row in range(len(prompts))], seconds=seconds,
                             target_calls=np.asarray(calls),
-                            accept_counts=None if accept_counts is None else np.asarray(accept_counts))
+                            accept_counts=None if accept_counts is None else np.asarray(accept_counts),
+                            drafts=None if drafts is None else np.asarray(drafts))
 
     def text(self, tokenizer, tokens: np.ndarray) -> str:
         """The reply text of generated ids (EOS and special tokens dropped)."""

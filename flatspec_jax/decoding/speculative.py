@@ -11,9 +11,11 @@ State between rounds, per row: n committed tokens (prompt + emitted, except the 
 token) whose target KV fills slots 0..n-1; the root, i.e. the last emitted token, at position
 n; the draft cache holding pairs 0..n-1; and the head's prediction of the root's feature.
 A round:
-  1. drafts from that prediction: a chain of gamma tokens, or an EAGLE-2 tree;
+  1. drafts from that prediction: a chain of gamma tokens (with ``min_confidence``, only while
+     the draft is confident: each row proposes 0..gamma), or an EAGLE-2 tree;
   2. runs the target once over [root, drafts...] at positions n + depth, with the tree's
-     ancestry (causal for a chain) as mask; this writes slots n..n+T-1;
+     ancestry (causal for a chain) as mask; this writes slots n..n+T-1 (with
+     ``min_confidence``, T is 1 + the batch's most proposed drafts, picked at run time);
   3. verifies (greedy or lossless sampling), emitting the a accepted drafts and a bonus token;
   4. compacts the target cache to the accepted path (trees only: a chain's path is in place);
   5. catches the draft up: pairs (f_{n+i}, x_{n+i+1}) for i = 0..a, with the target's features
@@ -39,11 +41,11 @@ from flatspec_jax.decoding.commit import append_tokens, compact_cache, emitted_t
 from flatspec_jax.decoding.draft_vocab import DraftVocab
 from flatspec_jax.decoding.drafting import catch_up, draft_chain, draft_tree
 from flatspec_jax.decoding.sampling import sample
-from flatspec_jax.decoding.tree import chain_tree
+from flatspec_jax.decoding.tree import DraftTree, chain_tree
 from flatspec_jax.decoding.verify import (verify_greedy_chain, verify_greedy_tree, verify_sampling_chain,
                                           verify_sampling_tree)
-from flatspec_jax.models.llama import KVCache
-from flatspec_jax.models.masks import cached_mask
+from flatspec_jax.models.llama import KVCache, Llama, ModelOutput
+from flatspec_jax.models.masks import beside_cache_mask, cached_mask
 
 Array = jax.Array
 
@@ -64,6 +66,10 @@ class SpeculativeSettings:
       top_k: tree children per expanded node and beams per level.
       total_tokens: draft nodes in the tree, root excluded (the reference's ``total_token``
         counts the root: its 60 is 59 here).
+      min_confidence: chain only: a row proposes its drafts while the draft's confidence (its
+        probability of the earlier drafts times its top probability for the next; see
+        :func:`~flatspec_jax.decoding.drafting.draft_chain`) reaches this, and each round
+        verifies the batch's longest proposed chain; 0 = always gamma.
     """
 
     generation: GenerationSettings
@@ -72,6 +78,7 @@ class SpeculativeSettings:
     depth: int = 5
     top_k: int = 8
     total_tokens: int = 59
+    min_confidence: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +88,9 @@ class SpeculativeSettings:
         pool = self.top_k + self.depth * self.top_k ** 2
         if not 1 <= self.total_tokens <= pool:
             raise ValueError(f"total_tokens must be in 1..{pool} (top_k + depth * top_k^2)")
+        if not 0 <= self.min_confidence < 1 or (self.min_confidence and self.method != "chain"):
+            raise ValueError(f"min_confidence must be in [0, 1) and 0 unless method is 'chain', got "
+                             f"{self.min_confidence}")
 
     @property
     def max_accept(self) -> int:
@@ -111,13 +121,16 @@ class SpeculativeGeneration(NamedTuple):
       rounds: [B] verification forwards of the target while the row was active; like
         ``Generation.target_calls`` it excludes the prefill.
       accept_counts: [B, A + 1] histogram over the row's rounds of the accepted draft count
-        (bonus excluded), counted before any cut at EOS or max_new_tokens.
+        (bonus excluded), counted before any cut at EOS or max_new_tokens; a draft that was not
+        proposed (``min_confidence``) counts as not accepted.
+      drafts: [B] drafts proposed for verification over the row's rounds.
     """
 
     tokens: Array
     lengths: Array
     rounds: Array
     accept_counts: Array
+    drafts: Array
 
     def tau(self) -> Array:
         """[B] tokens emitted per verification forward: (lengths - 1) / rounds.
@@ -147,6 +160,7 @@ class _LoopState:
     done: Array  # [B] bool
     rounds: Array  # [B]
     accept_counts: Array  # [B, A + 1]
+    drafts: Array  # [B]
     root: Array  # [B] last emitted token, at position `committed`
     committed: Array  # [B] n: target cache slots and draft pairs holding the committed sequence
     draft_hidden: Array  # [B, D] the head's prediction of the root's feature
@@ -201,7 +215,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
         done=(is_eos(first, gen.eos_ids) | (gen.max_new_tokens <= 1)
               | (prompt_lengths + verify_tokens > gen.cache_length)),
         rounds=jnp.zeros((batch,), jnp.int32),
-        accept_counts=jnp.zeros((batch, max_accept + 1), jnp.int32),
+        accept_counts=jnp.zeros((batch, max_accept + 1), jnp.int32), drafts=jnp.zeros((batch,), jnp.int32),
         root=first, committed=prompt_lengths, draft_hidden=draft_hidden,
         target_cache=prefilled.cache, draft_cache=draft_cache, key=key)
 
@@ -211,25 +225,25 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
     def round_(s: _LoopState) -> _LoopState:
         key, draft_key, verify_key = jax.random.split(s.key, 3)
         n = s.committed
+        active = ~s.done
         if settings.method == "chain":
-            drafts, draft_probs, draft_cache = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key,
-                                                           settings.gamma, sampling, vocab)
-            tree = chain_tree(s.root, drafts)
+            chain = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key, settings.gamma, sampling,
+                                vocab, settings.min_confidence)
+            tree, draft_cache, proposed = chain_tree(s.root, chain.tokens), chain.cache, chain.kept
+            out = verify_forward(target, tree, n, s.target_cache, gen.cache_length,
+                                 jnp.max(jnp.where(active, proposed, 0)) if settings.min_confidence else None)
+            verdict = (verify_greedy_chain(chain.tokens, out.logits, proposed) if sampling.greedy else
+                       verify_sampling_chain(verify_key, chain.tokens, chain.probs, out.logits, sampling, proposed))
+            target_cache = out.cache
         else:
             tree, draft_cache = draft_tree(head, target, s.draft_cache, s.draft_hidden, s.root, n, settings.top_k,
                                            settings.depth, settings.total_tokens, vocab)
-        out = target(tree.tokens, n[:, None] + tree.depths, cached_mask(n, tree.ancestors, gen.cache_length),
-                     s.target_cache, n)
-        if settings.method == "chain":
-            verdict = (verify_greedy_chain(drafts, out.logits) if sampling.greedy else
-                       verify_sampling_chain(verify_key, drafts, draft_probs, out.logits, sampling))
-            target_cache = out.cache
-        else:
+            proposed = jnp.full((batch,), settings.total_tokens, jnp.int32)
+            out = verify_forward(target, tree, n, s.target_cache, gen.cache_length)
             verdict = (verify_greedy_tree(tree, out.logits) if sampling.greedy else
                        verify_sampling_tree(verify_key, tree, out.logits, sampling))
             target_cache = compact_cache(out.cache, n, verdict.path, verdict.accepted)
 
-        active = ~s.done
         emitted = emitted_tokens(tree.tokens, verdict, gen.pad_id)  # [B, A + 1] = x_{n+1} .. x_{n+a+1}
         tokens, lengths, hit_eos = append_tokens(s.tokens, s.lengths, emitted, verdict.accepted + 1, active,
                                                  gen.eos_ids)
@@ -242,9 +256,42 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
             tokens=tokens, lengths=lengths, done=done, rounds=s.rounds + active,
             accept_counts=s.accept_counts + active[:, None] * jax.nn.one_hot(verdict.accepted, max_accept + 1,
                                                                              dtype=jnp.int32),
+            drafts=s.drafts + active * proposed,
             root=jnp.where(active, verdict.bonus, s.root), committed=committed,
             draft_hidden=jnp.where(active[:, None], draft_hidden, s.draft_hidden),
             target_cache=target_cache, draft_cache=draft_cache, key=key)
 
     state = jax.lax.while_loop(cond, round_, state)
-    return SpeculativeGeneration(state.tokens, state.lengths, state.rounds, state.accept_counts)
+    return SpeculativeGeneration(state.tokens, state.lengths, state.rounds, state.accept_counts, state.drafts)
+
+
+def verify_forward(target: Llama, tree: DraftTree, committed: Array, cache: KVCache, cache_length: int,
+                   width: Array | None = None) -> ModelOutput:
+    """The target's forward over [root, drafts...] at positions n + depth, the tree's ancestry
+    (causal for a chain) as mask, writing cache slots n .. n + T - 1.
+
+    Args:
+      tree: T nodes per row; committed: [B] n.
+      width: None runs all T nodes; a scalar w (chains only, where the first nodes are a
+        prefix of the chain) runs only the first w + 1, choosing among T compiled widths at run
+        time (``lax.switch``: one branch runs), and pads hidden and logits back to T with zeros.
+        The branches only read the cache and the new keys and values are written after the
+        switch: a branch writing the cache made XLA copy all of it into every call.
+    """
+    num_nodes = tree.tokens.shape[1]
+    if width is None:
+        return target(tree.tokens, committed[:, None] + tree.depths,
+                      cached_mask(committed, tree.ancestors, cache_length), cache, committed)
+
+    def run(count: int) -> ModelOutput:
+        out = target(tree.tokens[:, :count], committed[:, None] + tree.depths[:, :count],
+                     beside_cache_mask(committed, tree.ancestors[:, :count, :count], cache_length), cache,
+                     write_cache=False)
+        pad = ((0, 0), (0, num_nodes - count), (0, 0))
+        new = out.cache  # [L, B, K, count, H]: padded with zeros, written to scratch slots past the nodes
+        new_pad = ((0, 0), (0, 0), (0, 0), (0, num_nodes - count), (0, 0))
+        return ModelOutput(jnp.pad(out.hidden, pad), jnp.pad(out.logits, pad),
+                           KVCache(jnp.pad(new.k, new_pad), jnp.pad(new.v, new_pad)))
+
+    out = jax.lax.switch(width, [functools.partial(run, count) for count in range(1, num_nodes + 1)])
+    return out._replace(cache=cache.write(out.cache, committed))

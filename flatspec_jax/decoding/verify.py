@@ -57,26 +57,37 @@ def _leading_true(flags: Array) -> Array:
     return jnp.sum(jnp.cumprod(flags.astype(jnp.int32), axis=-1), axis=-1)
 
 
-def verify_greedy_chain(drafts: Array, target_logits: Array) -> Verdict:
+def _proposed(drafts: Array, proposed: Array | None) -> Array:
+    """[B, gamma] bool: draft j was proposed (j < proposed[b]; all when ``proposed`` is None)."""
+    if proposed is None:
+        return jnp.ones(drafts.shape, bool)
+    return jnp.arange(drafts.shape[1])[None, :] < proposed[:, None]
+
+
+def verify_greedy_chain(drafts: Array, target_logits: Array, proposed: Array | None = None) -> Verdict:
     """Greedy chain: accept drafts while they equal the target's argmax.
 
     Args:
-      drafts: [B, gamma]; target_logits: [B, gamma + 1, V] at [root, drafts...].
+      drafts: [B, gamma]; target_logits: [B, gamma + 1, V] at [root, drafts...], read only up
+        to each row's last proposed draft; proposed: [B] how many leading drafts each row
+        proposes (None: all gamma).
     """
     batch, gamma = drafts.shape
     choice = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, gamma + 1]
-    accepted = _leading_true(drafts == choice[:, :-1])
+    accepted = _leading_true((drafts == choice[:, :-1]) & _proposed(drafts, proposed))
     bonus = choice[jnp.arange(batch), accepted]
     return Verdict(accepted, _chain_path(accepted, gamma), bonus)
 
 
 def verify_sampling_chain(key: Array, drafts: Array, draft_probs: Array, target_logits: Array,
-                          sampling: SamplingSettings) -> Verdict:
+                          sampling: SamplingSettings, proposed: Array | None = None) -> Verdict:
     """Speculative sampling of a chain whose drafts were sampled from ``draft_probs``.
 
     Args:
       drafts: [B, gamma] drafted tokens; draft_probs: [B, gamma, V] the (warped) distribution
-        q each was sampled from; target_logits: [B, gamma + 1, V] at [root, drafts...].
+        q each was sampled from; target_logits: [B, gamma + 1, V] at [root, drafts...], read
+        only up to each row's last proposed draft; proposed: [B] how many leading drafts each
+        row proposes (None: all gamma). Past them nothing was proposed: the bonus comes from p.
     """
     batch, gamma = drafts.shape
     accept_key, bonus_key = jax.random.split(key)
@@ -85,9 +96,11 @@ def verify_sampling_chain(key: Array, drafts: Array, draft_probs: Array, target_
     p_draft = jnp.take_along_axis(p[:, :-1], drafts[..., None], axis=-1)[..., 0]
     q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(accept_key, (batch, gamma))
-    accepted = _leading_true(u * q_draft < p_draft)  # u < p/q; q > 0 at a token drawn from q
-    # After a full acceptance q is "nothing proposed": max(0, p - 0) is p after the last draft.
-    q_padded = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+    offered = _proposed(drafts, proposed)
+    accepted = _leading_true((u * q_draft < p_draft) & offered)  # u < p/q; q > 0 at a token drawn from q
+    # Where no draft was proposed (after the last proposed one) q is "nothing": max(0, p - 0) is p.
+    q_padded = jnp.concatenate([jnp.where(offered[..., None], draft_probs, 0.0),
+                                jnp.zeros_like(draft_probs[:, :1])], axis=1)
     p_stop, q_stop = p[rows, accepted], q_padded[rows, accepted]
     left = residual(p_stop, q_stop)
     # Zero residual means p <= q everywhere, i.e. p == q, where rejection has probability 0;

@@ -52,7 +52,8 @@ def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    return (f"tau {result['tau']:.2f} tokens per target forward, speedup {result['speedup']:.2f}x "
+    return (f"tau {result['tau']:.2f} tokens per target forward ({result['drafts_per_round']:.2f} drafts verified "
+            f"per round), speedup {result['speedup']:.2f}x "
             f"({result['tokens_per_s_spec']:.1f} vs {result['tokens_per_s_ar']:.1f} tokens/s autoregressive) "
             f"over {result['turns']} turn{'s' if result['turns'] != 1 else ''}")
 

@@ -57,7 +57,8 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
         f"held-out agreement   top-1 {heldout.get('eval_top1', float('nan')):.3f}, "
         f"top-3 {heldout.get('eval_top3', float('nan')):.3f}, "
         f"acceptance {heldout.get('eval_acceptance', float('nan')):.3f}",
-        f"{'tau (' + result['method'] + ')':<21}{result['tau']:.2f} tokens per target forward",
+        f"{'tau (' + result['method'] + ')':<21}{result['tau']:.2f} tokens per target forward "
+        f"({result['drafts_per_round']:.2f} drafts verified per round)",
         f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "
         f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} MT-bench turns)",
         f"plots                {', '.join(str(p) for p in plots)}",
