@@ -329,13 +329,13 @@ def test_draft_chain_proposes_while_the_chain_is_confident(target, head):
         chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
                                             min_confidence=threshold)
         want = [int(np.sum(np.cumprod(p >= threshold))) for p in products]
-        assert chain.kept.tolist() == want, threshold
+        assert chain.proposed.tolist() == want, threshold
         for b in range(2):
             assert chain.tokens[b, :want[b]].tolist() == chains[b][:want[b]]
     assert len({tuple(int(np.sum(p >= t)) for p in products) for t in thresholds}) >= 3
     chain, start_cache = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
                                                   min_confidence=0.99)
-    assert chain.kept.tolist() == [0, 0]
+    assert chain.proposed.tolist() == [0, 0]
     np.testing.assert_array_equal(chain.cache.k, start_cache.k)
     chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
                                         min_confidence=0.0)

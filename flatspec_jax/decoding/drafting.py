@@ -54,17 +54,17 @@ class ChainDrafts(NamedTuple):
     """Result of :func:`draft_chain`.
 
     Attributes:
-      tokens: [B, gamma] drafted tokens (those past a row's ``kept`` are scratch).
+      tokens: [B, gamma] drafted tokens (those past a row's ``proposed`` are scratch).
       probs: [B, gamma, V] the (warped) distribution q each draft was drawn from, zero outside
         the draft vocabulary; None when greedy.
-      kept: [B] drafts proposed for verification: the leading ones whose chain confidence
+      proposed: [B] drafts proposed for verification: the leading ones whose confidence
         reaches ``min_confidence`` (gamma when it is 0).
       cache: the draft cache, its slots past the committed pairs holding scratch.
     """
 
     tokens: Array
     probs: Array | None
-    kept: Array
+    proposed: Array
     cache: KVCache
 
 
@@ -106,9 +106,9 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
         chosen = jnp.take_along_axis(log_softmax, index[:, None], axis=-1)[:, 0]
         return token_ids(index, vocab), probs, jnp.exp(jnp.max(log_softmax, axis=-1)), jnp.exp(chosen)
 
-    def keep(kept: Array, count: Array, confidence: Array) -> Array:
+    def keep(proposed: Array, count: Array, confidence: Array) -> Array:
         """Rows that proposed all ``count - 1`` earlier drafts propose draft ``count`` if confident."""
-        return jnp.where((kept == count - 1) & (confidence >= min_confidence), count, kept)
+        return jnp.where((proposed == count - 1) & (confidence >= min_confidence), count, proposed)
 
     def store(drafts: Array, probs: Array | None, index: Array, token: Array, q: Array | None):
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], index, axis=1)
@@ -117,11 +117,11 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
         return drafts, probs
 
     def more(carry) -> Array:
-        count, *_, kept = carry
-        return (count < gamma) & jnp.any(kept == count)
+        count, *_, proposed = carry
+        return (count < gamma) & jnp.any(proposed == count)
 
     def step(carry):
-        count, hidden, token, cache, drafts, probs, chain_prob, kept = carry
+        count, hidden, token, cache, drafts, probs, chain_prob, proposed = carry
         # Pair (predicted feature at position n + count - 1, draft `count`) -> next feature.
         slot = committed + count - 1
         mask = cached_mask(slot, jnp.ones((batch, 1, 1), bool), cache.length)
@@ -129,17 +129,17 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
         hidden = out[:, 0]
         token, q, top, chosen = propose(keys[count], hidden)
         drafts, probs = store(drafts, probs, count, token, q)
-        kept = keep(kept, count + 1, chain_prob * top)
-        return count + 1, hidden, token, cache, drafts, probs, chain_prob * chosen, kept
+        proposed = keep(proposed, count + 1, chain_prob * top)
+        return count + 1, hidden, token, cache, drafts, probs, chain_prob * chosen, proposed
 
     first, first_q, top, chosen = propose(keys[0], root_hidden)
     drafts, probs = store(jnp.zeros((batch, gamma), jnp.int32),
                           None if first_q is None else jnp.zeros((batch, gamma, first_q.shape[-1]), first_q.dtype),
                           jnp.int32(0), first, first_q)
-    kept = keep(jnp.zeros((batch,), jnp.int32), jnp.int32(1), top)
-    carry = (jnp.int32(1), root_hidden, first, cache, drafts, probs, chosen, kept)
-    _, _, _, cache, drafts, probs, _, kept = jax.lax.while_loop(more, step, carry)
-    return ChainDrafts(drafts, probs, kept, cache)
+    proposed = keep(jnp.zeros((batch,), jnp.int32), jnp.int32(1), top)
+    carry = (jnp.int32(1), root_hidden, first, cache, drafts, probs, chosen, proposed)
+    _, _, _, cache, drafts, probs, _, proposed = jax.lax.while_loop(more, step, carry)
+    return ChainDrafts(drafts, probs, proposed, cache)
 
 
 def draft_tree(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, root: Array, committed: Array,

@@ -229,7 +229,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
         if settings.method == "chain":
             chain = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key, settings.gamma, sampling,
                                 vocab, settings.min_confidence)
-            tree, draft_cache, proposed = chain_tree(s.root, chain.tokens), chain.cache, chain.kept
+            tree, draft_cache, proposed = chain_tree(s.root, chain.tokens), chain.cache, chain.proposed
             out = verify_forward(target, tree, n, s.target_cache, gen.cache_length,
                                  jnp.max(jnp.where(active, proposed, 0)) if settings.min_confidence else None)
             verdict = (verify_greedy_chain(chain.tokens, out.logits, proposed) if sampling.greedy else
