@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -86,14 +86,14 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
     return summarize(records)
 
 
+def _per_round(records: Sequence[TurnRecord], count: Callable[[TurnRecord], int]) -> float:
+    """sum of ``count`` over the records / their verification rounds (0 with no round)."""
+    rounds = sum(r.rounds for r in records)
+    return sum(count(r) for r in records) / rounds if rounds else 0.0
+
+
 def _tau(records: Sequence[TurnRecord]) -> float:
-    rounds = sum(r.rounds for r in records)
-    return sum(r.spec_tokens - 1 for r in records) / rounds if rounds else 0.0
-
-
-def _drafts_per_round(records: Sequence[TurnRecord]) -> float:
-    rounds = sum(r.rounds for r in records)
-    return sum(r.drafts for r in records) / rounds if rounds else 0.0
+    return _per_round(records, lambda r: r.spec_tokens - 1)  # the prefill's token is no round's
 
 
 def _rate(records: Sequence[TurnRecord], side: str) -> float:
@@ -117,7 +117,7 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
         "per_depth_acceptance": acceptance_by_depth(counts).tolist(),
-        "drafts_per_round": _drafts_per_round(records),
+        "drafts_per_round": _per_round(records, lambda r: r.drafts),
         "accept_histogram": counts.tolist(),
         "same_output_fraction": float(np.mean([r.same_output for r in records])),
         "turns": len(records),
