@@ -178,6 +178,11 @@ class TrainConfig:
     """p_w: weight of the token-distribution term."""
     noise: float = 0.2
     """Uniform noise on input features: U(-a/2, a/2) x 512 / (sample length), as in EAGLE."""
+    unroll: int = 1
+    """Training-time test (EAGLE-3, HASS): drafts trained per position. Draft k > 1 reads the head's own
+    draft k - 1 features and attends the context as decoding does; 1 = EAGLE-1/2 training."""
+    unroll_decay: float = 0.8
+    """Weight of draft k's loss: unroll_decay ** (k - 1) (EAGLE-3's 0.8)."""
     loss_chunk: int = 64
     """Positions per chunk of the loss's LM-head work; chunks without trained positions are skipped."""
     features: Literal["online", "offline"] = "online"
@@ -224,6 +229,8 @@ class TrainConfig:
         _require(0 <= self.b1 < 1, "train.b1", "must be in [0, 1)")
         _require(0 <= self.b2 < 1, "train.b2", "must be in [0, 1)")
         _require(self.noise >= 0, "train.noise", "must be >= 0")
+        _require(self.unroll >= 1, "train.unroll", "must be >= 1")
+        _require(0 < self.unroll_decay <= 1, "train.unroll_decay", "must be in (0, 1]")
         _require(self.feature_weight >= 0, "train.feature_weight", "must be >= 0")
         _require(self.token_weight >= 0, "train.token_weight", "must be >= 0")
 

@@ -32,6 +32,7 @@ train steps inside them are ``_train_step`` itself, the function ``compile_steps
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -169,6 +170,43 @@ def test_draft_targets_never_train_across_a_sample_boundary():
                                   jnp.asarray(all_trained))
     np.testing.assert_array_equal(np.asarray(trained), [[1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0]])
 
+# Draft 2 (train.unroll >= 2) at t is trained iff x_{t+1}..x_{t+3} are in t's sample and x_{t+3} is an
+# assistant token: A: t=0 (x3) no, t=1 (x4), t=2 (x5), t >= 3 runs into B; B: t=6 (x9); t >= 7 no.
+HAND_TRAINED_AHEAD_2 = np.array([[0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]], bool)
+
+
+def test_second_draft_targets_hand_checked_on_two_packed_samples():
+    features = np.arange(12, dtype=np.float32)[None, :, None] * np.array([1.0, -2.0], np.float32)
+    tokens, next_features, trained = jax.tree.map(np.asarray, draft_targets(
+        jnp.asarray(features), jnp.asarray(HAND_TOKENS), jnp.asarray(HAND_SEGMENTS), jnp.asarray(HAND_LOSS_MASK), 2))
+    np.testing.assert_array_equal(trained, HAND_TRAINED_AHEAD_2)
+    np.testing.assert_array_equal(tokens[0, :10], HAND_TOKENS[0, 2:])
+    np.testing.assert_array_equal(next_features[0, 1], [3, -6])
+    assert not tokens[0, -2:].any() and not next_features[0, -2:].any()
+
+
+def test_unrolled_loss_adds_the_later_drafts_with_decaying_weights(target):
+    """train.unroll=3: draft 1's terms are those of unroll=1 and the loss is sum_k 0.8^(k-1) loss_k."""
+    head = new_head()
+    batch = batches_of(synthetic_dataset(), 2, 1, seed=3)[0]
+    plain = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
+    unrolled = dataclasses.replace(plain, unroll=3)
+    loss = jax.jit(lambda b, s: draft_loss_on_rows(head, target, b, None, s), static_argnums=1)
+    plain_loss, (plain_metrics, plain_n) = loss(batch, plain)
+    unrolled_loss, (metrics, n) = loss(batch, unrolled)
+    assert int(n) == int(plain_n) > 20
+    assert not any(name.startswith("depth") for name in plain_metrics)
+    for name in ("loss_feature", "loss_token", "acceptance", "top1", "top3"):
+        np.testing.assert_allclose(float(metrics[name]), float(plain_metrics[name]), rtol=1e-5, atol=1e-6)
+    per_draft = [float(metrics[f"{p}loss_feature"]) + 0.1 * float(metrics[f"{p}loss_token"])
+                 for p in ("", "depth2_", "depth3_")]
+    np.testing.assert_allclose(float(plain_loss), per_draft[0], rtol=1e-5)
+    np.testing.assert_allclose(float(unrolled_loss), per_draft[0] + 0.8 * per_draft[1] + 0.64 * per_draft[2],
+                               rtol=1e-5)
+    # The later drafts are other predictions (from the head's own features), not copies of the first.
+    assert min(abs(per_draft[0] - per_draft[1]), abs(per_draft[1] - per_draft[2])) > 1e-5
+
+
 def test_packed_row_loss_equals_separate_rows(target):
     """No information crosses samples: the head's loss on the packed row equals its loss on the two samples
     each alone in a row (same trained positions, so the same masked mean)."""
@@ -183,11 +221,13 @@ def test_packed_row_loss_equals_separate_rows(target):
             separate[k][row, :end - start] = packed[k][0, start:end]
         separate["segment_ids"][row, :end - start] = 1
     loss = jax.jit(lambda b: draft_loss_on_rows(head, target, b, None, settings))
-    packed_loss, (packed_terms, packed_n) = loss(packed)
-    separate_loss, (separate_terms, separate_n) = loss(separate)
+    packed_loss, (packed_metrics, packed_n) = loss(packed)
+    separate_loss, (separate_metrics, separate_n) = loss(separate)
     assert int(packed_n) == int(separate_n) == HAND_TRAINED.sum()
     np.testing.assert_allclose(float(packed_loss), float(separate_loss), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(packed_terms), np.asarray(separate_terms), rtol=1e-6, atol=1e-6)
+    assert packed_metrics.keys() == separate_metrics.keys()
+    for name in packed_metrics:
+        np.testing.assert_allclose(float(packed_metrics[name]), float(separate_metrics[name]), rtol=1e-6, atol=1e-6)
     # And the loss does see the tokens: changing a trained next token changes it.
     changed = {**packed, "tokens": np.where(np.arange(12) == 3, 5, tokens).astype(np.int32)}
     assert abs(float(loss(changed)[0]) - float(packed_loss)) > 1e-4
@@ -342,8 +382,8 @@ def step_lab(target, dataset):
                 return draft_loss_on_rows(nnx.merge(head_graphdef, params), model, batch,
                                           jax.random.fold_in(base, a), NOISY)
 
-            (loss, (terms, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            micro.append({"loss": loss, "terms": terms, "count": count, "grads": grads})
+            (loss, (metrics, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            micro.append({"loss": loss, "metrics": metrics, "count": count, "grads": grads})
         out["micro"] = micro
         return out
 
@@ -507,9 +547,11 @@ def test_meshes_give_the_same_final_params(mesh_runs):
 # Every loss option, bfloat16 compute, offline features, and learning on a tiny repeating dataset
 # ----------------------------------------------------------------------------------------------
 
-# (token loss, compute dtype, features): every loss online, bf16 online, and EAGLE on cached features.
-VARIANTS = ([(loss, "float32", "online") for loss in LOSSES] + [("eagle", "bfloat16", "online"),
-                                                                ("eagle", "float32", "offline")])
+# (token loss, compute dtype, features, train.unroll): every loss online, bf16 online, and EAGLE on cached
+# features, drafting one token per position and three (training-time test).
+VARIANTS = ([(loss, "float32", "online", 1) for loss in LOSSES] + [("eagle", "bfloat16", "online", 1),
+                                                                   ("eagle", "float32", "offline", 1),
+                                                                   ("eagle", "float32", "offline", 3)])
 LEARN_STEPS = 30
 
 
@@ -540,9 +582,9 @@ def variant_runs(target, tmp_path_factory):
     iterator = training_iterator(tiny, rows, row_length=ROW, global_rows_per_batch=2, seed=0, features=cache)
     target_graphdef, target_params = nnx.split(target)
     programs, states = [], []
-    for loss, dtype, features in VARIANTS:
+    for loss, dtype, features, unroll in VARIANTS:
         tcfg = train_config(f"train.loss={loss}", f"train.compute_dtype={dtype}", f"train.features={features}",
-                            "train.learning_rate=0.003")
+                            f"train.unroll={unroll}", "train.learning_rate=0.003")
         head = create_eagle_head(ARCH, 1, seed=SEED, dtype=tcfg.compute_dtype)
         graphdef, params = nnx.split(head)
         tx = build_optimizer(tcfg)
@@ -567,7 +609,11 @@ def variant_runs(target, tmp_path_factory):
     return {"history": history, "states": dict(zip(VARIANTS, states))}
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def variant_id(variant: tuple) -> str:
+    return "-".join(map(str, variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_every_loss_option_trains_with_finite_losses(variant_runs, variant):
     history = variant_runs["history"][variant]
     assert len(history) == LEARN_STEPS
@@ -584,21 +630,22 @@ def test_every_loss_option_trains_with_finite_losses(variant_runs, variant):
     assert last < first, (variant, first, last)
 
 
-@pytest.mark.parametrize("variant", [("eagle", "float32", "online"), ("eagle", "bfloat16", "online"),
-                                     ("eagle", "float32", "offline")], ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "eagle"], ids=variant_id)
 def test_eagle_loss_decreases_on_a_repeating_dataset(variant_runs, variant):
     history = variant_runs["history"][variant]
     first = np.mean([m["loss"] for m in history[:3]])
     last = np.mean([m["loss"] for m in history[-3:]])
     assert last < 0.7 * first, f"{variant}: loss {first:.4f} -> {last:.4f} in {LEARN_STEPS} steps"
-    assert np.mean([m["acceptance"] for m in history[-3:]]) > np.mean([m["acceptance"] for m in history[:3]])
+    for depth in range(1, variant[3] + 1):
+        key = "acceptance" if depth == 1 else f"depth{depth}_acceptance"
+        assert np.mean([m[key] for m in history[-3:]]) > np.mean([m[key] for m in history[:3]]), key
 
 
-@pytest.mark.parametrize("other", [("eagle", "bfloat16", "online"), ("eagle", "float32", "offline")],
-                         ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("other", [("eagle", "bfloat16", "online", 1), ("eagle", "float32", "offline", 1)],
+                         ids=variant_id)
 def test_bfloat16_compute_and_offline_features_track_online_float32(variant_runs, other):
     """bf16 compute, or bf16-stored cached features, change the numbers a little, not the course of training."""
-    reference = variant_runs["history"][("eagle", "float32", "online")]
+    reference = variant_runs["history"][("eagle", "float32", "online", 1)]
     got = variant_runs["history"][other]
     np.testing.assert_allclose(got[0]["loss"], reference[0]["loss"], rtol=0.02)
     np.testing.assert_allclose(got[-1]["loss"], reference[-1]["loss"], rtol=0.1)

@@ -160,7 +160,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
                  cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0,
-                 write: bool = True) -> tuple[Array, tuple[Array, Array] | None]:
+                 write: bool = True, diagonal: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         """Self-attention of the T new tokens over S keys.
 
         Args:
@@ -174,6 +175,10 @@ class Attention(nnx.Module):
           layer: this layer's index into the cache.
           write: False leaves the cache untouched (only read) and attends over its slots and the
             new tokens side by side; see :class:`Llama`.
+          diagonal: with ``write=False`` only: the whole model's keys and values of J >= 0 earlier
+            unrolled steps, each [L, J, B, K, T, H]. Query t then attends the cache's slots under
+            ``mask`` ([B, T, S]), entry t of each earlier step and its own key, and no other new
+            token: the EAGLE head's training-time test (:meth:`EagleHead.unrolled`).
 
         Returns:
           [B, T, D] output and the updated (k, v) cache (None without a cache), or with
@@ -187,11 +192,21 @@ class Attention(nnx.Module):
         q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
         k = apply_rope(self._project(x, self.k_proj, self.k_bias), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
+        if diagonal is not None and (cache is None or write):
+            raise ValueError("diagonal keys need a cache that is only read (write=False)")
         new_kv = None
+        own_keys, own_values = (), ()
         if cache is not None and not write:
             new_kv = (k.transpose(0, 2, 1, 3).astype(cache[0].dtype), v.transpose(0, 2, 1, 3).astype(cache[1].dtype))
-            keys = (cache[0][layer].astype(self.dtype), new_kv[0].astype(self.dtype))
-            values = (cache[1][layer].astype(self.dtype), new_kv[1].astype(self.dtype))
+            keys, values = (cache[0][layer].astype(self.dtype),), (cache[1][layer].astype(self.dtype),)
+            if diagonal is None:
+                keys, values = keys + (new_kv[0].astype(self.dtype),), values + (new_kv[1].astype(self.dtype),)
+            else:
+                earlier_k, earlier_v = diagonal[0][layer], diagonal[1][layer]
+                own_keys = tuple(earlier_k[j].astype(self.dtype) for j in range(earlier_k.shape[0])) + (
+                    new_kv[0].astype(self.dtype),)
+                own_values = tuple(earlier_v[j].astype(self.dtype) for j in range(earlier_v.shape[0])) + (
+                    new_kv[1].astype(self.dtype),)
         elif cache is not None:
             slots = cache_index[:, None] + jnp.arange(t)[None, :]
             rows = jnp.arange(b)[:, None]
@@ -216,7 +231,7 @@ class Attention(nnx.Module):
                                            mask[:, start:start + ATTENTION_BLOCK, :start + ATTENTION_BLOCK])
                                    for start in range(0, t, ATTENTION_BLOCK)], axis=2)
         else:
-            out = _attend(q, keys, values, mask)
+            out = _attend(q, keys, values, mask, own_keys, own_values)
         # Heads back to [B, T, N x H] (head n = k x G + g) and one plain matmul with o_proj as
         # [N x H, D]: contracting the heads-major output against o_proj reshaped [K, G, H, D]
         # made XLA transpose the weight instead, a copy of it per layer and call.
@@ -225,10 +240,12 @@ class Attention(nnx.Module):
         return out, (new_kv if new_kv is not None else cache)
 
 
-def _attend(q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], mask: Array) -> Array:
+def _attend(q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], mask: Array,
+            own_keys: tuple[Array, ...] = (), own_values: tuple[Array, ...] = ()) -> Array:
     """Softmax attention of grouped queries [B, K, T, G, H] over keys/values given as blocks
     [B, K, S_i, H] (one softmax over all S = sum S_i keys, the blocks never concatenated) with a
-    [B, T, S] mask.
+    [B, T, S] mask, and over ``own_keys``/``own_values`` blocks [B, K, T, H] of which query t
+    attends entry t only (always allowed; one score per query and block, no [T, T] product).
 
     Returns [B, K, T, G, H] in the dtype of the values; scores and softmax are float32.
     """
@@ -239,11 +256,18 @@ def _attend(q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], mask: 
     scores = scores * (head_dim ** -0.5)
     # A finite floor (not -inf) keeps fully-masked padding rows finite instead of NaN.
     scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values[0].dtype).reshape(b, kv_heads, t * groups, -1)
+    if own_keys:
+        own = [jnp.einsum("bktgh,bkth->bktg", q, k, preferred_element_type=jnp.float32) for k in own_keys]
+        scores = jnp.concatenate([scores, jnp.stack(own, axis=-1) * (head_dim ** -0.5)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values[0].dtype)
     bounds = np.cumsum([0] + [v.shape[2] for v in values])
-    out = functools.reduce(jnp.add, [jnp.einsum("bkqs,bksh->bkqh", probs[..., start:end], v)
+    flat_probs = probs[..., :bounds[-1]].reshape(b, kv_heads, t * groups, -1)
+    out = functools.reduce(jnp.add, [jnp.einsum("bkqs,bksh->bkqh", flat_probs[..., start:end], v)
                                      for start, end, v in zip(bounds[:-1], bounds[1:], values)])
-    return out.reshape(b, kv_heads, t, groups, head_dim)
+    out = out.reshape(b, kv_heads, t, groups, head_dim)
+    for index, v in enumerate(own_values):
+        out = out + probs[..., bounds[-1] + index, None] * v[:, :, :, None, :]
+    return out
 
 
 class MLP(nnx.Module):
@@ -275,10 +299,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
                  cache: tuple[Array, Array] | None, cache_index: Array | None, layer: Array | int = 0,
-                 write: bool = True) -> tuple[Array, tuple[Array, Array] | None]:
+                 write: bool = True, diagonal: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [B, T, D] residual stream -> [B, T, D]; see :meth:`Attention.__call__` for the rest."""
         h = x if self.input_layernorm is None else self.input_layernorm(x)
-        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, layer, write)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, layer, write, diagonal)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -299,17 +324,21 @@ class DecoderStack(nnx.Module):
         self.layers = make_layers(rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache: KVCache | None,
-                 cache_index: Array | None, first_layer: int = 0, write: bool = True) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None, first_layer: int = 0, write: bool = True,
+                 diagonal: KVCache | None = None) -> tuple[Array, KVCache | None]:
         """x: [B, T, D] -> [B, T, D]. The cache (if any) is [L', B, K, S, H] per tensor, L' >= first_layer +
         num_layers; layer i of the stack uses cache layer ``first_layer + i``. Returns the updated
         cache, or with ``write=False`` (cache only read) the new tokens' keys and values as a
-        [num_layers, B, K, T, H] :class:`KVCache`."""
+        [num_layers, B, K, T, H] :class:`KVCache`. ``diagonal`` ([L', J, B, K, T, H] tensors, with
+        ``write=False`` only): see :meth:`Attention.__call__`."""
         graphdef, layer_state = nnx.split(self.layers)
         if cache is not None and not write:
+            earlier = None if diagonal is None else (diagonal.k, diagonal.v)
+
             def read_only(h, layer):
                 index, state = layer
                 h, new_kv = nnx.merge(graphdef, state)(h, cos, sin, mask, (cache.k, cache.v), None,
-                                                       first_layer + index, write=False)
+                                                       first_layer + index, write=False, diagonal=earlier)
                 return h, new_kv
 
             x, (k, v) = jax.lax.scan(read_only, x, (jnp.arange(self.num_layers), layer_state))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -57,10 +57,13 @@ class StepSettings:
     noise: float
     seed: int
     loss_chunk: int
+    unroll: int = 1
+    unroll_decay: float = 0.8
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, seed: int) -> "StepSettings":
-        return cls(cfg.loss, cfg.feature_weight, cfg.token_weight, cfg.noise, seed, cfg.loss_chunk)
+        return cls(cfg.loss, cfg.feature_weight, cfg.token_weight, cfg.noise, seed, cfg.loss_chunk, cfg.unroll,
+                   cfg.unroll_decay)
 
 
 def _shift_left(x: Array, k: int) -> Array:
@@ -69,13 +72,15 @@ def _shift_left(x: Array, k: int) -> Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
-def draft_targets(features: Array, tokens: Array, segment_ids: Array, loss_mask: Array
+def draft_targets(features: Array, tokens: Array, segment_ids: Array, loss_mask: Array, ahead: int = 1
                   ) -> tuple[Array, Array, Array]:
-    """Next tokens x_{t+1} [R, L], next features f_{t+1} [R, L, D] and the trained-position mask [R, L]."""
-    same_next = (segment_ids > 0) & (_shift_left(segment_ids, 1) == segment_ids)
-    same_after = same_next & (_shift_left(segment_ids, 2) == segment_ids)
-    trained = same_after & (_shift_left(loss_mask, 2) > 0)
-    return _shift_left(tokens, 1), _shift_left(features, 1), trained
+    """Draft ``ahead``'s inputs and targets: tokens x_{t+ahead} [R, L], features f_{t+ahead} [R, L, D] and
+    the trained-position mask [R, L] (x_t ... x_{t+ahead+1} in one sample, x_{t+ahead+1} an assistant token)."""
+    trained = segment_ids > 0
+    for step in range(1, ahead + 2):
+        trained = trained & (_shift_left(segment_ids, step) == segment_ids)
+    trained = trained & (_shift_left(loss_mask, ahead + 1) > 0)
+    return _shift_left(tokens, ahead), _shift_left(features, ahead), trained
 
 
 def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplitude: float) -> Array:
@@ -89,15 +94,21 @@ def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplit
 
 def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], key: Array | None,
                        settings: StepSettings, agreement: bool | Array = True, draft_ids: Array | None = None
-                       ) -> tuple[Array, tuple[Any, Array]]:
+                       ) -> tuple[Array, tuple[dict[str, Array], Array]]:
     """Loss of the head on packed rows ([R, L] arrays; ``features`` [R, L, D] when cached offline).
 
-    ``key`` None means no input noise (evaluation). ``agreement`` ([] bool) computes the
-    acceptance, top1 and top3 terms (NaN without; see `draft_loss_through_head`). ``draft_ids``
-    [N]: the reduced draft vocabulary the token term is computed over (None: all tokens).
+    With ``settings.unroll`` = K > 1 the head drafts K tokens from every position
+    (:meth:`EagleHead.unrolled`, training-time test) and the loss is sum_k decay^(k-1) loss_k,
+    loss_k comparing draft k at position t with f_{t+k} and the target's distribution of x_{t+k+1}.
+
+    ``key`` None means no input noise (evaluation); the noise perturbs the target features only
+    (draft 1's input). ``agreement`` ([] bool) computes the acceptance, top1 and top3 terms (NaN
+    without; see `draft_loss_through_head`). ``draft_ids`` [N]: the reduced draft vocabulary the
+    token term is computed over (None: all tokens).
 
     Returns:
-      (loss, (LossTerms, number of trained positions)).
+      (loss, (metrics, number of positions draft 1 trains)): :func:`metrics_of` the loss and
+      each draft's terms.
     """
     tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
     mask = segment_causal_mask(segment_ids)
@@ -107,30 +118,44 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
         with jax.named_scope("target_features"):
             features = target(tokens, positions, mask, return_logits=False).hidden
     features = jax.lax.stop_gradient(features)
-    next_tokens, next_features, trained = draft_targets(features, tokens, segment_ids, batch["loss_mask"])
+    drafts = [draft_targets(features, tokens, segment_ids, batch["loss_mask"], ahead)
+              for ahead in range(1, settings.unroll + 1)]
     inputs = features
     if key is not None and settings.noise > 0:
         inputs = features + feature_noise(key, features.shape, segment_ids, settings.noise).astype(features.dtype)
+    embeddings = [target.embed(next_tokens) for next_tokens, _, _ in drafts]
     with jax.named_scope("draft"):
-        predicted, _ = head(inputs, target.embed(next_tokens), positions, mask)
+        if settings.unroll == 1:
+            predictions = [head(inputs, embeddings[0], positions, mask)[0]]
+        else:
+            predictions = head.unrolled(inputs, embeddings, positions, mask)
+    loss, terms = jnp.zeros((), jnp.float32), []
     with jax.named_scope("loss"):
-        loss, terms = draft_loss_through_head(predicted, next_features, target.lm_head_weight(), trained,
-                                              token_loss=settings.token_loss, feature_weight=settings.feature_weight,
-                                              token_weight=settings.token_weight, chunk=settings.loss_chunk,
-                                              agreement=agreement, draft_ids=draft_ids)
-    return loss, (terms, trained.sum())
+        for index, (predicted, (_, next_features, trained)) in enumerate(zip(predictions, drafts)):
+            draft_loss, draft_terms = draft_loss_through_head(
+                predicted, next_features, target.lm_head_weight(), trained, token_loss=settings.token_loss,
+                feature_weight=settings.feature_weight, token_weight=settings.token_weight,
+                chunk=settings.loss_chunk, agreement=agreement, draft_ids=draft_ids)
+            loss = loss + settings.unroll_decay ** index * draft_loss
+            terms.append(draft_terms)
+    return loss, (metrics_of(loss, terms), drafts[0][2].sum())
 
 
-def metrics_of(loss: Array, terms: LossTerms) -> dict[str, Array]:
-    """Loggable float32 scalars: loss, loss_feature, loss_token, acceptance, top1, top3."""
-    named = {f"loss_{n}" if n in ("feature", "token") else n: v for n, v in terms._asdict().items()}
-    return {name: value.astype(jnp.float32) for name, value in {"loss": loss, **named}.items()}
+def metrics_of(loss: Array, terms: Sequence[LossTerms]) -> dict[str, Array]:
+    """Loggable float32 scalars: loss, then draft 1's loss_feature, loss_token, acceptance, top1, top3,
+    and draft k > 1's (with ``settings.unroll`` > 1) as depth{k}_loss_feature, ..., depth{k}_top3."""
+    metrics = {"loss": loss}
+    for depth, draft_terms in enumerate(terms, 1):
+        prefix = "" if depth == 1 else f"depth{depth}_"
+        metrics.update({f"{prefix}loss_{n}" if n in ("feature", "token") else f"{prefix}{n}": v
+                        for n, v in draft_terms._asdict().items()})
+    return {name: value.astype(jnp.float32) for name, value in metrics.items()}
 
 
-def _zero_metrics() -> dict[str, Array]:
+def _zero_metrics(unroll: int) -> dict[str, Array]:
     """The carry a micro-batch scan sums :func:`metrics_of` into."""
     scalar = jnp.zeros((), jnp.float32)
-    return metrics_of(scalar, LossTerms(*[scalar] * len(LossTerms._fields)))
+    return metrics_of(scalar, [LossTerms(*[scalar] * len(LossTerms._fields))] * unroll)
 
 
 def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -162,23 +187,22 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     def accumulate(carry, inputs):
         grads_sum, metrics_sum, count_sum = carry
         index, batch = inputs
-        (loss, (terms, count)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        (_, (metrics, count)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
             state.params, batch, jax.random.fold_in(base_key, index))
         weight = count.astype(jnp.float32) + MASK_EPS  # undoes the micro-batch's masked-mean denominator
         return (jax.tree.map(lambda total, g: total + weight * g, grads_sum, grads),
-                jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics_of(loss, terms)),
+                jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics),
                 count_sum + count.astype(jnp.float32)), None
 
     micro_batches = jax.tree.leaves(batches)[0].shape[0]
     if micro_batches == 1:  # nothing to weigh: the gradient as it is, bit for bit
         batch = jax.tree.map(lambda x: x[0], batches)
-        (loss, (terms, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        (_, (metrics, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
             state.params, batch, jax.random.fold_in(base_key, 0))
-        metrics = metrics_of(loss, terms)
     else:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         scalar = jnp.zeros((), jnp.float32)
-        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, _zero_metrics(), scalar),
+        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, _zero_metrics(settings.unroll), scalar),
                                                   (jnp.arange(micro_batches), batches))
         grads = jax.tree.map(lambda g: g / (count + MASK_EPS), grads)
         metrics = {name: value / (count + MASK_EPS) for name, value in metrics.items()}
@@ -199,16 +223,17 @@ def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, setti
 
     def accumulate(carry, batch):
         metrics_sum, count_sum = carry
-        loss, (terms, count) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
+        _, (metrics, count) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
         weight = count.astype(jnp.float32) + MASK_EPS
-        return (jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics_of(loss, terms)),
+        return (jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics),
                 count_sum + count.astype(jnp.float32)), None
 
     if jax.tree.leaves(batches)[0].shape[0] == 1:  # nothing to weigh, as in `_train_step`
-        loss, (terms, positions) = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None,
-                                                      settings, draft_ids=draft_ids)
-        return {**metrics_of(loss, terms), "positions": positions}
-    (metrics, positions), _ = jax.lax.scan(accumulate, (_zero_metrics(), jnp.zeros((), jnp.float32)), batches)
+        _, (metrics, positions) = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None,
+                                                     settings, draft_ids=draft_ids)
+        return {**metrics, "positions": positions}
+    (metrics, positions), _ = jax.lax.scan(accumulate, (_zero_metrics(settings.unroll), jnp.zeros((), jnp.float32)),
+                                           batches)
     return {**{name: value / (positions + MASK_EPS) for name, value in metrics.items()}, "positions": positions}
 
 
