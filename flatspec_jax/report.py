@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -293,17 +294,33 @@ def plot_learning_rate(records: Records, path: str | Path) -> Path:
     return _save(figure, path)
 
 
+def later_draft_keys(records: Records) -> list[str]:
+    """Top-1 agreement keys of the later drafts a training-time test trains (``depth2_top1``, ...,
+    held-out or training, without the ``eval_`` prefix), in order of the draft."""
+    keys = {k.removeprefix(HELDOUT_PREFIX) for k in metric_keys(records)}
+    later = [k for k in keys if re.fullmatch(r"depth\d+_top1", k)]
+    return sorted(later, key=lambda k: int(k[len("depth"):-len("_top1")]))
+
+
+def _agreement_label(key: str) -> str:
+    if key == "acceptance":
+        return "acceptance Σ min(p, q)"
+    if key.startswith("depth"):
+        return f"draft {key[len('depth'):-len('_top1')]} top-1 agreement (from its own drafts)"
+    return f"top-{key[3:]} agreement"
+
+
 def plot_agreement(records: Records, path: str | Path) -> Path:
     """Top-k agreement of the draft with the target vs step: held-out (``eval_top1``, ``eval_top3``, ...)
-    as markers, training batches (``top1``, ...) as lines, and the acceptance alpha = sum min(p, q)."""
+    as markers, training batches (``top1``, ...) as lines, the acceptance alpha = sum min(p, q), and
+    the later drafts' top-1 agreement where ``train.unroll`` trains them (``depth2_top1``, ...)."""
     keys = agreement_keys(records)
     if not keys:
         raise ValueError("no top-k agreement (eval_top*, top*) in the metrics records")
-    keys += ["acceptance"]
+    keys += ["acceptance", *later_draft_keys(records)]
     figure = _figure(7.0, 5.5)
     ax = figure.add_subplot()
-    _train_and_heldout(ax, records, keys,
-                       lambda k: "acceptance Σ min(p, q)" if k == "acceptance" else f"top-{k[3:]} agreement")
+    _train_and_heldout(ax, records, keys, _agreement_label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("fraction of trained tokens")
     ax.set_ylim(0, 1.02)

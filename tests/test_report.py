@@ -136,6 +136,11 @@ def test_read_metrics_skips_truncated_line_and_keeps_last_repeat(tmp_path):
     assert report.agreement_keys([{"step": 1, "eval_top10": 0.9, "eval_top3": 0.5, "eval_top1": 0.2, "top1": 0.3}]) == [
         "top1", "top3", "top10"]
     assert report.loss_keys([{"step": 1, "eval_loss": 1.0, "eval_loss_token": 2.0}]) == ["loss", "loss_token"]
+    unrolled = [{"step": 1, "top1": 0.3, "depth2_top1": 0.2, "depth2_loss_token": 3.0, "eval_depth10_top1": 0.1,
+                 "eval_depth3_top1": 0.15, "depth3_top3": 0.4}]
+    assert report.agreement_keys(unrolled) == ["top1"]
+    assert report.later_draft_keys(unrolled) == ["depth2_top1", "depth3_top1", "depth10_top1"]
+    assert report.loss_keys([{"step": 1, "loss": 1.0, "depth2_loss_token": 3.0}]) == ["loss"]
 
 
 def test_plot_functions_validate_inputs(tmp_path):
@@ -154,3 +159,19 @@ def test_smoothed_position_mean_is_count_weighted():
     sums, counts = np.array([1.0, 0.0, 9.0]), np.array([1.0, 0.0, 3.0])
     smoothed = report.smoothed_position_mean(sums, counts, 3)
     assert smoothed.tolist() == [1.0, 2.5, 3.0]
+
+
+def test_agreement_plot_draws_the_later_drafts_of_an_unrolled_run(tmp_path, monkeypatch):
+    records = [{"step": s, "top1": 0.1 + s / 100, "top3": 0.2 + s / 100, "acceptance": 0.1, "depth2_top1": s / 120,
+                **({"eval_top1": 0.1, "eval_depth2_top1": s / 130} if s % 10 == 0 else {})} for s in range(1, 41)]
+    labels = []
+    original = report._train_and_heldout
+
+    def spy(ax, records, keys, label, *args):
+        labels.extend(label(k) for k in keys)
+        return original(ax, records, keys, label, *args)
+
+    monkeypatch.setattr(report, "_train_and_heldout", spy)
+    assert_png(report.plot_agreement(records, tmp_path / "agreement.png"))
+    assert labels == ["top-1 agreement", "top-3 agreement", "acceptance Σ min(p, q)",
+                      "draft 2 top-1 agreement (from its own drafts)"]
