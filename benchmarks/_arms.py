@@ -19,6 +19,10 @@ from collect_demo import stage_times
 
 SCORED_OUTPUTS = ("scores.parquet", "tokens.npz", "features")
 """What ``flatspec score`` leaves in a run directory that later stages read."""
+SELECTED_OUTPUTS = SCORED_OUTPUTS + ("selection.json",)
+"""... and ``flatspec select``."""
+TRAINED_OUTPUTS = SELECTED_OUTPUTS + ("checkpoints",)
+"""... and ``flatspec train``: what ``flatspec eval`` reads."""
 
 
 def flatspec(verb: str, config: str, run_dir: Path, overrides: list[str], log: str) -> Path:
@@ -59,6 +63,25 @@ def run_arm_pipeline(config: str, run_dir: Path, overrides: list[str]) -> dict:
              if "eval_top1" in r]
     return {"reused_complete_run": reused, "stage_seconds": stage_times(run_dir / "pipeline.err"), "heldout": curve,
             "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
+
+
+def run_selected_arm(config: str, selected: Path, run_dir: Path, overrides: list[str]) -> dict:
+    """:func:`run_arm_pipeline` in ``run_dir`` on the scored and selected data of ``selected`` (linked in)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_outputs(selected, run_dir, SELECTED_OUTPUTS)
+    return run_arm_pipeline(config, run_dir, overrides)
+
+
+def evaluate_arm(config: str, arm_dir: Path, suffix: str, overrides: list[str]) -> dict:
+    """The arm's trained head evaluated again (``flatspec eval`` with ``overrides``, e.g. other decoding
+    settings) in ``<arm_dir>-<suffix>``, the arm's outputs linked in: eval.json's summary (per-question
+    records dropped)."""
+    run_dir = arm_dir.with_name(f"{arm_dir.name}-{suffix}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_outputs(arm_dir, run_dir, TRAINED_OUTPUTS)
+    flatspec("eval", config, run_dir, overrides, "eval")
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    return {k: v for k, v in evaluation.items() if k != "questions"}
 
 
 def outcome_cells(arm: dict) -> list[str]:

@@ -24,37 +24,16 @@ tau and per-depth acceptance per temperature.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, SCORED_OUTPUTS, flatspec, link_outputs, outcome_cells,  # noqa: E402
-                   relative_cell, run_arm_pipeline)
+from _arms import (OUTCOME_HEADER, evaluate_arm, flatspec, outcome_cells, relative_cell,  # noqa: E402
+                   run_selected_arm)
 from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
 
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
-SELECTED_OUTPUTS = SCORED_OUTPUTS + ("selection.json",)
-TRAINED_OUTPUTS = SELECTED_OUTPUTS + ("checkpoints",)
-
-
-def run_arm(config: str, scored: Path, run_dir: Path, loss: str, overrides: list[str]) -> dict:
-    """Runs (or completes) one loss's pipeline on the scored and selected data."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    link_outputs(scored, run_dir, SELECTED_OUTPUTS)
-    return {"loss": loss, **run_arm_pipeline(config, run_dir, [f"train.loss={loss}", *overrides])}
-
-
-def evaluate_sampling(config: str, arm_dir: Path, loss: str, temperature: float, overrides: list[str]) -> dict:
-    """The arm's trained head evaluated with sampling at ``temperature``, in ``<arm_dir>-t<T>``: eval.json's
-    summary (per-question records dropped)."""
-    run_dir = arm_dir.with_name(f"{arm_dir.name}-t{temperature:g}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    link_outputs(arm_dir, run_dir, TRAINED_OUTPUTS)
-    flatspec("eval", config, run_dir, [f"train.loss={loss}", *overrides, f"decode.temperature={temperature}"], "eval")
-    evaluation = json.loads((run_dir / "eval.json").read_text())
-    return {k: v for k, v in evaluation.items() if k != "questions"}
 
 
 def main() -> int:
@@ -75,8 +54,10 @@ def main() -> int:
     flatspec("select", args.config, scored, args.overrides, "select")
     results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
     for loss in args.losses:
-        arm = run_arm(args.config, scored, work / loss, loss, args.overrides)
-        arm["sampled"] = {f"{t:g}": evaluate_sampling(args.config, work / loss, loss, t, args.overrides)
+        overrides = [f"train.loss={loss}", *args.overrides]
+        arm = {"loss": loss, **run_selected_arm(args.config, scored, work / loss, overrides)}
+        arm["sampled"] = {f"{t:g}": evaluate_arm(args.config, work / loss, f"t{t:g}",
+                                                 [*overrides, f"decode.temperature={t}"])
                           for t in args.temperatures}
         results["arms"][loss] = arm
     arms = results["arms"]

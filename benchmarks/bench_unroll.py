@@ -1,0 +1,83 @@
+"""Training-time test: drafts trained with ``train.unroll`` = 1 (EAGLE-1/2), 2, 3 ... on one selected dataset.
+
+    python benchmarks/bench_unroll.py [--config configs/smollm2_sharegpt_demo.yaml] [--work DIR]
+                                      [--unrolls 1 2 3] [--gammas 3] [--set KEY=VALUE ...]
+
+The config's data is scored and selected once (``DIR/scored``); each unroll then gets
+``DIR/unroll<K>`` with those outputs hard-linked in and runs ``flatspec pipeline`` there with
+``train.unroll=<K>`` (plus every ``--set``), so the arms differ in the training-time test alone:
+same samples, steps, data order, seed and evaluation. A complete arm directory is reused, so an
+interrupted or extended benchmark continues. Each arm's head is also evaluated with chain
+speculation of every ``--gammas`` length (``flatspec eval --set decode.gamma=G`` in
+``DIR/unroll<K>-gamma<G>``): the training-time test trains the second and later drafts, which
+only longer chains (and trees) verify.
+
+Prints and writes (``benchmarks/results/unroll.json``) per arm: training wall time, the
+held-out agreement of its first draft (and of draft k, ``eval_depth{k}_*``, where the arm
+trains it), the pipeline's tau, per-depth acceptance and speedup, the same for each gamma, and
+tau and speedup relative to unroll 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _arms import (OUTCOME_HEADER, evaluate_arm, flatspec, outcome_cells, relative_cell,  # noqa: E402
+                   run_selected_arm)
+from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
+
+
+def later_drafts_heldout(run_dir: Path) -> dict[str, float]:
+    """The last held-out evaluation's metrics of drafts 2, 3, ... (``eval_depth{k}_top1`` and ``_acceptance``)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    last = [r for r in records if "eval_top1" in r][-1]
+    return {k: v for k, v in last.items() if k.startswith("eval_depth") and k.endswith(("_top1", "_acceptance"))}
+
+
+def main() -> int:
+    parser = benchmark_parser(__doc__, "unroll.json")
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench_unroll"))
+    parser.add_argument("--unrolls", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--gammas", nargs="*", type=int, default=[3],
+                        help="also evaluate every arm's head with chains of these lengths")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm (repeatable)")
+    args = parser.parse_args()
+    gate = wait_for_quiet(args.max_load, args.max_wait)
+    work = Path(args.work)
+    scored = work / "scored"
+    scored.mkdir(parents=True, exist_ok=True)
+    flatspec("score", args.config, scored, args.overrides, "score")
+    flatspec("select", args.config, scored, args.overrides, "select")
+    results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
+    for unroll in args.unrolls:
+        overrides = [f"train.unroll={unroll}", *args.overrides]
+        arm_dir = work / f"unroll{unroll}"
+        arm = {"unroll": unroll, **run_selected_arm(args.config, scored, arm_dir, overrides)}
+        arm["later_drafts_heldout"] = later_drafts_heldout(arm_dir)
+        arm["gammas"] = {str(g): evaluate_arm(args.config, arm_dir, f"gamma{g}", [*overrides, f"decode.gamma={g}"])
+                         for g in args.gammas}
+        results["arms"][str(unroll)] = arm
+    arms = results["arms"]
+    baseline = arms.get("1")
+    title = f"draft per train.unroll, same data and steps ({args.config} {' '.join(args.overrides)})"
+    rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline),
+             ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in sorted(arm["later_drafts_heldout"].items()))]
+            for name, arm in arms.items()]
+    print_table(title, ["unroll", *OUTCOME_HEADER, "tau / speedup vs unroll 1", "held-out, later drafts"], rows)
+    for g in args.gammas:
+        evaluated = {name: arm["gammas"][str(g)] for name, arm in arms.items()}
+        rows = [[name, f"{e['tau']:.3f}", ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]),
+                 f"{e['speedup']:.2f}x"] for name, e in evaluated.items()]
+        print_table(f"{title}, chain gamma {g}", ["unroll", "tau", "per-depth acceptance", "speedup"], rows)
+    print(f"wrote {write_results(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
