@@ -8,6 +8,11 @@ token. (The reference masks by x_t instead, an artefact of its data layout that 
 two positions after an assistant turn ends and skips the first two of each turn; masking by
 the predicted token trains exactly the tokens a draft must propose.)
 
+With ``train.unroll`` = K > 1 (training-time test, EAGLE-3/HASS) each position also trains the
+head's drafts 2..K, each fed the head's own previous features as in a decoding round
+(`EagleHead.unrolled`); draft k is trained where x_{t+1} ... x_{t+k+1} share t's sample and
+x_{t+k+1} is an assistant token.
+
 Shape legend: A micro-batches, R rows, L row length, D model dim, V vocab.
 """
 
@@ -169,6 +174,8 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     reference's accumulation averages the micro-batch means instead, so a micro-batch with few
     trained tokens weighs as much as a full one.) TVD++ normalises its reward within each
     micro-batch, so for that loss the equality holds only for the normalisation's statistics.
+    With ``unroll`` > 1 every draft's term is weighted by draft 1's count n_a, a few more
+    positions per sample than the later drafts train, so there it holds up to that difference.
 
     Metrics: the loss terms and agreement of :func:`metrics_of`, ``grad_norm`` and ``tokens`` (the
     step's non-padding tokens, all rows of the global batch).
