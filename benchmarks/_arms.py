@@ -9,12 +9,13 @@ continues.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from _common import child_env, run_measured
+from _common import REPO, benchmark_parser, child_env, print_table, run_measured
 from collect_demo import stage_times
 
 SCORED_OUTPUTS = ("scores.parquet", "tokens.npz", "features")
@@ -31,6 +32,25 @@ def flatspec(verb: str, config: str, run_dir: Path, overrides: list[str], log: s
     for override in overrides:
         argv += ["--set", override]
     return run_measured(argv, child_env(), run_dir / log).check(f"flatspec {verb} in {run_dir}").stderr
+
+
+def arms_parser(doc: str, results_name: str, work_name: str) -> argparse.ArgumentParser:
+    """:func:`benchmark_parser` with the options every arms benchmark takes: --config, --work, --set."""
+    parser = benchmark_parser(doc, results_name)
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
+    parser.add_argument("--work", default=str(REPO / "runs" / work_name))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm (repeatable)")
+    return parser
+
+
+def score_and_select(config: str, work: Path, overrides: list[str]) -> Path:
+    """``flatspec score`` and ``select`` once, in ``work/scored`` (skipped when current); returns that folder."""
+    scored = work / "scored"
+    scored.mkdir(parents=True, exist_ok=True)
+    flatspec("score", config, scored, overrides, "score")
+    flatspec("select", config, scored, overrides, "select")
+    return scored
 
 
 def link_outputs(source_dir: Path, run_dir: Path, names: tuple[str, ...] = SCORED_OUTPUTS) -> None:
@@ -102,3 +122,10 @@ def relative_cell(arm: dict, baseline: dict | None) -> str:
 
 
 OUTCOME_HEADER = ["train min", "held-out top-1", "held-out acceptance", "tau", "per-depth acceptance", "speedup"]
+
+
+def print_evaluations(title: str, arm_label: str, evaluations: dict[str, dict]) -> None:
+    """A table of each arm's extra evaluation (:func:`evaluate_arm`): tau, per-depth acceptance, speedup."""
+    rows = [[name, f"{e['tau']:.3f}", ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]),
+             f"{e['speedup']:.2f}x"] for name, e in evaluations.items()]
+    print_table(title, [arm_label, "tau", "per-depth acceptance", "speedup"], rows)

@@ -29,29 +29,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, evaluate_arm, flatspec, outcome_cells, relative_cell,  # noqa: E402
-                   run_selected_arm)
-from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
+from _arms import (OUTCOME_HEADER, arms_parser, evaluate_arm, outcome_cells, print_evaluations,  # noqa: E402
+                   relative_cell, run_selected_arm, score_and_select)
+from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
 
 
 def main() -> int:
-    parser = benchmark_parser(__doc__, "losses.json")
-    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench_losses"))
+    parser = arms_parser(__doc__, "losses.json", "bench_losses")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every arm (repeatable)")
     parser.add_argument("--temperatures", nargs="*", type=float, default=[],
                         help="also evaluate every arm with sampling at these decode temperatures")
     args = parser.parse_args()
     gate = wait_for_quiet(args.max_load, args.max_wait)
     work = Path(args.work)
-    scored = work / "scored"
-    scored.mkdir(parents=True, exist_ok=True)
-    flatspec("score", args.config, scored, args.overrides, "score")
-    flatspec("select", args.config, scored, args.overrides, "select")
+    scored = score_and_select(args.config, work, args.overrides)
     results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
     for loss in args.losses:
         overrides = [f"train.loss={loss}", *args.overrides]
@@ -66,10 +59,8 @@ def main() -> int:
     rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline)] for name, arm in arms.items()]
     print_table(title, ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
     for t in args.temperatures:
-        sampled = {name: arm["sampled"][f"{t:g}"] for name, arm in arms.items()}
-        rows = [[name, f"{e['tau']:.3f}", ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]),
-                 f"{e['speedup']:.2f}x"] for name, e in sampled.items()]
-        print_table(f"{title}, sampled at temperature {t:g}", ["loss", "tau", "per-depth acceptance", "speedup"], rows)
+        print_evaluations(f"{title}, sampled at temperature {t:g}", "loss",
+                          {name: arm["sampled"][f"{t:g}"] for name, arm in arms.items()})
     print(f"wrote {write_results(results, args.out)}")
     return 0
 

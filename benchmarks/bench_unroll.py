@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, evaluate_arm, flatspec, outcome_cells, relative_cell,  # noqa: E402
-                   run_selected_arm)
-from _common import REPO, benchmark_parser, print_table, wait_for_quiet, write_results  # noqa: E402
+from _arms import (OUTCOME_HEADER, arms_parser, evaluate_arm, outcome_cells, print_evaluations,  # noqa: E402
+                   relative_cell, run_selected_arm, score_and_select)
+from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 
 def later_drafts_heldout(run_dir: Path) -> dict[str, float]:
@@ -39,21 +39,14 @@ def later_drafts_heldout(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = benchmark_parser(__doc__, "unroll.json")
-    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench_unroll"))
+    parser = arms_parser(__doc__, "unroll.json", "bench_unroll")
     parser.add_argument("--unrolls", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--gammas", nargs="*", type=int, default=[3],
                         help="also evaluate every arm's head with chains of these lengths")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every arm (repeatable)")
     args = parser.parse_args()
     gate = wait_for_quiet(args.max_load, args.max_wait)
     work = Path(args.work)
-    scored = work / "scored"
-    scored.mkdir(parents=True, exist_ok=True)
-    flatspec("score", args.config, scored, args.overrides, "score")
-    flatspec("select", args.config, scored, args.overrides, "select")
+    scored = score_and_select(args.config, work, args.overrides)
     results = {"config": args.config, "overrides": args.overrides, "machine_load": gate, "arms": {}}
     for unroll in args.unrolls:
         overrides = [f"train.unroll={unroll}", *args.overrides]
@@ -71,10 +64,8 @@ def main() -> int:
             for name, arm in arms.items()]
     print_table(title, ["unroll", *OUTCOME_HEADER, "tau / speedup vs unroll 1", "held-out, later drafts"], rows)
     for g in args.gammas:
-        evaluated = {name: arm["gammas"][str(g)] for name, arm in arms.items()}
-        rows = [[name, f"{e['tau']:.3f}", ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]),
-                 f"{e['speedup']:.2f}x"] for name, e in evaluated.items()]
-        print_table(f"{title}, chain gamma {g}", ["unroll", "tau", "per-depth acceptance", "speedup"], rows)
+        print_evaluations(f"{title}, chain gamma {g}", "unroll",
+                          {name: arm["gammas"][str(g)] for name, arm in arms.items()})
     print(f"wrote {write_results(results, args.out)}")
     return 0
 
