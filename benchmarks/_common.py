@@ -30,6 +30,14 @@ def benchmark_parser(doc: str, result_name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def decode_variant(spec: str) -> tuple[str, list[str]]:
+    """A ``--variant NAME:k=v,k=v`` of the decoding settings -> (NAME, ["decode.k=v", ...])."""
+    name, _, settings = spec.partition(":")
+    if not name or not settings:
+        raise SystemExit(f"--variant {spec!r}: expected NAME:key=value,...")
+    return name, [f"decode.{item}" for item in settings.split(",")]
+
+
 def load1() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]

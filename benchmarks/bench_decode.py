@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, benchmark_parser, load1, rotating_turns, wait_for_quiet, write_results  # noqa: E402
+from _common import (REPO, benchmark_parser, decode_variant, load1, rotating_turns, wait_for_quiet,  # noqa: E402
+                     write_results)
 
 
 DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,top_k=4,total_tokens=16",
@@ -38,14 +39,6 @@ DEFAULT_VARIANTS = ("chain4:method=chain,gamma=4", "tree16:method=tree,depth=4,t
 
 
 VARIANT_KEYS = ("method", "gamma", "min_confidence", "depth", "top_k", "total_tokens", "draft_vocab")
-
-
-def _variant(spec: str) -> tuple[str, list[str]]:
-    """``NAME:k=v,k=v`` -> (NAME, ["decode.k=v", ...])."""
-    name, _, settings = spec.partition(":")
-    if not name or not settings:
-        raise SystemExit(f"--variant {spec!r}: expected NAME:key=value,...")
-    return name, [f"decode.{item}" for item in settings.split(",")]
 
 
 def _plot(results: dict[str, dict], out: Path, title: str) -> None:
@@ -101,7 +94,7 @@ def main() -> None:
     runtime.enable_compilation_cache()
     base = [f"run_dir={args.run_dir}", f"decode.max_new_tokens={args.max_new_tokens}", "mesh.data=1", *args.overrides]
     cfg = load_config(args.config, base)
-    variants = dict(_variant(spec) for spec in (args.variant or DEFAULT_VARIANTS))
+    variants = dict(decode_variant(spec) for spec in (args.variant or DEFAULT_VARIANTS))
     ctx = RunContext(cfg)
     prompts = [render_prompt(ctx.tokenizer, [{"role": "user", "content": p.turns[0]}])
                for p in load_prompts("mtbench", args.limit)]
