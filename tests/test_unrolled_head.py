@@ -48,7 +48,7 @@ def decoded_drafts(head, features: np.ndarray, embeddings: np.ndarray, end: int)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_unrolled_drafts_equal_decoding_rounds_at_every_position(num_layers):
+def test_unrolled_drafts_equal_decoding_rounds_in_both_packed_samples(num_layers):
     head = create_eagle_head(ARCH, num_layers, seed=3)
     rng = np.random.default_rng(num_layers)
     features = rng.normal(size=(1, LENGTH, ARCH.hidden_size)).astype(np.float32)
