@@ -24,7 +24,7 @@ from flax import nnx
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
-from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, create_model, rope_inverse_frequencies
+from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, create_model, dense, rope_inverse_frequencies
 from flatspec_jax.models.masks import beside_cache_mask, cached_mask, causal_mask, segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
@@ -209,6 +209,35 @@ def test_tied_qwen2_parity(tmp_path):
     assert model.arch.tie_word_embeddings and model.arch.attention_bias and model.lm_head is None
     ids = random_ids(seed=3)
     assert max_diff(forward(graphdef, state, ids), hf_logits(hf, ids)) <= PARITY_TOL
+
+
+# --- bfloat16 compute --------------------------------------------------------------------------
+
+def test_bfloat16_products_accumulate_and_return_float32():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+    got = dense("btd,df->btf", x, w, jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    # Products of bfloat16 values are exact in float32; only the summation order may differ.
+    want = np.einsum("btd,df->btf", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert max_diff(got, want) <= 1e-4
+    # A bfloat16 result (8 significant bits) misses by far more: the check can fail.
+    assert max_diff(np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64), want) > 1e-3
+
+
+def test_bfloat16_forward_tracks_the_float32_forward(llama):
+    directory, _, graphdef, state = llama
+    model = load_target_model(str(directory), single_device_mesh(), ShardingRules(), dtype="bfloat16",
+                              param_dtype="bfloat16")
+    ids = random_ids(seed=6)
+    want = forward(graphdef, state, ids)
+    got = forward(*nnx.split(model), ids)
+    assert got.dtype == np.float32
+    # bfloat16 weights and activations: ~1% of the logits' scale, far below their spread.
+    scale = float(np.std(want))
+    assert 1e-4 * scale < max_diff(got, want) <= 0.05 * scale
+    assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.9
 
 
 # --- packed rows ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flatspec_jax.models.llama import DecoderLayer, DecoderStack, KVCache, _param, rope_inverse_frequencies, rope_tables
+from flatspec_jax.models.llama import (DecoderLayer, DecoderStack, KVCache, _param, dense, rope_inverse_frequencies,
+                                      rope_tables)
 from flatspec_jax.weights.arch import ArchSpec
 
 Array = jax.Array
@@ -73,9 +74,10 @@ class EagleHead(nnx.Module):
           cache, or with ``write=False`` the new tokens' keys and values ([num_layers, B, K, T, H]).
         """
         fused = jnp.concatenate([token_embeddings.astype(self.dtype), features.astype(self.dtype)], axis=-1)
-        h = fused @ self.fc[...].astype(self.dtype)
+        h = dense("btf,fd->btd", fused, self.fc[...], self.dtype)
         if self.fc_bias is not None:
-            h = h + self.fc_bias[...].astype(self.dtype)
+            h = h + self.fc_bias[...]
+        h = h.astype(self.dtype)
         inv_freq = rope_inverse_frequencies(self.arch.head_dim, self.arch.rope_theta, self.arch.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq)
         read_only = cache is not None and not write
