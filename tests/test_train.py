@@ -15,8 +15,9 @@ by the real pipeline. What is checked:
   NumPy, EAGLE's SmoothL1 + 0.1 soft CE with the masked mean sum / (n + 1e-5);
 * gradient accumulation equals one big batch: A=2 micro-batches of R=2 rows with different trained
   counts give the gradient, hence the update, and the metrics of one batch of the same A*R rows
-  within 1e-5 (checked with SGD(lr=1), whose update is minus the gradient), and the accumulated
-  gradient is the micro-batch gradients weighted by trained positions, with its reported grad_norm;
+  within 1e-5 (checked with SGD(lr=1), whose update is minus the gradient), also with unroll 3
+  (each draft weighted by its own trained count), and the accumulated gradient is the
+  micro-batch gradients weighted by trained positions, with its reported grad_norm;
 * ``train_draft`` on 8 fake CPU devices with meshes (data=2, fsdp=4) and (data=8), with gradient
   accumulation and noise, gives the 1-device per-step losses (and the other logged metrics) and
   final parameters within 1e-5 over 5 steps; the 8-device checkpoints restore onto one device;
@@ -64,6 +65,7 @@ from flatspec_jax.train.step import (
     draft_loss_on_rows,
     draft_targets,
     feature_noise,
+    trained_counts,
 )
 from flatspec_jax.weights.arch import ArchSpec
 
@@ -192,9 +194,9 @@ def test_unrolled_loss_adds_the_later_drafts_with_decaying_weights(target):
     plain = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
     unrolled = dataclasses.replace(plain, unroll=3)
     loss = jax.jit(lambda b, s: draft_loss_on_rows(head, target, b, None, s), static_argnums=1)
-    plain_loss, (plain_metrics, plain_n) = loss(batch, plain)
-    unrolled_loss, (metrics, n) = loss(batch, unrolled)
-    assert int(n) == int(plain_n) > 20
+    plain_loss, plain_metrics = loss(batch, plain)
+    unrolled_loss, metrics = loss(batch, unrolled)
+    assert int(trained_counts(batch, 1)[0]) > 20
     assert not any(name.startswith("depth") for name in plain_metrics)
     for name in ("loss_feature", "loss_token", "acceptance", "top1", "top3"):
         np.testing.assert_allclose(float(metrics[name]), float(plain_metrics[name]), rtol=1e-5, atol=1e-6)
@@ -221,9 +223,9 @@ def test_packed_row_loss_equals_separate_rows(target):
             separate[k][row, :end - start] = packed[k][0, start:end]
         separate["segment_ids"][row, :end - start] = 1
     loss = jax.jit(lambda b: draft_loss_on_rows(head, target, b, None, settings))
-    packed_loss, (packed_metrics, packed_n) = loss(packed)
-    separate_loss, (separate_metrics, separate_n) = loss(separate)
-    assert int(packed_n) == int(separate_n) == HAND_TRAINED.sum()
+    packed_loss, packed_metrics = loss(packed)
+    separate_loss, separate_metrics = loss(separate)
+    assert int(trained_counts(packed, 1)[0]) == int(trained_counts(separate, 1)[0]) == HAND_TRAINED.sum()
     np.testing.assert_allclose(float(packed_loss), float(separate_loss), rtol=1e-6, atol=1e-6)
     assert packed_metrics.keys() == separate_metrics.keys()
     for name in packed_metrics:
@@ -345,6 +347,7 @@ def numpy_eagle_loss(head_params, target_params, features, noise, batch) -> dict
 
 NOISY = StepSettings("eagle", 1.0, 0.1, 0.2, SEED, LOSS_CHUNK)
 QUIET = StepSettings("eagle", 1.0, 0.1, 0.0, SEED, LOSS_CHUNK)
+QUIET3 = dataclasses.replace(QUIET, unroll=3)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +357,7 @@ def step_lab(target, dataset):
       accum_unlogged: the same step without the agreement metrics;
       micro: loss, trained count and gradient of each of those micro-batches alone, with the step's noise keys;
       quiet_accum / quiet_single: the accum micro-batches (different trained counts) vs 1 batch of the same
-        4 rows, noise off (its keys depend on the micro-batch index);
+        4 rows, noise off (its keys depend on the micro-batch index); quiet3_*: the same with unroll 3;
       eval_accum / eval_single: the eval step (no noise, no update) on those two inputs.
     """
     head = new_head()
@@ -369,7 +372,9 @@ def step_lab(target, dataset):
         out = {"accum": step(NOISY, state, target_params, inputs["accum"]),
                "accum_unlogged": step(NOISY, state, target_params, inputs["accum"], False),
                "quiet_accum": step(QUIET, state, target_params, inputs["accum"]),
-               "quiet_single": step(QUIET, state, target_params, inputs["single"])}
+               "quiet_single": step(QUIET, state, target_params, inputs["single"]),
+               "quiet3_accum": step(QUIET3, state, target_params, inputs["accum"]),
+               "quiet3_single": step(QUIET3, state, target_params, inputs["single"])}
         evaluate = functools.partial(_eval_step, head_graphdef, target_graphdef, QUIET, state.params, target_params)
         out["eval_accum"], out["eval_single"] = evaluate(inputs["accum"]), evaluate(inputs["single"])
         model = nnx.merge(target_graphdef, target_params)
@@ -382,8 +387,8 @@ def step_lab(target, dataset):
                 return draft_loss_on_rows(nnx.merge(head_graphdef, params), model, batch,
                                           jax.random.fold_in(base, a), NOISY)
 
-            (loss, (metrics, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            micro.append({"loss": loss, "metrics": metrics, "count": count, "grads": grads})
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            micro.append({"loss": loss, "metrics": metrics, "count": trained_counts(batch, 1)[0], "grads": grads})
         out["micro"] = micro
         return out
 
@@ -457,17 +462,26 @@ def test_unlogged_step_updates_the_same_and_leaves_agreement_metrics_nan(step_la
         assert np.isfinite(float(logged[1][name])) and np.isnan(float(unlogged[1][name])), name
 
 
-def test_micro_batches_equal_one_big_batch(step_lab):
+@pytest.mark.parametrize("name,unroll", [("quiet", 1), ("quiet3", 3)])
+def test_micro_batches_equal_one_big_batch(step_lab, name, unroll):
     """A=2 micro-batches of R=2 rows with different trained counts give the gradient, hence the update, and
-    the metrics of one batch of the same 4 rows (noise off: its keys depend on the micro-batch index)."""
+    the metrics of one batch of the same 4 rows (noise off: its keys depend on the micro-batch index), for
+    every draft of the training-time test too (each weighted by its own trained count)."""
     out = step_lab["out"]
-    accum, single = _grads_of_sgd_step(step_lab, "quiet_accum"), _grads_of_sgd_step(step_lab, "quiet_single")
+    counts = [np.asarray(trained_counts({k: v[a] for k, v in step_lab["inputs"]["accum"].items()}, unroll))
+              for a in range(2)]
+    assert counts[0][0] != counts[1][0]
+    if unroll > 1:  # weighing later drafts by draft 1's count would not be exact here
+        assert not np.allclose(counts[0] / counts[0][0], counts[1] / counts[1][0], rtol=1e-3), counts
+    accum, single = _grads_of_sgd_step(step_lab, f"{name}_accum"), _grads_of_sgd_step(step_lab, f"{name}_single")
     assert max(np.abs(v).max() for v in accum.values()) > 1e-3
     for k in accum:
         np.testing.assert_allclose(accum[k], single[k], rtol=0, atol=TOL, err_msg=k)
-    for name in ("loss", "loss_feature", "loss_token", "acceptance", "top1", "top3", "grad_norm"):
-        np.testing.assert_allclose(float(out["quiet_accum"][1][name]), float(out["quiet_single"][1][name]), rtol=TOL,
-                                   err_msg=name)
+    metrics = [m for m in out[f"{name}_single"][1] if m != "tokens"]
+    assert len(metrics) == 1 + 5 * unroll + 1  # loss, each draft's 5 terms, grad_norm
+    for metric in metrics:
+        np.testing.assert_allclose(float(out[f"{name}_accum"][1][metric]), float(out[f"{name}_single"][1][metric]),
+                                   rtol=TOL, err_msg=metric)
     # ``tokens``: the non-padding tokens of all rows (the loop's tokens/s), not the trained positions.
     non_padding = int((np.asarray(step_lab["inputs"]["accum"]["segment_ids"]) > 0).sum())
     assert non_padding > sum(int(m["count"]) for m in out["micro"])

@@ -77,15 +77,29 @@ def _shift_left(x: Array, k: int) -> Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
-def draft_targets(features: Array, tokens: Array, segment_ids: Array, loss_mask: Array, ahead: int = 1
-                  ) -> tuple[Array, Array, Array]:
-    """Draft ``ahead``'s inputs and targets: tokens x_{t+ahead} [R, L], features f_{t+ahead} [R, L, D] and
-    the trained-position mask [R, L] (x_t ... x_{t+ahead+1} in one sample, x_{t+ahead+1} an assistant token)."""
+def trained_positions(segment_ids: Array, loss_mask: Array, ahead: int = 1) -> Array:
+    """[R, L] bool: where draft ``ahead`` is trained (x_t ... x_{t+ahead+1} in one sample, x_{t+ahead+1}
+    an assistant token)."""
     trained = segment_ids > 0
     for step in range(1, ahead + 2):
         trained = trained & (_shift_left(segment_ids, step) == segment_ids)
-    trained = trained & (_shift_left(loss_mask, ahead + 1) > 0)
-    return _shift_left(tokens, ahead), _shift_left(features, ahead), trained
+    return trained & (_shift_left(loss_mask, ahead + 1) > 0)
+
+
+def draft_targets(features: Array, tokens: Array, segment_ids: Array, loss_mask: Array, ahead: int = 1
+                  ) -> tuple[Array, Array, Array]:
+    """Draft ``ahead``'s inputs and targets: tokens x_{t+ahead} [R, L], features f_{t+ahead} [R, L, D] and
+    the trained-position mask [R, L] (:func:`trained_positions`)."""
+    return (_shift_left(tokens, ahead), _shift_left(features, ahead),
+            trained_positions(segment_ids, loss_mask, ahead))
+
+
+def trained_counts(batches: dict[str, Array], unroll: int) -> Array:
+    """[unroll] float32: positions each draft trains over all of ``batches`` ([..., R, L] arrays)."""
+    length = batches["segment_ids"].shape[-1]
+    segment_ids, loss_mask = (batches[name].reshape(-1, length) for name in ("segment_ids", "loss_mask"))
+    return jnp.stack([trained_positions(segment_ids, loss_mask, ahead).sum(dtype=jnp.float32)
+                      for ahead in range(1, unroll + 1)])
 
 
 def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplitude: float) -> Array:
@@ -98,8 +112,8 @@ def feature_noise(key: Array, shape: tuple[int, ...], segment_ids: Array, amplit
 
 
 def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], key: Array | None,
-                       settings: StepSettings, agreement: bool | Array = True, draft_ids: Array | None = None
-                       ) -> tuple[Array, tuple[dict[str, Array], Array]]:
+                       settings: StepSettings, agreement: bool | Array = True, draft_ids: Array | None = None,
+                       totals: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Loss of the head on packed rows ([R, L] arrays; ``features`` [R, L, D] when cached offline).
 
     With ``settings.unroll`` = K > 1 the head drafts K tokens from every position
@@ -111,9 +125,13 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
     without; see `draft_loss_through_head`). ``draft_ids`` [N]: the reduced draft vocabulary the
     token term is computed over (None: all tokens).
 
+    ``totals`` [K]: each draft's trained positions over a whole batch these rows are one micro-batch
+    of (:func:`trained_counts`). Draft k's terms are then S_k / (totals_k + eps) instead of its
+    masked mean S_k / (n_k + eps), so the micro-batches' losses, gradients and metrics sum to the
+    whole batch's.
+
     Returns:
-      (loss, (metrics, number of positions draft 1 trains)): :func:`metrics_of` the loss and
-      each draft's terms.
+      (loss, metrics): the loss and :func:`metrics_of` it and each draft's terms.
     """
     tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
     mask = segment_causal_mask(segment_ids)
@@ -141,9 +159,12 @@ def draft_loss_on_rows(head: EagleHead, target: Llama, batch: dict[str, Array], 
                 predicted, next_features, target.lm_head_weight(), trained, token_loss=settings.token_loss,
                 feature_weight=settings.feature_weight, token_weight=settings.token_weight,
                 chunk=settings.loss_chunk, agreement=agreement, draft_ids=draft_ids)
+            if totals is not None:  # the masked mean's share of the whole batch's
+                share = (trained.sum(dtype=jnp.float32) + MASK_EPS) / (totals[index] + MASK_EPS)
+                draft_loss, draft_terms = share * draft_loss, LossTerms(*[share * term for term in draft_terms])
             loss = loss + settings.unroll_decay ** index * draft_loss
             terms.append(draft_terms)
-    return loss, (metrics_of(loss, terms), drafts[0][2].sum())
+    return loss, metrics_of(loss, terms)
 
 
 def metrics_of(loss: Array, terms: Sequence[LossTerms]) -> dict[str, Array]:
@@ -168,14 +189,13 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
                 agreement: bool | Array = True, draft_ids: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step over A micro-batches ([A, R, L] arrays), equal to one batch of all A x R rows.
 
-    Each micro-batch's loss is a masked mean S_a / (n_a + eps) over its n_a trained positions; the
-    step weighs its gradient and metrics by (n_a + eps) and divides by (sum_a n_a + eps), which is
-    the gradient of sum_a S_a / (sum_a n_a + eps), the loss of the whole batch. (The EAGLE
-    reference's accumulation averages the micro-batch means instead, so a micro-batch with few
-    trained tokens weighs as much as a full one.) TVD++ normalises its reward within each
-    micro-batch, so for that loss the equality holds only for the normalisation's statistics.
-    With ``unroll`` > 1 every draft's term is weighted by draft 1's count n_a, a few more
-    positions per sample than the later drafts train, so there it holds up to that difference.
+    Each draft's loss over the whole batch is a masked mean S / (n + eps) over its n trained
+    positions; each micro-batch contributes S_a / (n + eps) (``totals`` of
+    :func:`draft_loss_on_rows`), so the micro-batches' gradients and metrics sum to the whole
+    batch's, for every draft of the training-time test too. (The EAGLE reference's accumulation
+    averages the micro-batch means instead, so a micro-batch with few trained tokens weighs as
+    much as a full one.) TVD++ normalises its reward within each micro-batch, so for that loss
+    the equality holds only for the normalisation's statistics.
 
     Metrics: the loss terms and agreement of :func:`metrics_of`, ``grad_norm`` and ``tokens`` (the
     step's non-padding tokens, all rows of the global batch).
@@ -186,33 +206,26 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     """
     target = nnx.merge(target_graphdef, target_params)
     base_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
+    micro_batches = jax.tree.leaves(batches)[0].shape[0]
+    totals = None if micro_batches == 1 else trained_counts(batches, settings.unroll)
 
     def micro_loss(params: nnx.State, batch: dict[str, Array], key: Array):
         head = nnx.merge(head_graphdef, params)
-        return draft_loss_on_rows(head, target, batch, key, settings, agreement, draft_ids)
+        return draft_loss_on_rows(head, target, batch, key, settings, agreement, draft_ids, totals)
 
     def accumulate(carry, inputs):
-        grads_sum, metrics_sum, count_sum = carry
         index, batch = inputs
-        (_, (metrics, count)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
             state.params, batch, jax.random.fold_in(base_key, index))
-        weight = count.astype(jnp.float32) + MASK_EPS  # undoes the micro-batch's masked-mean denominator
-        return (jax.tree.map(lambda total, g: total + weight * g, grads_sum, grads),
-                jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics),
-                count_sum + count.astype(jnp.float32)), None
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-    micro_batches = jax.tree.leaves(batches)[0].shape[0]
-    if micro_batches == 1:  # nothing to weigh: the gradient as it is, bit for bit
+    if micro_batches == 1:  # the batch's own masked means: the gradient as it is, bit for bit
         batch = jax.tree.map(lambda x: x[0], batches)
-        (_, (metrics, _)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
             state.params, batch, jax.random.fold_in(base_key, 0))
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        scalar = jnp.zeros((), jnp.float32)
-        (grads, metrics, count), _ = jax.lax.scan(accumulate, (zeros, _zero_metrics(settings.unroll), scalar),
-                                                  (jnp.arange(micro_batches), batches))
-        grads = jax.tree.map(lambda g: g / (count + MASK_EPS), grads)
-        metrics = {name: value / (count + MASK_EPS) for name, value in metrics.items()}
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), _zero_metrics(settings.unroll))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), batches))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -223,25 +236,23 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
 def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, settings: StepSettings,
                params: nnx.State, target_params: nnx.State, batches: dict[str, Array], draft_ids: Array | None = None
                ) -> dict[str, Array]:
-    """Loss terms of A micro-batches ([A, R, L] arrays) without noise or update: their trained-position
-    weighted means (as `_train_step` weighs them), with the number of trained positions for weighting."""
+    """Loss terms of A micro-batches ([A, R, L] arrays) without noise or update: the whole batch's masked
+    means (as `_train_step` computes them), with draft 1's number of trained positions for weighting."""
     head = nnx.merge(head_graphdef, params)
     target = nnx.merge(target_graphdef, target_params)
+    micro_batches = jax.tree.leaves(batches)[0].shape[0]
+    totals = None if micro_batches == 1 else trained_counts(batches, settings.unroll)
 
-    def accumulate(carry, batch):
-        metrics_sum, count_sum = carry
-        _, (metrics, count) = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids)
-        weight = count.astype(jnp.float32) + MASK_EPS
-        return (jax.tree.map(lambda total, m: total + weight * m, metrics_sum, metrics),
-                count_sum + count.astype(jnp.float32)), None
+    def accumulate(metrics_sum, batch):
+        _, metrics = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids, totals=totals)
+        return jax.tree.map(jnp.add, metrics_sum, metrics), None
 
-    if jax.tree.leaves(batches)[0].shape[0] == 1:  # nothing to weigh, as in `_train_step`
-        _, (metrics, positions) = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None,
-                                                     settings, draft_ids=draft_ids)
-        return {**metrics, "positions": positions}
-    (metrics, positions), _ = jax.lax.scan(accumulate, (_zero_metrics(settings.unroll), jnp.zeros((), jnp.float32)),
-                                           batches)
-    return {**{name: value / (positions + MASK_EPS) for name, value in metrics.items()}, "positions": positions}
+    if micro_batches == 1:
+        _, metrics = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None, settings,
+                                        draft_ids=draft_ids)
+    else:
+        metrics, _ = jax.lax.scan(accumulate, _zero_metrics(settings.unroll), batches)
+    return {**metrics, "positions": trained_counts(batches, 1)[0]}
 
 
 def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
