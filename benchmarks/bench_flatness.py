@@ -28,6 +28,11 @@ other's imports, threads or memory):
    goal's baseline), and for reference the hidden states alone (``return_logits=False``, which
    skips the LM head, ~20% of SmolLM2's FLOPs, that flatness cannot do without).
 
+``--dtype`` is our ``model.dtype`` and ``model.param_dtype`` in every measured flatspec process and
+``--theirs-dtype`` the transformers model's dtype (both float32 by default; the plain pipeline's
+softmax and cosine run on float32 logits either way), so a bfloat16 run can be compared with the
+plain float32 pipeline and with transformers in bfloat16.
+
 With ``--device-throughput`` only our side runs, on JAX's default backend (the GPU or TPU when there
 is one), at ``--rows`` packed rows per batch and ``--dtype``: tokens/s and achieved model FLOP/s of the
 scoring step and of the bare forwards (4) over the same batches, and the device's peak memory, e.g.
@@ -180,11 +185,11 @@ def worker_ours_steady(args) -> dict:
     }
 
 
-def _hf_model(gguf: Path):
+def _hf_model(gguf: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
                                                 local_files_only=True).eval()
 
 
@@ -207,7 +212,7 @@ def _hf_score_batches(model, samples: list[tuple[str, list[int], list[int]]], ba
                 attention[row, :len(ids)] = 1
                 loss[row, :len(ids)] = torch.as_tensor(mask, dtype=torch.bool)
             logits = model(input_ids=input_ids, attention_mask=attention).logits
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits.float(), dim=-1)
             uniform = torch.full((probs.shape[-1],), 1.0 / probs.shape[-1])
             flat = F.cosine_similarity(probs, uniform.view(1, 1, -1), dim=-1)  # [B, L]
             counted = loss[:, 1:] & attention[:, 1:].bool()  # position t predicts token t + 1
@@ -231,7 +236,7 @@ def worker_theirs_steady(args) -> dict:
     samples = [(str(ids[i]), tokens[offsets[i]:offsets[i + 1]].tolist(), masks[offsets[i]:offsets[i + 1]].tolist())
                for i in range(len(ids))]
     start = time.perf_counter()
-    model = _hf_model(assets.smollm2_gguf())
+    model = _hf_model(assets.smollm2_gguf(), args.theirs_dtype)
     timings["model_load_s"] = time.perf_counter() - start
     result = {}
 
@@ -279,7 +284,7 @@ def worker_theirs_pipeline(args) -> dict:
 
     gguf = assets.smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = _hf_model(gguf)
+    model = _hf_model(gguf, args.theirs_dtype)
     samples = []
     for conv in iter_conversations("sharegpt", SkipReport(), args.limit):
         messages = conv.as_dicts()
@@ -309,7 +314,8 @@ def _flatspec_argv() -> list[str]:
 def _worker_argv(name: str, args, run_dir: Path, result: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir", str(run_dir),
             "--result", str(result), "--limit", str(args.limit), "--max-length", str(args.max_length),
-            "--batch", str(args.batch), "--passes", str(args.passes), "--rows", str(args.rows), "--dtype", args.dtype]
+            "--batch", str(args.batch), "--passes", str(args.passes), "--rows", str(args.rows), "--dtype", args.dtype,
+            "--theirs-dtype", args.theirs_dtype]
 
 
 def _flatness_diff(a: dict[str, float], b: dict[str, float]) -> dict:
@@ -336,7 +342,8 @@ def orchestrate(args) -> dict:
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version()},
                      "settings": {"limit": args.limit, "max_length": args.max_length, "batch": args.batch,
-                                  "passes": args.passes}, "load_gate": gate, "goals": GOALS}
+                                  "passes": args.passes, "dtype": args.dtype, "theirs_dtype": args.theirs_dtype},
+                     "load_gate": gate, "goals": GOALS}
 
     def log(step: str, m) -> None:
         print(f"[bench] {step}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mib:.0f} MiB, load {m.load_before:.2f}->"
@@ -345,7 +352,8 @@ def orchestrate(args) -> dict:
     # 2 + 3: whole processes as a user runs them.
     wall = {}
     score_cmd = _flatspec_argv() + ["score", "--set", f"data.limit={args.limit}", "--set",
-                                    f"data.max_length={args.max_length}"]
+                                    f"data.max_length={args.max_length}", "--set", f"model.dtype={args.dtype}",
+                                    "--set", f"model.param_dtype={args.dtype}"]
     for name in ("ours_cold", "ours_warm"):
         run_dir = work / name
         m = run_measured(score_cmd + ["--run-dir", str(run_dir)], env, work / name).check(name)
@@ -444,10 +452,12 @@ def report_device(results: dict) -> None:
 def report(results: dict) -> None:
     s, w = results["steady_state"], results["wall"]
     o, t = s["ours"], s["transformers_eager"]
+    ours_dtype = results["settings"].get("dtype", "float32")
+    theirs_dtype = results["settings"].get("theirs_dtype", "float32")
     print(f"\nflatness scoring, first {results['settings']['limit']} ShareGPT samples (chat template, "
           f"<= {results['settings']['max_length']} tokens; {o['samples']} samples, {o['tokens']} tokens), "
           f"{results['machine']['cpus']} CPUs, load {results['load_gate']['load_at_start']:.2f} at start, "
-          f"{results['load_after']:.2f} at end")
+          f"{results['load_after']:.2f} at end; flatspec_jax in {ours_dtype}, transformers in {theirs_dtype}")
     print_table("1. steady state (model loaded, compiled; fastest of the timed passes)",
                 ["pipeline", "pass s", "tokens/s", "vs transformers-eager"],
                 [["transformers-eager (batch 4, padded, logits+softmax+cosine)", f"{min(t['score_pass_s']):.2f}",
@@ -497,6 +507,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=4, help="our packed rows per scoring batch (score.rows_per_batch)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="our model.dtype and model.param_dtype")
+    parser.add_argument("--theirs-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the transformers model's dtype (its softmax and cosine run in float32 either way)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
