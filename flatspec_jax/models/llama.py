@@ -51,7 +51,7 @@ def dense(subscripts: str, x: Array, weight: Array, dtype: jnp.dtype) -> Array:
 
 def lm_head_logits(hidden: Array, weight: Array) -> Array:
     """[..., D] final hidden states and a [V, D] LM head -> [..., V] float32 logits (in the hidden dtype's math)."""
-    return jnp.einsum("...d,vd->...v", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return dense("...d,vd->...v", hidden, weight, hidden.dtype)
 
 
 @flax.struct.dataclass
