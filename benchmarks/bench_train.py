@@ -156,7 +156,7 @@ class Ours:
         self.offline = {**self.online, "features": jax.device_put(features[None], rows_sharding)}
 
     def eval_loss(self) -> float:
-        return float(self.evaluate(self.states["ours"].params, self.target_params, self.online)["loss"])
+        return float(self.evaluate(self.states["ours"].params, self.target_params, self.online, None)["loss"])
 
     def step(self, variant: str, side: str = "ours") -> float:
         # An unlogged step, as the training loop runs most steps: loss terms only, no agreement

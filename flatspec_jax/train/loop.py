@@ -36,7 +36,7 @@ from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_row
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, training_inputs
-from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps
+from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps, trained_counts
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +65,27 @@ def _next_micro_batches(iterator: Any, count: int) -> dict[str, np.ndarray]:
     return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
 
 
-def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State,
-                     batches: Sequence[dict[str, np.ndarray]], sharding: NamedSharding) -> dict[str, float]:
-    """Held-out metrics averaged over trained positions (``eval_`` prefixed); ``batches`` are global
-    [R, L] batches, placed with ``sharding`` (that of [1, R, L] micro-batches)."""
-    totals: dict[str, float] = {}
-    positions = 0.0
+def evaluate_heldout(evaluate, params: nnx.State, target_params: nnx.State, batches: Sequence[dict[str, np.ndarray]],
+                     sharding: NamedSharding, unroll: int) -> dict[str, float]:
+    """Held-out metrics (``eval_`` prefixed): every draft's masked means over all of ``batches`` (global
+    [R, L] batches, placed with ``sharding``, that of [1, R, L] micro-batches), each draft's over its own
+    trained positions, one batch in memory at a time."""
+    counts = sum(np.asarray(trained_counts({name: value[None] for name, value in batch.items()}, unroll))
+                 for batch in batches)
+    totals = jax.device_put(np.asarray(counts, np.float32), NamedSharding(sharding.mesh, PartitionSpec()))
+    sums: dict[str, float] = {}
     for batch in batches:
         arrays = {name: jax.device_put(value[None], sharding) for name, value in batch.items()}
-        metrics = jax.tree.map(float, evaluate(params, target_params, arrays))
-        count = metrics.pop("positions")
-        positions += count
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + value * count
-    return {f"{HELDOUT_PREFIX}{name}": value / max(positions, 1.0) for name, value in totals.items()}
+        for name, value in jax.tree.map(float, evaluate(params, target_params, arrays, totals)).items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {f"{HELDOUT_PREFIX}{name}": value for name, value in sums.items()}
 
 
 def _untrained_metrics(evaluate, params: nnx.State, target_params: nnx.State,
                        batches: dict[str, jax.Array]) -> dict[str, float]:
     """The untrained head's loss terms on the first training batch ([A, R, L] global arrays), without
     the feature noise of a training step."""
-    metrics = jax.tree.map(float, evaluate(params, target_params, batches))
-    metrics.pop("positions")
-    return metrics
+    return jax.tree.map(float, evaluate(params, target_params, batches, None))
 
 
 def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh, rules: ShardingRules) -> None:
@@ -173,8 +171,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
             local = _next_micro_batches(iterator, tcfg.grad_accum)
             batches = _global_batch(local, rows_sharding)
             if step == 1:  # the untrained head: the baseline of the curves
-                heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding)
-                                   if heldout else {})
+                heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
+                                                    tcfg.unroll) if heldout else {})
                 metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
                                    **heldout_metrics})
                 window_start = time.perf_counter()
@@ -189,7 +187,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
             if evaluated:
                 jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
                 paused = time.perf_counter()
-                eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding)
+                eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
+                                                tcfg.unroll)
                 heldout_metrics = eval_metrics
                 window_start += time.perf_counter() - paused
             if logged:

@@ -234,14 +234,21 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
 
 
 def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, settings: StepSettings,
-               params: nnx.State, target_params: nnx.State, batches: dict[str, Array], draft_ids: Array | None = None
-               ) -> dict[str, Array]:
-    """Loss terms of A micro-batches ([A, R, L] arrays) without noise or update: the whole batch's masked
-    means (as `_train_step` computes them), with draft 1's number of trained positions for weighting."""
+               params: nnx.State, target_params: nnx.State, batches: dict[str, Array], totals: Array | None = None,
+               draft_ids: Array | None = None) -> dict[str, Array]:
+    """Loss terms of A micro-batches ([A, R, L] arrays) without noise or update.
+
+    ``totals`` [K] (float32): each draft's trained positions over the whole evaluated set these
+    micro-batches are part of (:func:`trained_counts` of all of it); the result is then these
+    batches' share of the set's masked means, so the results of all of the set's batches sum to
+    its metrics exactly, for every draft. None: the batches are the whole set (their own masked
+    means, as `_train_step` computes them).
+    """
     head = nnx.merge(head_graphdef, params)
     target = nnx.merge(target_graphdef, target_params)
     micro_batches = jax.tree.leaves(batches)[0].shape[0]
-    totals = None if micro_batches == 1 else trained_counts(batches, settings.unroll)
+    if totals is None and micro_batches > 1:
+        totals = trained_counts(batches, settings.unroll)
 
     def accumulate(metrics_sum, batch):
         _, metrics = draft_loss_on_rows(head, target, batch, None, settings, draft_ids=draft_ids, totals=totals)
@@ -249,10 +256,10 @@ def _eval_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, setti
 
     if micro_batches == 1:
         _, metrics = draft_loss_on_rows(head, target, jax.tree.map(lambda x: x[0], batches), None, settings,
-                                        draft_ids=draft_ids)
+                                        draft_ids=draft_ids, totals=totals)
     else:
         metrics, _ = jax.lax.scan(accumulate, _zero_metrics(settings.unroll), batches)
-    return {**metrics, "positions": trained_counts(batches, 1)[0]}
+    return metrics
 
 
 def batch_spec(mesh: Mesh, rules: ShardingRules, leading: int) -> NamedSharding:
@@ -264,7 +271,7 @@ def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx
                   settings: StepSettings, state_shardings: Any, target_shardings: Any, mesh: Mesh,
                   rules: ShardingRules, draft_ids: np.ndarray | None = None):
     """The jitted train step ``(state, target_params, batches, agreement)`` (state donated, explicit
-    shardings) and eval step ``(params, target_params, batches)``, both over [A, R, L] micro-batches;
+    shardings) and eval step ``(params, target_params, batches, totals)``, both over [A, R, L] micro-batches;
     ``draft_ids`` [N] (a reduced draft vocabulary, `draft_loss_through_head`) is a constant of both."""
     replicated = NamedSharding(mesh, PartitionSpec())
     ids = None if draft_ids is None else np.asarray(draft_ids, np.int32)
@@ -272,6 +279,7 @@ def compile_steps(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx
                     in_shardings=(state_shardings, target_shardings, batch_spec(mesh, rules, 1), replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(_eval_step, head_graphdef, target_graphdef, settings, draft_ids=ids),
-                       in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 1)),
+                       in_shardings=(state_shardings.params, target_shardings, batch_spec(mesh, rules, 1),
+                                     replicated),
                        out_shardings=replicated)
     return train, evaluate
