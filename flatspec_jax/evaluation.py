@@ -8,8 +8,9 @@ decoders see the same context.
 
 Definitions (over all prompts): tau = tokens emitted per target verification forward (the
 bonus token counts; the prefill's first token does not, so autoregressive decoding has tau 1);
-per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted), a draft not
-proposed (``decode.min_confidence``) counting as not accepted; drafts per round = drafts
+per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted and a depth-d draft
+proposed after it): a round whose chain stopped proposing (``decode.min_confidence``) or whose
+accepted tree path reached a leaf does not count at the next depth; drafts per round = drafts
 proposed for verification per target forward; tokens/s =
 generated tokens / decoding wall time; speedup = speculative tokens/s / autoregressive tokens/s.
 """
@@ -44,6 +45,7 @@ class TurnRecord:
     spec_seconds: float
     rounds: int
     accept_counts: list[int]
+    exhausted_counts: list[int]
     drafts: int
     same_output: bool
 
@@ -78,7 +80,8 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
                 prompt_id=prompt.id, turn=turn + 1, prompt_tokens=len(prompt_ids),
                 ar_tokens=len(ar_out.tokens[0]), ar_seconds=ar_out.seconds, spec_tokens=len(spec_out.tokens[0]),
                 spec_seconds=spec_out.seconds, rounds=int(spec_out.target_calls[0]),
-                accept_counts=spec_out.accept_counts[0].tolist(), drafts=int(spec_out.drafts[0]),
+                accept_counts=spec_out.accept_counts[0].tolist(),
+                exhausted_counts=spec_out.exhausted_counts[0].tolist(), drafts=int(spec_out.drafts[0]),
                 same_output=bool(np.array_equal(ar_out.tokens[0], spec_out.tokens[0])))
             records.append(record)
             log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
@@ -111,14 +114,16 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
     2-turn question counts twice), ``prompts`` the questions they came from, ``questions`` lists
     every turn's record with its own tau and speedup."""
     counts = np.sum([r.accept_counts for r in records], axis=0)
+    exhausted = np.sum([r.exhausted_counts for r in records], axis=0)
     return {
         "tau": _tau(records),
         "speedup": _speedup(records),
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
-        "per_depth_acceptance": acceptance_by_depth(counts).tolist(),
+        "per_depth_acceptance": acceptance_by_depth(counts, exhausted).tolist(),
         "drafts_per_round": _per_round(records, lambda r: r.drafts),
         "accept_histogram": counts.tolist(),
+        "exhausted_histogram": exhausted.tolist(),
         "same_output_fraction": float(np.mean([r.same_output for r in records])),
         "turns": len(records),
         "prompts": len({r.prompt_id for r in records}),

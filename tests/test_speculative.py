@@ -21,7 +21,8 @@ import pytest
 from flax import nnx
 
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
-from flatspec_jax.decoding.speculative import SpeculativeGeneration, SpeculativeSettings, speculative_generate
+from flatspec_jax.decoding.speculative import (SpeculativeGeneration, SpeculativeSettings, acceptance_by_depth,
+                                               speculative_generate)
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.weights.arch import ArchSpec
@@ -86,6 +87,13 @@ def test_greedy_matches_autoregressive(pairs, method, pair_name):
     assert bool(jnp.all(result.lengths - 1 > emitted - (settings.max_accept + 1)))
     assert bool(jnp.any(ends_on_eos))  # EOS before max_new_tokens too
     np.testing.assert_array_equal(result.drafts, result.rounds * (settings.verify_tokens - 1))
+    # A round that accepts the deepest draft has nothing proposed after it; a full chain proposes
+    # every shallower depth, a tree may end a path at a shallower leaf.
+    exhausted, counts, deepest = np.asarray(result.exhausted_counts), np.asarray(result.accept_counts), settings.max_accept
+    np.testing.assert_array_equal(exhausted[:, deepest], counts[:, deepest])
+    assert np.all(exhausted <= counts)
+    if method == "chain":
+        np.testing.assert_array_equal(exhausted[:, :deepest], 0)
     if pair_name == "agreeing":
         assert float(jnp.mean(result.tau())) > 1.8
     else:
@@ -133,6 +141,10 @@ def test_confident_rows_propose_different_counts_in_one_round(pairs):
     assert set(proposed.tolist()) == {1, 2, 3}, proposed
     accepted = np.argmax(np.asarray(result.accept_counts), axis=1)[ran]
     assert np.all(accepted <= proposed) and np.any(accepted == proposed) and np.any(proposed > 0)
+    # The round ended for want of a proposal exactly where it accepted all it proposed.
+    exhausted = np.asarray(result.exhausted_counts)[ran]
+    np.testing.assert_array_equal(exhausted.sum(axis=1), accepted == proposed)
+    np.testing.assert_array_equal(np.argmax(exhausted, axis=1)[accepted == proposed], accepted[accepted == proposed])
     for row in range(BATCH):
         common = min(int(result.lengths[row]), int(reference.lengths[row]))
         np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
@@ -219,21 +231,34 @@ def test_first_round_drafts_continue_from_the_first_generated_token(pairs):
 def test_tau_and_acceptance_rates():
     # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.
     # Row 1: stopped before any round (first token EOS).
+    # Every round proposed gamma = 3 drafts, so only the round accepting all 3 is exhausted.
     result = SpeculativeGeneration(tokens=jnp.zeros((2, 9), jnp.int32), lengths=jnp.asarray([9, 1]),
                                    rounds=jnp.asarray([3, 0]), accept_counts=jnp.asarray([[1, 0, 1, 1], [0, 0, 0, 0]]),
+                                   exhausted_counts=jnp.asarray([[0, 0, 0, 1], [0, 0, 0, 0]]),
                                    drafts=jnp.asarray([9, 0]))
     np.testing.assert_allclose(result.tau(), [8 / 3, 0.0])
     # Rounds reaching depth 1: 2 of 3; depth 2: 2 of 2; depth 3: 1 of 2.
     np.testing.assert_allclose(result.acceptance_rates(), [2 / 3, 1.0, 0.5])
 
 
+def test_per_depth_acceptance_counts_only_proposed_drafts():
+    """Three rounds of a gamma-3 chain: one proposed a single draft and it was accepted, one accepted
+    2 of 3, one 1 of 3. Depth 2 was proposed after two of the three rounds that reached depth 1 and
+    accepted in one (0.5, not 1 / 3); depth 3 was proposed once and rejected."""
+    rates = acceptance_by_depth(np.asarray([0, 2, 1, 0]), np.asarray([0, 1, 0, 0]))
+    np.testing.assert_allclose(rates, [1.0, 0.5, 0.0])
+    # No depth-2 draft proposed at all: 0, not a division by zero.
+    np.testing.assert_allclose(acceptance_by_depth(np.asarray([1, 2, 0]), np.asarray([0, 2, 0])), [2 / 3, 0.0])
+
+
 def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     from flatspec_jax.evaluation import TurnRecord, summarize
 
     def turn(prompt_id, turn, spec_tokens, rounds, accept_counts, same=True):
+        exhausted = [0] * (len(accept_counts) - 1) + accept_counts[-1:]
         return TurnRecord(prompt_id=prompt_id, turn=turn, prompt_tokens=10, ar_tokens=spec_tokens, ar_seconds=2.0,
                           spec_tokens=spec_tokens, spec_seconds=1.0, rounds=rounds, accept_counts=accept_counts,
-                          drafts=2 * rounds - 1, same_output=same)
+                          exhausted_counts=exhausted, drafts=2 * rounds - 1, same_output=same)
 
     # Question "a" has two turns, "b" one; tau pools rounds: (5 - 1 + 3 - 1 + 7 - 1) / (2 + 1 + 3).
     summary = summarize([turn("a", 1, 5, 2, [0, 1, 1]), turn("a", 2, 3, 1, [0, 1, 0]),
@@ -242,6 +267,7 @@ def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     assert summary["tau"] == pytest.approx(12 / 6)
     assert summary["speedup"] == pytest.approx(2.0)
     assert summary["accept_histogram"] == [1, 2, 3]
+    assert summary["exhausted_histogram"] == [0, 0, 3]
     assert summary["per_depth_acceptance"] == [5 / 6, 3 / 5]  # float64, as written to eval.json
     assert summary["drafts_per_round"] == pytest.approx((3 + 1 + 5) / 6)
     assert summary["same_output_fraction"] == pytest.approx(2 / 3)

@@ -46,6 +46,8 @@ class DecodeResult:
       seconds: wall time of the jitted call (after the device finished).
       target_calls: [B] target forwards after the prefill (AR: one per token; speculative: rounds).
       accept_counts: [B, A + 1] histogram of accepted drafts per round (speculative only).
+      exhausted_counts: [B, A + 1] of those, the rounds with nothing proposed after the accepted
+        drafts (speculative only; ``SpeculativeGeneration.exhausted_counts``).
       drafts: [B] drafts proposed for verification over all rounds (speculative only).
     """
 
@@ -53,6 +55,7 @@ class DecodeResult:
     seconds: float
     target_calls: np.ndarray
     accept_counts: np.ndarray | None
+    exhausted_counts: np.ndarray | None
     drafts: np.ndarray | None
 
     @property
@@ -132,16 +135,17 @@ class Decoder:
             out = speculative_generate(self.target_graphdef, self.target_params, self.head_graphdef,
                                        self.head_params, jnp.asarray(padded), lengths, key, settings,
                                        self.draft_ids)
-            calls, accept_counts, drafts = out.rounds, out.accept_counts, out.drafts
+            calls, histograms, drafts = out.rounds, (out.accept_counts, out.exhausted_counts), out.drafts
         else:
             out = generate(self.target_graphdef, self.target_params, jnp.asarray(padded), lengths, key, settings)
-            calls, accept_counts, drafts = out.target_calls, None, None
+            calls, histograms, drafts = out.target_calls, (None, None), None
         jax.block_until_ready(out.tokens)
         seconds = time.perf_counter() - start
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
         return DecodeResult(tokens=[tokens[row, :counts[row]] for row in range(len(prompts))], seconds=seconds,
                             target_calls=np.asarray(calls),
-                            accept_counts=None if accept_counts is None else np.asarray(accept_counts),
+                            accept_counts=None if histograms[0] is None else np.asarray(histograms[0]),
+                            exhausted_counts=None if histograms[1] is None else np.asarray(histograms[1]),
                             drafts=None if drafts is None else np.asarray(drafts))
 
     def text(self, tokenizer, tokens: np.ndarray) -> str:

@@ -121,8 +121,10 @@ class SpeculativeGeneration(NamedTuple):
       rounds: [B] verification forwards of the target while the row was active; like
         ``Generation.target_calls`` it excludes the prefill.
       accept_counts: [B, A + 1] histogram over the row's rounds of the accepted draft count
-        (bonus excluded), counted before any cut at EOS or max_new_tokens; a draft that was not
-        proposed (``min_confidence``) counts as not accepted.
+        (bonus excluded), counted before any cut at EOS or max_new_tokens.
+      exhausted_counts: [B, A + 1] the same histogram over the rounds whose accepted path ended
+        where nothing more was proposed: a chain that accepted every draft it proposed (all
+        gamma, or fewer with ``min_confidence``), a tree path that reached a leaf.
       drafts: [B] drafts proposed for verification over the row's rounds.
     """
 
@@ -130,6 +132,7 @@ class SpeculativeGeneration(NamedTuple):
     lengths: Array
     rounds: Array
     accept_counts: Array
+    exhausted_counts: Array
     drafts: Array
 
     def tau(self) -> Array:
@@ -143,14 +146,27 @@ class SpeculativeGeneration(NamedTuple):
 
     def acceptance_rates(self) -> np.ndarray:
         """[A] over all rows: :func:`acceptance_by_depth` of the summed histograms."""
-        return acceptance_by_depth(np.sum(np.asarray(self.accept_counts), axis=0))
+        return acceptance_by_depth(np.sum(np.asarray(self.accept_counts), axis=0),
+                                   np.sum(np.asarray(self.exhausted_counts), axis=0))
 
 
-def acceptance_by_depth(accept_counts: np.ndarray) -> np.ndarray:
-    """[A + 1] histogram of accepted drafts per round (host values) -> [A] float64 P(depth d
-    accepted | depth d - 1 accepted), d = 1..A (0 where depth d - 1 was never reached)."""
+def acceptance_by_depth(accept_counts: np.ndarray, exhausted_counts: np.ndarray) -> np.ndarray:
+    """Acceptance of the drafts proposed at each depth (host values).
+
+    Args:
+      accept_counts: [A + 1] rounds by accepted drafts a.
+      exhausted_counts: [A + 1] of those, the rounds that proposed nothing after their a-th draft
+        (``SpeculativeGeneration.exhausted_counts``).
+
+    Returns:
+      [A] float64, d = 1..A: P(a depth-d draft is accepted | depth d - 1 was accepted and a
+      depth-d draft was proposed after it) = rounds accepting >= d / (rounds accepting >= d - 1
+      less those that ended there for want of a proposal); 0 where no depth-d draft was proposed.
+      Without ``min_confidence`` a chain proposes every depth, so this is P(d | d - 1).
+    """
     reached = np.cumsum(np.asarray(accept_counts)[::-1])[::-1].astype(np.float64)  # rounds accepting >= d, d = 0..A
-    return np.divide(reached[1:], reached[:-1], out=np.zeros(len(reached) - 1), where=reached[:-1] > 0)
+    proposed = reached[:-1] - np.asarray(exhausted_counts, np.float64)[:-1]
+    return np.divide(reached[1:], proposed, out=np.zeros(len(reached) - 1), where=proposed > 0)
 
 
 @flax.struct.dataclass
@@ -160,6 +176,7 @@ class _LoopState:
     done: Array  # [B] bool
     rounds: Array  # [B]
     accept_counts: Array  # [B, A + 1]
+    exhausted_counts: Array  # [B, A + 1]
     drafts: Array  # [B]
     root: Array  # [B] last emitted token, at position `committed`
     committed: Array  # [B] n: target cache slots and draft pairs holding the committed sequence
@@ -215,7 +232,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
         done=(is_eos(first, gen.eos_ids) | (gen.max_new_tokens <= 1)
               | (prompt_lengths + verify_tokens > gen.cache_length)),
         rounds=jnp.zeros((batch,), jnp.int32),
-        accept_counts=jnp.zeros((batch, max_accept + 1), jnp.int32), drafts=jnp.zeros((batch,), jnp.int32),
+        accept_counts=jnp.zeros((batch, max_accept + 1), jnp.int32),
+        exhausted_counts=jnp.zeros((batch, max_accept + 1), jnp.int32), drafts=jnp.zeros((batch,), jnp.int32),
         root=first, committed=prompt_lengths, draft_hidden=draft_hidden,
         target_cache=prefilled.cache, draft_cache=draft_cache, key=key)
 
@@ -244,6 +262,9 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
                        verify_sampling_tree(verify_key, tree, out.logits, sampling))
             target_cache = compact_cache(out.cache, n, verdict.path, verdict.accepted)
 
+        # Nothing was proposed after the accepted path's end: a leaf, or a chain's last proposal.
+        exhausted = tree.leaves[rows, verdict.path[rows, verdict.accepted]] | (verdict.accepted >= proposed)
+        accepted_hot = active[:, None] * jax.nn.one_hot(verdict.accepted, max_accept + 1, dtype=jnp.int32)
         emitted = emitted_tokens(tree.tokens, verdict, gen.pad_id)  # [B, A + 1] = x_{n+1} .. x_{n+a+1}
         tokens, lengths, hit_eos = append_tokens(s.tokens, s.lengths, emitted, verdict.accepted + 1, active,
                                                  gen.eos_ids)
@@ -254,15 +275,16 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
                 | (committed + verify_tokens > gen.cache_length))
         return _LoopState(
             tokens=tokens, lengths=lengths, done=done, rounds=s.rounds + active,
-            accept_counts=s.accept_counts + active[:, None] * jax.nn.one_hot(verdict.accepted, max_accept + 1,
-                                                                             dtype=jnp.int32),
+            accept_counts=s.accept_counts + accepted_hot,
+            exhausted_counts=s.exhausted_counts + exhausted[:, None] * accepted_hot,
             drafts=s.drafts + active * proposed,
             root=jnp.where(active, verdict.bonus, s.root), committed=committed,
             draft_hidden=jnp.where(active[:, None], draft_hidden, s.draft_hidden),
             target_cache=target_cache, draft_cache=draft_cache, key=key)
 
     state = jax.lax.while_loop(cond, round_, state)
-    return SpeculativeGeneration(state.tokens, state.lengths, state.rounds, state.accept_counts, state.drafts)
+    return SpeculativeGeneration(state.tokens, state.lengths, state.rounds, state.accept_counts,
+                                 state.exhausted_counts, state.drafts)
 
 
 def verify_forward(target: Llama, tree: DraftTree, committed: Array, cache: KVCache, cache_length: int,
