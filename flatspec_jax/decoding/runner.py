@@ -37,6 +37,10 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _on_host(value: jax.Array | None) -> np.ndarray | None:
+    return None if value is None else np.asarray(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeResult:
     """One batch of decoded rows.
@@ -135,18 +139,17 @@ class Decoder:
             out = speculative_generate(self.target_graphdef, self.target_params, self.head_graphdef,
                                        self.head_params, jnp.asarray(padded), lengths, key, settings,
                                        self.draft_ids)
-            calls, histograms, drafts = out.rounds, (out.accept_counts, out.exhausted_counts), out.drafts
+            calls, accept_counts, exhausted_counts, drafts = (out.rounds, out.accept_counts, out.exhausted_counts,
+                                                              out.drafts)
         else:
             out = generate(self.target_graphdef, self.target_params, jnp.asarray(padded), lengths, key, settings)
-            calls, histograms, drafts = out.target_calls, (None, None), None
+            calls, accept_counts, exhausted_counts, drafts = out.target_calls, None, None, None
         jax.block_until_ready(out.tokens)
         seconds = time.perf_counter() - start
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
         return DecodeResult(tokens=[tokens[row, :counts[row]] for row in range(len(prompts))], seconds=seconds,
-                            target_calls=np.asarray(calls),
-                            accept_counts=None if histograms[0] is None else np.asarray(histograms[0]),
-                            exhausted_counts=None if histograms[1] is None else np.asarray(histograms[1]),
-                            drafts=None if drafts is None else np.asarray(drafts))
+                            target_calls=np.asarray(calls), accept_counts=_on_host(accept_counts),
+                            exhausted_counts=_on_host(exhausted_counts), drafts=_on_host(drafts))
 
     def text(self, tokenizer, tokens: np.ndarray) -> str:
         """The reply text of generated ids (EOS and special tokens dropped)."""
