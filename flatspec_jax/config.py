@@ -108,8 +108,9 @@ class ScoreConfig:
 
     temperature: float = 1.0
     """Temperature T of p = softmax(z / T) for every statistic."""
-    vocab_chunk: int = 8192
-    """Vocabulary rows per chunk of the fused LM-head + statistics kernel."""
+    vocab_chunk: int = 1024
+    """Vocabulary rows per chunk of the fused LM-head + statistics kernel; each step holds
+    [tokens, chunk] float32 logits, which at 1024 stay in a CPU's caches (larger suits accelerators)."""
     row_length: int = 512
     """Tokens per packed row; several samples share a row (>= data.max_length)."""
     rows_per_batch: int = 4
