@@ -26,7 +26,9 @@ other's imports, threads or memory):
 4. Flatness overhead: our scoring step vs a bare forward pass of the same model on the same
    packed batches, without flatness: the model's usual output, ``[rows, 512, V]`` logits (the
    goal's baseline), and for reference the hidden states alone (``return_logits=False``, which
-   skips the LM head, ~20% of SmolLM2's FLOPs, that flatness cannot do without).
+   skips the LM head, ~20% of SmolLM2's FLOPs, that flatness cannot do without). Each side's
+   time is the sum over batches of the batch's fastest timed pass (a busy moment of the machine
+   only adds time; pass totals moved the figure by several points between passes).
 
 ``--dtype`` is our ``model.dtype`` and ``model.param_dtype`` in every measured flatspec process and
 ``--theirs-dtype`` the transformers model's dtype (both float32 by default; the plain pipeline's
@@ -156,12 +158,16 @@ def worker_ours_steady(args) -> dict:
             run(kind, index)
         timings["score_first_pass_s" if kind == "score" else f"forward_{kind}_first_pass_s"] = (
             time.perf_counter() - start)
-    pass_times = {kind: [0.0] * args.passes for kind in kinds}
+    batch_times = {kind: [[] for _ in batches] for kind in kinds}  # [kind][batch][pass] seconds
     for repeat in range(args.passes):  # the kinds interleaved batch by batch
         for index, kind in rotating_turns(len(batches), kinds, shift=repeat):
             start = time.perf_counter()
             run(kind, index)
-            pass_times[kind][repeat] += time.perf_counter() - start
+            batch_times[kind][index].append(time.perf_counter() - start)
+    pass_times = {kind: [sum(times[p] for times in batch_times[kind]) for p in range(args.passes)] for kind in kinds}
+    # Each batch's fastest pass: a slow moment of the machine only ever adds time, so the sum of
+    # per-batch minima is the least noisy estimate of each kind's own cost.
+    best = {kind: sum(min(times) for times in batch_times[kind]) for kind in kinds}
     score_times, forward_times = pass_times["score"], {name: pass_times[name] for name in forwards}
 
     flat = {}
@@ -179,6 +185,8 @@ def worker_ours_steady(args) -> dict:
         "dtype": args.dtype, "pass_flops": pass_flops, "device_peak_bytes": memory.get("peak_bytes_in_use"),
         "batches": len(plan.batches), "batch_shape": [cfg.score.rows_per_batch, cfg.score.row_length],
         "padding_fraction": plan.padding, "score_pass_s": score_times, "forward_pass_s": forward_times,
+        "score_best_batches_s": best["score"], "forward_best_batches_s": {name: best[name] for name in forwards},
+        "batch_times_s": batch_times,
         "tokens_per_s": n_tokens / min(score_times),
         "forward_tokens_per_s": {name: n_tokens / min(times) for name, times in forward_times.items()},
         "timings": timings, "flatness": flat, "peak_rss_self_mib": self_rss_mib(),
@@ -333,6 +341,13 @@ def _scores_flatness(run_dir: Path) -> dict[str, float]:
     return dict(zip(table["id"].to_pylist(), table["flatness"].to_pylist()))
 
 
+def _overheads(ours: dict) -> dict[str, float]:
+    """Our scoring step's extra time over each bare forward, in %, from the per-batch best times."""
+    score, forwards = ours["score_best_batches_s"], ours["forward_best_batches_s"]
+    return {"flatness_overhead_pct": 100 * (score / forwards["logits"] - 1),
+            "overhead_over_hidden_only_pct": 100 * (score / forwards["hidden"] - 1)}
+
+
 def orchestrate(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_flatness_"))
     cache = work / "cache"  # starts empty: the first `flatspec score` is fully cold
@@ -381,8 +396,7 @@ def orchestrate(args) -> dict:
         "ours": {k: v for k, v in ours.items() if k != "flatness"},
         "transformers_eager": {k: v for k, v in theirs.items() if k != "flatness"},
         "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "flatness_overhead_pct": 100 * (min(ours["score_pass_s"]) / min(ours["forward_pass_s"]["logits"]) - 1),
-        "overhead_over_hidden_only_pct": 100 * (min(ours["score_pass_s"]) / min(ours["forward_pass_s"]["hidden"]) - 1),
+        **_overheads(ours),
     }
     theirs_best = min(wall["theirs_1"].wall_s, wall["theirs_2"].wall_s)
     results["wall"] = {
@@ -427,7 +441,7 @@ def orchestrate_device(args) -> dict:
             "ours": ours,
             "tflop_s": {name: ours["pass_flops"][name] / seconds / 1e12 for name, seconds in passes.items()},
             "tokens_per_s": {name: ours["tokens"] / seconds for name, seconds in passes.items()},
-            "flatness_overhead_pct": 100 * (passes["score"] / passes["forward_logits"] - 1)}
+            **_overheads(ours)}
 
 
 def report_device(results: dict) -> None:
@@ -445,7 +459,8 @@ def report_device(results: dict) -> None:
                 ["step", "tokens/s", "TFLOP/s", "vs bare forward to logits"],
                 [[labels[name], f"{rate:.0f}", f"{results['tflop_s'][name]:.3f}", f"{rate / baseline:.2f}x"]
                  for name, rate in results["tokens_per_s"].items()])
-    print(f"flatness overhead over the bare forward to logits: {results['flatness_overhead_pct']:.1f}% "
+    print(f"flatness overhead over the bare forward to logits (each batch's fastest pass): "
+          f"{results['flatness_overhead_pct']:.1f}% "
           f"(goal <= {GOALS['flatness_overhead_pct']}%)")
 
 
@@ -468,7 +483,8 @@ def report(results: dict) -> None:
                     f"{o['forward_tokens_per_s'][name]:.0f}",
                     f"{o['forward_tokens_per_s'][name] / t['tokens_per_s']:.2f}x"]
                    for name, label in (("logits", "to logits"), ("hidden", "hidden states only"))]])
-    print(f"flatness overhead over the bare forward to logits: {s['flatness_overhead_pct']:.1f}% "
+    print(f"flatness overhead over the bare forward to logits (each batch's fastest pass): "
+          f"{s['flatness_overhead_pct']:.1f}% "
           f"(goal <= {GOALS['flatness_overhead_pct']}%); over the hidden-only forward: "
           f"{s['overhead_over_hidden_only_pct']:.1f}%")
     rows = [[f"transformers-eager script (run {run})", f"{w[f'theirs_{run}']['wall_s']:.1f}",
@@ -499,7 +515,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=32, help="ShareGPT conversations (data.limit)")
     parser.add_argument("--max-length", type=int, default=512, help="data.max_length")
     parser.add_argument("--batch", type=int, default=4, help="transformers batch size")
-    parser.add_argument("--passes", type=int, default=2, help="timed steady-state passes after the first")
+    parser.add_argument("--passes", type=int, default=3, help="timed steady-state passes after the first")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, run dirs)")
     parser.add_argument("--device-throughput", action="store_true",
                         help="only our scoring step, on JAX's default backend (GPU/TPU when present), at --rows rows "
