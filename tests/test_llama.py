@@ -24,7 +24,8 @@ from flax import nnx
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
-from flatspec_jax.models.llama import ATTENTION_BLOCK, KVCache, create_model, dense, rope_inverse_frequencies
+from flatspec_jax.models.llama import (ATTENTION_BLOCK, KVCache, create_model, dense, lm_head_logits,
+                                      rope_inverse_frequencies)
 from flatspec_jax.models.masks import beside_cache_mask, cached_mask, causal_mask, segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
@@ -224,6 +225,24 @@ def test_bfloat16_products_accumulate_and_return_float32():
     assert max_diff(got, want) <= 1e-4
     # A bfloat16 result (8 significant bits) misses by far more: the check can fail.
     assert max_diff(np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64), want) > 1e-3
+
+
+@pytest.mark.parametrize("leading", [(1, 1), (1, 3), (2, 8), (1, 17), (4, 64)])
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                                       ("bfloat16", "float32")])
+def test_lm_head_logits_equal_the_exact_product_at_every_token_count(leading, hidden_dtype, weight_dtype):
+    # 2-16 tokens take the fused multiply-reduce on CPU, 1 and more the dot: both must give the
+    # float64 product of the operands in the hidden dtype. (An earlier multiply-reduce rounded a
+    # float32 head to bfloat16 in the graph and XLA:CPU's fused kernel dropped that rounding:
+    # off by ~2e-3 here.)
+    rng = np.random.default_rng(len(leading) + leading[-1])
+    hidden = jnp.asarray(rng.standard_normal((*leading, 64)), hidden_dtype)
+    weight = jnp.asarray(rng.standard_normal((3000, 64)), weight_dtype)
+    got = jax.jit(lm_head_logits)(hidden, weight)
+    assert got.shape == (*leading, 3000) and got.dtype == jnp.float32
+    want = np.asarray(hidden.astype(jnp.float32), np.float64) @ np.asarray(
+        weight.astype(hidden_dtype).astype(jnp.float32), np.float64).T
+    assert max_diff(got, want) <= 1e-6 * np.abs(want).max()
 
 
 def test_bfloat16_forward_tracks_the_float32_forward(llama):

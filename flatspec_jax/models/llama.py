@@ -49,9 +49,27 @@ def dense(subscripts: str, x: Array, weight: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(subscripts, x.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
 
 
+# Token counts for which `lm_head_logits` multiplies and reduces instead of calling a dot on CPU.
+_CPU_FEW_TOKENS = range(2, 17)
+
+
 def lm_head_logits(hidden: Array, weight: Array) -> Array:
-    """[..., D] final hidden states and a [V, D] LM head -> [..., V] float32 logits (in the hidden dtype's math)."""
-    return dense("...d,vd->...v", hidden, weight, hidden.dtype)
+    """[..., D] final hidden states and a [V, D] LM head -> [..., V] float32 logits (in the hidden dtype's math).
+
+    On CPU, for 2-16 tokens (a verify forward's, a draft tree level's), the product is written as
+    a multiply over [V, N, D] reduced over D: XLA fuses it into one pass that reads each weight
+    row once for all N tokens, where its small-N matrix product streams the head at about half
+    the matrix-vector rate (SmolLM2's 49,152 x 576 head at N = 3: 2.9-3.4 ms against 4.6 ms, the
+    same as N = 1). For one token, or many, the dot is faster (at N = 1 the reduction ~100x slower).
+    Only where the head is already in the hidden dtype: XLA:CPU's fused kernel skips a rounding
+    of the weight to a narrower dtype, which would make this path's numbers differ from the dot's.
+    """
+    tokens = int(np.prod(hidden.shape[:-1]))
+    if jax.default_backend() != "cpu" or tokens not in _CPU_FEW_TOKENS or weight.dtype != hidden.dtype:
+        return dense("...d,vd->...v", hidden, weight, hidden.dtype)
+    rows = hidden.reshape(tokens, -1).astype(jnp.float32)  # [N, D]
+    products = weight.astype(jnp.float32)[:, None, :] * rows[None]  # [V, N, D]
+    return products.sum(-1).T.reshape(*hidden.shape[:-1], weight.shape[0])
 
 
 @flax.struct.dataclass
