@@ -79,7 +79,7 @@ def run_arm_pipeline(config: str, run_dir: Path, overrides: list[str]) -> dict:
     flatspec("pipeline", config, run_dir, overrides, "pipeline-check" if reused else "pipeline")
     evaluation = json.loads((run_dir / "eval.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
+    curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance", "eval_loss")} for r in records
              if "eval_top1" in r]
     return {"reused_complete_run": reused, "stage_seconds": stage_times(run_dir / "pipeline.err"), "heldout": curve,
             "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
