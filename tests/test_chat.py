@@ -147,7 +147,8 @@ def test_render_prompt_ends_with_the_assistant_header(tokenizer):
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True,
                                              add_generation_prompt=True)["input_ids"]
     assert ids.tolist() == list(expected)
-    assert tokenizer.decode(ids.tolist()) == DEFAULT_SYSTEM + "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    expected = DEFAULT_SYSTEM + "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(ids.tolist()) == expected
     as_dicts = render_prompt(tokenizer, [{"role": "user", "content": "Hi there"}], add_generation_prompt=False)
     assert tokenizer.decode(as_dicts.tolist()).endswith("Hi there<|im_end|>\n")
 

@@ -15,8 +15,9 @@ Both chains run concurrently (about 2 min on 2 loaded CPU cores). Checked: the s
 the selection, the per-step training metrics (loss terms, gradient norm, held-out metrics) and
 the saved draft head agree to 1e-5, the evaluation's acceptance counts and output lengths
 exactly; the pipeline redoes nothing; only process 0 writes logs, scores, manifests, tokenized
-samples, metrics, ``eval.json`` and the plots (process 1 writes nothing but its share of the orbax checkpoint, seen through an
-audit hook, see ``multihost_worker.py``), and process 1 logs nothing at INFO. Every subprocess
+samples, metrics, ``eval.json`` and the plots (process 1 writes nothing but its share of the
+orbax checkpoint, seen through an audit hook, see ``multihost_worker.py``), and process 1 logs
+nothing at INFO. Every subprocess
 is killed on failure or timeout.
 
 A third job (2 processes) meets a run directory another command has locked: every process

@@ -227,8 +227,8 @@ def test_training_refuses_a_run_dir_holding_an_imported_head(selected_run, tiny_
     rotate it out of the checkpoints."""
     run_dir, _ = selected_run
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5"))
-    exported = export.run(cfg, argparse.Namespace(format="eagle", checkpoint=None, step=None, out=str(tmp_path / "eagle"),
-                                                  dtype="float32"))
+    exported = export.run(cfg, argparse.Namespace(format="eagle", checkpoint=None, step=None,
+                                                  out=str(tmp_path / "eagle"), dtype="float32"))
     imported_run = tmp_path / "imported_run"
     imported_cfg = load_config(None, tiny_run_overrides(tiny_dir, imported_run, "data.selection=null"))
     import_eagle.run(imported_cfg, argparse.Namespace(format="eagle", input=str(exported), out=None))

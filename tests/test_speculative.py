@@ -89,7 +89,8 @@ def test_greedy_matches_autoregressive(pairs, method, pair_name):
     np.testing.assert_array_equal(result.drafts, result.rounds * (settings.verify_tokens - 1))
     # A round that accepts the deepest draft has nothing proposed after it; a full chain proposes
     # every shallower depth, a tree may end a path at a shallower leaf.
-    exhausted, counts, deepest = np.asarray(result.exhausted_counts), np.asarray(result.accept_counts), settings.max_accept
+    exhausted, counts = np.asarray(result.exhausted_counts), np.asarray(result.accept_counts)
+    deepest = settings.max_accept
     np.testing.assert_array_equal(exhausted[:, deepest], counts[:, deepest])
     assert np.all(exhausted <= counts)
     if method == "chain":

@@ -10,9 +10,10 @@ by the real pipeline. What is checked:
 * ``feature_noise``: |noise| <= amplitude * 512 / (sample length) / 2, filled to that bound
   within each segment (scaled per segment, not per row);
 * the train step's loss equals an independent float64 NumPy computation within 1e-5, for each
-  micro-batch and for the step (their mean weighted by trained positions): features from the target, noise from the step's key
-  (key(seed) folded with the step, then the micro-batch index), the draft head re-implemented in
-  NumPy, EAGLE's SmoothL1 + 0.1 soft CE with the masked mean sum / (n + 1e-5);
+  micro-batch and for the step (their mean weighted by trained positions): features from the
+  target, noise from the step's key (key(seed) folded with the step, then the micro-batch
+  index), the draft head re-implemented in NumPy, EAGLE's SmoothL1 + 0.1 soft CE with the
+  masked mean sum / (n + 1e-5);
 * gradient accumulation equals one big batch: A=2 micro-batches of R=2 rows with different trained
   counts give the gradient, hence the update, and the metrics of one batch of the same A*R rows
   within 1e-5 (checked with SGD(lr=1), whose update is minus the gradient), also with unroll 3
@@ -133,7 +134,8 @@ def new_state(params, tx) -> TrainState:
 
 
 def numpy_tree(tree) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v[...] if hasattr(v, "get_value") else v, np.float64) for k, v in flatten_params(tree).items()}
+    return {k: np.asarray(v[...] if hasattr(v, "get_value") else v, np.float64)
+            for k, v in flatten_params(tree).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def runs(tiny_dir, tmp_path_factory) -> dict:
 
     # Uninterrupted reference (also fills the caches: tokenizer, XLA).
     reference = base / "reference"
-    done = subprocess.run(train_argv(reference, tiny_dir), check=False, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_argv(reference, tiny_dir), check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
     # Killed run: SIGKILL once a checkpoint beyond step 0 exists and two more steps have been logged.
@@ -104,7 +105,8 @@ def runs(tiny_dir, tmp_path_factory) -> dict:
         f"the run ended (rc {proc.returncode}) before it could be killed; make it longer\n"
         f"{killed_log.read_text()[-3000:]}")
     after_kill = {"checkpoints": checkpoint_steps(resumed), "logged": logged_steps(resumed)}
-    again = subprocess.run(train_argv(resumed, tiny_dir), check=False, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(train_argv(resumed, tiny_dir), check=False, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     return {"reference": reference, "resumed": resumed, "at_kill": at_kill, "after_kill": after_kill,
             "resume_log": again.stderr}
