@@ -60,11 +60,11 @@ def main() -> int:
             results["arms"][name] = {"steps": steps, "learning_rate": learning_rate, **arm}
             write_results(results, args.out)
     arms = results["arms"]
-    baseline = next(iter(arms.values()))
-    rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline),
+    baseline_name = next(iter(arms))
+    rows = [[name, *outcome_cells(arm), relative_cell(arm, arms[baseline_name]),
              ", ".join(f"{r['step']}: {r['eval_top1']:.3f}" for r in arm["heldout"])] for name, arm in arms.items()]
     title = f"draft per training budget, same data ({args.config} {' '.join(args.overrides)})"
-    print_table(title, ["arm", *OUTCOME_HEADER, f"tau / speedup vs {next(iter(arms))}", "held-out top-1 by step"],
+    print_table(title, ["arm", *OUTCOME_HEADER, f"tau / speedup vs {baseline_name}", "held-out top-1 by step"],
                 rows)
     print(f"wrote {write_results(results, args.out)}")
     return 0
