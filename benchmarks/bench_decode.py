@@ -7,7 +7,8 @@ In ONE process and on the same prompts (SmolLM2 chat template, greedy), after a 
 no timing includes compilation, prompt by prompt with every decoder in turn (rotating order, so
 drift in the machine's speed hits all alike):
   * baseline 1: our jitted autoregressive decoding (``decode.method=ar``);
-  * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch, CPU);
+  * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch on
+    ``--hf-device``: the CPU, or CUDA where JAX runs on a GPU);
   * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
     (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``; with
     ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens; a head trained
@@ -71,6 +72,8 @@ def _parse() -> argparse.Namespace:
                         help="NAME:key=value,... speculative decoder over the config's decode settings "
                              f"(default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
+    parser.add_argument("--hf-device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="PyTorch device of the transformers baseline (auto: cuda when JAX's devices are GPUs)")
     return parser.parse_args()
 
 
@@ -113,15 +116,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     gguf = Path(ctx.model_path)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    accelerator = jax.devices()[0]
+    hf_device = args.hf_device if args.hf_device != "auto" else ("cuda" if accelerator.platform == "gpu" else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = model.to(hf_device).eval()
     eos_list = list(eos)
 
     def hf_generate(prompt: np.ndarray) -> tuple[np.ndarray, float, int, int]:
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
+            out = model.generate(torch.tensor(prompt[None], dtype=torch.long, device=hf_device), do_sample=False,
                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos_list, pad_token_id=pad)
-        generated = out[0, len(prompt):].numpy()
+        generated = out[0, len(prompt):].cpu().numpy()
         return generated, time.perf_counter() - start, max(len(generated) - 1, 0), 0
 
     def ours(decoder: Decoder, prompt: np.ndarray) -> tuple[np.ndarray, float, int, int]:
@@ -156,14 +162,16 @@ def main() -> None:
 
     report = {
         "benchmark": "bench_decode", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "load": {**quiet, "load_at_end": load1()},
+        "cpu_count": os.cpu_count(), "jax_device": accelerator.device_kind, "hf_device": hf_device,
+        "model_dtype": cfg.model.dtype, "load": {**quiet, "load_at_end": load1()},
         "run_dir": str(args.run_dir), "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
         "variants": {name: {k: getattr(d, k) for k in VARIANT_KEYS} for name, d in settings.items()},
         "results": results,
     }
     out = write_results(report, args.out)
+    where = accelerator.device_kind if accelerator.platform == "gpu" else f"{os.cpu_count()} CPU cores"
     _plot(results, out.with_suffix(".png"), f"SmolLM2-135M, {len(prompts)} MT-bench first turns, greedy, "
-          f"<= {args.max_new_tokens} new tokens, {os.cpu_count()} CPU cores")
+          f"<= {args.max_new_tokens} new tokens, {where}")
 
     print(f"\nMT-bench first turns: {len(prompts)} questions, greedy, <= {args.max_new_tokens} new tokens, "
           f"load {quiet['load_at_start']:.2f}")
