@@ -37,6 +37,7 @@ stage1() {
       "$STASH"/fallback/*.whl
     imports_ok || return 1
   fi
+  [ -n "${SKIP_TESTS:-}" ] && return 0
   JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_speculative.py \
     tests/test_spec_blocks.py 2>&1 | tail -n 15
 }

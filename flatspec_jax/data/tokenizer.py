@@ -100,8 +100,11 @@ def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     input and the tokenizer config (chat template, BOS/EOS flags), and the special tokens are
     spelled from their ids.
     """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
-                                                                       convert_gguf_tokenizer)
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                           convert_gguf_tokenizer)
+    except ImportError:  # transformers before 5.23 (e.g. a GPU image's 5.17) keeps both here
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     metadata = {key: value for key, value in GGUFFile(path).fields.items()
                 if key.startswith("tokenizer.") or key == "general.architecture"}
