@@ -49,7 +49,7 @@ stage2() {
   echo "$(cat .xfer2/gguf.sha256)  $GGUF" | sha256sum -c - || return 1
   rm -rf /root/draft && cp -r .xfer2/draft /root/draft
   # Greedy outputs are compared token for token: float32 matmuls in full precision (no TF32).
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 260 python3 benchmarks/bench_decode.py --run-dir /root/draft \
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 250 python3 benchmarks/bench_decode.py --run-dir /root/draft \
     --set model.path="$GGUF" --limit 20 --max-new-tokens 128 --max-wait 0 \
     --variant chain2:method=chain,gamma=2 --variant chain4:method=chain,gamma=4 \
     --variant tree6:method=tree,depth=3,top_k=2,total_tokens=6 \
@@ -58,17 +58,17 @@ stage2() {
     --out "$OUT/decode_h200.json" > "$OUT/decode.log" 2>&1
   tail -n 12 "$OUT/decode.log"
   # Flatness scoring and training throughput at the full config's shapes (bfloat16, 2048-token
-  # rows) on the first 4,000 ShareGPT conversations.
+  # rows) on the first 2,000 ShareGPT conversations.
   mkdir -p /root/data && xz -dc "$STASH/sharegpt_4000.jsonl.xz" > /root/data/sharegpt_4000.jsonl
   local full=(--config configs/smollm2_sharegpt_full.yaml --run-dir /root/runs/full4000 --set model.path="$GGUF"
-              --set data.source=/root/data/sharegpt_4000.jsonl)
+              --set data.source=/root/data/sharegpt_4000.jsonl --set data.limit=2000)
   local start=$SECONDS
-  timeout 100 python3 -m flatspec_jax.cli score "${full[@]}" > "$OUT/score.log" 2>&1
+  timeout 60 python3 -m flatspec_jax.cli score "${full[@]}" > "$OUT/score.log" 2>&1
   echo "score exit $? after $((SECONDS - start)) s"
   grep -E "scoring [0-9]+ samples|wrote .*scores|scores:" "$OUT/score.log"
   python3 -m flatspec_jax.cli select "${full[@]}" > /dev/null 2>&1
   start=$SECONDS
-  timeout 110 python3 -m flatspec_jax.cli train "${full[@]}" --set train.steps=200 --set train.log_every=25 \
+  timeout 70 python3 -m flatspec_jax.cli train "${full[@]}" --set train.steps=200 --set train.log_every=25 \
     --set train.eval_every=100000 --set train.save_every=100000 > "$OUT/train.log" 2>&1
   echo "train exit $? after $((SECONDS - start)) s"
   cp /root/runs/full4000/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null

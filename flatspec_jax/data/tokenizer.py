@@ -123,7 +123,9 @@ def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         tokenizer_config[name] = tokens[token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+    # Older converters (transformers 5.17) also return special tokens in ``extra``; the ids the GGUF
+    # metadata names win.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **tokenizer_config})
 
 
 def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
