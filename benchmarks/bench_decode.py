@@ -136,17 +136,22 @@ def main() -> None:
 
     runners = {**{name: functools.partial(ours, decoder) for name, decoder in decoders.items()},
                "hf_generate": hf_generate}
-    for run in runners.values():
-        run(prompts[0])  # warm-up: compilation, allocator
+    for name, run in runners.items():  # warm-up: compilation, allocator
+        start = time.perf_counter()
+        run(prompts[0])
+        print(f"[bench] warm-up {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     outputs: dict[str, list[np.ndarray]] = {name: [None] * len(prompts) for name in runners}
     totals = {name: {"tokens": 0, "seconds": 0.0, "calls": 0, "drafts": 0} for name in runners}
-    for i, name in rotating_turns(len(prompts), list(runners)):  # every decoder in turn, prompt by prompt
+    names = list(runners)
+    for i, name in rotating_turns(len(prompts), names):  # every decoder in turn, prompt by prompt
         generated, seconds, calls, drafts = runners[name](prompts[i])
         outputs[name][i] = generated
         totals[name]["tokens"] += len(generated)
         totals[name]["seconds"] += seconds
         totals[name]["calls"] += calls
         totals[name]["drafts"] += drafts
+        if name == names[(i - 1) % len(names)]:  # the prompt's last decoder in the rotation
+            print(f"[bench] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
     results: dict[str, dict] = {}
     for name, t in totals.items():
         results[name] = {"tokens": t["tokens"], "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],

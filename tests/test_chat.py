@@ -338,3 +338,23 @@ def test_answered_turns_interleaves_replies_and_leaves_the_next_turn_open():
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "b"}]
     assert answered_turns(["a"], ["A"]) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}]
     assert answered_turns([], []) == []
+
+
+def test_gguf_tokenizer_with_an_older_transformers_converter(tiny_gguf, monkeypatch):
+    """transformers 5.17 (a GPU image's) keeps the mapping and converter in ``integrations.ggml``,
+    and its converter also returns special tokens; the GGUF's own ids must still name them."""
+    import transformers.integrations.ggml as ggml
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    def converter_with_extras(architecture, tokenizer_dict):
+        backend, extra = mapping.convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return backend, {**extra, "eos_token": "<|im_start|>", "unk_token": "<|im_end|>"}
+
+    reference = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+    monkeypatch.setattr(ggml, "GGUF_TOKENIZER_MAPPING", mapping.GGUF_TOKENIZER_MAPPING, raising=False)
+    monkeypatch.setattr(ggml, "convert_gguf_tokenizer", converter_with_extras, raising=False)
+    monkeypatch.delattr(mapping, "GGUF_TOKENIZER_MAPPING")
+    older = build_gguf_tokenizer(tiny_gguf)
+    assert (older.eos_token, older.unk_token, older.bos_token, older.pad_token) == (
+        "<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    assert_same_tokenizer(reference, older)
