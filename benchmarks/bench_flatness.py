@@ -113,7 +113,7 @@ def worker_ours_steady(args) -> dict:
     timings = {"import_s": time.perf_counter() - t0}
     cfg = load_config(None, [f"data.limit={args.limit}", f"data.max_length={args.max_length}",
                              f"run_dir={args.run_dir}", f"score.rows_per_batch={args.rows}",
-                             f"model.dtype={args.dtype}", f"model.param_dtype={args.dtype}"])
+                             f"model.dtype={args.dtype}", f"model.param_dtype={args.dtype}", *args.overrides])
     start = time.perf_counter()
     path = cfg.model.path or str(assets.smollm2_gguf())
     dataset = prepare_samples(cfg.data, path, load_tokenizer(path), Path(args.run_dir))
@@ -323,7 +323,7 @@ def _worker_argv(name: str, args, run_dir: Path, result: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir", str(run_dir),
             "--result", str(result), "--limit", str(args.limit), "--max-length", str(args.max_length),
             "--batch", str(args.batch), "--passes", str(args.passes), "--rows", str(args.rows), "--dtype", args.dtype,
-            "--theirs-dtype", args.theirs_dtype]
+            "--theirs-dtype", args.theirs_dtype, *(f"--set={o}" for o in args.overrides)]
 
 
 def _flatness_diff(a: dict[str, float], b: dict[str, float]) -> dict:
@@ -435,7 +435,7 @@ def orchestrate_device(args) -> dict:
               **{f"forward_{name}": min(times) for name, times in ours["forward_pass_s"].items()}}
     return {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "settings": {"limit": args.limit, "max_length": args.max_length, "rows": args.rows, "dtype": args.dtype,
-                         "passes": args.passes},
+                         "passes": args.passes, "overrides": args.overrides},
             "load_gate": gate, "load_after": load1(), "process_wall_s": m.wall_s,
             "process_peak_rss_mib": m.peak_rss_mib,
             "ours": ours,
@@ -525,6 +525,9 @@ def main() -> int:
                         help="our model.dtype and model.param_dtype")
     parser.add_argument("--theirs-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the transformers model's dtype (its softmax and cosine run in float32 either way)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --device-throughput: config overrides for our side, e.g. data.source=FILE.jsonl, "
+                             "model.path=FILE.gguf, score.row_length=2048")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -532,6 +535,8 @@ def main() -> int:
     if args.worker:
         Path(args.result).write_text(json.dumps(WORKERS[args.worker](args)))
         return 0
+    if args.overrides and not args.device_throughput:
+        parser.error("--set applies to --device-throughput only (the comparison's two sides read the same data)")
     if args.device_throughput and args.out == parser.get_default("out"):
         args.out = str(Path(args.out).with_name("flatness_device.json"))
     measure, show = (orchestrate_device, report_device) if args.device_throughput else (orchestrate, report)

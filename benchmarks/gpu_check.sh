@@ -10,9 +10,11 @@
 #                                        # half of the xz-compressed GGUF, a ShareGPT subset;
 #                                        # installs, reports versions, runs decoding tests on the GPU
 #   bash benchmarks/gpu_check.sh stage2   # carry .xfer2: the GGUF's second half, a draft checkpoint;
-#                                        # bench_decode, flatness scoring and training throughput
+#                                        # bench_decode and bench_flatness --device-throughput
+#   bash benchmarks/gpu_check.sh stage3   # no carry: training throughput at the full config
 #
-# stage2 must follow stage1 on the same (still warm) machine: stage1 leaves its files in /root/stash.
+# Each stage must follow the previous one on the same machine while it is still warm (the tool
+# keeps it 30 s after a call): the earlier stages leave their files in /root.
 # Results and logs go to $OUT (at most 8 files come back).
 set -uo pipefail
 STASH=/root/stash
@@ -95,23 +97,28 @@ stage2() {
     --variant chain2:method=chain,gamma=2 --variant tree16:method=tree,depth=4,top_k=4,total_tokens=16 \
     --out "$OUT/decode_h200.json" > "$OUT/decode.log" 2>&1
   grep -E "^\[bench\]|^[a-z_0-9]+ +[0-9.]+ +[0-9.]+ " "$OUT/decode.log"
-  # Flatness scoring and training throughput at the full config's shapes (bfloat16, 2048-token
-  # rows) on the first 2,000 ShareGPT conversations.
+  # Flatness scoring's steady-state tokens/s and TFLOP/s at the full config's shapes (bfloat16,
+  # 16 rows of 2,048 tokens) on the first 2,000 ShareGPT conversations.
   mkdir -p /root/data && xz -dc "$STASH/sharegpt_4000.jsonl.xz" > /root/data/sharegpt_4000.jsonl
-  local full=(--config configs/smollm2_sharegpt_full.yaml --run-dir /root/runs/full4000 --set model.path="$GGUF"
-              --set data.source=/root/data/sharegpt_4000.jsonl --set data.limit=2000)
-  local start=$SECONDS
-  timeout 90 python3 -m flatspec_jax.cli score "${full[@]}" > "$OUT/score.log" 2>&1
-  echo "score exit $? after $((SECONDS - start)) s"
-  grep -E "scoring [0-9]+ samples|wrote .*scores|scores:" "$OUT/score.log"
-  python3 -m flatspec_jax.cli select "${full[@]}" > /dev/null 2>&1
-  start=$SECONDS
-  timeout 90 python3 -m flatspec_jax.cli train "${full[@]}" --set train.steps=200 --set train.log_every=25 \
+  timeout 200 python3 benchmarks/bench_flatness.py --device-throughput --limit 2000 --max-length 2048 --rows 16 \
+    --dtype bfloat16 --passes 2 --max-wait 0 --set data.source=/root/data/sharegpt_4000.jsonl \
+    --set model.path="$GGUF" --set score.row_length=2048 --out "$OUT/flatness_h200.json" > "$OUT/flatness.log" 2>&1
+  tail -n 9 "$OUT/flatness.log"
+}
+
+stage3() {
+  # Training throughput at the full config (online features, bfloat16, 32,768 tokens per step) on
+  # the SFDD half of 500 conversations; needs stage2's GGUF and data on the same warm machine.
+  . "$STASH/env.sh"
+  local full=(--config configs/smollm2_sharegpt_full.yaml --run-dir /root/runs/full500 --set model.path="$GGUF"
+              --set data.source=/root/data/sharegpt_4000.jsonl --set data.limit=500 --set data.heldout=16)
+  python3 -m flatspec_jax.cli score "${full[@]}" > "$OUT/score.log" 2>&1 &&
+    python3 -m flatspec_jax.cli select "${full[@]}" >> "$OUT/score.log" 2>&1 || { tail -n 5 "$OUT/score.log"; return 1; }
+  timeout 200 python3 -m flatspec_jax.cli train "${full[@]}" --set train.steps=200 --set train.log_every=25 \
     --set train.eval_every=100000 --set train.save_every=100000 > "$OUT/train.log" 2>&1
-  echo "train exit $? after $((SECONDS - start)) s"
-  cp /root/runs/full4000/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
+  echo "train exit $?"
+  cp /root/runs/full500/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
   tail -n 3 "$OUT/train_metrics.jsonl" 2>/dev/null
-  tail -n 5 "$OUT/train.log"
 }
 
 "$@"
