@@ -150,7 +150,7 @@ def main() -> None:
         totals[name]["seconds"] += seconds
         totals[name]["calls"] += calls
         totals[name]["drafts"] += drafts
-        if name == names[(i - 1) % len(names)]:  # the prompt's last decoder in the rotation
+        if all(outputs[n][i] is not None for n in names):
             print(f"[bench] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
     results: dict[str, dict] = {}
     for name, t in totals.items():

@@ -103,7 +103,7 @@ def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
                                                                            convert_gguf_tokenizer)
-    except ImportError:  # transformers before 5.23 (e.g. a GPU image's 5.17) keeps both here
+    except ImportError:  # older transformers (5.17, a GPU image's) keeps both here
         from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     metadata = {key: value for key, value in GGUFFile(path).fields.items()
