@@ -20,7 +20,7 @@ set -uo pipefail
 STASH=/root/stash
 GGUF=/root/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$STASH" "$OUT"
+[ "${1:-}" = prepare ] || mkdir -p "$STASH" "$OUT"  # the machine's folders, not made by prepare here
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FLATSPEC_CACHE_DIR=/root/cache TF_CPP_MIN_LOG_LEVEL=2
 
 prepare() {
