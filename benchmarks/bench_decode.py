@@ -103,11 +103,11 @@ def main() -> None:
                for p in load_prompts("mtbench", args.limit)]
     head = ctx.draft_head()
     eos, pad = ctx.eos_ids(), ctx.pad_id()
-    decoders = {"ours_ar": Decoder(ctx.target, cfg.decode, eos, pad, method="ar")}
+    decoders = {"ours_ar": Decoder(ctx.decoding_target, cfg.decode, eos, pad, method="ar")}
     settings = {}
     for name, overrides in variants.items():
         settings[name] = load_config(args.config, base + overrides).decode
-        decoders[f"ours_{name}"] = Decoder(ctx.target, settings[name], eos, pad, head=head,
+        decoders[f"ours_{name}"] = Decoder(ctx.decoding_target, settings[name], eos, pad, head=head,
                                            draft_ids=ctx.decoding_draft_ids(size=settings[name].draft_vocab))
     width = max(-(-len(p) // 64) * 64 for p in prompts)
     key = jax.random.key(0)

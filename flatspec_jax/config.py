@@ -310,6 +310,12 @@ class DecodeConfig:
     always drafts from its own saved tokens (this must then be 0 or their count)."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
+    scan_layers: bool = False
+    """Decode with the target's layers under one scan over their stacked weights (compile time
+    independent of depth). False (the default) runs them one after another over per-layer copies
+    of the weights and per-layer KV caches: a scanned step copies every layer's weights out of the
+    stack, which made decoding SmolLM2 on CPU ~1.2-1.3x slower. The copies take the memory of the
+    target's layers a second time."""
 
     def __post_init__(self) -> None:
         _require(self.temperature >= 0, "decode.temperature", "must be >= 0")

@@ -25,7 +25,7 @@ from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.sampling import SamplingSettings, sample, warped_log_probs
 from flatspec_jax.models.llama import (ATTENTION_BLOCK, KVCache, create_model, dense, lm_head_logits,
-                                      rope_inverse_frequencies)
+                                      rope_inverse_frequencies, split_layers)
 from flatspec_jax.models.masks import beside_cache_mask, cached_mask, causal_mask, segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
@@ -580,6 +580,12 @@ def test_sharded_forward_matches_one_device(shardable, mesh_config, embed_spec, 
     tokens = jax.device_put(jnp.asarray(ids), batch_sharding(mesh, rules, 2))
     got = forward(graphdef, state, tokens)
     assert max_diff(got, want) <= SELF_TOL
+    # The decoding layout keeps every layer's sharding: [1, embed, heads, head_dim] per layer.
+    split = split_layers(model)
+    for layer in split.layers:
+        assert tuple(layer.layers.self_attn.q_proj[...].sharding.spec) == (None, *q_spec)
+        assert len(layer.layers.mlp.down_proj[...].sharding.device_set) == 8
+    assert max_diff(forward(*nnx.split(split), tokens), want) <= SELF_TOL
 
 
 # --- error paths ----------------------------------------------------------------------------

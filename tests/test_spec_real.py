@@ -4,7 +4,9 @@ SmolLM2-135M-Instruct (float32), the first turns of 10 MT-bench questions decode
 of 10 rows (so rows accept different lengths per round), chain and EAGLE-2 tree drafts, with an
 untrained head and with a head trained for a few steps on ShareGPT (that one also drafting from
 the 4096 most frequent tokens of the samples only, and as a chain that proposes only confident
-drafts).
+drafts). The reference is autoregressive decoding through the scanned layer stack (the layout
+training and scoring use); the speculative decoders run on the decoding layout (per-layer
+weights and caches, ``RunContext.decoding_target``), as ``flatspec eval`` and ``generate`` do.
 """
 
 from __future__ import annotations
@@ -50,8 +52,17 @@ def prompts(context):
 @pytest.fixture(scope="module")
 def reference(context, prompts):
     cfg, ctx = context
+    assert ctx.target.scan_layers
     decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), method="ar")
     return decoder.run(prompts, jax.random.key(0)).tokens
+
+
+def test_greedy_autoregressive_of_split_layers_equals_the_layer_scan(context, prompts, reference):
+    cfg, ctx = context
+    assert not ctx.decoding_target.scan_layers
+    decoder = Decoder(ctx.decoding_target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), method="ar")
+    for row, (ours, expected) in enumerate(zip(decoder.run(prompts, jax.random.key(0)).tokens, reference)):
+        np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} (split layers)")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +77,8 @@ def heads(context):
 @pytest.mark.parametrize("method", ["chain", "tree"])
 def test_greedy_speculative_equals_autoregressive(context, prompts, reference, heads, head_name, method):
     cfg, ctx = context
-    decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=heads[head_name], method=method)
+    decoder = Decoder(ctx.decoding_target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=heads[head_name],
+                      method=method)
     result = decoder.run(prompts, jax.random.key(0))
     for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
         np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} ({method}, {head_name} head)")
@@ -81,8 +93,8 @@ def test_greedy_speculative_with_a_reduced_draft_vocabulary_equals_autoregressiv
     cfg, ctx = context
     draft_ids = ctx.draft_ids(4096)
     assert len(draft_ids) == 4096 and set(ctx.eos_ids()) <= set(draft_ids.tolist())
-    decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"], method=method,
-                      draft_ids=draft_ids)
+    decoder = Decoder(ctx.decoding_target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"],
+                      method=method, draft_ids=draft_ids)
     result = decoder.run(prompts, jax.random.key(0))
     for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
         np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} ({method}, 4096-token draft)")
@@ -94,7 +106,7 @@ def test_greedy_confident_chain_equals_autoregressive(context, prompts, referenc
     the most any row proposed (the cache only read in the verify forward, written after it)."""
     cfg, ctx = context
     settings = dataclasses.replace(cfg.decode, method="chain", min_confidence=0.3)
-    decoder = Decoder(ctx.target, settings, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"])
+    decoder = Decoder(ctx.decoding_target, settings, ctx.eos_ids(), ctx.pad_id(), head=heads["trained"])
     result = decoder.run(prompts, jax.random.key(0))
     for row, (ours, expected) in enumerate(zip(result.tokens, reference)):
         np.testing.assert_array_equal(ours, expected, err_msg=f"question {row} (chain, min_confidence 0.3)")

@@ -91,7 +91,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Array, prompt_l
     """
     model = nnx.merge(graphdef, params)
     batch = prompts.shape[0]
-    cache = KVCache.zeros(model.arch, model.arch.num_layers, batch, settings.cache_length, model.dtype)
+    cache = model.empty_cache(batch, settings.cache_length)
     prefilled, last_logits = prefill(model, prompts, prompt_lengths, cache)
     key, first_key = jax.random.split(key)
     first = sample(first_key, last_logits, settings.sampling)

@@ -24,7 +24,7 @@ def compact_cache(cache: KVCache, cache_index: Array, path: Array, accepted: Arr
     A node's index is never below its depth, so gathering everything before writing is safe.
 
     Args:
-      cache: [L, B, K, S, H] tensors after the verification forward.
+      cache: the target's cache after the verification forward (either layout).
       cache_index: [B] slot of the root (the committed length before this round).
       path: [B, A + 1] node indices of the root and the accepted drafts by depth (-1 past).
       accepted: [B] accepted drafts a: slots cache_index .. cache_index + a are rewritten,
@@ -40,7 +40,7 @@ def compact_cache(cache: KVCache, cache_index: Array, path: Array, accepted: Arr
     def move(x: Array) -> Array:
         return x.at[:, rows, :, target].set(x[:, rows, :, source], mode="drop")
 
-    return KVCache(k=move(cache.k), v=move(cache.v))
+    return cache.map(move)
 
 
 def emitted_tokens(tree_tokens: Array, verdict: Verdict, pad_id: int) -> Array:

@@ -215,7 +215,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
     rows = jnp.arange(batch)
     prompt_lengths = prompt_lengths.astype(jnp.int32)
 
-    target_cache = KVCache.zeros(target.arch, target.arch.num_layers, batch, gen.cache_length, target.dtype)
+    target_cache = target.empty_cache(batch, gen.cache_length)
     prefilled, last_logits = prefill(target, prompts, prompt_lengths, target_cache)
     key, first_key = jax.random.split(key)
     first = sample(first_key, last_logits, sampling)
@@ -310,10 +310,10 @@ def verify_forward(target: Llama, tree: DraftTree, committed: Array, cache: KVCa
                      beside_cache_mask(committed, tree.ancestors[:, :count, :count], cache_length), cache,
                      write_cache=False)
         pad = ((0, 0), (0, num_nodes - count), (0, 0))
-        new = out.cache  # [L, B, K, count, H]: padded with zeros, written to scratch slots past the nodes
+        # [L, B, K, count, H] new keys and values: padded with zeros, written to scratch slots past the nodes
         new_pad = ((0, 0), (0, 0), (0, 0), (0, num_nodes - count), (0, 0))
         return ModelOutput(jnp.pad(out.hidden, pad), jnp.pad(out.logits, pad),
-                           KVCache(jnp.pad(new.k, new_pad), jnp.pad(new.v, new_pad)))
+                           out.cache.map(lambda new: jnp.pad(new, new_pad)))
 
     out = jax.lax.switch(width, [functools.partial(run, count) for count in range(1, num_nodes + 1)])
     return out._replace(cache=cache.write(out.cache, committed))

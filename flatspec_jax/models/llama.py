@@ -6,17 +6,20 @@ Shape legend:
   F MLP dim, V vocabulary, L layers.
 
 Layers are stacked along a leading ``layers`` axis and run under ``jax.lax.scan``, so
-compile time does not grow with depth. Every parameter carries ``logical_axes`` metadata
-that :mod:`flatspec_jax.sharding` maps to a device mesh. Attention takes an explicit
-boolean mask ``[B, T, S]``: causal, packed (segment-wise causal) and tree-shaped masks are
-all built by :mod:`flatspec_jax.models.masks`, so one forward serves scoring, training,
-decoding and tree verification.
+compile time does not grow with depth. For decoding, :func:`split_layers` gives each layer its
+own buffers (and the KV cache one per layer) and runs them one after another: inside the scan
+XLA copies every layer's weights out of the stack at every step, which a decoding step, bound
+by reading the weights once, cannot afford (MaxText's ``scan_layers=False`` for inference).
+Every parameter carries ``logical_axes`` metadata that :mod:`flatspec_jax.sharding` maps to a
+device mesh. Attention takes an explicit boolean mask ``[B, T, S]``: causal, packed
+(segment-wise causal) and tree-shaped masks are all built by :mod:`flatspec_jax.models.masks`,
+so one forward serves scoring, training, decoding and tree verification.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -77,33 +80,46 @@ class KVCache:
     """Preallocated key/value cache of every layer. Slot s of a row holds position s.
 
     Attributes:
-      k: [L, B, K, S, H] keys after RoPE (heads-major, as attention reads them).
-      v: [L, B, K, S, H] values.
+      k: [L, B, K, S, H] keys after RoPE (heads-major, as attention reads them); for a model of
+        split layers (:func:`split_layers`) a tuple of L such arrays of one layer each
+        ([1, B, K, S, H]), so that every layer's cache is its own buffer, updated in place.
+      v: values, laid out as ``k``.
     """
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
 
     @classmethod
-    def zeros(cls, arch: ArchSpec, num_layers: int, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
+    def zeros(cls, arch: ArchSpec, num_layers: int, batch: int, length: int, dtype: jnp.dtype,
+              per_layer: bool = False) -> "KVCache":
+        """An empty cache; ``per_layer`` lays it out for a model of split layers."""
+        if per_layer:
+            shape = (1, batch, arch.num_kv_heads, length, arch.head_dim)
+            return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                       v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
         shape = (num_layers, batch, arch.num_kv_heads, length, arch.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return jax.tree.leaves(self.k)[0].shape[3]
+
+    def map(self, fn: Callable[[Array], Array]) -> "KVCache":
+        """``fn`` applied to every [L', B, K, S', H] key and value array (either layout)."""
+        return KVCache(k=jax.tree.map(fn, self.k), v=jax.tree.map(fn, self.v))
 
     def write(self, new: "KVCache", cache_index: Array) -> "KVCache":
-        """Writes ``new`` ([L, B, K, T, H] per tensor, e.g. a ``write=False`` forward's) into
-        slots cache_index .. cache_index + T - 1 of each row ([B] cache_index); slots past the
-        cache are dropped."""
-        slots = cache_index[:, None] + jnp.arange(new.k.shape[3])[None, :]
-        rows = jnp.arange(new.k.shape[1])[:, None]
+        """Writes ``new`` ([L, B, K, T, H] per tensor in this cache's layout, e.g. a ``write=False``
+        forward's) into slots cache_index .. cache_index + T - 1 of each row ([B] cache_index);
+        slots past the cache are dropped."""
+        new_k = jax.tree.leaves(new.k)[0]
+        slots = cache_index[:, None] + jnp.arange(new_k.shape[3])[None, :]
+        rows = jnp.arange(new_k.shape[1])[:, None]
 
         def scatter(cache: Array, values: Array) -> Array:  # indexed [:, rows, :, slots] it reads [B, T, L, K, H]
             return cache.at[:, rows, :, slots].set(values.transpose(1, 3, 0, 2, 4).astype(cache.dtype), mode="drop")
 
-        return KVCache(k=scatter(self.k, new.k), v=scatter(self.v, new.v))
+        return KVCache(k=jax.tree.map(scatter, self.k, new.k), v=jax.tree.map(scatter, self.v, new.v))
 
 
 class ModelOutput(NamedTuple):
@@ -359,6 +375,9 @@ class DecoderStack(nnx.Module):
         [num_layers, B, K, T, H] :class:`KVCache`. ``diagonal`` ([L', J, B, K, T, H] tensors, with
         ``write=False`` only): see :meth:`Attention.__call__`."""
         graphdef, layer_state = nnx.split(self.layers)
+        if self.num_layers == 1:
+            return self._one_layer(nnx.merge(graphdef, jax.tree.map(lambda a: a[0], layer_state)), x, cos, sin,
+                                   mask, cache, cache_index, first_layer, write, diagonal)
         if cache is not None and not write:
             earlier = None if diagonal is None else (diagonal.k, diagonal.v)
 
@@ -381,18 +400,42 @@ class DecoderStack(nnx.Module):
         (x, kv), _ = jax.lax.scan(body, init, (jnp.arange(self.num_layers), layer_state))
         return x, None if cache is None else KVCache(k=kv[0], v=kv[1])
 
+    @staticmethod
+    def _one_layer(layer: DecoderLayer, x: Array, cos: Array, sin: Array, mask: Array, cache: KVCache | None,
+                   cache_index: Array | None, first_layer: int, write: bool, diagonal: KVCache | None
+                   ) -> tuple[Array, KVCache | None]:
+        """A stack of one layer, called without a scan: its [1, ...] weights are indexed, not copied."""
+        kv = None if cache is None else (cache.k, cache.v)
+        earlier = None if diagonal is None else (diagonal.k, diagonal.v)
+        x, kv = layer(x, cos, sin, mask, kv, cache_index, first_layer, write, earlier)
+        if kv is None:
+            return x, None
+        if not write:  # the new tokens' [B, K, T, H] keys and values, stacked as a scan would
+            return x, KVCache(k=kv[0][None], v=kv[1][None])
+        return x, KVCache(k=kv[0], v=kv[1])
+
 
 class Llama(nnx.Module):
-    """The target model: embedding, stacked decoder layers, final norm, LM head (tied or not)."""
+    """The target model: embedding, decoder layers, final norm, LM head (tied or not).
+
+    ``scan_layers`` True stores the layers stacked ([L, ...] parameters, one :class:`DecoderStack`)
+    and runs them under a scan; False stores L stacks of one layer each (``layers[i]``, [1, ...]
+    parameters) and runs them one after another, the layout :func:`split_layers` makes for decoding.
+    """
 
     def __init__(self, arch: ArchSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32):
+                 param_dtype: jnp.dtype = jnp.float32, scan_layers: bool = True):
         self.arch = arch
         self.dtype = dtype
+        self.scan_layers = scan_layers
         self.embed_tokens = nnx.Param(
             (jax.random.normal(rngs.params(), (arch.vocab_size, arch.hidden_size)) * 0.02).astype(param_dtype),
             logical_axes=("vocab", "embed"))
-        self.layers = DecoderStack(arch, arch.num_layers, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if scan_layers:
+            self.layers = DecoderStack(arch, arch.num_layers, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.layers = nnx.List([DecoderStack(arch, 1, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                    for _ in range(arch.num_layers)])
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (None if arch.tie_word_embeddings else
                         _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), param_dtype,
@@ -410,6 +453,11 @@ class Llama(nnx.Module):
     def logits(self, hidden: Array) -> Array:
         """[..., D] final hidden states -> [..., V] float32 logits."""
         return lm_head_logits(hidden, self.lm_head_weight())
+
+    def empty_cache(self, batch: int, length: int) -> KVCache:
+        """A zero KV cache of ``length`` slots per row, laid out for this model's layers."""
+        return KVCache.zeros(self.arch, self.arch.num_layers, batch, length, self.dtype,
+                             per_layer=not self.scan_layers)
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, *, return_logits: bool = True, write_cache: bool = True
@@ -442,7 +490,17 @@ class Llama(nnx.Module):
             keys = [] if cache is None else [jnp.broadcast_to(jnp.arange(cache.length), (batch, cache.length))]
             keys += [positions] * (cache is None or read_only)
             mask = mask & sliding_window_mask(positions, jnp.concatenate(keys, axis=1), self.arch.sliding_window)
-        x, cache = self.layers(self.embed(tokens), cos, sin, mask, cache, cache_index, write=write_cache)
+        x = self.embed(tokens)
+        if self.scan_layers:
+            x, cache = self.layers(x, cos, sin, mask, cache, cache_index, write=write_cache)
+        else:
+            layer_caches = []
+            for index, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else KVCache(k=cache.k[index], v=cache.v[index])
+                x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, write=write_cache)
+                layer_caches.append(layer_cache)
+            cache = None if cache is None else KVCache(k=tuple(c.k for c in layer_caches),
+                                                       v=tuple(c.v for c in layer_caches))
         hidden = self.norm(x)
         return ModelOutput(hidden, self.logits(hidden) if return_logits else None, cache)
 
@@ -460,6 +518,30 @@ def sliding_window_mask(positions: Array, key_positions: Array, window: int) -> 
     return positions[:, :, None] - key_positions[:, None, :] < window
 
 
-def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32") -> Llama:
+def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32",
+                 scan_layers: bool = True) -> Llama:
     """A randomly initialised model (tests and abstract shapes; real weights come from the loader)."""
-    return Llama(arch, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+    return Llama(arch, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+                 scan_layers=scan_layers)
+
+
+def split_layers(model: Llama) -> Llama:
+    """The same model with every decoder layer in its own buffers (``scan_layers=False``).
+
+    Layer i's parameters are slice [i:i+1] of the stacked ones (copies, with their sharding); the
+    embedding, final norm and LM head are shared. The caller keeps ``model``: both stay in memory.
+    A model already split is returned as it is.
+    """
+    if not model.scan_layers:
+        return model
+    param_dtype = model.embed_tokens[...].dtype
+    abstract = nnx.eval_shape(lambda: Llama(model.arch, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                            param_dtype=param_dtype, scan_layers=False))
+    graphdef, state = nnx.split(abstract)
+    stacked = nnx.state(model.layers.layers)
+    for index in range(model.arch.num_layers):
+        state["layers"][index]["layers"] = jax.tree.map(lambda a, i=index: a[i:i + 1], stacked)
+    for name, value in nnx.state(model).items():
+        if name != "layers":
+            state[name] = value
+    return nnx.merge(graphdef, state)

@@ -21,7 +21,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.decoding.draft_vocab import frequent_token_ids
 from flatspec_jax.models.eagle import EagleHead
-from flatspec_jax.models.llama import Llama
+from flatspec_jax.models.llama import Llama, split_layers
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
 
@@ -66,12 +66,18 @@ class RunContext:
                                  param_dtype=self.cfg.model.param_dtype)
 
     @functools.cached_property
+    def decoding_target(self) -> Llama:
+        """The target laid out for decoding: per-layer weights and caches unless ``decode.scan_layers``."""
+        return self.target if self.cfg.decode.scan_layers else split_layers(self.target)
+
+    @functools.cached_property
     def responses(self) -> dict[str, Any] | None:
         """With ``data.responses: target``, the meta record of the run's target-generated replies
         (regenerated unless current); None when training on the source's own replies."""
         if self.cfg.data.responses == "source":
             return None
-        return regenerate(self.cfg, self.target, self.tokenizer, self.eos_ids(), self.pad_id(), self.model_path)
+        return regenerate(self.cfg, self.decoding_target, self.tokenizer, self.eos_ids(), self.pad_id(),
+                          self.model_path)
 
     @functools.cached_property
     def samples(self) -> TokenizedDataset:

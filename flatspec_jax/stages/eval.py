@@ -70,9 +70,9 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     method = cfg.decode.method if cfg.decode.method != "ar" else "tree"
     head = ctx.draft_head(checkpoint)
     eos, pad = ctx.eos_ids(), ctx.pad_id()
-    ar = Decoder(ctx.target, cfg.decode, eos, pad, method="ar")
+    ar = Decoder(ctx.decoding_target, cfg.decode, eos, pad, method="ar")
     draft_ids = ctx.decoding_draft_ids(checkpoint)
-    spec = Decoder(ctx.target, cfg.decode, eos, pad, head=head, method=method, draft_ids=draft_ids)
+    spec = Decoder(ctx.decoding_target, cfg.decode, eos, pad, head=head, method=method, draft_ids=draft_ids)
     log.info("evaluating %s decoding (draft %s step %d) on %d prompts x %d turn(s)", method, checkpoint, step,
              len(prompts), cfg.eval.turns)
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)

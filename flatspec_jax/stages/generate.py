@@ -23,7 +23,7 @@ def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) ->
     ctx = ctx or RunContext(cfg)
     head = ctx.draft_head(args.draft) if args.draft else None
     method = cfg.decode.method if head is not None else "ar"
-    decoder = Decoder(ctx.target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=head, method=method,
+    decoder = Decoder(ctx.decoding_target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=head, method=method,
                       draft_ids=ctx.decoding_draft_ids(args.draft) if head is not None else None)
     prompt = render_prompt(ctx.tokenizer, [{"role": "user", "content": args.prompt}])
     result = decoder.run([prompt], jax.random.key(cfg.seed))
