@@ -9,6 +9,8 @@ drift in the machine's speed hits all alike):
   * baseline 1: our jitted autoregressive decoding (``decode.method=ar``);
   * baseline 2: transformers ``model.generate(do_sample=False)`` on the same GGUF weights (PyTorch on
     ``--hf-device``: the CPU, or CUDA where JAX runs on a GPU);
+  * with ``--scan-baseline``, also our autoregressive decoding through the layer scan
+    (``decode.scan_layers=true``, the layout before per-layer decoding weights), as ``ours_ar_scan``;
   * ours: speculative decoding with the run's trained draft head, one decoder per ``--variant``
     (``decode.*`` settings over the config's, e.g. ``chain4:method=chain,gamma=4``; with
     ``draft_vocab=N`` the draft proposes only the run's N most frequent tokens; a head trained
@@ -72,6 +74,8 @@ def _parse() -> argparse.Namespace:
                         help="NAME:key=value,... speculative decoder over the config's decode settings "
                              f"(default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
+    parser.add_argument("--scan-baseline", action="store_true",
+                        help="also time our AR decoding through the layer scan (decode.scan_layers=true)")
     parser.add_argument("--hf-device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="PyTorch device of the transformers baseline (auto: cuda when JAX's devices are GPUs)")
     return parser.parse_args()
@@ -104,6 +108,8 @@ def main() -> None:
     head = ctx.draft_head()
     eos, pad = ctx.eos_ids(), ctx.pad_id()
     decoders = {"ours_ar": Decoder(ctx.decoding_target, cfg.decode, eos, pad, method="ar")}
+    if args.scan_baseline:
+        decoders["ours_ar_scan"] = Decoder(ctx.target, cfg.decode, eos, pad, method="ar")
     settings = {}
     for name, overrides in variants.items():
         settings[name] = load_config(args.config, base + overrides).decode
