@@ -8,6 +8,7 @@ The tiny random target has 3 layers, so a layer index off by one changes the out
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,38 @@ def test_the_decoder_takes_either_layout(models):
     results = [Decoder(model, cfg, (EOS,), 0).run([prompt], jax.random.key(0)) for model in (stacked, split)]
     np.testing.assert_array_equal(results[1].tokens[0], results[0].tokens[0])
     assert DecodeConfig().scan_layers is False
+
+
+def in_loop_cache_copies(hlo: str, cache_shape: str) -> int:
+    """Copies of a cache-shaped buffer outside the entry computation (in a loop body, or fusions in one)."""
+    computation, count = None, 0
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.endswith("{"):
+            computation = line.split()[0]
+        elif computation != "ENTRY" and re.search(re.escape(cache_shape) + r"\{[^}]*\} copy\(", line):
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("layout", ["split", "scanned"])
+def test_decoding_steps_update_the_caches_in_place(models, layout):
+    """No decoding step copies a KV cache. A one-slot scatter lowered to a dynamic-update-slice made
+    XLA:CPU recompute the update into fresh copies of each layer's cache for its reads (four per
+    layer and step with split layers), which `Attention` now avoids."""
+    model = models[1] if layout == "split" else models[0]
+    graphdef, state = nnx.split(model)
+    head = nnx.split(agreeing_head())
+    prompts, lengths, key = jnp.ones((1, 16), jnp.int32), jnp.asarray([5], jnp.int32), jax.random.key(0)
+    # [1, B, K, S, H]: a split layer's cache and the head's; [L, B, K, S, H]: the scanned target's.
+    shapes = [f"f32[{layers},1,{ARCH.num_kv_heads},{GENERATION.cache_length},{ARCH.head_dim}]"
+              for layers in (1, ARCH.num_layers)]
+    programs = {"ar": generate.lower(graphdef, state, prompts, lengths, key, GENERATION)}
+    for method in ("chain", "tree"):
+        settings = SpeculativeSettings(GENERATION, method=method, gamma=2, depth=2, top_k=3, total_tokens=8)
+        programs[method] = speculative_generate.lower(graphdef, state, *head, prompts, lengths, key, settings)
+    for method, lowered in programs.items():
+        hlo = lowered.compile().as_text()
+        target_shape = shapes[0] if layout == "split" else shapes[1]
+        assert target_shape in hlo, (method, "no buffer of the target cache's shape: the test lost its subject")
+        for shape in shapes:
+            assert in_loop_cache_copies(hlo, shape) == 0, f"{method} decoding copies a {shape} cache in its loop"

@@ -252,9 +252,17 @@ class Attention(nnx.Module):
         elif cache is not None:
             slots = cache_index[:, None] + jnp.arange(t)[None, :]
             rows = jnp.arange(b)[:, None]
+            k_new, v_new = k, v
+            if t == 1:
+                # XLA turns a one-slot scatter into a dynamic-update-slice and then recomputes that
+                # update into a fresh copy of the cache for every read of it below (four cache
+                # copies per layer and decoding step with split layers); a second slot past the
+                # cache, dropped, keeps it a scatter, done in place.
+                slots = jnp.concatenate([slots, jnp.full_like(slots, cache[0].shape[3])], axis=1)
+                k_new, v_new = jnp.concatenate([k, k], axis=1), jnp.concatenate([v, v], axis=1)
             # Indexed [layer, rows, :, slots] the cache reads as [B, T, K, H], the new keys' layout.
-            k_all = cache[0].at[layer, rows, :, slots].set(k.astype(cache[0].dtype), mode="drop")
-            v_all = cache[1].at[layer, rows, :, slots].set(v.astype(cache[1].dtype), mode="drop")
+            k_all = cache[0].at[layer, rows, :, slots].set(k_new.astype(cache[0].dtype), mode="drop")
+            v_all = cache[1].at[layer, rows, :, slots].set(v_new.astype(cache[1].dtype), mode="drop")
             cache = (k_all, v_all)
             keys, values = (k_all[layer].astype(self.dtype),), (v_all[layer].astype(self.dtype),)
         else:
