@@ -28,3 +28,19 @@ def random_module(factory: Callable[[], nnx.Module], seed: int, lm_head_scale: f
         return (scale * rng.uniform(-bound, bound, leaf.shape)).astype(np.float32)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def agreeing_head(arch, seed: int) -> nnx.Module:
+    """An EAGLE head built to predict the target's next token from the current one: fc passes the
+    token embedding through (scaled by 4, for peaked draft distributions) and its decoder layer
+    adds nothing, so its logits are the target's LM head applied to the embedding. Where the
+    embedding dominates the target's residual stream (O(1) embeddings) it accepts most drafts."""
+    from flatspec_jax.models.eagle import create_eagle_head
+
+    head = random_module(lambda: create_eagle_head(arch, 1), seed=seed)
+    d = arch.hidden_size
+    head.fc[...] = 4 * np.concatenate([np.eye(d), np.zeros((d, d))]).astype(np.float32)
+    head.fc_bias[...] = np.zeros((d,), np.float32)
+    for weight in (head.first_layer.self_attn.o_proj, head.first_layer.mlp.down_proj):
+        weight[...] = np.zeros(weight[...].shape, np.float32)
+    return head

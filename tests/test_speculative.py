@@ -26,7 +26,7 @@ from flatspec_jax.decoding.speculative import (SpeculativeGeneration, Speculativ
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.weights.arch import ArchSpec
-from random_weights import random_module
+from random_weights import agreeing_head, random_module
 
 ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -42,14 +42,7 @@ METHODS = {
 def pairs():
     target = nnx.split(random_module(lambda: create_model(ARCH), seed=3))
     head = random_module(lambda: create_eagle_head(ARCH, 1), seed=4)
-    oracle = random_module(lambda: create_eagle_head(ARCH, 1), seed=5)
-    d = ARCH.hidden_size
-    # fc's input is [embedding, feature]: pass the embedding, drop the feature.
-    oracle.fc[...] = 4 * np.concatenate([np.eye(d), np.zeros((d, d))]).astype(np.float32)
-    oracle.fc_bias[...] = np.zeros((d,), np.float32)
-    for weight in (oracle.first_layer.self_attn.o_proj, oracle.first_layer.mlp.down_proj):
-        weight[...] = np.zeros(weight[...].shape, np.float32)
-    return {"random": (target, nnx.split(head)), "agreeing": (target, nnx.split(oracle))}
+    return {"random": (target, nnx.split(head)), "agreeing": (target, nnx.split(agreeing_head(ARCH, seed=5)))}
 
 
 def prompts_of_lengths(lengths, seed):

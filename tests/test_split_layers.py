@@ -22,11 +22,10 @@ from flatspec_jax.decoding.commit import compact_cache
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.decoding.sampling import SamplingSettings
 from flatspec_jax.decoding.speculative import SpeculativeSettings, speculative_generate
-from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import KVCache, create_model, split_layers
 from flatspec_jax.models.masks import beside_cache_mask, cached_mask, causal_mask
 from flatspec_jax.weights.arch import ArchSpec
-from random_weights import random_module
+from random_weights import agreeing_head, random_module
 
 ARCH = ArchSpec(architecture="llama", vocab_size=13, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                 num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -130,18 +129,6 @@ def test_compaction_moves_every_layer_alike(models):
     assert not np.array_equal(np.asarray(want.k), np.asarray(cache.k))  # something moved
 
 
-def agreeing_head():
-    """A head whose logits are the target's LM head applied to the current token's embedding
-    (fc passes the embedding, the layer adds nothing): it agrees with this target often."""
-    head = random_module(lambda: create_eagle_head(ARCH, 1), seed=4)
-    d = ARCH.hidden_size
-    head.fc[...] = 4 * np.concatenate([np.eye(d), np.zeros((d, d))]).astype(np.float32)
-    head.fc_bias[...] = np.zeros((d,), np.float32)
-    for weight in (head.first_layer.self_attn.o_proj, head.first_layer.mlp.down_proj):
-        weight[...] = np.zeros(weight[...].shape, np.float32)
-    return head
-
-
 GENERATION = GenerationSettings(max_new_tokens=16, cache_length=48, eos_ids=(EOS,))
 SAMPLED = GenerationSettings(max_new_tokens=16, cache_length=48, eos_ids=(EOS,), sampling=SamplingSettings(1.0, 0.9))
 
@@ -150,7 +137,7 @@ SAMPLED = GenerationSettings(max_new_tokens=16, cache_length=48, eos_ids=(EOS,),
 @pytest.mark.parametrize("method", ["ar", "chain", "tree"])
 def test_decoding_emits_the_same_tokens(models, method, generation):
     stacked, split = models
-    head = nnx.split(agreeing_head())
+    head = nnx.split(agreeing_head(ARCH, seed=4))
     rng = np.random.default_rng(2)
     lengths = jnp.asarray([5, 11, 2, 8], jnp.int32)
     prompts = jnp.asarray(np.where(np.arange(16)[None] < np.asarray(lengths)[:, None],
@@ -199,7 +186,7 @@ def test_decoding_steps_update_the_caches_in_place(models, layout):
     layer and step with split layers), which `Attention` now avoids."""
     model = models[1] if layout == "split" else models[0]
     graphdef, state = nnx.split(model)
-    head = nnx.split(agreeing_head())
+    head = nnx.split(agreeing_head(ARCH, seed=4))
     prompts, lengths, key = jnp.ones((1, 16), jnp.int32), jnp.asarray([5], jnp.int32), jax.random.key(0)
     # [1, B, K, S, H]: a split layer's cache and the head's; [L, B, K, S, H]: the scanned target's.
     shapes = [f"f32[{layers},1,{ARCH.num_kv_heads},{GENERATION.cache_length},{ARCH.head_dim}]"
