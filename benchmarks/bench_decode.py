@@ -51,11 +51,12 @@ def _plot(results: dict[str, dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(names)), 3.5))
     bars = ax.bar(names, [results[n]["tokens_per_s"] for n in names], color="tab:blue")
     for bar, name in zip(bars, names):
         ax.annotate(f"tau {results[name]['tau']:.2f}\n{results[name]['speedup_vs_ours_ar']:.2f}x",
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=15)
     ax.set_ylabel("generated tokens/s")
     ax.set_title(title, fontsize=9)
     ax.margins(y=0.25)
