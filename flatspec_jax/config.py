@@ -313,9 +313,9 @@ class DecodeConfig:
     scan_layers: bool = False
     """Decode with the target's layers under one scan over their stacked weights (compile time
     independent of depth). False (the default) runs them one after another over per-layer copies
-    of the weights and per-layer KV caches: a scanned step copies every layer's weights out of the
-    stack, which made autoregressive decoding of SmolLM2 on CPU ~1.35-1.45x slower. The copies take the memory of the
-    target's layers a second time."""
+    of the weights and per-layer KV caches: a scanned step copies every layer's weights out of
+    the stack, which made autoregressive decoding of SmolLM2 on CPU ~1.35-1.45x slower. The
+    copies take the memory of the target's layers a second time."""
 
     def __post_init__(self) -> None:
         _require(self.temperature >= 0, "decode.temperature", "must be >= 0")

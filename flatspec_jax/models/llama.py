@@ -526,11 +526,9 @@ def sliding_window_mask(positions: Array, key_positions: Array, window: int) -> 
     return positions[:, :, None] - key_positions[:, None, :] < window
 
 
-def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32",
-                 scan_layers: bool = True) -> Llama:
+def create_model(arch: ArchSpec, *, seed: int = 0, dtype: str = "float32", param_dtype: str = "float32") -> Llama:
     """A randomly initialised model (tests and abstract shapes; real weights come from the loader)."""
-    return Llama(arch, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
-                 scan_layers=scan_layers)
+    return Llama(arch, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
 
 
 def split_layers(model: Llama) -> Llama:
