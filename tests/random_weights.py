@@ -8,6 +8,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from flatspec_jax.models.eagle import create_eagle_head
+from flatspec_jax.weights.arch import ArchSpec
+
 
 def random_module(factory: Callable[[], nnx.Module], seed: int, lm_head_scale: float = 1.0) -> nnx.Module:
     """The module ``factory`` builds, with norms 1, embeddings N(0, 1) (O(1): context-dependent
@@ -30,13 +33,11 @@ def random_module(factory: Callable[[], nnx.Module], seed: int, lm_head_scale: f
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
-def agreeing_head(arch, seed: int) -> nnx.Module:
+def agreeing_head(arch: ArchSpec, seed: int) -> nnx.Module:
     """An EAGLE head built to predict the target's next token from the current one: fc passes the
     token embedding through (scaled by 4, for peaked draft distributions) and its decoder layer
     adds nothing, so its logits are the target's LM head applied to the embedding. Where the
     embedding dominates the target's residual stream (O(1) embeddings) it accepts most drafts."""
-    from flatspec_jax.models.eagle import create_eagle_head
-
     head = random_module(lambda: create_eagle_head(arch, 1), seed=seed)
     d = arch.hidden_size
     head.fc[...] = 4 * np.concatenate([np.eye(d), np.zeros((d, d))]).astype(np.float32)

@@ -39,7 +39,7 @@ def models():
     return stacked, split_layers(stacked)
 
 
-def per_layer(cache: KVCache) -> list[np.ndarray]:
+def per_layer(cache: KVCache) -> list[tuple[np.ndarray, np.ndarray]]:
     """[layer][k or v] arrays [B, K, S, H] of either layout."""
     if isinstance(cache.k, tuple):
         return [(np.asarray(k[0]), np.asarray(v[0])) for k, v in zip(cache.k, cache.v)]
