@@ -18,6 +18,7 @@ def _file_mode() -> int:
 
 _FILE_MODE = _file_mode()
 
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, fsyncs it, then renames it over ``path``.
 

@@ -241,7 +241,6 @@ def test_zero_probability_tokens_are_safe():
 # ------------------------------------------------------------------------------ gradients
 
 
-
 def test_lk_acceptance_is_floored_where_the_distributions_do_not_overlap():
     """alpha = 0 in float32 (disjoint supports: each side's other tokens underflow) gives
     L_alpha = -log(1e-5), finite with a finite gradient, instead of -log 0 = inf; above the floor it is -log alpha."""
@@ -253,6 +252,7 @@ def test_lk_acceptance_is_floored_where_the_distributions_do_not_overlap():
     np.testing.assert_allclose(value[0, 0], -np.log(1e-5), rtol=1e-6)
     np.testing.assert_allclose(value.ravel()[1:], np_terms(draft, target)["lk"].ravel()[1:], rtol=RTOL, atol=ATOL)
     assert np.all(np.isfinite(grad))
+
 
 @pytest.mark.parametrize("name", ["eagle", "kl", "lk"])
 def test_check_grads_smooth_terms(name):

@@ -286,7 +286,6 @@ def test_library_unpacked_path_equals_numpy_reference(per_sample_logits, dataset
     assert_stats_match(jax_unpacked_scores(per_sample_logits, dataset), numpy_scores(per_sample_logits, dataset))
 
 
-
 def test_a_sample_that_fills_its_row_has_no_next_token_at_the_last_position():
     """The last slot of a row predicts nothing, even when the row's only sample reaches it (a next token
     read by wrapping around to the row's start would be the same sample's first token): a sample filling
@@ -308,6 +307,7 @@ def test_a_sample_that_fills_its_row_has_no_next_token_at_the_last_position():
     assert int(full["n_tokens"][0, 0]) == int(full["n_trained_tokens"][0, 0]) == n - 1
     for name in (*STAT_COLUMNS, "n_tokens", "n_trained_tokens"):
         np.testing.assert_allclose(np.asarray(full[name]), np.asarray(alone[name]), rtol=TOL, err_msg=name)
+
 
 def test_dense_packing_temperature_and_uneven_vocab_chunks_match_numpy(tiny_dir, dataset, per_sample_logits,
                                                                        tmp_path):

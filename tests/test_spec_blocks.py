@@ -150,7 +150,6 @@ def test_build_tree_on_random_pools_keeps_the_best_and_their_parents():
             assert all(node_parents[path[d + 1]] == path[d] for d in range(depth_j))
 
 
-
 @pytest.mark.parametrize("total", [1, 2, 4])
 def test_build_tree_cut_through_a_parent_child_tie_keeps_the_parent(total):
     """A child whose draft log-prob is exactly 0 ties its parent's cumulative score. Ties go to the

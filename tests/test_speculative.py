@@ -180,7 +180,6 @@ def test_rows_accept_different_lengths_in_one_round(pairs, method):
         np.testing.assert_array_equal(result.tokens[row, :common], reference.tokens[row, :common])
 
 
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_rows_keep_going_while_the_cache_holds_another_round(pairs, method):
     """Prompts one slot short of leaving room for two rounds: a row whose first round accepts nothing has
@@ -221,6 +220,7 @@ def test_first_round_drafts_continue_from_the_first_generated_token(pairs):
     assert clean.sum() >= BATCH // 2 and len(set(np.asarray(want)[clean].tolist())) >= 2
     np.testing.assert_array_equal(np.asarray(result.rounds)[clean], 1)
     np.testing.assert_array_equal(np.argmax(np.asarray(result.accept_counts), axis=1)[clean], np.asarray(want)[clean])
+
 
 def test_tau_and_acceptance_rates():
     # Row 0: 3 rounds accepting 0, 2, 3 drafts (+ bonus each) after the prefill's token: 1 + 1 + 3 + 4 = 9.

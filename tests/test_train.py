@@ -166,7 +166,6 @@ def test_draft_targets_hand_checked_on_two_packed_samples():
     assert next_tokens[0, -1] == 0 and not next_features[0, -1].any()
 
 
-
 def test_draft_targets_never_train_across_a_sample_boundary():
     """Even when the next sample's tokens are all assistant tokens (and padding carries a stray loss
     mask), position t is trained only if x_{t+1} and x_{t+2} are both in t's own sample."""
@@ -174,6 +173,7 @@ def test_draft_targets_never_train_across_a_sample_boundary():
     _, _, trained = draft_targets(jnp.zeros((1, 12, 2)), jnp.asarray(HAND_TOKENS), jnp.asarray(HAND_SEGMENTS),
                                   jnp.asarray(all_trained))
     np.testing.assert_array_equal(np.asarray(trained), [[1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0]])
+
 
 # Draft 2 (train.unroll >= 2) at t is trained iff x_{t+1}..x_{t+3} are in t's sample and x_{t+3} is an
 # assistant token: A: t=0 (x3) no, t=1 (x4), t=2 (x5), t >= 3 runs into B; B: t=6 (x9); t >= 7 no.

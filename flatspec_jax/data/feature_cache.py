@@ -60,6 +60,7 @@ def write_shard(directory: Path, chunk: int, features: dict[int, np.ndarray], fi
     stacked = np.concatenate([features[i].astype(ml_dtypes.bfloat16) for i in order]).view(np.uint16)
     starts = np.cumsum([0] + [len(features[i]) for i in order[:-1]])
     samples = [[int(i), int(s), int(len(features[i]))] for i, s in zip(order, starts)]
+
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # np.save on a path would append ".npy" to the temporary name
             np.save(handle, stacked, allow_pickle=False)

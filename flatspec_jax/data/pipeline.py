@@ -31,6 +31,7 @@ from flatspec_jax.data.packing import pack_rows, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.selection import ManifestError
 
+
 def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
                               selected_ids: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """Sample indices to train on (the selection, or all) and the held-out tail.

@@ -17,6 +17,7 @@ from flatspec_jax.train.loop import TrainSummary, train_draft
 
 log = logging.getLogger(__name__)
 
+
 def selection_path(cfg: Config) -> Path | None:
     """The manifest ``data.selection`` names: a path, 'run' (this run's selection.json) or null (all data)."""
     if cfg.data.selection is None:

@@ -40,6 +40,7 @@ from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compil
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainSummary:
     steps: int
