@@ -10,7 +10,10 @@
 #                                        # half of the xz-compressed GGUF, a ShareGPT subset;
 #                                        # installs, reports versions, runs decoding tests on the GPU
 #   bash benchmarks/gpu_check.sh stage2   # carry .xfer2: the GGUF's second half, a draft checkpoint;
-#                                        # bench_decode and bench_flatness --device-throughput
+#                                        # bench_decode and bench_flatness --device-throughput;
+#                                        # DECODE_SET="--set decode.scan_layers=true" (for one) adds
+#                                        # settings to bench_decode's, e.g. if per-layer decoding's
+#                                        # longer compilation does not fit the time limit
 #   bash benchmarks/gpu_check.sh stage3   # no carry: training throughput at the full config
 #
 # Each stage must follow the previous one on the same machine while it is still warm (the tool
@@ -93,7 +96,7 @@ stage2() {
   # Few decoders: on 2026-12-04 six (AR, five speculative) plus transformers' generate did not get
   # through warm-up and 20 prompts in 250 s (the scorer's first batch alone compiled in ~38 s there).
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 benchmarks/bench_decode.py --run-dir /root/draft \
-    --set model.path="$GGUF" --limit 20 --max-new-tokens 128 --max-wait 0 \
+    --set model.path="$GGUF" ${DECODE_SET:-} --limit 20 --max-new-tokens 128 --max-wait 0 \
     --variant chain2:method=chain,gamma=2 --variant tree16:method=tree,depth=4,top_k=4,total_tokens=16 \
     --out "$OUT/decode_h200.json" > "$OUT/decode.log" 2>&1
   grep -E "^\[bench\]|^[a-z_0-9]+ +[0-9.]+ +[0-9.]+ " "$OUT/decode.log"
