@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatspec_jax.config import MeshConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
@@ -494,6 +496,39 @@ def test_top_p_keeps_the_smallest_nucleus():
     np.testing.assert_allclose(got[1], np.exp(np.asarray(
         warped_log_probs(logits[::-1], SamplingSettings(temperature=1.0, top_p=0.6)))), atol=1e-7)
     assert (got[0] > 0).sum() == 2 and (got[1] > 0).sum() == 2
+
+
+def sorted_nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Reference: sort descending, keep tokens whose preceding mass is below top_p, then every
+    token at least as likely as the last one kept (its ties)."""
+    ordered = np.sort(probs)[::-1]
+    before = np.cumsum(ordered) - ordered
+    return probs >= ordered[before < top_p].min()
+
+
+@settings(max_examples=60, deadline=None)
+@given(levels=st.lists(st.integers(0, 6), min_size=2, max_size=40), top_p=st.floats(0.05, 0.99),
+       scale=st.sampled_from([0.5, 2.0, 8.0]))
+def test_top_p_nucleus_equals_the_sorted_reference(levels, top_p, scale):
+    """The nucleus found by bisection keeps what sorting would, ties included (logits on a few
+    levels make many ties); cases whose cumulative mass lies within rounding of top_p are skipped."""
+    logits = jnp.asarray(np.asarray(levels, np.float32) * scale)
+    log_probs = np.asarray(warped_log_probs(logits, SamplingSettings(temperature=1.0, top_p=top_p)))
+    probs = np.asarray(jax.nn.softmax(logits), np.float64)
+    cumulative = np.cumsum(np.sort(probs)[::-1])
+    if np.min(np.abs(cumulative - top_p)) < 1e-5:
+        return
+    np.testing.assert_array_equal(np.isfinite(log_probs), sorted_nucleus(probs, top_p))
+
+
+def test_top_p_of_a_large_vocabulary_equals_the_sorted_reference():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 49152)).astype(np.float32) * 3)
+    for top_p in (0.1, 0.7, 0.95):
+        kept = np.isfinite(np.asarray(warped_log_probs(logits, SamplingSettings(temperature=1.0, top_p=top_p))))
+        probs = np.asarray(jax.nn.softmax(logits), np.float64)
+        for row in range(4):
+            np.testing.assert_array_equal(kept[row], sorted_nucleus(probs[row], top_p), err_msg=f"top_p={top_p}")
 
 
 def test_temperature_scales_logits_before_top_p():

@@ -31,19 +31,43 @@ def warped_log_probs(logits: Array, settings: SamplingSettings) -> Array:
     """[..., V] logits -> [..., V] float32 log-probabilities after temperature and top-p.
 
     Tokens outside the nucleus get -inf. The nucleus is the smallest set of most likely
-    tokens whose probability reaches ``top_p`` (the token that crosses it is kept).
-    Only meaningful when not greedy.
+    tokens whose probability reaches ``top_p`` (the token that crosses it is kept, and every
+    token as likely as it). Only meaningful when not greedy.
     """
     logits = logits.astype(jnp.float32) / settings.temperature
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if settings.top_p >= 1.0:
         return log_probs
-    sorted_log_probs = jnp.sort(log_probs, axis=-1)[..., ::-1]
-    # Probability mass strictly before each sorted token; keep tokens whose preceding mass < top_p.
-    mass_before = jnp.cumsum(jnp.exp(sorted_log_probs), axis=-1) - jnp.exp(sorted_log_probs)
-    kept = mass_before < settings.top_p
-    threshold = jnp.min(jnp.where(kept, sorted_log_probs, jnp.inf), axis=-1, keepdims=True)
-    return jax.nn.log_softmax(jnp.where(log_probs >= threshold, log_probs, -jnp.inf), axis=-1)
+    return jax.nn.log_softmax(jnp.where(_in_nucleus(log_probs, settings.top_p), log_probs, -jnp.inf), axis=-1)
+
+
+# Bit patterns of the non-negative float32 values [0, +inf]: as int32 they sort as the values do.
+_POSITIVE_INFINITY_BITS = 0x7F800000
+_BISECTION_STEPS = 31  # ceil(log2(_POSITIVE_INFINITY_BITS + 1))
+
+
+def _in_nucleus(log_probs: Array, top_p: float) -> Array:
+    """[..., V] bool: the top-p nucleus of each distribution, found without sorting the vocabulary.
+
+    With d = -log p (as float32 bits, ordered like the values), the nucleus is {d <= d*} for the
+    smallest d* whose tokens hold at least ``top_p`` of the mass; d* is found by bisection over
+    the bit patterns, each step one masked sum over V. This keeps what sorting would (the tokens
+    before the one whose cumulative mass reaches top_p, that one, and its ties) at about a
+    thirtieth of the cost on CPU, where a sort of 49,152 logits took ~9 ms per position.
+    """
+    probs = jnp.exp(log_probs)
+    distance = jax.lax.bitcast_convert_type(jnp.abs(log_probs), jnp.int32)  # abs: -0.0 -> +0.0
+    bounds = jnp.zeros(log_probs.shape[:-1] + (1,), jnp.int32)
+    low, high = bounds, bounds + _POSITIVE_INFINITY_BITS
+
+    def halve(_, interval: tuple[Array, Array]) -> tuple[Array, Array]:
+        low, high = interval
+        middle = low + (high - low) // 2
+        enough = jnp.sum(jnp.where(distance <= middle, probs, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    _, cutoff = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (low, high))
+    return distance <= cutoff
 
 
 def warped_probs(logits: Array, settings: SamplingSettings) -> Array:
