@@ -55,15 +55,16 @@ def prefill(model: Llama, prompts: Array, prompt_lengths: Array, cache: KVCache)
     expose slots below each row's ``cache_index``, and they are overwritten as the row grows.
 
     Returns:
-      The model output and ``last_logits`` [B, V] at each row's final prompt token.
+      The model output (hidden states and cache; no logits) and ``last_logits`` [B, V] at each
+      row's final prompt token: the LM head runs on those B positions only, not on all B x P.
     """
     batch, length = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     zeros = jnp.zeros((batch,), jnp.int32)
     mask = cached_mask(zeros, causal_mask(batch, length), cache.length)
-    out = model(prompts, positions, mask, cache, zeros)
-    last = jnp.take_along_axis(out.logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return out, last
+    out = model(prompts, positions, mask, cache, zeros, return_logits=False)
+    last_hidden = jnp.take_along_axis(out.hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+    return out, model.logits(last_hidden)[:, 0]
 
 
 @flax.struct.dataclass
