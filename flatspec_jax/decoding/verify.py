@@ -144,7 +144,9 @@ def verify_sampling_tree(key: Array, tree: DraftTree, target_logits: Array, samp
     Nodes are visited in index order (parents precede children, siblings in order), keeping
     the current node and p', the unnormalised residual target distribution at it. A node whose
     parent is the current node is tried: accepted with probability p'(x) / sum(p'); a token
-    holding all the remaining mass is always accepted (exactly, despite rounding).
+    holding all the remaining mass is always accepted (exactly, despite rounding). A node's
+    distribution is warped (temperature, top-p) only when some row accepts it: at most once per
+    accepted depth, not once per node.
 
     Args:
       tree: the draft tree; target_logits: [B, T, V] at its nodes.
@@ -152,24 +154,25 @@ def verify_sampling_tree(key: Array, tree: DraftTree, target_logits: Array, samp
     batch, num_nodes = tree.tokens.shape
     accept_key, bonus_key = jax.random.split(key)
     rows = jnp.arange(batch)
-    p = warped_probs(target_logits, sampling)  # [B, T, V]
     u = jax.random.uniform(accept_key, (batch, num_nodes))
 
     def visit(carry, node):
         current, left = carry
-        index, token, parent, p_node, u_node = node
+        index, token, parent, logits_node, u_node = node
         tried = parent == current
         p_token = left[rows, token]
         total = jnp.sum(left, axis=-1)
         accept = tried & ((u_node * total < p_token) | (p_token >= total))
         reject = tried & ~accept
         rejected = residual(left, total[:, None] * jax.nn.one_hot(token, left.shape[-1], dtype=left.dtype))
+        p_node = jax.lax.cond(jnp.any(accept), lambda: warped_probs(logits_node, sampling), lambda: left)
         left = jnp.where(accept[:, None], p_node, jnp.where(reject[:, None], rejected, left))
         return (jnp.where(accept, index, current), left), None
 
     nodes = (jnp.arange(1, num_nodes, dtype=jnp.int32), tree.tokens[:, 1:].T, tree.parents[:, 1:].T,
-             jnp.moveaxis(p[:, 1:], 1, 0), u[:, 1:].T)
-    (last, left), _ = jax.lax.scan(visit, (jnp.zeros((batch,), jnp.int32), p[:, 0]), nodes)
+             jnp.moveaxis(target_logits[:, 1:], 1, 0), u[:, 1:].T)
+    root = warped_probs(target_logits[:, 0], sampling)  # [B, V]
+    (last, left), _ = jax.lax.scan(visit, (jnp.zeros((batch,), jnp.int32), root), nodes)
     bonus = jax.random.categorical(bonus_key, jnp.log(left), axis=-1).astype(jnp.int32)
     accepted, path = _deepest_path(tree, last)
     return Verdict(accepted, path, bonus)
