@@ -401,8 +401,14 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short content hash of the named top-level sections (what a stage's output depends on)."""
-        payload = json.dumps({s: _jsonable(getattr(self, s)) for s in sections}, sort_keys=True)
+        """Short content hash of the named top-level sections (what a stage's output depends on).
+
+        ``model`` is hashed without ``model.path`` (as if it were null): fingerprints compare the model's
+        files by content (:func:`~flatspec_jax.fingerprint.model_identity`), so a moved or re-spelled
+        path keeps a run's outputs current."""
+        unplaced = dataclasses.replace(self.model, path=None)
+        payload = json.dumps({s: _jsonable(unplaced if s == "model" else getattr(self, s)) for s in sections},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

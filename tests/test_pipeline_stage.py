@@ -112,6 +112,14 @@ def test_eval_stays_current_in_a_moved_run_and_not_for_edited_prompts(selected_r
     shutil.copytree(run_dir, moved)
     cfg = load_config(None, tiny_run_overrides(tiny_dir, moved, "data.selection=run", "select.keep=0.5"))
     assert eval_is_current(cfg, moved / "checkpoints")
+    model_copy = tmp_path / "model_copy"
+    shutil.copytree(tiny_dir, model_copy)
+    elsewhere = load_config(None, tiny_run_overrides(model_copy, moved, "data.selection=run", "select.keep=0.5",
+                                                      "data.num_workers=3"))
+    assert eval_is_current(elsewhere, moved / "checkpoints")  # the same model files, a setting eval never reads
+    longer = load_config(None, tiny_run_overrides(tiny_dir, moved, "data.selection=run", "select.keep=0.5",
+                                                  "decode.max_new_tokens=7"))
+    assert not eval_is_current(longer, moved / "checkpoints")
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Say hello."}\n')

@@ -121,12 +121,42 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(reference, tiny_dir, t
     assert not (tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")).exists()
 
 
+def test_parts_of_another_flush_every_are_not_resumed(reference, tiny_dir, tmp_path, monkeypatch):
+    """flush_every is not in the replies' fingerprint (it only groups batches into parts), so a run
+    interrupted at one grouping and resumed at another must discard the parts, not merge batches twice."""
+    _, ref_ctx, ref_meta, ref_bytes = reference
+    cfg = make_config(tiny_dir, tmp_path / "run")
+    original, calls = regen._Regenerator.batch, []
+
+    def failing_batch(self, sources, key):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, sources, key)
+
+    monkeypatch.setattr(regen._Regenerator, "batch", failing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        regen.regenerate(cfg, ref_ctx.target, ref_ctx.tokenizer, ref_ctx.eos_ids(), ref_ctx.pad_id(),
+                         ref_ctx.model_path)
+    monkeypatch.setattr(regen._Regenerator, "batch", original)
+    regrouped = make_config(tiny_dir, tmp_path / "run", "regenerate.flush_every=2")
+    assert regen.regenerate_fingerprint(regrouped, ref_ctx.model_path) == ref_meta["fingerprint"]
+    meta = regen.regenerate(regrouped, ref_ctx.target, ref_ctx.tokenizer, ref_ctx.eos_ids(), ref_ctx.pad_id(),
+                            ref_ctx.model_path)
+    assert regen.responses_path(regrouped.run_dir).read_bytes() == ref_bytes
+    assert meta == ref_meta
+
+
 def test_current_replies_are_reused_and_changed_settings_redo_them(reference, tiny_dir, monkeypatch):
     cfg, ctx, meta, ref_bytes = reference
     calls = []
     monkeypatch.setattr(regen._Regenerator, "batch", lambda self, sources, key: calls.append(1) or [])
     assert regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path) == meta
     assert not calls
+    regrouped = make_config(tiny_dir, Path(cfg.run_dir), "regenerate.flush_every=5")  # only groups the parts
+    assert regen.responses_are_current(regrouped, ctx.model_path)
+    respelled = make_config(tiny_dir, Path(cfg.run_dir), f"model.path={tiny_dir}/./")  # the same files
+    assert regen.responses_are_current(respelled, ctx.model_path)
     changed = make_config(tiny_dir, Path(cfg.run_dir), "regenerate.max_new_tokens=4")
     assert not regen.responses_are_current(changed, ctx.model_path)
     assert regen.regenerate_fingerprint(changed, ctx.model_path) != meta["fingerprint"]

@@ -506,6 +506,10 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
     assert table.equals(pq.read_table(out))
     coarse, *_ = _stage_inputs(run_dir, tiny_dir, ["score.flush_every=3"])
     assert score_fingerprint(coarse, dataset.fingerprint) == fingerprint  # it only bounds the work a crash loses
+    moved_model = shutil.copytree(tiny_dir, cli_runs["base"] / "moved_model", dirs_exist_ok=True)
+    moved, moved_dataset, *_ = _stage_inputs(run_dir, moved_model)
+    assert moved.model.path != cfg.model.path
+    assert score_fingerprint(moved, moved_dataset.fingerprint) == fingerprint  # model files count by content
 
     hot, dataset2, model2, mesh2, rules2 = _stage_inputs(run_dir, tiny_dir, ["score.temperature=2.0"])
     hot_fingerprint = score_fingerprint(hot, dataset2.fingerprint)

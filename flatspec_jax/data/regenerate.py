@@ -66,13 +66,19 @@ def responses_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESPONSES_FILE
 
 
+def _reply_settings(cfg: Config) -> dict[str, Any]:
+    """The regenerate settings except ``flush_every``, which only groups batches into part files
+    (each batch's sampling key depends on its index alone)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.regenerate).items() if k != "flush_every"}
+
+
 def regenerate_fingerprint(cfg: Config, model_path: str) -> str:
     """What the replies depend on: the target (settings and files), the source's files, the lengths,
     the regenerate settings and the seed."""
     payload = json.dumps({"model": cfg.section_hash("model"), "model_files": model_identity(model_path),
                           "source": source_identity(cfg.data.source), "limit": cfg.data.limit,
                           "max_length": cfg.data.max_length,
-                          "regenerate": cfg.section_hash("regenerate"), "seed": cfg.seed}, sort_keys=True)
+                          "regenerate": _reply_settings(cfg), "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -231,7 +237,8 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     if not sources:
         raise ConfigError(f"data.source={cfg.data.source!r} has no conversation whose first prompt fits "
                          f"data.max_length={cfg.data.max_length}")
-    parts = _parts_dir(run_dir, fingerprint)
+    # Parts are chunks of flush_every batches: they count only for the chunking they were cut with.
+    parts = _parts_dir(run_dir, f"{fingerprint}/flush_every={settings.flush_every}")
     multihost_utils.sync_global_devices("flatspec: regenerate parts checked")
     order = [sources[i] for i in np.argsort(first_lengths, kind="stable")]
     num_batches = -(-len(sources) // settings.batch_size)

@@ -34,6 +34,11 @@ def arg(args: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def target_path(cfg: Config) -> str:
+    """The target checkpoint: ``model.path`` or the embedded SmolLM2 GGUF."""
+    return cfg.model.path or str(assets.smollm2_gguf())
+
+
 class RunContext:
     """One run's shared, lazily loaded resources."""
 
@@ -43,8 +48,8 @@ class RunContext:
 
     @functools.cached_property
     def model_path(self) -> str:
-        """The target checkpoint: ``model.path`` or the embedded SmolLM2 GGUF."""
-        return self.cfg.model.path or str(assets.smollm2_gguf())
+        """The target checkpoint (:func:`target_path`)."""
+        return target_path(self.cfg)
 
     @functools.cached_property
     def tokenizer(self):

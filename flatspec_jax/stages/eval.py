@@ -14,13 +14,14 @@ import jax
 
 from flatspec_jax.checkpoint.manager import read_meta
 from flatspec_jax.config import Config
+from flatspec_jax.data.prepare import tokens_fingerprint
 from flatspec_jax.data.prompts import load_prompts
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.evaluation import evaluate
-from flatspec_jax.fingerprint import file_identity
+from flatspec_jax.fingerprint import file_identity, model_identity
 from flatspec_jax.io import atomic_write_json
 from flatspec_jax.runtime import process_zero_says
-from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg
+from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg, target_path
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,21 @@ EVAL_FILE = "eval.json"
 
 
 def _fingerprint(cfg: Config, checkpoint: Path, step: int, meta: dict[str, Any]) -> str:
-    # data: a reduced draft vocabulary (decode.draft_vocab) is counted on the run's samples; one the head was
-    # trained on (draft.vocab) is part of the checkpoint. The checkpoint's metadata (its training config and
-    # inputs) tells a retrained head at the same path and step from the one evaluated.
+    # The target counts by its files' contents and the model.* settings other than the path. The run's
+    # samples count only when they make the draft vocabulary (decode.draft_vocab; one the head was
+    # trained on, draft.vocab, is part of the checkpoint). The checkpoint's metadata (its training config
+    # and inputs) tells a retrained head at the same path and step from the one evaluated.
     # The prompts file counts by content (edited in place, it is other prompts); the checkpoint by its
     # place in the run directory, so a moved run stays current.
+    model = target_path(cfg)
+    samples = tokens_fingerprint(cfg.data, model, Path(cfg.run_dir)) if cfg.decode.draft_vocab else "-"
     trained = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     prompts = "mtbench" if cfg.eval.prompts == "mtbench" else file_identity(cfg.eval.prompts)[:16]
     place = checkpoint.resolve()
     if place.is_relative_to(Path(cfg.run_dir).resolve()):
         place = place.relative_to(Path(cfg.run_dir).resolve())
-    return f"{cfg.section_hash('model', 'data', 'decode', 'eval', 'seed')}:{prompts}:{place}:{step}:{trained}"
+    return (f"{cfg.section_hash('model', 'decode', 'eval', 'seed')}:{model_identity(model)[:16]}:{samples}:"
+            f"{prompts}:{place}:{step}:{trained}")
 
 
 def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
