@@ -346,9 +346,10 @@ class EvalConfig:
     turns: int = 1
     """MT-bench turns per question (1 or 2)."""
     warmup: int = 1
-    """Prompts run once before timing, to exclude compilation."""
+    """Batches run once before timing, to exclude compilation."""
     batch_size: int = 1
-    """Prompts decoded together (rows accept different lengths per round)."""
+    """Prompts decoded together, both ways (rows accept different lengths per round); tokens/s and
+    speedup are then throughputs at this batch size."""
 
     def __post_init__(self) -> None:
         _require(self.turns in (1, 2), "eval.turns", "must be 1 or 2")

@@ -1,9 +1,11 @@
 """Speculative-decoding evaluation: acceptance length, per-depth acceptance and speedup.
 
-Each prompt is decoded twice in the same process after a warm-up (so neither side pays for
-compilation): autoregressively by the target alone, and speculatively with the draft. Every
-prompt is padded to one width, so each decoder compiles exactly once. Multi-turn prompts feed
-the autoregressive reply of turn i back as the assistant's message before turn i + 1, so both
+Each batch of ``eval.batch_size`` prompts is decoded twice in the same process after a warm-up
+(so neither side pays for compilation): autoregressively by the target alone, and speculatively
+with the draft, each row accepting its own number of drafts per round. Every prompt is padded to
+one width and every batch to one size (a short last batch repeats its first prompt, and the
+copies are dropped), so each decoder compiles exactly once. Multi-turn prompts feed the
+autoregressive reply of turn i back as the assistant's message before turn i + 1, so both
 decoders see the same context.
 
 Definitions (over all prompts): tau = tokens emitted per target verification forward (the
@@ -12,7 +14,9 @@ per-depth acceptance d = P(draft at depth d accepted | depth d - 1 accepted and 
 proposed after it): a round whose chain stopped proposing (``decode.min_confidence``) or whose
 accepted tree path reached a leaf does not count at the next depth; drafts per round = drafts
 proposed for verification per target forward; tokens/s =
-generated tokens / decoding wall time; speedup = speculative tokens/s / autoregressive tokens/s.
+generated tokens / decoding wall time (a batch's time counted once for its rows); speedup =
+speculative tokens/s / autoregressive tokens/s. At batch size 1 a question's own speedup is its
+decoding times' ratio; in a larger batch it is its tokens over the whole batch's time, both ways.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ class TurnRecord:
 
     prompt_id: str
     turn: int
+    batch: int
+    """Which decoding call the turn was a row of (numbered over the whole evaluation)."""
     prompt_tokens: int
     ar_tokens: int
     ar_seconds: float
+    """Wall time of the autoregressive call that decoded the batch (shared by its rows)."""
     spec_tokens: int
     spec_seconds: float
     rounds: int
@@ -55,37 +62,49 @@ def _turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarra
     return render_prompt(tokenizer, answered_turns(prompt.turns[:len(replies) + 1], replies))
 
 
+def _batches(inputs: Sequence[np.ndarray], batch_size: int) -> list[list[np.ndarray]]:
+    """``inputs`` in batches of ``batch_size``, the last one filled up with copies of its first prompt."""
+    groups = [list(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
+    groups[-1] += [groups[-1][0]] * (batch_size - len(groups[-1]))
+    return groups
+
+
 def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *, warmup: int,
-             seed: int) -> dict[str, Any]:
+             seed: int, batch_size: int = 1) -> dict[str, Any]:
     """Decodes every turn of every prompt with both decoders and summarises (see the module docstring).
 
     Turns are decoded level by level (all first turns, then all second turns), each level padded
-    to one width and warmed up once, so nothing timed includes compilation.
+    to one width and its first ``warmup`` batches run once untimed, so nothing timed includes
+    compilation.
     """
     key = jax.random.key(seed)
     replies: dict[str, list[str]] = {p.id: [] for p in prompts}
     records: list[TurnRecord] = []
+    calls = 0  # batches decoded (timed) so far, over all turns
     for turn in range(max(len(p.turns) for p in prompts)):
         level = [p for p in prompts if len(p.turns) > turn]
         inputs = [_turn_prompt(tokenizer, p, replies[p.id]) for p in level]
         width = round_up(max(len(ids) for ids in inputs), PROMPT_BUCKET)
-        for prompt_ids in inputs[:warmup]:
-            ar.run([prompt_ids], key, width)
-            spec.run([prompt_ids], key, width)
-        for prompt, prompt_ids in zip(level, inputs):
-            ar_out: DecodeResult = ar.run([prompt_ids], key, width)
-            spec_out: DecodeResult = spec.run([prompt_ids], key, width)
-            replies[prompt.id].append(ar.text(tokenizer, ar_out.tokens[0]))
-            record = TurnRecord(
-                prompt_id=prompt.id, turn=turn + 1, prompt_tokens=len(prompt_ids),
-                ar_tokens=len(ar_out.tokens[0]), ar_seconds=ar_out.seconds, spec_tokens=len(spec_out.tokens[0]),
-                spec_seconds=spec_out.seconds, rounds=int(spec_out.target_calls[0]),
-                accept_counts=spec_out.accept_counts[0].tolist(),
-                exhausted_counts=spec_out.exhausted_counts[0].tolist(), drafts=int(spec_out.drafts[0]),
-                same_output=bool(np.array_equal(ar_out.tokens[0], spec_out.tokens[0])))
-            records.append(record)
-            log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
-                     record.spec_tokens, _tau([record]), _speedup([record]))
+        batches = _batches(inputs, batch_size)
+        for batch in batches[:warmup]:
+            ar.run(batch, key, width)
+            spec.run(batch, key, width)
+        for index, batch in enumerate(batches):
+            ar_out: DecodeResult = ar.run(batch, key, width)
+            spec_out: DecodeResult = spec.run(batch, key, width)
+            for row, prompt in enumerate(level[index * batch_size:(index + 1) * batch_size]):
+                replies[prompt.id].append(ar.text(tokenizer, ar_out.tokens[row]))
+                record = TurnRecord(
+                    prompt_id=prompt.id, turn=turn + 1, batch=calls, prompt_tokens=len(batch[row]),
+                    ar_tokens=len(ar_out.tokens[row]), ar_seconds=ar_out.seconds,
+                    spec_tokens=len(spec_out.tokens[row]), spec_seconds=spec_out.seconds,
+                    rounds=int(spec_out.target_calls[row]), accept_counts=spec_out.accept_counts[row].tolist(),
+                    exhausted_counts=spec_out.exhausted_counts[row].tolist(), drafts=int(spec_out.drafts[row]),
+                    same_output=bool(np.array_equal(ar_out.tokens[row], spec_out.tokens[row])))
+                records.append(record)
+                log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
+                         record.spec_tokens, _tau([record]), _speedup([record]))
+            calls += 1
     return summarize(records)
 
 
@@ -100,7 +119,8 @@ def _tau(records: Sequence[TurnRecord]) -> float:
 
 
 def _rate(records: Sequence[TurnRecord], side: str) -> float:
-    seconds = sum(getattr(r, f"{side}_seconds") for r in records)
+    """Tokens per second of ``side`` ('ar' or 'spec'): the records' tokens over their batches' times."""
+    seconds = sum({r.batch: getattr(r, f"{side}_seconds") for r in records}.values())
     return sum(getattr(r, f"{side}_tokens") for r in records) / seconds if seconds else 0.0
 
 

@@ -134,6 +134,27 @@ def test_eval_stays_current_in_a_moved_run_and_not_for_edited_prompts(selected_r
     assert not eval_is_current(on_file, moved / "checkpoints")
 
 
+def test_eval_decodes_prompts_in_batches(selected_run, tiny_dir, tmp_path):
+    """eval.batch_size=2 over 3 questions: two calls, the second filled up with a copy that is dropped."""
+    import shutil
+
+    from flatspec_jax.stages import eval as eval_stage
+
+    run_dir, _ = selected_run
+    copy = tmp_path / "batched"
+    shutil.copytree(run_dir, copy)
+    batched = load_config(None, tiny_run_overrides(tiny_dir, copy, "data.selection=run", "select.keep=0.5",
+                                                   "eval.limit=3", "eval.batch_size=2"))
+    result = eval_stage.run(batched)
+    assert result["batch_size"] == 2 and result["turns"] == 3
+    assert [q["batch"] for q in result["questions"]] == [0, 0, 1]
+    assert len({q["prompt_id"] for q in result["questions"]}) == 3
+    first, second, third = result["questions"]
+    assert first["ar_seconds"] == second["ar_seconds"] != third["ar_seconds"]
+    assert result["tokens_ar"] == sum(q["ar_tokens"] for q in result["questions"])
+    assert result["same_output_fraction"] == 1.0  # greedy rows of a batch equal their autoregressive decoding
+
+
 def test_a_second_command_on_a_busy_run_dir_is_refused(tiny_dir, tmp_path, capsys):
     """Two commands writing one run directory at once would interleave their outputs."""
     from flatspec_jax import cli, runtime

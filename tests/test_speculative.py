@@ -13,6 +13,7 @@ Parameters always enter ``jax.jit`` as arguments (``nnx.split``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -245,12 +246,29 @@ def test_per_depth_acceptance_counts_only_proposed_drafts():
     np.testing.assert_allclose(acceptance_by_depth(np.asarray([1, 2, 0]), np.asarray([0, 2, 0])), [2 / 3, 0.0])
 
 
+def test_prefill_computes_the_logits_of_each_rows_last_prompt_token_only():
+    from flatspec_jax.decoding.autoregressive import prefill
+    from flatspec_jax.models.masks import causal_mask
+
+    model = random_module(lambda: create_model(ARCH), seed=3)
+    prompts = jnp.asarray(np.random.default_rng(0).integers(1, ARCH.vocab_size, (2, 8)), jnp.int32)
+    lengths = jnp.asarray([5, 8], jnp.int32)  # row 0 right-padded
+    out, last = prefill(model, prompts, lengths, model.empty_cache(2, 16))
+    assert out.logits is None, "no [B, P, V] logits: the LM head runs on the B last positions"
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    full = model(prompts, positions, causal_mask(2, 8)).logits
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[jnp.arange(2), lengths - 1]), rtol=1e-5, atol=1e-5)
+
+
 def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     from flatspec_jax.evaluation import TurnRecord, summarize
 
+    calls = itertools.count()  # each turn its own decoding call (batch size 1)
+
     def turn(prompt_id, turn, spec_tokens, rounds, accept_counts, same=True):
         exhausted = [0] * (len(accept_counts) - 1) + accept_counts[-1:]
-        return TurnRecord(prompt_id=prompt_id, turn=turn, prompt_tokens=10, ar_tokens=spec_tokens, ar_seconds=2.0,
+        return TurnRecord(prompt_id=prompt_id, turn=turn, batch=next(calls), prompt_tokens=10,
+                          ar_tokens=spec_tokens, ar_seconds=2.0,
                           spec_tokens=spec_tokens, spec_seconds=1.0, rounds=rounds, accept_counts=accept_counts,
                           exhausted_counts=exhausted, drafts=2 * rounds - 1, same_output=same)
 
@@ -266,6 +284,22 @@ def test_evaluation_summary_counts_turns_prompts_and_pools_rounds():
     assert summary["drafts_per_round"] == pytest.approx((3 + 1 + 5) / 6)
     assert summary["same_output_fraction"] == pytest.approx(2 / 3)
     assert [q["tau"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_a_batchs_time_counts_once_for_its_rows():
+    """Two rows of one call (4 s autoregressive, 2 s speculative) and a call of one row (1 s, 1 s)."""
+    from flatspec_jax.evaluation import TurnRecord, summarize
+
+    def row(prompt_id, batch, tokens, ar_seconds, spec_seconds):
+        return TurnRecord(prompt_id=prompt_id, turn=1, batch=batch, prompt_tokens=10, ar_tokens=tokens,
+                          ar_seconds=ar_seconds, spec_tokens=tokens, spec_seconds=spec_seconds, rounds=3,
+                          accept_counts=[1, 2], exhausted_counts=[0, 2], drafts=3, same_output=True)
+
+    summary = summarize([row("a", 0, 6, 4.0, 2.0), row("b", 0, 10, 4.0, 2.0), row("c", 1, 5, 1.0, 1.0)])
+    assert summary["tokens_per_s_ar"] == pytest.approx(21 / 5)
+    assert summary["tokens_per_s_spec"] == pytest.approx(21 / 3)
+    assert summary["speedup"] == pytest.approx(5 / 3)
+    assert [q["speedup"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 1.0])
 
 
 def test_a_capped_cache_is_warned_about_once_per_width(caplog):

@@ -80,8 +80,9 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     spec = Decoder(ctx.decoding_target, cfg.decode, eos, pad, head=head, method=method, draft_ids=draft_ids)
     log.info("evaluating %s decoding (draft %s step %d) on %d prompts x %d turn(s)", method, checkpoint, step,
              len(prompts), cfg.eval.turns)
-    result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed)
-    result.update({"method": method, "temperature": cfg.decode.temperature,
+    result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed,
+                      batch_size=cfg.eval.batch_size)
+    result.update({"method": method, "temperature": cfg.decode.temperature, "batch_size": cfg.eval.batch_size,
                    "draft_vocab": 0 if draft_ids is None else len(draft_ids), "checkpoint": str(checkpoint),
                    "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step, meta)})
     if jax.process_index() == 0:
