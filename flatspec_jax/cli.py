@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -99,7 +100,6 @@ _FLAG_TO_KEY = {
     "temperature": "decode.temperature",
     "top_p": "decode.top_p",
     "turns": "eval.turns",
-    "run_dir": "run_dir",
 }
 
 
@@ -109,7 +109,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    # A path, taken as typed (through --set it would be read as YAML: "runs/a #2" would lose its tail).
+    run_dir = getattr(args, "run_dir", None)
+    return cfg if run_dir is None else dataclasses.replace(cfg, run_dir=run_dir)
 
 
 def _main(argv: Sequence[str] | None) -> int:

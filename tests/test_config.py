@@ -133,3 +133,11 @@ def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
 def test_a_bad_set_key_is_blamed_on_the_set_not_the_file(tmp_path, override, message):
     with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: {message}"):
         load_config(write(tmp_path, "train:\n  steps: 5\n"), [override])
+
+
+@pytest.mark.parametrize("run_dir", ["runs/exp #2", "2026-12-04", "007", "on"])
+def test_run_dir_flag_is_taken_as_typed(run_dir):
+    """--run-dir is a path: never read as YAML (a comment, a date, a number or a boolean)."""
+    from flatspec_jax.cli import build_parser, resolve_config
+
+    assert resolve_config(build_parser().parse_args(["train", "--run-dir", run_dir])).run_dir == run_dir
