@@ -82,7 +82,7 @@ def np_advantage(draft, target, mask=None, normalize="vocab"):
     return (r - mean) / (std + 1e-5)
 
 
-def np_tvdpp(draft, target, mask=None, weighting="uniform", normalize="vocab"):
+def np_tvdpp(draft, target, mask=None, weighting="q", normalize="vocab"):
     adv = np_advantage(draft, target, mask, normalize)
     log_q = np_log_softmax(draft)
     if weighting == "uniform":
@@ -196,7 +196,7 @@ def test_tvdpp_default_is_registry_entry_and_options_validated():
     mask = jnp.asarray(trained_mask())
     d, t = jnp.asarray(draft), jnp.asarray(target)
     np.testing.assert_array_equal(np.asarray(jax.jit(TOKEN_LOSSES["tvdpp"])(d, t, mask)),
-                                  np.asarray(all_tvdpp(d, t, mask)["uniform/vocab"]))
+                                  np.asarray(all_tvdpp(d, t, mask)["q/vocab"]))
     with pytest.raises(ValueError, match="weighting"):
         tvdpp(d, t, weighting="sampled")
     with pytest.raises(ValueError, match="normalize"):
@@ -319,7 +319,7 @@ def test_tvdpp_uniform_gradient_is_minus_advantage_over_vocab():
     with jax.enable_x64(True):
         draft, target = smooth_pair(vocab, seed=9)
         d, t = jnp.asarray(draft), jnp.asarray(target)
-        got = np.asarray(sum_grad(tvdpp)(d, t))
+        got = np.asarray(sum_grad(functools.partial(tvdpp, weighting="uniform"))(d, t))
         q = np.exp(np_log_softmax(draft))
         adv = np_advantage(draft, target)
         np.testing.assert_allclose(got, -(adv - q * adv.sum(-1, keepdims=True)) / vocab, atol=1e-14)

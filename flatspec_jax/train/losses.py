@@ -208,7 +208,7 @@ def tvd_plus_plus(
     target_logits: Array,
     mask: Array | None = None,
     *,
-    weighting: Literal["uniform", "q"] = "uniform",
+    weighting: Literal["uniform", "q"] = "q",
     normalize: Literal["vocab", "batch"] = "vocab",
 ) -> Array:
     """TVD++ (Goel et al., arXiv 2403.00858): TV's policy gradient with a standardised reward.
@@ -226,8 +226,8 @@ def tvd_plus_plus(
     TVD++ replaces the reward r = 1{p > q} by the standardised advantage
     r~ = (r - mean r) / (std r + 1e-5) (std Bessel-corrected) and minimises the surrogate
 
-        weighting="uniform":  l = mean_v( -sg[r~_v] log q_v )          (default)
-        weighting="q":        l = -sum_v sg[q_v] sg[r~_v] log q_v      (exact E_{x~q})
+        weighting="q":        l = -sum_v sg[q_v] sg[r~_v] log q_v      (exact E_{x~q}; default)
+        weighting="uniform":  l = mean_v( -sg[r~_v] log q_v )
 
     whose gradient w.r.t. the draft logits z is, using sum_v r~_v = 0 for the per-position
     statistics,
@@ -241,11 +241,14 @@ def tvd_plus_plus(
 
     Provenance. Only the paper's abstract could be read ("variance reduction techniques inspired
     from the policy gradient method"); its equations, and hence their numbers, could not be
-    checked. Everything above beyond the abstract is a reconstruction. The defaults
-    (uniform weights, statistics per position over the vocabulary, Bessel std, eps 1e-5 on
-    the std, mean over V) reproduce a public EAGLE-derived implementation (`calc_tvdpp_loss`,
-    third-party training utilities, not the authors' code); the "q" weighting and the "batch"
-    normalisation are the two alternatives the paper might use instead.
+    checked. Everything above beyond the abstract is a reconstruction. The default weights the
+    reward by q, the exact expectation over draft tokens that makes the surrogate TV's policy
+    gradient (its gradient is TV's, rescaled per position); statistics per position over the
+    vocabulary, Bessel std and eps 1e-5 on the std follow a public EAGLE-derived implementation
+    (`calc_tvdpp_loss`, third-party training utilities, not the authors' code), whose uniform
+    weights are kept as an option: that gradient, -r~ / V, is no policy gradient over draft
+    tokens (cosine ~0.06 with TV's at V = 49,152) and trained the worst draft of the token
+    losses compared (BENCHMARKS.md).
 
     Args:
       draft_logits: [B, T, V].
@@ -322,12 +325,12 @@ TokenLoss = Callable[[Array, Array, Array], Array]
 
 # Internal form on log-probabilities (log_p, log_q, mask), so that `draft_loss` can reuse one
 # log_softmax per input for the token term and the metrics. Defaults of the options
-# (TVD++ uniform/vocab, LK hybrid eta = 3) are the ones the config names stand for.
+# (TVD++ q/vocab, LK hybrid eta = 3) are the ones the config names stand for.
 _TOKEN_TERMS: dict[str, Callable[[Array, Array, Array], Array]] = {
     "eagle": lambda log_p, log_q, mask: _soft_ce(log_p, log_q),
     "kl": lambda log_p, log_q, mask: _forward_kl(log_p, log_q),
     "tvd": lambda log_p, log_q, mask: _total_variation(log_p, log_q),
-    "tvdpp": lambda log_p, log_q, mask: _tvd_plus_plus(log_p, log_q, mask, "uniform", "vocab"),
+    "tvdpp": lambda log_p, log_q, mask: _tvd_plus_plus(log_p, log_q, mask, "q", "vocab"),
     "lk": lambda log_p, log_q, mask: _lk_acceptance(log_p, log_q),
     "lk_hybrid": lambda log_p, log_q, mask: _lk_hybrid(log_p, log_q, 3.0),
 }
