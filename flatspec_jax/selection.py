@@ -366,8 +366,18 @@ def manifest_is_current(path: str | Path, scores_path: str | Path, rule: str, ke
         manifest = read_manifest(path)
     except ManifestError:
         return False
-    if not Path(scores_path).is_file():
-        return False
+    return Path(scores_path).is_file() and not selection_changes(manifest, scores_path, rule, keep, seed, heldout)
+
+
+def selection_changes(manifest: dict[str, Any], scores_path: str | Path | None, rule: str, keep: float,
+                      seed: int | None, heldout: int) -> list[str]:
+    """What differs between a manifest and these settings (["select.keep: 0.5 -> 0.25", ...]), and
+    "the scores" when ``scores_path`` (None: not compared) holds other scores than it was made from."""
     keep_recorded, seed_recorded = normalized_settings(rule, keep, seed)
-    return (manifest["rule"] == rule and manifest["keep"] == keep_recorded and manifest["seed"] == seed_recorded
-            and manifest["heldout"] == heldout and manifest["scores_sha256"] == file_sha256(scores_path))
+    now = {"select.rule": rule, "select.keep": keep_recorded, "seed": seed_recorded, "data.heldout": heldout}
+    recorded = {"select.rule": manifest["rule"], "select.keep": manifest["keep"], "seed": manifest["seed"],
+                "data.heldout": manifest["heldout"]}
+    changes = [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in now.items() if recorded[key] != value]
+    if scores_path is not None and manifest["scores_sha256"] != file_sha256(scores_path):
+        changes.append(f"the scores ({scores_path} was rewritten)")
+    return changes

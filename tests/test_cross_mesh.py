@@ -238,6 +238,11 @@ def test_metadata_records_the_target_identity(fsdp8_checkpoint):
     assert meta["target_vocab_hash"] == VOCAB_HASH and meta["draft_arch"]["num_layers"] == DRAFT_LAYERS
 
 
+def test_a_step_the_directory_does_not_hold_is_named_with_those_it_does(fsdp8_checkpoint):
+    with pytest.raises(CheckpointMismatchError, match=rf"holds no step {STEP + 1} \(its steps: {STEP}\)"):
+        read_meta(fsdp8_checkpoint[0], STEP + 1)
+
+
 def test_a_directory_without_checkpoints_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointMismatchError, match="holds no checkpoint"):

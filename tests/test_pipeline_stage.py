@@ -87,6 +87,20 @@ def test_select_refuses_scores_made_with_other_settings(selected_run, tiny_dir):
         select.run(cfg)
 
 
+def test_train_refuses_a_selection_made_with_other_settings(selected_run, tiny_dir, tmp_path):
+    """`flatspec train` alone, after select.* changed without `flatspec select`, must not train on the old
+    selection under the new settings' name; another run's manifest must hold out as many samples."""
+    run_dir, _ = selected_run
+    stale = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.25"))
+    with pytest.raises(ConfigError, match=r"data\.selection=run: .*selection\.json was made with other settings "
+                                          r"\(select\.keep: 0\.5 -> 0\.25\); run `flatspec select`"):
+        train.run(stale)
+    elsewhere = load_config(None, tiny_run_overrides(tiny_dir, tmp_path / "other", "data.heldout=3",
+                                                     f"data.selection={run_dir / 'selection.json'}"))
+    with pytest.raises(ConfigError, match=r"holds out 2 samples but data\.heldout=3"):
+        train.run(elsewhere)
+
+
 @pytest.mark.parametrize("setting, message", [
     ("data.heldout=100", r"flatspec train: ConfigError: data\.heldout=100 leaves no training sample out of 8"),
     ("train.batch_tokens=8192", r"flatspec train: ConfigError: only \d+ packed rows of training data"),
@@ -263,4 +277,27 @@ def test_training_refuses_a_run_dir_holding_an_imported_head(selected_run, tiny_
     import_eagle.run(imported_cfg, argparse.Namespace(format="eagle", input=str(exported), out=None))
     with pytest.raises(ConfigError, match=r"holds an imported draft head \(step 0, parameters only\)"):
         train.run(imported_cfg)
+    with pytest.raises(ConfigError, match=r"holds an imported draft head \(step 0, parameters only\)"):
+        pipeline.run(imported_cfg)  # before scoring, not after it
+    assert not (imported_run / "scores.parquet").exists()
     assert sorted(p.name for p in (imported_run / "checkpoints").iterdir() if p.name.isdigit()) == ["0"]
+
+
+def test_a_lowered_train_steps_reports_the_checkpoint_it_keeps(selected_run, tiny_dir, caplog):
+    run_dir, _ = selected_run
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
+                                               "train.steps=1"))
+    with caplog.at_level("WARNING", logger="flatspec_jax.train.loop"):
+        summary = train.run(cfg)
+    assert summary.steps == 2
+    assert "holds step 2 (train.steps=1): nothing to train; the head of step 2 is the run's" in caplog.text
+
+
+def test_training_warns_about_samples_cut_at_the_row_length(tiny_dir, tmp_path, caplog):
+    """Samples are scored and selected whole; a train.row_length below data.max_length trains on their heads only."""
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path / "run", "train.row_length=32",
+                                               "train.batch_tokens=64", "train.steps=1"))
+    with caplog.at_level("WARNING", logger="flatspec_jax.train.loop"):
+        train.run(cfg)
+    assert re.search(r"[1-9]\d* of \d+ training samples are longer than train\.row_length=32: [1-9]\d* of their \d+ "
+                     r"tokens are cut \(data\.max_length=64\)", caplog.text), caplog.text

@@ -274,9 +274,13 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
         raise CheckpointMismatchError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'}"
                                       " (expected a checkpoint directory of orbax step directories)")
     with _reader(directory, item_names=ITEM_NAMES) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        steps = manager.all_steps()
+        if not steps:
             raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointMismatchError(f"{directory} holds no step {step} (its steps: "
+                                          f"{', '.join(map(str, sorted(steps)))})")
         meta = _restore_item(manager, step, "metadata", meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise CheckpointMismatchError(f"{directory}/{step}/meta is not flatspec draft metadata "

@@ -51,8 +51,8 @@ def train_and_heldout_indices(dataset: TokenizedDataset, heldout: int,
     position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
     missing = [s for s in selected_ids if s not in position]
     if missing:
-        raise ManifestError(f"selection names sample {missing[0]!r} ({len(missing)} in all) that the tokenized "
-                         "data does not contain; was it made from another data config?")
+        raise ManifestError(f"the selection manifest (data.selection) names sample {missing[0]!r} ({len(missing)} in "
+                            "all) that the tokenized data does not contain; was it made from another data config?")
     chosen = np.asarray(sorted(position[s] for s in selected_ids), np.int64)
     return chosen[chosen < n - heldout], heldout_indices
 

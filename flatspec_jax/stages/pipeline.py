@@ -32,7 +32,7 @@ from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import report, score, select, train
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
-from flatspec_jax.train.resume import input_changes, refuse, selection_hash, setting_changes
+from flatspec_jax.train.resume import input_changes, refuse, refuse_imported_head, selection_hash, setting_changes
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def check_training_resumes(cfg: Config, ctx: RunContext) -> None:
     """
     checkpoints = Path(cfg.run_dir) / CHECKPOINT_DIR
     if not process_zero_says(holds_trained_steps(checkpoints)):
+        if process_zero_says(checkpoints.is_dir() and (checkpoints / "0").is_dir()):
+            refuse_imported_head(checkpoints)
         return
     saved = read_meta(checkpoints)[1]
     changes = setting_changes(saved, cfg) + _input_changes(cfg, ctx, saved)

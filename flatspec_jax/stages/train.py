@@ -10,7 +10,7 @@ from flatspec_jax.checkpoint.manager import vocab_hash
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.scoring import read_fingerprint, read_inputs
-from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, read_manifest
+from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, read_manifest, selection_changes
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import feature_dir, score_fingerprint, score_input_changes, score_inputs
 from flatspec_jax.train.loop import TrainSummary, train_draft
@@ -33,10 +33,34 @@ def selection_path(cfg: Config) -> Path | None:
     return path
 
 
+def selected_ids(cfg: Config) -> list[str] | None:
+    """The ids of the manifest ``data.selection`` names (None: all data), checked against this config.
+
+    Raises:
+      ConfigError: this run's manifest was made with other select.* settings, seed or held-out count,
+        or from other scores (``flatspec select`` rewrites it); another run's manifest holds out
+        another number of samples (its held-out tail would not be this run's).
+    """
+    path = selection_path(cfg)
+    if path is None:
+        return None
+    manifest = read_manifest(path)
+    if cfg.data.selection == "run":
+        scores = Path(cfg.run_dir) / SCORES_FILE
+        changes = selection_changes(manifest, scores if scores.is_file() else None, cfg.select.rule, cfg.select.keep,
+                                    cfg.seed, cfg.data.heldout)
+        if changes:
+            raise ConfigError(f"data.selection=run: {path} was made with other settings ({'; '.join(changes)}); "
+                              "run `flatspec select` (or `flatspec pipeline`) first")
+    elif manifest["heldout"] != cfg.data.heldout:
+        raise ConfigError(f"data.selection: {path} holds out {manifest['heldout']} samples but data.heldout="
+                          f"{cfg.data.heldout}: set data.heldout to {manifest['heldout']}")
+    return manifest["ids"]
+
+
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> TrainSummary:
     ctx = ctx or RunContext(cfg)
-    manifest = selection_path(cfg)
-    selected = None if manifest is None else read_manifest(manifest)["ids"]
+    selected = selected_ids(cfg)
     features = None
     if cfg.train.features == "offline":
         features = FeatureCache(feature_dir(cfg))

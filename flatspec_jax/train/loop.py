@@ -35,7 +35,7 @@ from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
-from flatspec_jax.train.resume import check_resumable, training_inputs
+from flatspec_jax.train.resume import check_resumable, refuse_imported_head, training_inputs
 from flatspec_jax.train.step import StepSettings, TrainState, batch_spec, compile_steps, trained_counts
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
     log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
              tcfg.row_length, len(heldout_indices))
+    lengths = dataset.lengths[train_indices]
+    if (lengths > tcfg.row_length).any():  # scored and selected whole, trained on their first row_length tokens
+        log.warning("%d of %d training samples are longer than train.row_length=%d: %d of their %d tokens are cut "
+                    "(data.max_length=%d)", int((lengths > tcfg.row_length).sum()), len(lengths), tcfg.row_length,
+                    int(np.maximum(lengths - tcfg.row_length, 0).sum()), int(lengths.sum()), cfg.data.max_length)
     iterator = training_iterator(dataset, rows, row_length=tcfg.row_length, global_rows_per_batch=tcfg.rows_per_step,
                                  seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers, features=features)
     heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step,
@@ -129,15 +134,15 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     start = max(latest, 0)
     if latest == 0:  # only `flatspec import` writes a step 0
         checkpoints.close()
-        raise ConfigError(f"{checkpoints.directory} holds an imported draft head (step 0, parameters only): training "
-                          "does not start from it, and its checkpoints would be written beside it and rotate it out. "
-                          "Train into another run_dir")
+        refuse_imported_head(checkpoints.directory)
     if start:  # before any compilation: a run that may not resume fails at once
         check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
     if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
-        log.info("%s holds step %d (train.steps=%d): nothing to train", checkpoints.directory, start, tcfg.steps)
+        log.log(logging.INFO if start == tcfg.steps else logging.WARNING,
+                "%s holds step %d (train.steps=%d): nothing to train; the head of step %d is the run's",
+                checkpoints.directory, start, tcfg.steps, start)
         checkpoints.close()
-        return _finished_summary(run_dir / METRICS_FILE, tcfg, len(train_indices))
+        return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices))
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)
     param_shardings = state_shardings(params, mesh, rules)
@@ -214,13 +219,13 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                         final=final, heldout=heldout_metrics)
 
 
-def _finished_summary(metrics_path: Path, tcfg: TrainConfig, train_samples: int) -> TrainSummary:
-    """The summary of a run whose last checkpoint is its last step, from what it logged."""
-    records = read_metrics(metrics_path)
+def _finished_summary(metrics_path: Path, steps: int, tcfg: TrainConfig, train_samples: int) -> TrainSummary:
+    """The summary of a run whose last checkpoint, of step ``steps``, ends its training, from what it logged."""
+    records = [r for r in read_metrics(metrics_path) if r["step"] <= steps]  # not what a lost tail logged
     last_logged = next((r for r in reversed(records) if "loss" in r), {})
     last_evaluated = next((r for r in reversed(records) if "eval_loss" in r), {})
     final = {name: value for name, value in last_logged.items()
              if name != "step" and not name.startswith(HELDOUT_PREFIX)}
     heldout = {name: value for name, value in last_evaluated.items() if name.startswith(HELDOUT_PREFIX)}
-    return TrainSummary(steps=tcfg.steps, train_samples=train_samples, train_tokens_per_step=tcfg.batch_tokens,
+    return TrainSummary(steps=steps, train_samples=train_samples, train_tokens_per_step=tcfg.batch_tokens,
                         final=final, heldout=heldout)

@@ -22,7 +22,7 @@ COMPARED_SECTIONS = ("model", "data", "draft", "train", "seed")
 """Config sections whose settings a resumed run must share with its checkpoints, except:"""
 FREE_TO_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-    "train.features",  # cached or recomputed target features are the same numbers
+    "train.features",  # cached or recomputed target features: the same up to the cache's bfloat16 rounding
     "train.loss_chunk",  # how the loss's LM-head work is split: memory, not the result
     "data.num_workers",
     # Compared through the samples' fingerprint and the selection's hash instead, so that a moved
@@ -64,6 +64,13 @@ def refuse(directory: Path, changes: list[str]) -> None:
     if changes:
         raise ConfigError(f"{directory} holds a draft trained with other inputs: {'; '.join(changes)}. Train into "
                           f"a new run_dir, or delete {directory} to start this run over")
+
+
+def refuse_imported_head(directory: Path) -> None:
+    """Raises ConfigError: ``directory`` holds a head `flatspec import` wrote (a params-only step 0)."""
+    raise ConfigError(f"{directory} holds an imported draft head (step 0, parameters only): training does not start "
+                      "from it, and its checkpoints would be written beside it and rotate it out. Train into another "
+                      "run_dir")
 
 
 def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None]) -> None:
