@@ -340,6 +340,38 @@ def test_a_shard_overwritten_by_another_pass_or_cut_short_breaks_the_cache(cache
             FeatureCache(directory)
 
 
+def test_a_pass_killed_between_a_shards_array_and_sidecar_leaves_it_incomplete(cache, tmp_path, monkeypatch):
+    """Another pass's array of the same row count must not pass for this pass's shard beside its old sidecar."""
+    import shutil
+
+    source, features = cache
+    directory = tmp_path / "killed"
+    shutil.copytree(source.directory, directory)
+    same_rows = {i: features[i] * 2 for i in range(13, 30)}  # shard 1's samples, other values
+    assert feature_cache.shard_is_current(directory, 1, "fp")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_cache, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        feature_cache.write_shard(directory, 1, same_rows, "other")
+    assert not feature_cache.shard_is_current(directory, 1, "fp")
+    assert not feature_cache.shard_is_current(directory, 1, "other")
+
+
+def test_a_malformed_index_is_named(cache, tmp_path):
+    import shutil
+
+    source, _ = cache
+    directory = tmp_path / "malformed"
+    shutil.copytree(source.directory, directory)
+    (directory / "index.json").write_text('{"fingerprint": "fp"}')
+    with pytest.raises(FileNotFoundError, match=r"malformed/index\.json: no complete feature cache index "
+                                                r"\(KeyError: 'hidden_size'\)"):
+        FeatureCache(directory)
+
+
 def check_features(dataset, row: dict[str, np.ndarray], features: dict[int, np.ndarray]) -> None:
     got = row["features"]
     assert got.shape == (ROW_LENGTH, HIDDEN) and got.dtype == ml_dtypes.bfloat16

@@ -434,7 +434,9 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
 
     Everything is written into a temporary directory beside ``out`` and fsynced, then renamed
     to ``out``. An existing ``out`` is first renamed aside and deleted after the swap, so
-    ``out`` holds either the old or the new complete head, never a mixture.
+    ``out`` holds either the old or the new complete head, never a mixture; an error puts the
+    old one back. Only a process killed between the two renames leaves no ``out``: the old head
+    is then in ``.<name>.*.old/<name>`` beside it.
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,9 @@ def write_shard(directory: Path, chunk: int, features: dict[int, np.ndarray], fi
         with open(tmp, "wb") as handle:  # np.save on a path would append ".npy" to the temporary name
             np.save(handle, stacked, allow_pickle=False)
 
+    # The sidecar goes first and comes back last: a pass killed in between leaves an array without
+    # one (not current), never a new array beside an old pass's sidecar of the same row count.
+    (directory / f"{shard_name(chunk)}.json").unlink(missing_ok=True)
     atomic_write(directory / f"{shard_name(chunk)}.npy", save)
     atomic_write_json(directory / f"{shard_name(chunk)}.json", {"fingerprint": fingerprint, "samples": samples})
 
@@ -97,13 +100,13 @@ class FeatureCache:
         self.directory = Path(directory)
         try:
             index = json.loads((self.directory / INDEX_FILE).read_text())
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"{self.directory} holds no complete feature cache ({err}); run "
-                                    "`flatspec cache` (or `flatspec score` with train.features=offline)") from err
-        self.fingerprint = index["fingerprint"]
-        self.hidden_size = index["hidden_size"]
+            self.fingerprint, self.hidden_size, shards = index["fingerprint"], index["hidden_size"], index["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FileNotFoundError(f"{self.directory / INDEX_FILE}: no complete feature cache index "
+                                    f"({type(err).__name__}: {err}); run `flatspec cache` (or `flatspec score` "
+                                    "with train.features=offline)") from err
         self._where: dict[int, tuple[str, int, int]] = {}
-        for shard in index["shards"]:
+        for shard in shards:
             problem = _shard_problem(self.directory, shard, self.fingerprint)
             if problem is not None:
                 raise FileNotFoundError(f"{self.directory / shard}.npy: {problem}; run `flatspec cache` (or "
