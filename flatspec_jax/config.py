@@ -149,8 +149,8 @@ class DraftConfig:
     num_layers: int = 1
     """Decoder layers in the head (the reference uses 1)."""
     vocab: int = 0
-    """Train the head over the N tokens most frequent in the run's samples (EOS always in; EAGLE-3's
-    reduced draft vocabulary): the loss compares draft and target distributions renormalised over
+    """Train the head over the N tokens most frequent among the assistant tokens of the run's training
+    samples (EOS always in; EAGLE-3's reduced draft vocabulary): the loss compares draft and target distributions renormalised over
     them, so its LM-head work is N / V of the whole. The ids are saved with the checkpoint and the
     head drafts only from them. 0 = the whole vocabulary (EAGLE-1/2)."""
 
@@ -305,8 +305,8 @@ class DecodeConfig:
     total_tokens: int = 63
     """Tree speculation: tokens verified per round, the root included (EAGLE's total_token)."""
     draft_vocab: int = 0
-    """Draft proposals only from the N tokens most frequent in the run's samples (EOS always in;
-    FR-Spec); cuts the draft's LM-head work by V / N at some cost in acceptance. Output is
+    """Draft proposals only from the N tokens most frequent among the assistant tokens of the run's
+    training samples (EOS always in; FR-Spec); cuts the draft's LM-head work by V / N at some cost in acceptance. Output is
     unchanged (lossless either way). 0 = the whole vocabulary. A head trained with draft.vocab
     always drafts from its own saved tokens (this must then be 0 or their count)."""
     max_cache_length: int = 2048

@@ -2,7 +2,8 @@
 
 One run (the tiny 2-layer target over SmolLM2's 49152-token vocabulary, a few ShareGPT samples)
 scores, selects and trains 2 steps with ``draft.vocab=64``. Checked: the checkpoint's metadata
-holds the run's 64 most frequent tokens; decoding drafts from exactly those (and a
+holds the 64 tokens most frequent among the training samples' assistant tokens (and a resumed
+run keeps its checkpoints' own); decoding drafts from exactly those (and a
 ``decode.draft_vocab`` of another size is an error naming both settings); ``flatspec eval``
 records the size; the EAGLE export lists the ids; resuming the run with another ``draft.vocab``
 is an error; a head trained on the whole vocabulary still drafts from ``decode.draft_vocab``.
@@ -54,6 +55,38 @@ def test_checkpoint_holds_the_run_s_most_frequent_tokens(reduced_run):
     expected = reduced_run.draft_ids(DRAFT_VOCAB)
     assert meta["draft_vocab"] == expected.tolist()
     assert len(expected) == DRAFT_VOCAB and set(reduced_run.eos_ids()) <= set(expected.tolist())
+
+
+def test_the_vocabulary_counts_assistant_tokens_of_training_samples_only(reduced_run):
+    """What a draft proposes are assistant tokens; the held-out tail must not shape its vocabulary."""
+    samples, heldout = reduced_run.samples, reduced_run.cfg.data.heldout
+    counts = np.zeros(reduced_run.target.arch.vocab_size, np.int64)
+    for index in range(len(samples) - heldout):
+        tokens, loss_mask = samples[index]
+        np.add.at(counts, tokens[loss_mask > 0], 1)
+    eos = set(reduced_run.eos_ids())
+    ranked = [int(t) for t in np.lexsort((np.arange(len(counts)), -counts)) if int(t) not in eos]
+    want = sorted(ranked[:DRAFT_VOCAB - len(eos)] + sorted(eos))
+    assert reduced_run.draft_ids(DRAFT_VOCAB).tolist() == want
+    everything = np.zeros_like(counts)
+    np.add.at(everything, samples.tokens, 1)
+    top = [set(np.argsort(-c, kind="stable")[:DRAFT_VOCAB].tolist()) for c in (everything, counts)]
+    assert top[0] != top[1], "the test data cannot tell counting every token from counting assistant tokens"
+
+
+def test_resumed_training_keeps_the_vocabulary_its_checkpoints_were_trained_over(reduced_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reduced_run.run_dir, run_dir)
+    cfg = load_config(None, tiny_run_overrides(Path(reduced_run.cfg.model.path), run_dir, f"draft.vocab={DRAFT_VOCAB}",
+                                               "train.steps=3"))
+
+    def recounted(*args, **kwargs):
+        raise AssertionError("a resumed run counted its draft vocabulary again")
+
+    monkeypatch.setattr(RunContext, "draft_ids", recounted)
+    train.run(cfg)
+    assert read_meta(run_dir / CHECKPOINT_DIR)[1]["draft_vocab"] == read_meta(
+        reduced_run.run_dir / CHECKPOINT_DIR)[1]["draft_vocab"]
 
 
 def test_decoding_drafts_from_the_trained_tokens(reduced_run):

@@ -98,7 +98,8 @@ class RunContext:
                                dtype=self.cfg.model.dtype)
 
     def draft_ids(self, size: int | None = None, setting: str = "decode.draft_vocab") -> np.ndarray | None:
-        """[N] a reduced draft vocabulary: the N tokens most frequent in the run's samples, EOS ids
+        """[N] a reduced draft vocabulary: the N tokens most frequent among the assistant tokens of the
+        run's training samples (what a draft proposes; the held-out tail is not counted), EOS ids
         always in. N: ``size`` (the value of config ``setting``), default ``decode.draft_vocab``;
         None when it is 0."""
         size = self.cfg.decode.draft_vocab if size is None else size
@@ -107,7 +108,10 @@ class RunContext:
             return None
         if size > vocab:
             raise ConfigError(f"{setting}={size} exceeds the target's vocabulary ({vocab} tokens)")
-        ids = frequent_token_ids(self.samples.tokens, vocab, size, self.eos_ids())
+        samples = self.samples
+        end = samples.offsets[max(len(samples) - self.cfg.data.heldout, 0)]
+        assistant = samples.tokens[:end][samples.loss_mask[:end] > 0]
+        ids = frequent_token_ids(assistant, vocab, size, self.eos_ids())
         log.info("draft vocabulary: the %d most frequent of %d tokens", size, vocab)
         return ids
 

@@ -6,7 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from flatspec_jax.checkpoint.manager import vocab_hash
+import numpy as np
+
+from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, holds_trained_steps, read_meta, trained_draft_vocab,
+                                             vocab_hash)
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.scoring import read_fingerprint, read_inputs
@@ -58,6 +61,17 @@ def selected_ids(cfg: Config) -> list[str] | None:
     return manifest["ids"]
 
 
+def _training_draft_ids(cfg: Config, ctx: RunContext) -> np.ndarray | None:
+    """The reduced vocabulary (``draft.vocab``) to train over: a resumed run's own, as saved with its
+    checkpoints (a later version may count the samples differently), else counted afresh."""
+    checkpoints = ctx.run_dir / CHECKPOINT_DIR
+    if cfg.draft.vocab and holds_trained_steps(checkpoints):
+        saved = trained_draft_vocab(read_meta(checkpoints)[1])
+        if saved is not None and len(saved) == cfg.draft.vocab:  # another size: resuming is refused anyway
+            return saved
+    return ctx.draft_ids(cfg.draft.vocab, "draft.vocab")
+
+
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> TrainSummary:
     ctx = ctx or RunContext(cfg)
     selected = selected_ids(cfg)
@@ -72,7 +86,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
             raise ConfigError(f"train.features=offline: the feature cache in {feature_dir(cfg)} was made with other "
                               f"inputs ({changes}); re-run `flatspec cache`")
     summary = train_draft(cfg, ctx.run_dir, ctx.mesh, ctx.rules, ctx.target, ctx.samples, selected,
-                          vocab_hash(ctx.tokenizer), features, ctx.draft_ids(cfg.draft.vocab, "draft.vocab"))
+                          vocab_hash(ctx.tokenizer), features, _training_draft_ids(cfg, ctx))
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
              ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
     return summary
