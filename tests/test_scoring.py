@@ -543,10 +543,12 @@ def test_draft_vocabulary_is_counted_on_the_run_samples_and_an_oversized_one_is_
     cfg = load_config(None, [*cli_overrides(tiny_dir), f"run_dir={tmp_path}", "decode.draft_vocab=64"])
     ctx = RunContext(cfg)
     ids = ctx.draft_ids()
-    counts = np.bincount(ctx.samples.tokens, minlength=ctx.target.arch.vocab_size)
+    samples = ctx.samples
+    end = samples.offsets[len(samples) - cfg.data.heldout]  # the training samples' assistant tokens
+    counts = np.bincount(samples.tokens[:end][samples.loss_mask[:end] > 0], minlength=ctx.target.arch.vocab_size)
     assert len(ids) == 64 and set(ctx.eos_ids()) <= set(ids.tolist())
     assert int(np.argmax(counts)) in ids.tolist()
-    assert counts[ids].sum() > 0.5 * counts.sum()  # 64 of 49152 tokens cover most of the text
+    assert counts[ids].sum() > 0.5 * counts.sum()  # 64 of 49152 tokens cover most of the replies
     assert ctx.draft_ids(0) is None
     with pytest.raises(ValueError, match=r"decode\.draft_vocab=49153 exceeds the target's vocabulary"):
         ctx.draft_ids(49153)
