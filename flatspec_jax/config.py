@@ -149,10 +149,11 @@ class DraftConfig:
     num_layers: int = 1
     """Decoder layers in the head (the reference uses 1)."""
     vocab: int = 0
-    """Train the head over the N tokens most frequent among the assistant tokens of the run's training
-    samples (EOS always in; EAGLE-3's reduced draft vocabulary): the loss compares draft and target
-    distributions renormalised over them, so its LM-head work is N / V of the whole. The ids are
-    saved with the checkpoint and the head drafts only from them. 0 = the whole vocabulary (EAGLE-1/2)."""
+    """Train the head over the N tokens most frequent among the assistant tokens of the run's samples
+    before the held-out tail (EOS always in; EAGLE-3's reduced draft vocabulary): the loss compares
+    draft and target distributions renormalised over them, so its LM-head work is N / V of the
+    whole. The ids are saved with the checkpoint and the head drafts only from them. 0 = the whole
+    vocabulary (EAGLE-1/2)."""
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "draft.num_layers", "must be >= 1")
@@ -306,9 +307,10 @@ class DecodeConfig:
     """Tree speculation: tokens verified per round, the root included (EAGLE's total_token)."""
     draft_vocab: int = 0
     """Draft proposals only from the N tokens most frequent among the assistant tokens of the run's
-    training samples (EOS always in; FR-Spec); cuts the draft's LM-head work by V / N at some cost
-    in acceptance. Output is unchanged (lossless either way). 0 = the whole vocabulary. A head trained with draft.vocab
-    always drafts from its own saved tokens (this must then be 0 or their count)."""
+    samples before the held-out tail (EOS always in; FR-Spec); cuts the draft's LM-head work by
+    V / N at some cost in acceptance. Output is unchanged (lossless either way). 0 = the whole
+    vocabulary. A head trained with draft.vocab always drafts from its own saved tokens (this must
+    then be 0 or their count)."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
     scan_layers: bool = False

@@ -372,12 +372,12 @@ def manifest_is_current(path: str | Path, scores_path: str | Path, rule: str, ke
 def selection_changes(manifest: dict[str, Any], scores_path: str | Path | None, rule: str, keep: float,
                       seed: int | None, heldout: int) -> list[str]:
     """What differs between a manifest and these settings (["select.keep: 0.5 -> 0.25", ...]), and
-    "the scores" when ``scores_path`` (None: not compared) holds other scores than it was made from."""
+    one about the scores when ``scores_path`` (None: not compared) holds other scores than it was made from."""
     keep_recorded, seed_recorded = normalized_settings(rule, keep, seed)
     now = {"select.rule": rule, "select.keep": keep_recorded, "seed": seed_recorded, "data.heldout": heldout}
     recorded = {"select.rule": manifest["rule"], "select.keep": manifest["keep"], "seed": manifest["seed"],
                 "data.heldout": manifest["heldout"]}
     changes = [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in now.items() if recorded[key] != value]
     if scores_path is not None and manifest["scores_sha256"] != file_sha256(scores_path):
-        changes.append(f"the scores ({scores_path} was rewritten)")
+        changes.append(f"the scores ({scores_path} holds other scores than the selection was made from)")
     return changes

@@ -2,7 +2,7 @@
 
 One run (the tiny 2-layer target over SmolLM2's 49152-token vocabulary, a few ShareGPT samples)
 scores, selects and trains 2 steps with ``draft.vocab=64``. Checked: the checkpoint's metadata
-holds the 64 tokens most frequent among the training samples' assistant tokens (and a resumed
+holds the 64 tokens most frequent among the assistant tokens outside the held-out tail (and a resumed
 run keeps its checkpoints' own); decoding drafts from exactly those (and a
 ``decode.draft_vocab`` of another size is an error naming both settings); ``flatspec eval``
 records the size; the EAGLE export lists the ids; resuming the run with another ``draft.vocab``

@@ -544,7 +544,7 @@ def test_draft_vocabulary_is_counted_on_the_run_samples_and_an_oversized_one_is_
     ctx = RunContext(cfg)
     ids = ctx.draft_ids()
     samples = ctx.samples
-    end = samples.offsets[len(samples) - cfg.data.heldout]  # the training samples' assistant tokens
+    end = samples.offsets[len(samples) - cfg.data.heldout]  # assistant tokens before the held-out tail
     counts = np.bincount(samples.tokens[:end][samples.loss_mask[:end] > 0], minlength=ctx.target.arch.vocab_size)
     assert len(ids) == 64 and set(ctx.eos_ids()) <= set(ids.tolist())
     assert int(np.argmax(counts)) in ids.tolist()

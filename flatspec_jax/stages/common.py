@@ -99,7 +99,8 @@ class RunContext:
 
     def draft_ids(self, size: int | None = None, setting: str = "decode.draft_vocab") -> np.ndarray | None:
         """[N] a reduced draft vocabulary: the N tokens most frequent among the assistant tokens of the
-        run's training samples (what a draft proposes; the held-out tail is not counted), EOS ids
+        run's samples before the held-out tail (what a draft proposes; the selection is not applied,
+        so eval's decode.draft_vocab gets the same ids as training), EOS ids
         always in. N: ``size`` (the value of config ``setting``), default ``decode.draft_vocab``;
         None when it is 0."""
         size = self.cfg.decode.draft_vocab if size is None else size
