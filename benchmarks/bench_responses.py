@@ -1,10 +1,11 @@
 """Draft quality from the dataset's replies vs the target's own (``data.responses``), same run otherwise.
 
     python benchmarks/bench_responses.py [--config configs/smollm2_sharegpt_demo.yaml] [--work DIR]
+        [--set KEY=VALUE ...]
 
 Runs ``flatspec pipeline`` twice on one config, once with ``data.responses=source`` (the
 baseline: ShareGPT's ChatGPT replies) and once with ``data.responses=target`` (the source's
-user turns answered by the target, arXiv 2403.00858), in ``DIR/source`` and ``DIR/target``.
+user turns answered by the target, arXiv 2403.00858), in ``DIR/source`` and ``DIR/target``, each with the ``--set`` overrides.
 A run directory that is already complete is reused (the pipeline skips current stages), so an
 interrupted benchmark continues. Prints and writes (``benchmarks/results/responses.json``) per
 side: the held-out draft agreement curve (each side's own held-out samples), the MT-bench tau,
@@ -20,19 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, benchmark_parser, child_env, print_table, run_measured, wait_for_quiet,  # noqa: E402
-                     write_results)
+from _arms import arms_parser  # noqa: E402
+from _common import child_env, print_table, run_measured, wait_for_quiet, write_results  # noqa: E402
 from collect_demo import stage_times  # noqa: E402
 
 SIDES = ("source", "target")
 
 
-def run_side(config: str, run_dir: Path, responses: str) -> dict:
+def run_side(config: str, run_dir: Path, responses: str, overrides: list[str]) -> dict:
     """Runs (or completes) one pipeline and reads back what it measured."""
     run_dir.mkdir(parents=True, exist_ok=True)
     reused = (run_dir / "eval.json").exists()
     argv = [sys.executable, "-m", "flatspec_jax.cli", "pipeline", "--config", config, "--run-dir", str(run_dir),
             "--set", f"data.responses={responses}"]
+    for override in overrides:
+        argv += ["--set", override]
     done = run_measured(argv, child_env(), run_dir / "pipeline").check(f"pipeline ({responses} replies)")
     evaluation = json.loads((run_dir / "eval.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -49,14 +52,11 @@ def run_side(config: str, run_dir: Path, responses: str) -> dict:
 
 
 def main() -> int:
-    parser = benchmark_parser(__doc__, "responses.json")
-    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_sharegpt_demo.yaml"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench_responses"))
-    args = parser.parse_args()
+    args = arms_parser(__doc__, "responses.json", "bench_responses").parse_args()
     gate = wait_for_quiet(args.max_load, args.max_wait)
-    results = {"config": args.config, "machine_load": gate}
+    results = {"config": args.config, "overrides": args.overrides, "machine_load": gate}
     for responses in SIDES:
-        results[responses] = run_side(args.config, Path(args.work) / responses, responses)
+        results[responses] = run_side(args.config, Path(args.work) / responses, responses, args.overrides)
     rows = []
     for responses in SIDES:
         side = results[responses]
