@@ -64,8 +64,8 @@ class SpeculativeSettings:
       depth: tree expansion steps after the root's (the reference's ``depth``): the tree has
         up to depth + 1 levels.
       top_k: tree children per expanded node and beams per level.
-      total_tokens: draft nodes in the tree, root excluded (the reference's ``total_token``
-        counts the root: its 60 is 59 here).
+      total_tokens: draft nodes in the tree, root excluded (``decode.total_tokens`` and the
+        reference's ``total_token`` count the root: the config's 63 is 62 here).
       min_confidence: chain only: a row proposes its drafts while the draft's confidence (its
         probability of the earlier drafts times its top probability for the next; see
         :func:`~flatspec_jax.decoding.drafting.draft_chain`) reaches this, and each round
@@ -77,7 +77,7 @@ class SpeculativeSettings:
     gamma: int = 4
     depth: int = 5
     top_k: int = 8
-    total_tokens: int = 59
+    total_tokens: int = 62
     min_confidence: float = 0.0
 
     def __post_init__(self):
