@@ -23,7 +23,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, fsyncs it, then renames it over ``path``.
 
     The rename is atomic on POSIX file systems, so ``path`` holds either the old or the new
-    content, whatever happens mid-write (including ``kill -9``).
+    content, whatever happens mid-write (including ``kill -9``); the directory is fsynced after
+    it, so that a host crash or power loss cannot undo a rename that has returned.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +40,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return path
 
 

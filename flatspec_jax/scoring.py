@@ -12,7 +12,8 @@ Progress is saved every ``score.flush_every`` batches as an atomically written p
 tagged with a fingerprint of everything the scores depend on. Re-running after an
 interruption (``kill -9`` included) skips the batches whose part exists, and the merged
 ``scores.parquet`` equals an uninterrupted run's, because each batch is computed by the
-same program from the same inputs either way.
+same program from the same inputs either way (on the same backend and mesh: parts scored on
+other devices differ from this run's at rounding level and are merged as they are).
 
 Conventions: the statistics at position t describe the target's prediction of token t+1;
 a sample's ``flatness`` averages the positions whose next token is an assistant token (the
@@ -238,9 +239,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     Returns:
       The scores table (also when everything was already current and nothing ran).
     """
+    parts_dir = out_path.with_name(out_path.name + ".parts")
     if process_zero_says(read_fingerprint(out_path) == fingerprint and (
             feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint))):
         log.info("scores in %s are current; nothing to do", out_path)
+        if jax.process_index() == 0:
+            shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its last write
         return pq.read_table(out_path)
     if dataset.lengths.max() > cfg.row_length:
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
@@ -250,7 +254,6 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     plan = make_plan(dataset.lengths, cfg, math.lcm(batch_shards(mesh), jax.process_count()))
     log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
-    parts_dir = out_path.with_name(out_path.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     if feature_dir is not None and jax.process_index() == 0:
         feature_cache.unseal(feature_dir)  # this pass may overwrite shards of an older one
@@ -268,7 +271,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     chunks = list(_chunks(len(plan.batches), cfg.flush_every))
     written = process_zero_says([
         read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (
-            feature_dir is None or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint))
+            feature_dir is None or feature_cache.shard_is_current(
+                feature_dir, chunk.start, fingerprint, [i for b in chunk for row in plan.batches[b] for i in row]))
         for chunk in chunks])
     if written.any():
         log.info("resuming: %d of %d parts (of %d batches each) are already written in %s", int(written.sum()),

@@ -70,16 +70,16 @@ class ShardingRules:
         for dim, name in enumerate(logical_axes):
             axes = self.mesh_axes(name)
             flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            clash = used.intersection(flat)  # checked before the mesh drops axes: the rules are wrong on any mesh
+            if clash:
+                raise ValueError(f"logical axes {tuple(logical_axes)} map mesh axis {clash.pop()!r} twice")
+            used.update(flat)
             if mesh is not None:
                 flat = tuple(a for a in flat if mesh.shape[a] > 1)
             if shape is not None and mesh is not None and flat:
                 size = math.prod(mesh.shape[a] for a in flat)
                 if shape[dim] % size:
                     flat = ()
-            clash = used.intersection(flat)
-            if clash:
-                raise ValueError(f"logical axes {tuple(logical_axes)} map mesh axis {clash.pop()!r} twice")
-            used.update(flat)
             entries.append(None if not flat else flat[0] if len(flat) == 1 else flat)
         return PartitionSpec(*entries)
 

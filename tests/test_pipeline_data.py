@@ -348,7 +348,7 @@ def test_a_pass_killed_between_a_shards_array_and_sidecar_leaves_it_incomplete(c
     directory = tmp_path / "killed"
     shutil.copytree(source.directory, directory)
     same_rows = {i: features[i] * 2 for i in range(13, 30)}  # shard 1's samples, other values
-    assert feature_cache.shard_is_current(directory, 1, "fp")
+    assert feature_cache.shard_is_current(directory, 1, "fp", range(13, 30))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -356,8 +356,18 @@ def test_a_pass_killed_between_a_shards_array_and_sidecar_leaves_it_incomplete(c
     monkeypatch.setattr(feature_cache, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         feature_cache.write_shard(directory, 1, same_rows, "other")
-    assert not feature_cache.shard_is_current(directory, 1, "fp")
-    assert not feature_cache.shard_is_current(directory, 1, "other")
+    assert not feature_cache.shard_is_current(directory, 1, "fp", range(13, 30))
+    assert not feature_cache.shard_is_current(directory, 1, "other", range(13, 30))
+
+
+def test_a_shard_of_another_chunking_is_not_current(cache):
+    """A pass with another score.flush_every cuts other chunks: shard 1 of 13..29 is not shard 1 of
+    a chunk of other samples, though fingerprint and arrays are intact (a resumed pass would
+    otherwise seal a cache missing samples)."""
+    source, _ = cache
+    assert feature_cache.shard_is_current(source.directory, 1, "fp", range(13, 30))
+    assert not feature_cache.shard_is_current(source.directory, 1, "fp", range(13, 25))
+    assert not feature_cache.shard_is_current(source.directory, 1, "fp", range(13, 35))
 
 
 def test_a_malformed_index_is_named(cache, tmp_path):

@@ -499,10 +499,14 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
     def no_compiling(*args, **kwargs):
         raise AssertionError("a finished score must not compile or run the scoring step")
 
+    leftover = run_dir / "scores.parquet.parts"  # as a run killed between the last write and cleanup leaves it
+    leftover.mkdir()
+    (leftover / "part-000000.parquet").write_bytes(b"stale")
     with monkeypatch.context() as patch:
         patch.setattr(scoring, "compile_score_step", no_compiling)
         table = score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint)
     assert out.read_bytes() == before_bytes and out.stat().st_mtime_ns == before_mtime
+    assert not leftover.exists()
     assert table.equals(pq.read_table(out))
     coarse, *_ = _stage_inputs(run_dir, tiny_dir, ["score.flush_every=3"])
     assert score_fingerprint(coarse, dataset.fingerprint) == fingerprint  # it only bounds the work a crash loses

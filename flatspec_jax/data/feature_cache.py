@@ -8,17 +8,19 @@ Layout of the cache directory:
 
 Shards are written atomically one scoring chunk at a time, so an interrupted pass keeps
 every finished shard and a re-run writes only the missing ones. A shard counts only with
-its sidecar's fingerprint and a readable array of the rows the sidecar lists, and the index
-only while every shard it lists does: a pass with other settings that was interrupted after
-overwriting some shards leaves no index that a reader would take for complete. Readers
-memory-map the shards, so random access costs one page-in per sample, not a load of the
-whole cache.
+its sidecar's fingerprint and a readable array of the rows the sidecar lists (and, for a
+resuming pass, exactly the samples of the chunk it would write there: a pass with another
+``score.flush_every`` cuts other chunks), and the index only while every shard it lists
+does: a pass with other settings that was interrupted after overwriting some shards leaves
+no index that a reader would take for complete. Readers memory-map the shards, so random
+access costs one page-in per sample, not a load of the whole cache.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import ml_dtypes
@@ -35,8 +37,10 @@ def shard_name(chunk: int) -> str:
     return f"shard-{chunk:06d}"
 
 
-def _shard_problem(directory: Path, shard: str, fingerprint: str) -> str | None:
-    """Why ``shard`` is not a complete shard of ``fingerprint`` (None when it is)."""
+def _shard_problem(directory: Path, shard: str, fingerprint: str,
+                   samples: Collection[int] | None = None) -> str | None:
+    """Why ``shard`` is not a complete shard of ``fingerprint`` (None when it is), holding exactly
+    the sample indices ``samples`` when they are given."""
     try:
         sidecar = json.loads((directory / f"{shard}.json").read_text())
         rows = sum(length for _, _, length in sidecar["samples"])
@@ -47,11 +51,14 @@ def _shard_problem(directory: Path, shard: str, fingerprint: str) -> str | None:
         return "written by a pass with other settings"
     if array.ndim != 2 or array.shape[0] != rows:
         return f"holds an array of shape {array.shape}, its sidecar lists {rows} rows"
+    if samples is not None and sorted(sample for sample, _, _ in sidecar["samples"]) != sorted(samples):
+        return "holds other samples than its chunk (written with another score.flush_every)"
     return None
 
 
-def shard_is_current(directory: Path, chunk: int, fingerprint: str) -> bool:
-    return _shard_problem(directory, shard_name(chunk), fingerprint) is None
+def shard_is_current(directory: Path, chunk: int, fingerprint: str, samples: Collection[int]) -> bool:
+    """Shard ``chunk`` is complete, ``fingerprint``'s, and holds exactly the sample indices ``samples``."""
+    return _shard_problem(directory, shard_name(chunk), fingerprint, samples) is None
 
 
 def write_shard(directory: Path, chunk: int, features: dict[int, np.ndarray], fingerprint: str) -> None:
