@@ -8,9 +8,10 @@ baseline: ShareGPT's ChatGPT replies) and once with ``data.responses=target`` (t
 user turns answered by the target, arXiv 2403.00858), in ``DIR/source`` and ``DIR/target``,
 each with the ``--set`` overrides. A run directory that is already complete is reused (the
 pipeline skips current stages), so an interrupted benchmark continues. Prints and writes
-(``benchmarks/results/responses.json``) per side: the held-out draft agreement curve (each side's own held-out samples), the MT-bench tau,
-per-depth acceptance and speedup over autoregressive decoding measured in the same process,
-and the stage wall times; then the target/source ratios of tau and speedup.
+(``benchmarks/results/responses.json``) per side: the held-out draft agreement curve (each
+side's own held-out samples), the MT-bench tau, per-depth acceptance and speedup over
+autoregressive decoding measured in the same process, and the stage wall times; then the
+target/source ratios of tau and speedup.
 """
 
 from __future__ import annotations
