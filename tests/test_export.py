@@ -34,6 +34,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -62,8 +64,6 @@ from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.reader import open_checkpoint
 from flatspec_jax.weights.safetensors_reader import SafetensorsFile
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 RULES = ShardingRules()
 LLAMA_LAYERS = 2

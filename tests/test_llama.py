@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
+import transformers
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,9 +36,6 @@ from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh
 from flatspec_jax.weights import ArchSpec, WeightsError
 from flatspec_jax.weights.to_nnx import load_target_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 TINY = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
@@ -557,7 +557,7 @@ def test_greedy_sample_is_argmax():
 
 @pytest.mark.parametrize("settings", [SamplingSettings(temperature=0.7), SamplingSettings(temperature=1.3, top_p=0.8)])
 def test_sample_has_the_warped_distribution(settings):
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
     logits = jnp.asarray(np.log(PROBS) * 1.7, jnp.float32)
     draws = 20_000
     keys = jax.random.split(jax.random.key(1234), draws)

@@ -55,8 +55,6 @@ from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.arch import ArchSpec
 from tiny_target import save_tiny_llama
 
-pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
-
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TOL = 1e-5
 PROCESSES = 2

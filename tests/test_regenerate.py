@@ -26,8 +26,6 @@ from flatspec_jax.data.sources import load_conversations
 from flatspec_jax.stages.common import RunContext
 from tiny_target import save_tiny_llama
 
-pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
-
 LIMIT, MAX_LENGTH, MAX_NEW = 12, 96, 6
 
 

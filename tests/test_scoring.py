@@ -48,8 +48,6 @@ from flatspec_jax.weights.to_nnx import load_target_model
 from random_weights import random_module
 from tiny_target import cli_env, save_tiny_llama
 
-pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
-
 TOL = 1e-5
 NUM_SAMPLES = 30
 MAX_SAMPLE = 60

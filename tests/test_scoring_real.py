@@ -16,6 +16,8 @@ import time
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from flatspec_jax import assets
 from flatspec_jax.config import MeshConfig, load_config
@@ -28,8 +30,6 @@ from flatspec_jax.weights.to_nnx import load_target_model
 
 pytestmark = pytest.mark.slow
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 NUM_SAMPLES = 32

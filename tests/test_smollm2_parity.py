@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from flatspec_jax import assets
@@ -24,8 +26,6 @@ from flatspec_jax.models.masks import causal_mask
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 # Measured ~170 s on 2 busy CPU cores (HF load ~28 s, HF greedy ~29 s per prompt, ours ~25 s with
 # compilation): over the default suite's budget, so it runs with the real-model tests (-m slow).

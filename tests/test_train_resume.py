@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from flatspec_jax.train.metrics import read_metrics
 from tiny_target import cli_env, save_tiny_llama
 
-pytest.importorskip("transformers")  # the tiny target is saved with its LlamaConfig
-ocp = pytest.importorskip("orbax.checkpoint")
 
 STEPS = 24
 SAVE_EVERY = 4

@@ -13,12 +13,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors
+import torch
+import transformers
 
 from flatspec_jax.weights import ArchSpec, RopeScaling, WeightsError, open_checkpoint
 from flatspec_jax.weights.gguf_reader import CachedGGUFCheckpoint, GGUFCheckpoint
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
             intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-5)
