@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_offline_features_of_other_inputs_are_refused_naming_what_changed(reduce
         train.run(cfg)
 
 
-def test_resuming_with_a_longer_run_and_other_bookkeeping_continues(reduced_run, tmp_path):
+def test_resuming_with_a_longer_run_and_other_bookkeeping_continues(reduced_run, tmp_path, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(reduced_run.run_dir, run_dir)
     cfg = load_config(None, tiny_run_overrides(Path(reduced_run.cfg.model.path), run_dir, f"draft.vocab={DRAFT_VOCAB}",
@@ -187,4 +188,6 @@ def test_resuming_with_a_longer_run_and_other_bookkeeping_continues(reduced_run,
                                       "train.features=offline"))
     ctx = RunContext(cfg)
     score.run(cfg, ctx=ctx)  # writes the feature cache the offline features need
-    assert train.run(cfg, ctx=ctx).steps == 3
+    with caplog.at_level(logging.INFO, logger="flatspec_jax.train.loop"):
+        assert train.run(cfg, ctx=ctx).steps == 3
+    assert f"resumed from {run_dir / CHECKPOINT_DIR}/2" in caplog.text  # not a fresh 3-step run

@@ -258,11 +258,15 @@ def test_select_refuses_to_rewrite_the_selection_the_checkpoints_were_trained_on
 
 
 def test_pipeline_lets_a_select_change_that_keeps_the_selection_resume(selected_run, tiny_dir):
-    """A changed selection setting whose selection, recomputed, holds the same ids is not refused."""
+    """A changed selection setting whose selection, recomputed, holds the same ids is not refused;
+    one whose ids change is."""
     run_dir, _ = selected_run
     cfg = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
                                                "select.keep=0.45"))
     pipeline.check_training_resumes(cfg, RunContext(cfg))
+    other = load_config(None, tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.9"))
+    with pytest.raises(ConfigError, match=r"holds a draft trained with other inputs: the selected samples"):
+        pipeline.check_training_resumes(other, RunContext(other))
 
 
 def test_training_refuses_a_run_dir_holding_an_imported_head(selected_run, tiny_dir, tmp_path):
