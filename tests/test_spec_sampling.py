@@ -5,9 +5,12 @@ that still agrees often enough for every acceptance depth to occur. The exact jo
 distribution of the first three generated tokens is enumerated from the target; 20k rows of
 speculative sampling (one row per sample) are compared with it by a chi-square test. The first
 token comes from the prefill; the second and third come from the first round(s): accepted
-drafts, residual samples after rejections and bonus tokens all appear. The same statistic with
+drafts, residual samples after rejections and bonus tokens all appear. With gamma = 1 a round
+emits at most 2 tokens, so every row whose first round rejects takes its third token from a
+second round, drafted after the draft's catch-up on a residual token. The same statistic with
 a broken verifier (on rejection, resample from the target instead of the residual) must fail,
-showing the test has the power to see it.
+showing the test has the power to see it. A last test checks the rate of acceptance itself:
+the first draft of a chain is accepted with probability alpha = sum_v min(p_v, q_v).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ MIN_EXPECTED = 5  # cells expected less often are pooled into one
 
 CASES = {
     "chain": {"method": "chain", "gamma": 2},
+    # One draft per round: the third token comes from round 2 whenever round 1 rejects.
+    "chain-gamma1": {"method": "chain", "gamma": 1},
     "tree": {"method": "tree", "top_k": 3, "depth": 1, "total_tokens": 5},
     # Drafts only while the draft's confidence stays >= 0.3: rounds propose 0, 1 or 2.
     "chain-confident": {"method": "chain", "gamma": 2, "min_confidence": 0.3},
@@ -77,15 +82,15 @@ def exact_first_tokens(graphdef, params, prompt, sampling):
     return probs[0, 0, 0][:, None, None] * probs[:, 0, 1][:, :, None] * probs[:, :, 2]
 
 
-def speculative_first_tokens(models, sampling, case, draft_ids=None):
+def speculative_first_tokens(models, sampling, case, draft_ids=None, max_new_tokens=3):
     (target_graphdef, target_params), (head_graphdef, head_params) = models
-    settings = SpeculativeSettings(GenerationSettings(max_new_tokens=3, cache_length=16, eos_ids=(), sampling=sampling),
-                                   **CASES[case])
+    settings = SpeculativeSettings(GenerationSettings(max_new_tokens=max_new_tokens, cache_length=16, eos_ids=(),
+                                                      sampling=sampling), **CASES[case])
     prompts = jnp.broadcast_to(jnp.asarray(PROMPT, jnp.int32), (SAMPLES, len(PROMPT)))
     lengths = jnp.full((SAMPLES,), len(PROMPT), jnp.int32)
     result = speculative_generate(target_graphdef, target_params, head_graphdef, head_params, prompts, lengths,
                                   jax.random.key(7), settings, draft_ids)
-    assert result.lengths.tolist() == [3] * SAMPLES
+    assert result.lengths.tolist() == [max_new_tokens] * SAMPLES
     return jax.tree.map(np.asarray, result)
 
 
@@ -116,9 +121,12 @@ def broken_residual(monkeypatch):
     speculative_generate.clear_cache()  # drop the broken programs
 
 
-@pytest.mark.parametrize("case,sampling", [("chain", TEMPERATURE_ONE), ("tree", TEMPERATURE_ONE),
-                                           ("tree", NUCLEUS), ("chain-confident", TEMPERATURE_ONE)],
-                         ids=["chain", "tree", "tree-top-p", "chain-confident"])
+@pytest.mark.parametrize("case,sampling", [("chain", TEMPERATURE_ONE), ("chain-gamma1", TEMPERATURE_ONE),
+                                           ("tree", TEMPERATURE_ONE), ("chain", NUCLEUS), ("chain-gamma1", NUCLEUS),
+                                           ("tree", NUCLEUS), ("chain-confident", TEMPERATURE_ONE),
+                                           ("chain-confident", NUCLEUS)],
+                         ids=["chain", "chain-gamma1", "tree", "chain-top-p", "chain-gamma1-top-p", "tree-top-p",
+                              "chain-confident", "chain-confident-top-p"])
 def test_speculative_sampling_matches_the_target_distribution(models, case, sampling):
     (target_graphdef, target_params), _ = models
     exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), sampling)
@@ -126,6 +134,11 @@ def test_speculative_sampling_matches_the_target_distribution(models, case, samp
     # Rejections and acceptances both occur, at every depth (depth 2 is rarer when drafts are cut).
     floor = SAMPLES // (100 if case == "chain-confident" else 20)
     assert np.all(result.accept_counts.sum(axis=0) > floor), result.accept_counts.sum(axis=0)
+    # Many rows take a second round (their first emitted 1 token), so the third token's law
+    # also covers a round drafted after catching up on a rejection.
+    assert set(np.unique(result.rounds)) <= {1, 2} and (result.rounds == 2).sum() > SAMPLES // 20
+    if CASES[case].get("gamma") == 1:  # exactly the rows whose round 1 rejected its one draft
+        np.testing.assert_array_equal(result.rounds == 2, result.accept_counts[:, 0] > 0)
     if case == "chain-confident":  # rounds proposing 0, 1 and 2 drafts all occur
         short = result.drafts < CASES[case]["gamma"] * result.rounds
         assert short.sum() > SAMPLES // 4 and (result.drafts == 0).sum() > SAMPLES // 20
@@ -151,3 +164,40 @@ def test_broken_residual_is_detected(models, broken_residual, case):
     exact = exact_first_tokens(target_graphdef, target_params, jnp.asarray(PROMPT), TEMPERATURE_ONE)
     p_value = chi_square_p_value(speculative_first_tokens(models, TEMPERATURE_ONE, case).tokens, np.asarray(exact))
     assert p_value < 1e-3, p_value
+
+
+def first_draft_acceptance(models, sampling) -> float:
+    """alpha = E_{x1 ~ p} sum_v min(p(v | prompt, x1), q(v | prompt, x1)): the probability that
+    the first draft of round 1 is accepted, computed without the decoding code. x1 is the
+    prefill's token; p is the target's warped distribution after it; q is the head's, run
+    cache-free over the prompt's pairs (f_t, x_{t+1}), t = 0..P-1, whose last one carries x1."""
+    (target_graphdef, target_params), (head_graphdef, head_params) = models
+    target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
+    vocab, length = ARCH.vocab_size, len(PROMPT) + 1
+    sequences = jnp.concatenate([jnp.broadcast_to(jnp.asarray(PROMPT), (vocab, len(PROMPT))),
+                                 jnp.arange(vocab)[:, None]], axis=1)  # [V, P + 1]: every x1
+    positions = jnp.broadcast_to(jnp.arange(length), (vocab, length))
+    out = target(sequences, positions, causal_mask(vocab, length))
+    first = warped_probs(out.logits[0, -2], sampling)  # [V] law of x1
+    p = warped_probs(out.logits[:, -1], sampling)  # [V x1, V]
+    pairs = length - 1
+    predicted, _ = head(out.hidden[:, :pairs], target.embed(sequences[:, 1:]), positions[:, :pairs],
+                        causal_mask(vocab, pairs))
+    q = warped_probs(target.logits(predicted[:, -1]), sampling)  # [V x1, V]
+    return float(np.sum(np.asarray(first, np.float64) * np.sum(np.minimum(np.asarray(p, np.float64),
+                                                                          np.asarray(q, np.float64)), axis=-1)))
+
+
+@pytest.mark.parametrize("sampling", [TEMPERATURE_ONE, NUCLEUS], ids=["t1", "top-p"])
+def test_first_draft_is_accepted_at_rate_alpha(models, sampling):
+    """With gamma = 1 and 2 new tokens each row runs one round, and its one draft is accepted
+    with probability alpha = 1 - TV(p, q) (averaged over the prefill's token): a binomial
+    z-test over the rows. A verifier that accepted too often (say min(1, p/q) at unwarped p)
+    or too rarely would leave this rate even when the output law could still look right."""
+    alpha = first_draft_acceptance(models, sampling)
+    assert 0.2 < alpha < 0.9, alpha  # the head differs from the target, but not wildly
+    result = speculative_first_tokens(models, sampling, "chain-gamma1", max_new_tokens=2)
+    assert (result.rounds == 1).all()
+    accepted = int(result.accept_counts[:, 1].sum())  # rounds accepting 1 draft: one per row at most
+    z = (accepted - SAMPLES * alpha) / np.sqrt(SAMPLES * alpha * (1 - alpha))
+    assert abs(z) < 4, (accepted / SAMPLES, alpha, z)
