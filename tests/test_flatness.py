@@ -177,17 +177,53 @@ def grid_matmul_inputs(n: int, vocab: int, dim: int, seed: int) -> tuple[np.ndar
     return hidden.astype(np.float32), lm_head.astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk_size", [97, 32, 10, 1, 200])
-def test_fused_equals_logits_variant_for_any_chunking(chunk_size):
-    vocab = 97
-    hidden, lm_head = grid_matmul_inputs(12, vocab, 16, seed=chunk_size)
-    logits = hidden.astype(np.float64) @ lm_head.T.astype(np.float64)
-    # Targets in the first, in a middle, at chunk edges and in the last partial chunk.
-    targets = np.array([0, 1, 9, 10, 31, 32, 33, 64, 90, 95, 96, int(logits[11].argmax())])
-    fused = stats_of_hidden(jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets),
-                                    temperature=1.3, chunk_size=chunk_size)
-    assert_stats_close(fused, stats_of_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), 1.3))
-    assert_stats_close(fused, naive_stats(logits, targets, 1.3))
+@st.composite
+def chunked_cases(draw: st.DrawFn) -> dict:
+    """Non-grid float32 hidden [..., D] of any scale and offset, with a one-hot lm_head [V, D]: each logit is a
+    copy of one hidden entry, exact in float32 whatever the order or blocking of the matmul's sums, so the
+    chunked and direct statistics see the same logits and only the chunking is under test. Sometimes V > D
+    columns are shared (tied logits, also across chunks). Row 0 is constant: all its logits are equal.
+    Targets favour chunk edges, the last token and the argmax."""
+    lead = draw(st.sampled_from(LEADS))
+    vocab = draw(st.integers(2, 300))
+    chunk_size = draw(st.integers(1, vocab + 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1e-3, 0.3, 1.0, 5.0, 20.0, 50.0]))
+    offset = draw(st.floats(-100.0, 100.0))
+    tied = draw(st.booleans())
+    dim = max(1, vocab // 3) if tied else vocab
+    columns = rng.integers(0, dim, vocab) if tied else rng.permutation(vocab)
+    hidden = (rng.standard_normal(lead + (dim,)) * scale + offset).astype(np.float32)
+    hidden.reshape(-1, dim)[0] = np.float32(offset + scale * rng.standard_normal())
+    lm_head = np.eye(dim, dtype=np.float32)[columns]
+    logits = hidden[..., columns]
+    edges = [0, vocab - 1, min(chunk_size, vocab) - 1, min(chunk_size, vocab - 1)]
+    targets = np.where(rng.random(lead) < 0.5, rng.choice(edges, lead), rng.integers(0, vocab, lead))
+    targets = np.where(rng.random(lead) < 0.2, logits.argmax(-1), targets)
+    return {"hidden": hidden, "lm_head": lm_head, "logits": logits, "targets": targets, "chunk_size": chunk_size,
+            "temperature": draw(st.floats(0.3, 3.0))}
+
+
+@settings(deadline=None, max_examples=40)
+@given(case=chunked_cases())
+def test_chunked_statistics_equal_the_direct_computation(case):
+    """token_stats_from_hidden, over any number of chunks (one, several, a narrower last one, one token each),
+    gives the statistics of the full logits: those of token_stats_from_logits and the float64 reference."""
+    logits, targets, temperature = case["logits"], case["targets"], case["temperature"]
+    # Full float32 matmul precision (not TF32 / bf16 passes on accelerators): the one-hot products stay exact.
+    with jax.default_matmul_precision("float32"):
+        chunked = stats_of_hidden(jnp.asarray(case["hidden"]), jnp.asarray(case["lm_head"]), jnp.asarray(targets),
+                                  temperature, chunk_size=case["chunk_size"])
+    assert_stats_close(chunked, stats_of_logits(jnp.asarray(logits), jnp.asarray(targets), temperature))
+    assert_stats_close(chunked, naive_stats(logits, targets, temperature))
+    vocab = logits.shape[-1]
+    flat = np.asarray(chunked.flatness)
+    assert np.all(flat >= vocab**-0.5 * (1 - RTOL)) and np.all(flat <= 1 + 1e-6), (flat.min(), flat.max())
+    # Row 0: equal logits, the uniform distribution.
+    first = {name: float(np.asarray(getattr(chunked, name)).reshape(-1)[0]) for name in FIELDS}
+    assert first["flatness"] == pytest.approx(1.0, abs=1e-6)
+    assert first["entropy"] == pytest.approx(np.log(vocab), rel=RTOL)
+    assert first["top1_prob"] == pytest.approx(1.0 / vocab, rel=RTOL)
 
 
 def _intermediate_sizes(jaxpr) -> list[int]:

@@ -21,11 +21,13 @@ by the real pipeline. What is checked:
   micro-batch gradients weighted by trained positions, with its reported grad_norm;
 * ``train_draft`` on 8 fake CPU devices with meshes (data=2, fsdp=4) and (data=8), with gradient
   accumulation and noise, gives the 1-device per-step losses (and the other logged metrics) and
-  final parameters within 1e-5 over 5 steps; the 8-device checkpoints restore onto one device;
+  final parameters within 1e-5 over 5 steps; the 8-device checkpoints restore onto one device; on
+  (data=2, fsdp=4) the state the loop trains (parameters and Adam moments) is split over fsdp;
 * every ``train.loss`` (eagle, kl, tvd, tvdpp, lk, lk_hybrid), the bfloat16 compute option and
   offline features (a feature cache written with ``feature_cache.write_shard``, read by the Grain
   pipeline) train 30 steps with finite losses on a tiny repeating dataset; the feature loss goes
   down for all, the EAGLE loss falls below 0.7x its start, and bf16 / offline track online float32;
+  each token loss trained alone (feature weight 0) raises the acceptance;
 * ``MetricsLog`` starts a log on a fresh run (regression: it crashed reading the absent file).
 
 Compilation dominates the run time on CPU, so several checks share one jitted program: the
@@ -55,6 +57,7 @@ from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.sharding import ShardingRules, make_mesh, place_state
+from flatspec_jax.train import loop as train_loop
 from flatspec_jax.train.loop import evaluate_heldout, train_draft
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer
@@ -64,6 +67,7 @@ from flatspec_jax.train.step import (
     TrainState,
     _eval_step,
     _train_step,
+    compile_steps,
     draft_loss_on_rows,
     draft_targets,
     feature_noise,
@@ -530,10 +534,32 @@ MESHES = {"single": (MeshConfig(data=1), 1), "data2_fsdp4": (MeshConfig(data=2, 
           "data8": (MeshConfig(data=8), 8)}
 
 
+def array_layouts(state: TrainState) -> dict[str, tuple[PartitionSpec, tuple[int, ...], set[tuple[int, ...]]]]:
+    """Every array of a train state: its sharding's spec, global shape and set of per-device shard shapes."""
+    layouts = {}
+    for path, array in jax.tree_util.tree_leaves_with_path(state):
+        assert isinstance(array.sharding, NamedSharding), (jax.tree_util.keystr(path), array.sharding)
+        layouts[jax.tree_util.keystr(path)] = (array.sharding.spec, array.shape,
+                                               {shard.data.shape for shard in array.addressable_shards})
+    return layouts
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(target, dataset, tmp_path_factory):
     """train_draft on each mesh with identical data and seed: 5 steps of 2 micro-batches of 8 rows, metrics
-    logged every step, a checkpoint at the end."""
+    logged every step, a checkpoint at the end. The jitted train step is wrapped to record the layouts of
+    the state the loop passes to its first step and of the state its last step returns."""
+    def recording_compile_steps(*args, **kwargs):
+        train_step, evaluate = compile_steps(*args, **kwargs)
+
+        def recorded(state, *rest):
+            layouts.setdefault("first_input", array_layouts(state))  # before the step donates it
+            state, metrics = train_step(state, *rest)
+            layouts["last_output"] = array_layouts(state)
+            return state, metrics
+
+        return recorded, evaluate
+
     assert len(jax.devices()) == 8, "tests/conftest.py should give 8 fake CPU devices"
     cfg = load_config(None, [f"train.steps={MESH_STEPS}", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 16}",
                              "train.grad_accum=2", "train.log_every=1", "train.save_every=100", "train.warmup_steps=1",
@@ -546,11 +572,15 @@ def mesh_runs(target, dataset, tmp_path_factory):
         graphdef, params = host_params
         placed = nnx.merge(graphdef, place_state(params, mesh, rules))
         run_dir = tmp_path_factory.mktemp(f"mesh_{name}")
-        summary = train_draft(cfg, run_dir, mesh, rules, placed, dataset, None, VOCAB_HASH)
+        layouts = {}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_loop, "compile_steps", recording_compile_steps)
+            summary = train_draft(cfg, run_dir, mesh, rules, placed, dataset, None, VOCAB_HASH)
         records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
         single = make_mesh(MeshConfig(data=1), jax.devices()[:1])
         head = load_draft_head(run_dir / "checkpoints", ARCH, VOCAB_HASH, single, rules)
-        results[name] = {"records": records, "params": numpy_tree(nnx.state(head)), "summary": summary}
+        results[name] = {"records": records, "params": numpy_tree(nnx.state(head)), "summary": summary,
+                         "layouts": layouts}
     return results
 
 
@@ -578,6 +608,44 @@ def test_meshes_give_the_same_final_params(mesh_runs):
     assert mesh_runs["single"]["summary"].steps == MESH_STEPS
 
 
+@pytest.mark.parametrize("when", ["first_input", "last_output"])
+def test_fsdp_mesh_shards_the_draft_params_and_optimizer_state(mesh_runs, when):
+    """On (data=2, fsdp=4) the loop really trains a sharded state: every draft matrix (and bias), and its
+    Adam moments alike, is split 4 ways along the dimension whose spec names 'fsdp', so each device holds
+    about a quarter of the state. On (data=8) the same state is replicated (the control)."""
+    fsdp = mesh_runs["data2_fsdp4"]["layouts"][when]
+    params = {path: layout for path, layout in fsdp.items() if path.startswith(".params")}
+    assert len(params) >= 8
+    split = set()
+    for path, (spec, shape, shards) in fsdp.items():
+        assert len(shards) == 1, (path, shards)  # even shards
+        (shard,) = shards
+        want = tuple(n // 4 if axes == "fsdp" else n for n, axes in zip(shape, tuple(spec) + (None,) * len(shape)))
+        assert shard == want, (path, spec, shape, shard)
+        assert all(axes in (None, "fsdp") for axes in spec), (path, spec)  # no data-parallel split of a weight
+        if "fsdp" in spec:
+            split.add(path)
+    # Every parameter of two or more dimensions (the large ones: fc [2D, D], q/k/v/o, gate/up/down) is split.
+    matrices = {path for path, (_, shape, _) in params.items() if len(shape) >= 2}
+    assert len(matrices) == 8 and matrices <= split, sorted(matrices - split)
+    spec, shape, shards = params[".params['fc'].value"]  # the largest: [2D, D], D on fsdp
+    assert "fsdp" in spec and shape == (64, 32) and shards == {(64, 8)}
+    # Each Adam moment is laid out as its parameter.
+    for moment in ("mu", "nu"):
+        moments = {path.split(f".{moment}", 1)[1]: layout for path, layout in fsdp.items() if f".{moment}[" in path}
+        assert moments.keys() == {path.removeprefix(".params") for path in params}, moment
+        for path, layout in moments.items():
+            assert layout == params[".params" + path], (moment, path)
+    # Memory: a device holds the norms whole and a quarter of the rest.
+    total = sum(math.prod(shape) for _, shape, _ in fsdp.values())
+    per_device = sum(math.prod(next(iter(shards))) for _, _, shards in fsdp.values())
+    assert per_device < 0.3 * total, (per_device, total)
+    replicated = mesh_runs["data8"]["layouts"][when]
+    assert replicated.keys() == fsdp.keys()
+    for path, (spec, shape, shards) in replicated.items():
+        assert all(axes is None for axes in spec) and shards == {shape}, (path, spec, shards)
+
+
 # ----------------------------------------------------------------------------------------------
 # Every loss option, bfloat16 compute, offline features, and learning on a tiny repeating dataset
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +655,10 @@ def test_meshes_give_the_same_final_params(mesh_runs):
 VARIANTS = ([(loss, "float32", "online", 1) for loss in LOSSES] + [("eagle", "bfloat16", "online", 1),
                                                                    ("eagle", "float32", "offline", 1),
                                                                    ("eagle", "float32", "offline", 3)])
+# Each token loss again with the feature term off: with it on (weight 1 against the token term's 0.1), the
+# feature regression alone pulls the draft's distribution towards the target's, so the acceptance rises the
+# same (to 4 digits) whatever the token loss does, even with its sign flipped.
+TOKEN_ONLY = ("train.feature_weight=0", "train.token_weight=1")
 LEARN_STEPS = 30
 
 
@@ -609,17 +681,19 @@ def write_feature_cache(target, dataset: TokenizedDataset, rows, directory):
 
 @pytest.fixture(scope="module")
 def variant_runs(target, tmp_path_factory):
-    """30 steps of each variant in one program, on a tiny dataset of 5 samples (3 packed rows, 2 rows per step:
-    the data repeats, reshuffled, every 1.5 steps). Every variant sees the same batches."""
+    """30 steps of each variant, and of each token loss alone (``TOKEN_ONLY``), in one program, on a tiny dataset
+    of 5 samples (3 packed rows, 2 rows per step: the data repeats, reshuffled, every 1.5 steps). Every run sees
+    the same batches."""
     tiny = synthetic_dataset(num_samples=5, seed=2, min_len=30, max_len=50)
     rows = plan_training_rows(tiny, np.arange(len(tiny)), ROW)
     cache = write_feature_cache(target, tiny, rows, tmp_path_factory.mktemp("features"))
     iterator = training_iterator(tiny, rows, row_length=ROW, global_rows_per_batch=2, seed=0, features=cache)
     target_graphdef, target_params = nnx.split(target)
+    runs = [(variant, ()) for variant in VARIANTS] + [((loss, "float32", "online", 1), TOKEN_ONLY) for loss in LOSSES]
     programs, states = [], []
-    for loss, dtype, features, unroll in VARIANTS:
+    for (loss, dtype, features, unroll), weights in runs:
         tcfg = train_config(f"train.loss={loss}", f"train.compute_dtype={dtype}", f"train.features={features}",
-                            f"train.unroll={unroll}", "train.learning_rate=0.003")
+                            f"train.unroll={unroll}", "train.learning_rate=0.003", *weights)
         head = create_eagle_head(ARCH, 1, seed=SEED, dtype=tcfg.compute_dtype)
         graphdef, params = nnx.split(head)
         tx = build_optimizer(tcfg)
@@ -632,16 +706,18 @@ def variant_runs(target, tmp_path_factory):
         return [program(state, target_params, offline if cached else online)
                 for (program, cached), state in zip(programs, states)]
 
-    history = {v: [] for v in VARIANTS}
+    history = {run: [] for run in runs}
     for _ in range(LEARN_STEPS):
         batch = next(iterator)
         assert batch["features"].dtype == ml_dtypes.bfloat16
         online = stack({k: v for k, v in batch.items() if k != "features"})
         results = all_variants(states, target_params, online, stack(batch))
         states = [state for state, _ in results]
-        for variant, (_, metrics) in zip(VARIANTS, results):
-            history[variant].append({k: float(v) for k, v in metrics.items()})
-    return {"history": history, "states": dict(zip(VARIANTS, states))}
+        for run, (_, metrics) in zip(runs, results):
+            history[run].append({k: float(v) for k, v in metrics.items()})
+    return {"history": {variant: history[variant, weights] for variant, weights in runs if not weights},
+            "token_only": {variant[0]: history[variant, weights] for variant, weights in runs if weights},
+            "states": dict(zip(VARIANTS, states))}
 
 
 def variant_id(variant: tuple) -> str:
@@ -674,6 +750,23 @@ def test_eagle_loss_decreases_on_a_repeating_dataset(variant_runs, variant):
     for depth in range(1, variant[3] + 1):
         key = "acceptance" if depth == 1 else f"depth{depth}_acceptance"
         assert np.mean([m[key] for m in history[-3:]]) > np.mean([m[key] for m in history[:3]]), key
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_token_loss_alone_raises_the_acceptance(variant_runs, loss):
+    """Trained on its token term only, each loss raises the acceptance (over the last 3 steps against the first 3),
+    and where that term is a divergence (all but TVD++, a surrogate whose value means nothing) lowers it."""
+    history = variant_runs["token_only"][loss]
+    assert all(m["loss"] == pytest.approx(m["loss_token"], rel=1e-6) for m in history)  # really token-only
+
+    def first_and_last(key):
+        return np.mean([m[key] for m in history[:3]]), np.mean([m[key] for m in history[-3:]])
+
+    first, last = first_and_last("acceptance")
+    assert last > first + 0.02, (loss, "acceptance", first, last)
+    if loss != "tvdpp":
+        first, last = first_and_last("loss_token")
+        assert last < first, (loss, "loss_token", first, last)
 
 
 @pytest.mark.parametrize("other", [("eagle", "bfloat16", "online", 1), ("eagle", "float32", "offline", 1)],
