@@ -13,6 +13,7 @@ Parameters always enter ``jax.jit`` as arguments (``nnx.split``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -26,6 +27,7 @@ from flatspec_jax.decoding.speculative import (SpeculativeGeneration, Speculativ
                                                speculative_generate)
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
+from flatspec_jax.models.masks import causal_mask
 from flatspec_jax.weights.arch import ArchSpec
 from random_weights import agreeing_head, random_module
 
@@ -319,3 +321,211 @@ def test_a_capped_cache_is_warned_about_once_per_width(caplog):
     with caplog.at_level("WARNING", logger="flatspec_jax.decoding.runner"):
         assert decoder.cache_length(32) == 128  # 32 + 64 + 9 fits
     assert caplog.text == ""
+
+
+# --- the draft side across rounds, against a cache-free reference ------------------------------
+#
+# Greedy output is the target's whatever the draft does, so a draft-side slip (the wrong feature
+# row caught up, a stale draft cache, a draft run at the wrong position) shows only in how many
+# drafts the rounds accept. These tests replay every round without any cache, running the head
+# over (feature, next token) pairs as training does, and compare the acceptance decoding reports.
+
+REF_LENGTHS = [3, 5, 8, 10, 12]  # five rows, different prompts
+REF_SLOTS = 56  # the longest prompt + max_new_tokens + a round's drafts and bonus fit, in the replay and the cache
+REF_GENERATION = GenerationSettings(max_new_tokens=32, cache_length=REF_SLOTS, eos_ids=())  # no EOS: rows run to 32
+REF_METHODS = {name: dataclasses.replace(settings, generation=REF_GENERATION) for name, settings in METHODS.items()}
+MIN_MARGIN = 1e-4
+"""Smallest gap the replay allows at a decision it takes (the target's argmax, the draft's argmax, top-k
+and keep-best cut-offs): cached and cache-free float32 runs differ by ~1e-6, so a closer call could
+go either way. The head and prompts below leave 4e-4 at the closest."""
+
+
+def context_head(seed: int, feature_scale: float, attention_scale: float, query_key_scale: float) -> nnx.Module:
+    """The agreeing head (its draft is the LM head on ``4 embed(x_{t+1})``) with two more paths, so its
+    drafts depend on more than the token and are right only part of the time: fc also reads the
+    feature f_t (random weights times ``feature_scale``), and attention writes to the output (random
+    o_proj times ``attention_scale``; q and k scaled by ``query_key_scale`` to sharpen it), so each
+    draft depends on the draft cache's pairs and on positions too."""
+    head = agreeing_head(ARCH, seed)
+    noise = random_module(lambda: create_eagle_head(ARCH, 1), seed=seed + 1)
+    d = ARCH.hidden_size
+    fc = np.array(head.fc[...])
+    fc[d:] = feature_scale * np.asarray(noise.fc[...])[d:]
+    head.fc[...] = fc
+    attention = head.first_layer.self_attn
+    attention.o_proj[...] = attention_scale * np.asarray(noise.first_layer.self_attn.o_proj[...])
+    for weight in (attention.q_proj, attention.k_proj):
+        weight[...] = query_key_scale * np.asarray(weight[...])
+    return head
+
+
+@pytest.fixture(scope="module")
+def context_pair():
+    """The tiny target and a context-dependent head. Its rounds accept 0, some and all drafts: chain
+    (gamma 3) 36 / 36 / 8 / 7 rounds accepting 0 / 1 / 2 / 3, tree 7 / 31 / 22 / 6, over the 5 rows."""
+    target = nnx.split(random_module(lambda: create_model(ARCH), seed=3))
+    head = context_head(seed=11, feature_scale=2.0, attention_scale=1.5, query_key_scale=1.5)
+    return target, nnx.split(head)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def target_cache_free(graphdef, params, tokens):
+    """The target over [B, W] tokens at positions 0..W-1, no cache: features [B, W, D], logits [B, W, V]."""
+    batch, width = tokens.shape
+    out = nnx.merge(graphdef, params)(tokens, jnp.broadcast_to(jnp.arange(width), (batch, width)),
+                                      causal_mask(batch, width))
+    return out.hidden, out.logits
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef"))
+def head_cache_free(target_graphdef, target_params, head_graphdef, head_params, features, next_tokens):
+    """The head over pairs t = (features[t], next_tokens[t]) at positions t, no cache, as training runs it:
+    predicted next features [B, W, D] and draft log-probs [B, W, V]."""
+    target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
+    batch, width = next_tokens.shape
+    out, _ = head(features, target.embed(next_tokens), jnp.broadcast_to(jnp.arange(width), (batch, width)),
+                  causal_mask(batch, width))
+    return out, jax.nn.log_softmax(target.logits(out), axis=-1)
+
+
+def cut_gap(values, keep: int) -> float:
+    """How far the ``keep``-th largest value lies above the next one."""
+    ordered = np.sort(np.asarray(values, np.float64))[::-1]
+    return float(ordered[keep - 1] - ordered[keep])
+
+
+class CacheFreeRounds:
+    """Greedy speculative decoding replayed round by round with cache-free forwards only.
+
+    The target's greedy continuation is computed token by token without a cache; its features
+    over the whole sequence equal, by causality, those of every committed prefix. A round with n
+    committed tokens x_0..x_{n-1} and the root x_n runs the head over the committed pairs
+    (f_t, x_{t+1}), t < n, followed by the draft's own pairs (predicted feature, drafted token),
+    and accepts the drafts that continue the target's greedy sequence. ``margins`` collects the
+    gap at every decision taken (:data:`MIN_MARGIN`).
+    """
+
+    def __init__(self, target, head, prompts: list[np.ndarray], count: int):
+        """target, head: (graphdef, params); count: greedy tokens to continue each prompt with."""
+        self.target, self.head, self.margins = target, head, []
+        sequences = np.zeros((len(prompts), REF_SLOTS), np.int32)
+        for row, prompt in enumerate(prompts):
+            sequences[row, :len(prompt)] = prompt
+        for step in range(count):
+            logits = np.asarray(target_cache_free(*target, jnp.asarray(sequences))[1])
+            for row, prompt in enumerate(prompts):
+                scores = logits[row, len(prompt) - 1 + step]
+                self.margins.append(cut_gap(scores, 1))
+                sequences[row, len(prompt) + step] = np.argmax(scores)
+        self.sequences = sequences
+        self.features = np.asarray(target_cache_free(*target, jnp.asarray(sequences))[0])
+
+    def predict(self, row: int, n: int, path_features: list, path_tokens: list) -> tuple[np.ndarray, np.ndarray]:
+        """The head's predicted feature and log-probs after the committed pairs 0..n-1 and then the
+        path's pairs (path_features[i], path_tokens[i])."""
+        features = np.zeros(self.features.shape[1:], np.float32)
+        tokens = np.zeros((REF_SLOTS,), np.int32)
+        features[:n], tokens[:n] = self.features[row, :n], self.sequences[row, 1:n + 1]
+        end = n + len(path_tokens)
+        if path_tokens:
+            features[n:end], tokens[n:end] = np.stack(path_features), path_tokens
+        hidden, log_probs = head_cache_free(*self.target, *self.head, jnp.asarray(features[None]),
+                                            jnp.asarray(tokens[None]))
+        return np.asarray(hidden[0, end - 1]), np.asarray(log_probs[0, end - 1])
+
+    def truth(self, row: int, n: int, depth: int) -> int:
+        """The target's greedy token at depth ``depth`` (1-based) after the root x_n."""
+        return int(self.sequences[row, n + depth])
+
+    def chain_accepts(self, row: int, n: int, gamma: int) -> int:
+        """gamma greedy drafts, each pair fed the head's previous prediction; the leading matches."""
+        path_features, path_tokens = [], []
+        for _ in range(gamma):
+            hidden, log_probs = self.predict(row, n, path_features, path_tokens)
+            self.margins.append(cut_gap(log_probs, 1))
+            path_features.append(hidden)
+            path_tokens.append(int(np.argmax(log_probs)))
+        matches = [token == self.truth(row, n, depth) for depth, token in enumerate(path_tokens, 1)]
+        return int(np.cumprod(matches).sum())
+
+    def tree_accepts(self, row: int, n: int, k: int, depth: int, total: int) -> int:
+        """EAGLE-2 (``topK_genrate``): the root's top-k children, then ``depth`` times the k best beams by
+        cumulative log-prob each propose their top-k; the ``total`` best of the whole pool form the
+        tree, and greedy verification accepts its longest path spelling the target's continuation."""
+        def children(path_features, path_tokens):
+            hidden, log_probs = self.predict(row, n, path_features, path_tokens)
+            self.margins.append(cut_gap(log_probs, k))
+            best = np.argsort(-log_probs, kind="stable")[:k]
+            return hidden, [(int(token), float(log_probs[token])) for token in best]
+
+        root_hidden, root_children = children([], [])
+        # Pool entries: (cumulative log-prob, token, parent's pool index or -1). Beams: (pool index,
+        # the path's tokens, the feature paired with each of them).
+        pool = [(score, token, -1) for token, score in root_children]
+        beams = [(index, [token], [root_hidden]) for index, (token, _) in enumerate(root_children)]
+        for _ in range(depth):
+            candidates = []
+            for index, path_tokens, path_features in beams:
+                hidden, proposed = children(path_features, path_tokens)
+                for token, log_prob in proposed:
+                    candidates.append((len(pool), path_tokens + [token], path_features + [hidden]))
+                    pool.append((pool[index][0] + log_prob, token, index))
+            scores = [pool[index][0] for index, *_ in candidates]
+            self.margins.append(cut_gap(scores, k))
+            beams = [candidates[i] for i in sorted(range(len(candidates)), key=lambda i: -scores[i])[:k]]
+        self.margins.append(cut_gap([score for score, *_ in pool], total))
+        kept = sorted(range(len(pool)), key=lambda i: -pool[i][0])[:total]
+        node, accepted = -1, 0
+        while True:
+            # Siblings hold distinct tokens, so at most one kept child continues the target.
+            following = [i for i in kept if pool[i][2] == node and pool[i][1] == self.truth(row, n, accepted + 1)]
+            if not following:
+                return accepted
+            node, accepted = following[0], accepted + 1
+
+    def run(self, settings: SpeculativeSettings, prompt_lengths: list[int]) -> list[list[int]]:
+        """Per row, the accepted drafts of each round until max_new_tokens are emitted (the settings
+        have no EOS and room in the cache for every round)."""
+        accepts = []
+        for row, prompt_length in enumerate(prompt_lengths):
+            row_accepts, emitted = [], 1  # the prefill's token, x_P, is the first root
+            while emitted < settings.generation.max_new_tokens:
+                n = prompt_length + emitted - 1
+                if settings.method == "chain":
+                    accepted = self.chain_accepts(row, n, settings.gamma)
+                else:
+                    accepted = self.tree_accepts(row, n, settings.top_k, settings.depth, settings.total_tokens)
+                row_accepts.append(accepted)
+                emitted += accepted + 1
+            accepts.append(row_accepts)
+        return accepts
+
+
+@pytest.mark.parametrize("method", sorted(REF_METHODS))
+def test_greedy_acceptance_matches_a_cache_free_replay_round_by_round(context_pair, method):
+    """Per row, the number of rounds and the histogram of drafts accepted per round equal the replay's.
+
+    The result exposes no per-round sequence, but a slip on the draft side (the wrong target feature
+    row, a stale draft cache entry, a wrong catch-up or drafting position) changes some rows' counts."""
+    settings = REF_METHODS[method]
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, ARCH.vocab_size, length).astype(np.int32) for length in REF_LENGTHS]
+    padded = np.zeros((len(prompts), max(REF_LENGTHS)), np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = prompt
+    target, head = context_pair
+    result = speculative_generate(*target, *head, jnp.asarray(padded), jnp.asarray(REF_LENGTHS, jnp.int32),
+                                  jax.random.key(0), settings)
+
+    new_tokens = REF_GENERATION.max_new_tokens
+    replay = CacheFreeRounds(target, head, prompts, new_tokens + settings.max_accept)
+    accepts = replay.run(settings, REF_LENGTHS)
+    assert min(replay.margins) > MIN_MARGIN
+    every_round = np.concatenate(accepts)
+    assert {0, 1, settings.max_accept - 1, settings.max_accept} <= set(every_round.tolist())  # a test of something
+    for row, (row_accepts, prompt_length) in enumerate(zip(accepts, REF_LENGTHS)):
+        np.testing.assert_array_equal(result.tokens[row], replay.sequences[row, prompt_length:][:new_tokens])
+        assert int(result.rounds[row]) == len(row_accepts), f"row {row}: rounds accepting {row_accepts}"
+        histogram = np.bincount(row_accepts, minlength=settings.max_accept + 1)
+        np.testing.assert_array_equal(result.accept_counts[row], histogram, err_msg=f"row {row}: rounds accepting "
+                                      f"{row_accepts}")
