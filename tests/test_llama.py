@@ -445,6 +445,36 @@ def test_generate_greedy_matches_full_forward_loop(gen_model, greedy_reference):
     assert len(set(greedy_reference[0])) > 2 and greedy_reference[0] != greedy_reference[1]
 
 
+HF_FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "mistral-window-6": lambda: transformers.MistralConfig(**TINY, sliding_window=6),
+    "qwen2-window-6": lambda: transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=6,
+                                                       max_window_layers=0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_cached_greedy_decoding_equals_transformers_generate(tmp_path, family):
+    """Our jitted, KV-cached greedy loop against the real client's `generate` on the same weights:
+    prompts of 7 and 11 tokens and 16 new ones, so a sliding window of 6 is passed by the prompt
+    already and the cached decoding must drop the slots that leave it at every step."""
+    hf = build_hf(HF_FAMILIES[family](), seed=4)
+    graphdef, state = load(save_hf(hf, tmp_path))
+    # No EOS on either side (ours: eos_ids=()); HF's min_new_tokens would instead mask EOS's logit.
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    lengths, new = [7, 11], 16
+    ids = random_ids(2, max(lengths), seed=4)
+    settings = GenerationSettings(max_new_tokens=new, cache_length=32, eos_ids=())
+    got = generate(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), jax.random.key(0), settings)
+    for row, length in enumerate(lengths):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor(ids[row:row + 1, :length], dtype=torch.long), max_new_tokens=new,
+                               do_sample=False)
+        assert np.asarray(got.tokens)[row].tolist() == want[0, length:].tolist(), (family, row)
+    assert len(set(np.asarray(got.tokens)[0].tolist())) > 3  # not a constant continuation
+
+
 def test_generate_stops_at_eos_and_pads(gen_model, greedy_reference):
     ref0 = greedy_reference[0]
     # A token row 0 emits for the first time at step j >= 2.
