@@ -15,6 +15,7 @@ The tiny model (:mod:`tiny_target`) is an HF directory saved next to SmolLM2's t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import shutil
@@ -33,6 +34,8 @@ from flax import nnx
 
 from flatspec_jax import scoring
 from flatspec_jax.config import ConfigError, MeshConfig, ScoreConfig, load_config
+from flatspec_jax.data import feature_cache
+from flatspec_jax.data.feature_cache import FeatureCache
 from flatspec_jax.data.prepare import prepare_samples
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
@@ -146,8 +149,6 @@ def test_sharded_scores_equal_single_device(tiny_dir, dataset, single_scores, me
 
 def test_sharded_feature_cache_equals_single_device_and_stays_split_by_rows(tiny_dir, dataset, tmp_path,
                                                                            monkeypatch):
-    from flatspec_jax.data.feature_cache import FeatureCache
-
     shardings = []
     original = scoring.compile_score_step
 
@@ -522,6 +523,36 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
     hot_flat = hot_table["flatness"].to_numpy()
     assert hot_table["id"].equals(table["id"])
     assert np.all(hot_flat > cold_flat), "a higher temperature flattens every distribution"
+
+
+def test_a_feature_pass_resumed_at_another_grouping_rewrites_shards_of_other_samples(cli_runs, tiny_dir,
+                                                                                      monkeypatch):
+    """A feature pass at flush_every=1 wrote one shard per batch; a scores-only pass at flush_every=2
+    left its parts (two batches each) and died before merging them. A feature pass at flush_every=2
+    then finds part-000000 current, but shard-000000 holds batch 0's samples only: it must recompute
+    that chunk, or it would seal a cache missing every odd batch's samples."""
+    run_dir = cli_runs["base"] / "regrouped"
+    run_dir.mkdir()
+    monkeypatch.setenv("FLATSPEC_CACHE_DIR", str(cli_runs["base"] / "cache"))
+    out, features = run_dir / "scores.parquet", run_dir / "features"
+    cfg, dataset, model, mesh, rules = _stage_inputs(run_dir, tiny_dir)
+    fingerprint = score_fingerprint(cfg, dataset.fingerprint)
+    score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint, feature_dir=features)
+    want = FeatureCache(features)
+    want = {i: np.asarray(want[i]) for i in range(len(dataset))}
+    pairs = dataclasses.replace(cfg.score, flush_every=2)
+    out.unlink()
+    with monkeypatch.context() as patch:  # the scores-only pass dies after its parts, before cleaning up
+        patch.setattr(scoring.shutil, "rmtree", lambda *args, **kwargs: None)
+        score_dataset(model, dataset, pairs, mesh, rules, out, fingerprint)
+    out.unlink()
+    feature_cache.unseal(features)
+    assert len(list((run_dir / "scores.parquet.parts").glob("part-*.parquet"))) >= 2
+    score_dataset(model, dataset, pairs, mesh, rules, out, fingerprint, feature_dir=features)
+    got = FeatureCache(features)
+    assert len(got) == len(dataset)
+    for i in range(len(dataset)):
+        np.testing.assert_array_equal(np.asarray(got[i]), want[i])
 
 
 def test_resume_after_kill_during_a_part_write(tiny_dir, tmp_path):
