@@ -243,8 +243,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     if process_zero_says(read_fingerprint(out_path) == fingerprint and (
             feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint))):
         log.info("scores in %s are current; nothing to do", out_path)
-        if jax.process_index() == 0:
-            shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its last write
+        if jax.process_index() == 0 and parts_dir.exists():
+            shutil.rmtree(parts_dir)  # left by a run killed after its last write
         return pq.read_table(out_path)
     if dataset.lengths.max() > cfg.row_length:
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
