@@ -214,6 +214,11 @@ def _chunks(num_batches: int, flush_every: int) -> Iterator[range]:
         yield range(start, min(start + flush_every, num_batches))
 
 
+def _chunk_samples(plan: ScorePlan, chunk: range) -> list[int]:
+    """The sample indices the batches of ``chunk`` score (what its part and feature shard hold)."""
+    return [i for b in chunk for row in plan.batches[b] for i in row]
+
+
 def _sample_features(packed: PackedRows, features: np.ndarray) -> dict[int, np.ndarray]:
     """Splits packed [R, L, D] features back into per-sample [length, D] arrays."""
     out = {}
@@ -271,8 +276,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     chunks = list(_chunks(len(plan.batches), cfg.flush_every))
     written = process_zero_says([
         read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (
-            feature_dir is None or feature_cache.shard_is_current(
-                feature_dir, chunk.start, fingerprint, [i for b in chunk for row in plan.batches[b] for i in row]))
+            feature_dir is None
+            or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint, _chunk_samples(plan, chunk)))
         for chunk in chunks])
     if written.any():
         log.info("resuming: %d of %d parts (of %d batches each) are already written in %s", int(written.sum()),
@@ -283,7 +288,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
         for chunk, done in zip(chunks, written):
             part = parts_dir / f"part-{chunk.start:06d}.parquet"
             if done:
-                progress.update(sum(len(row) for b in chunk for row in plan.batches[b]))
+                progress.update(len(_chunk_samples(plan, chunk)))
                 continue
             tables, features = [], {}
             position_sum, position_count = np.zeros(cfg.row_length), np.zeros(cfg.row_length, np.int64)
