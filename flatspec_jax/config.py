@@ -328,6 +328,7 @@ class DecodeConfig:
         for name in ("gamma", "depth", "top_k"):
             _require(getattr(self, name) >= 1, f"decode.{name}", "must be >= 1")
         _require(0 <= self.min_confidence < 1, "decode.min_confidence", "must be in [0, 1)")
+        _require(self.draft_vocab >= 0, "decode.draft_vocab", "must be >= 0 (0 = the whole vocabulary)")
         _require(self.min_confidence == 0 or self.method == "chain", "decode.min_confidence",
                  "applies to chain speculation only (decode.method=chain)")
         if self.method != "chain":  # the tree's settings (eval falls back to a tree when method is ar)
@@ -400,6 +401,9 @@ class Config:
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         _require(self.score.row_length >= self.data.max_length, "score.row_length",
                  f"must be >= data.max_length ({self.data.max_length}): each sample is scored within one row")
+        _require(self.decode.method == "chain" or self.draft.vocab == 0 or self.draft.vocab >= self.decode.top_k,
+                 "draft.vocab", f"must be 0 or at least decode.top_k ({self.decode.top_k}): a tree drafts top_k "
+                 "children from the head's tokens (eval decodes a tree unless decode.method=chain)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,6 +78,12 @@ def test_draft_vocabulary_smaller_than_top_k_is_refused():
         load_config(None, ["decode.draft_vocab=4", "decode.top_k=8"])
 
 
+def test_a_trained_draft_vocabulary_smaller_than_top_k_is_refused_for_trees_only():
+    with pytest.raises(ConfigError, match=r"draft\.vocab: must be 0 or at least decode\.top_k \(8\)"):
+        load_config(None, ["draft.vocab=4", "decode.method=tree", "decode.top_k=8"])
+    assert load_config(None, ["draft.vocab=4", "decode.method=chain", "decode.top_k=8"]).draft.vocab == 4
+
+
 def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     with pytest.raises(ConfigError, match=r"decode\.total_tokens: must be between 2 and .* = 23"):
         load_config(None, ["decode.method=tree", "decode.top_k=2", "decode.depth=5", "decode.total_tokens=63"])
@@ -99,6 +105,7 @@ def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     ("train.unroll_decay=0", r"train\.unroll_decay: must be in \(0, 1\]"),
     ("train.unroll_decay=1.5", r"train\.unroll_decay: must be in \(0, 1\]"),
     ("decode.depth=0", r"decode\.depth: must be >= 1"),
+    ("decode.draft_vocab=-5", r"decode\.draft_vocab: must be >= 0"),
     ("decode.min_confidence=1", r"decode\.min_confidence: must be in \[0, 1\)"),
     ("decode.min_confidence=0.5", r"decode\.min_confidence: applies to chain speculation only"),
     ("eval.batch_size=0", r"eval\.batch_size: must be >= 1"),

@@ -41,6 +41,13 @@ METHODS = {
 }
 
 
+def test_chain_settings_are_not_held_to_the_tree_limits():
+    chain = SpeculativeSettings(GENERATION, method="chain", gamma=2, depth=1, top_k=1)  # total_tokens 62 > pool 2
+    assert chain.max_accept == 2
+    with pytest.raises(ValueError, match=r"total_tokens must be in 1\.\.2 "):
+        SpeculativeSettings(GENERATION, method="tree", depth=1, top_k=1)
+
+
 @pytest.fixture(scope="module")
 def pairs():
     target = nnx.split(random_module(lambda: create_model(ARCH), seed=3))

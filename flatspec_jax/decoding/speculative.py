@@ -86,7 +86,7 @@ class SpeculativeSettings:
         if self.gamma < 1 or self.depth < 1 or self.top_k < 1:
             raise ValueError("gamma, depth and top_k must be positive")
         pool = self.top_k + self.depth * self.top_k ** 2
-        if not 1 <= self.total_tokens <= pool:
+        if self.method == "tree" and not 1 <= self.total_tokens <= pool:  # a chain reads none of the tree's
             raise ValueError(f"total_tokens must be in 1..{pool} (top_k + depth * top_k^2)")
         if not 0 <= self.min_confidence < 1 or (self.min_confidence and self.method != "chain"):
             raise ValueError(f"min_confidence must be in [0, 1) and 0 unless method is 'chain', got "
