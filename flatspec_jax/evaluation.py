@@ -30,7 +30,7 @@ import numpy as np
 
 from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
-from flatspec_jax.decoding.runner import PROMPT_BUCKET, Decoder, DecodeResult, round_up
+from flatspec_jax.decoding.runner import Decoder, DecodeResult
 from flatspec_jax.decoding.speculative import acceptance_by_depth
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,9 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
     """Decodes every turn of every prompt with both decoders and summarises (see the module docstring).
 
     Turns are decoded level by level (all first turns, then all second turns), each level padded
-    to one width and its first ``warmup`` batches run once untimed, so nothing timed includes
-    compilation.
+    to one width and its first ``warmup`` batches run once untimed, so with ``warmup >= 1`` nothing
+    timed includes compilation. Each timed batch samples with its own key (``seed`` folded with
+    its number), the same for both decoders.
     """
     key = jax.random.key(seed)
     replies: dict[str, list[str]] = {p.id: [] for p in prompts}
@@ -84,14 +85,15 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
     for turn in range(max(len(p.turns) for p in prompts)):
         level = [p for p in prompts if len(p.turns) > turn]
         inputs = [_turn_prompt(tokenizer, p, replies[p.id]) for p in level]
-        width = round_up(max(len(ids) for ids in inputs), PROMPT_BUCKET)
+        width = ar.prompt_width(max(len(ids) for ids in inputs))
         batches = _batches(inputs, batch_size)
         for batch in batches[:warmup]:
             ar.run(batch, key, width)
             spec.run(batch, key, width)
         for index, batch in enumerate(batches):
-            ar_out: DecodeResult = ar.run(batch, key, width)
-            spec_out: DecodeResult = spec.run(batch, key, width)
+            batch_key = jax.random.fold_in(key, calls)  # sampled batches draw independently of each other
+            ar_out: DecodeResult = ar.run(batch, batch_key, width)
+            spec_out: DecodeResult = spec.run(batch, batch_key, width)
             for row, prompt in enumerate(level[index * batch_size:(index + 1) * batch_size]):
                 replies[prompt.id].append(ar.text(tokenizer, ar_out.tokens[row]))
                 record = TurnRecord(
@@ -132,7 +134,7 @@ def _speedup(records: Sequence[TurnRecord]) -> float:
 def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
     """The figures of the module docstring over ``records``; ``turns`` counts decoded turns (a
     2-turn question counts twice), ``prompts`` the questions they came from, ``questions`` lists
-    every turn's record with its own tau and speedup."""
+    every turn's record with its own tau, per-depth acceptance, tokens/s and speedup."""
     counts = np.sum([r.accept_counts for r in records], axis=0)
     exhausted = np.sum([r.exhausted_counts for r in records], axis=0)
     return {
@@ -149,5 +151,13 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "prompts": len({r.prompt_id for r in records}),
         "tokens_ar": sum(r.ar_tokens for r in records),
         "tokens_spec": sum(r.spec_tokens for r in records),
-        "questions": [dataclasses.asdict(r) | {"tau": _tau([r]), "speedup": _speedup([r])} for r in records],
+        "questions": [dataclasses.asdict(r) | _turn_figures(r) for r in records],
     }
+
+
+def _turn_figures(record: TurnRecord) -> dict[str, Any]:
+    """One turn's own tau, per-depth acceptance, tokens/s both ways and speedup."""
+    return {"tau": _tau([record]), "speedup": _speedup([record]),
+            "tokens_per_s_ar": _rate([record], "ar"), "tokens_per_s_spec": _rate([record], "spec"),
+            "per_depth_acceptance": acceptance_by_depth(np.asarray(record.accept_counts),
+                                                        np.asarray(record.exhausted_counts)).tolist()}

@@ -157,9 +157,15 @@ def test_eval_decodes_prompts_in_batches(selected_run, tiny_dir, tmp_path):
     run_dir, _ = selected_run
     copy = tmp_path / "batched"
     shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "plots")
     batched = load_config(None, tiny_run_overrides(tiny_dir, copy, "data.selection=run", "select.keep=0.5",
                                                    "eval.limit=3", "eval.batch_size=2"))
     result = eval_stage.run(batched)
+    assert (copy / "plots" / "depth_acceptance.png").is_file()  # eval draws its own plot
+    assert result["warmup"] == 0
+    for question in result["questions"]:
+        assert len(question["per_depth_acceptance"]) == len(result["per_depth_acceptance"])
+        assert question["tokens_per_s_spec"] / question["tokens_per_s_ar"] == pytest.approx(question["speedup"])
     assert result["batch_size"] == 2 and result["turns"] == 3
     assert [q["batch"] for q in result["questions"]] == [0, 0, 1]
     assert len({q["prompt_id"] for q in result["questions"]}) == 3

@@ -53,3 +53,10 @@ def test_invalid_json_and_empty_files_are_named(tmp_path):
     binary.write_bytes(b"PAR1\xba\xff\x00\n")
     with pytest.raises(DataFormatError, match=rf"{binary}: not a UTF-8 text file"):
         load_prompts(str(binary))
+
+
+def test_a_repeated_prompt_id_names_both_lines(tmp_path):
+    path = write_jsonl(tmp_path, {"prompt": "one", "id": "q1"}, {"prompt": "two", "id": "q2"},
+                       {"prompt": "three", "question_id": "q1"})
+    with pytest.raises(DataFormatError, match=rf"{path}:3: prompt id 'q1' repeats line 1's"):
+        load_prompts(path)

@@ -27,7 +27,7 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
 
     Raises:
       DataFormatError: naming the file (and line) when it cannot be read, a record has no usable
-        prompt, or it holds none.
+        prompt or repeats an earlier record's id, or it holds none.
     """
     path = assets.mtbench_questions() if source == "mtbench" else Path(source)
     try:
@@ -37,6 +37,7 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     prompts = []
+    lines: dict[str, int] = {}  # prompt id -> its line
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -49,6 +50,9 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
             raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
                                   f"'turns' list of non-empty strings")
         prompt_id = str(record.get("question_id", record.get("id", number)))
+        if prompt_id in lines:  # evaluation keys each question's replies by its id
+            raise DataFormatError(f"{path}:{number}: prompt id {prompt_id!r} repeats line {lines[prompt_id]}'s")
+        lines[prompt_id] = number
         prompts.append(Prompt(prompt_id, str(record.get("category", "")), tuple(texts[:turns])))
         if limit is not None and len(prompts) >= limit:
             break

@@ -22,6 +22,7 @@ from flatspec_jax.fingerprint import file_identity, model_identity
 from flatspec_jax.io import atomic_write_json
 from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.stages.common import CHECKPOINT_DIR, RunContext, arg, target_path
+from flatspec_jax.stages.report import PLOTS_DIR, eval_plots
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
     prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad file fails before any loading
+    if not cfg.eval.warmup:
+        log.warning("eval.warmup=0: the first batch of each turn is timed with its compilation, so tokens/s "
+                    "and the speedup understate both decoders")
     step, meta = read_meta(checkpoint)
     method = cfg.decode.method if cfg.decode.method != "ar" else "tree"
     head = ctx.draft_head(checkpoint)
@@ -83,9 +87,11 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     result = evaluate(prompts, ctx.tokenizer, ar, spec, warmup=cfg.eval.warmup, seed=cfg.seed,
                       batch_size=cfg.eval.batch_size)
     result.update({"method": method, "temperature": cfg.decode.temperature, "batch_size": cfg.eval.batch_size,
+                   "warmup": cfg.eval.warmup,
                    "draft_vocab": 0 if draft_ids is None else len(draft_ids), "checkpoint": str(checkpoint),
                    "step": step, "fingerprint": _fingerprint(cfg, checkpoint, step, meta)})
     if jax.process_index() == 0:
         atomic_write_json(path, result)
+        eval_plots(path, ctx.run_dir / PLOTS_DIR)
     log.info("eval: %s", summary_line(result))
     return result
