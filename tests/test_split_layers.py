@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flatspec_jax.config import DecodeConfig
+from flatspec_jax.config import ConfigError, DecodeConfig
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.commit import compact_cache
 from flatspec_jax.decoding.runner import Decoder
@@ -201,3 +201,16 @@ def test_decoding_steps_update_the_caches_in_place(models, layout):
         assert target_shape in hlo, (method, "no buffer of the target cache's shape: the test lost its subject")
         for shape in shapes:
             assert in_loop_cache_copies(hlo, shape) == 0, f"{method} decoding copies a {shape} cache in its loop"
+
+
+def test_the_decoder_pads_a_prompt_that_fits_the_cache_below_its_limit_and_refuses_empty_ones(models):
+    _, split = models
+    decoder = Decoder(split, DecodeConfig(method="ar", max_new_tokens=4, max_cache_length=100), (EOS,), 0)
+    assert decoder.prompt_width(5) == 64
+    assert decoder.prompt_width(70) == 99  # its bucket, 128, would not fit the 100 slots
+    with pytest.raises(ConfigError, match=r"prompt of 100 tokens leaves no room .* decode\.max_cache_length=100"):
+        decoder.prompt_width(100)
+    result = decoder.run([np.arange(90, dtype=np.int32) % EOS], jax.random.key(0))
+    assert 1 <= len(result.tokens[0]) <= 4
+    with pytest.raises(ValueError, match="at least one token each"):
+        decoder.run([np.asarray([3], np.int32), np.asarray([], np.int32)], jax.random.key(0))

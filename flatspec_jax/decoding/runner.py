@@ -98,6 +98,18 @@ class Decoder:
             return 1
         return 1 + (self.cfg.gamma if self.method == "chain" else self.cfg.total_tokens - 1)
 
+    def prompt_width(self, longest: int) -> int:
+        """W for prompts of up to ``longest`` tokens: rounded up to :data:`PROMPT_BUCKET`, but below
+        ``decode.max_cache_length`` (a prompt that fits the cache is never refused for its padding).
+
+        Raises:
+          ConfigError: when the longest prompt leaves no cache slot for a new token.
+        """
+        if longest >= self.cfg.max_cache_length:
+            raise ConfigError(f"a prompt of {longest} tokens leaves no room for a new token in "
+                              f"decode.max_cache_length={self.cfg.max_cache_length}")
+        return min(round_up(longest, PROMPT_BUCKET), self.cfg.max_cache_length - 1)
+
     def cache_length(self, width: int) -> int:
         """Cache slots for prompts padded to ``width``: prompt, every new token and one round of drafts."""
         needed = round_up(width + self.cfg.max_new_tokens + self._round_tokens(), CACHE_BUCKET)
@@ -124,9 +136,12 @@ class Decoder:
                                    total_tokens=self.cfg.total_tokens - 1, min_confidence=self.cfg.min_confidence)
 
     def run(self, prompts: Sequence[np.ndarray], key: jax.Array, width: int | None = None) -> DecodeResult:
-        """Decodes a batch of prompt id arrays, right-padded to ``width`` (default: their bucket)."""
+        """Decodes a batch of prompt id arrays (each of at least one token), right-padded to ``width``
+        (default: :meth:`prompt_width`)."""
+        if not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("decoding needs a non-empty batch of prompts of at least one token each")
         longest = max(len(p) for p in prompts)
-        width = width or round_up(longest, PROMPT_BUCKET)
+        width = width or self.prompt_width(longest)
         if longest > width:
             raise ValueError(f"a prompt of {longest} tokens exceeds the padded width {width}")
         padded = np.full((len(prompts), width), self.pad_id, np.int32)
