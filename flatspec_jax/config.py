@@ -219,7 +219,8 @@ class TrainConfig:
     save_every: int = 50
     """Steps between orbax checkpoints."""
     keep_checkpoints: int = 3
-    """Most recent checkpoints kept (the best by held-out loss is kept as well)."""
+    """Most recent checkpoints kept, plus the one with the lowest held-out loss among the saved steps
+    that were evaluated (those a multiple of both save_every and eval_every, and the last)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tokens", "row_length", "grad_accum", "loss_chunk", "log_every", "eval_every",
