@@ -110,6 +110,8 @@ def test_empty_assistant_reply_is_not_trained(tokenizer):
     conv = conversation(("user", "Say nothing."), ("assistant", ""), ("user", "Now say hi."), ("assistant", "Hi!"))
     sample = tokenize_conversation(tokenizer, conv, max_length=512, verify=True)
     assert decode_runs(tokenizer, sample) == ["Hi!<|im_end|>"]
+    blank = conversation(("user", "Say nothing."), ("assistant", " \n "), ("user", "Now say hi."), ("assistant", "Hi!"))
+    assert decode_runs(tokenizer, tokenize_conversation(tokenizer, blank, max_length=512)) == ["Hi!<|im_end|>"]
 
 
 def test_other_templates_mask_content_and_their_end_marker(tokenizer):
@@ -120,10 +122,22 @@ def test_other_templates_mask_content_and_their_end_marker(tokenizer):
     assert tokenizer.decode(sample.input_ids[:4].tolist()).startswith("### user")
     assert decode_runs(plain, sample) == ["2+2 equals 4.<|endoftext|>", "3+3 equals 6.<|endoftext|>"]
 
+    padded = conversation(("user", "hi"), ("assistant", "  hello there \n"), cid="padded-42")
     plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}"
-    padded = conversation(("user", "hi"), ("assistant", "  hello  "), cid="padded-42")
+    assert decode_runs(plain, tokenize_conversation(plain, padded, max_length=512)) == [" hello there"]
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
     with pytest.raises(ChatTemplateError, match="padded-42.*rewrites"):
         tokenize_conversation(plain, padded, max_length=512)
+
+
+def test_a_conversation_the_template_refuses_is_named():
+    strict = load_tokenizer(default_model_path())
+    strict.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    twice = conversation(("user", "a"), ("user", "b"), ("assistant", "c"), cid="sharegpt-7")
+    with pytest.raises(ChatTemplateError, match=r"conversation sharegpt-7: the chat template refuses it "
+                                                r"\(roles must alternate\)"):
+        list(tokenize_conversations(strict, [TWO_TURNS, twice], max_length=512))
 
 
 def test_a_tokenizer_that_tokenizes_chats_its_own_way_is_caught():

@@ -17,10 +17,13 @@ The mask is found without knowing the template:
   3. tokenize the rendered string once with offsets and mask every token whose
      characters overlap a content span or the marker.
 A token that straddles a span boundary (say, a newline merged with the content's first
-newline) is masked, since the model must produce it to produce the content. Empty
-assistant messages get no mask at all, end marker included: training an immediate
-end-of-turn would teach empty replies. A template that rewrites content or whose
-renderings of prefixes are not prefixes of the full rendering raises ``ChatTemplateError``.
+newline) is masked, since the model must produce it to produce the content. Empty (or
+whitespace-only) assistant messages get no mask at all, end marker included: training an
+immediate end-of-turn would teach empty replies. Content the template trims (Llama 3's
+``| trim``) is found without its surrounding whitespace. A template that otherwise rewrites
+content, whose renderings of prefixes are not prefixes of the full rendering, or that refuses
+a conversation (say, roles that do not alternate) raises ``ChatTemplateError`` naming the
+conversation.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import weakref
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from jinja2 import TemplateError
 
 from flatspec_jax.data.conversations import Conversation, Message
 
@@ -104,7 +108,7 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: Iterable[C
     special = _special_ids(tokenizer)
     convs = iter(convs)
     while batch := list(itertools.islice(convs, batch_size)):  # itertools.batched needs Python 3.12
-        texts = [_render(tokenizer, conv.as_dicts(), add_generation_prompt=False) for conv in batch]
+        texts = [_render(tokenizer, conv.as_dicts(), False, conv.id) for conv in batch]
         encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         for conv, text, ids, offsets in zip(batch, texts, encodings["input_ids"], encodings["offset_mapping"]):
             if verify or _verified.get(tokenizer) != tokenizer.chat_template:
@@ -161,10 +165,14 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message
     return np.asarray(ids["input_ids"], np.int32)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool,
+            conv_id: str) -> str:
     if not messages:  # apply_chat_template cannot take an empty conversation
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:  # the template's raise_exception, e.g. roles that do not alternate
+        raise ChatTemplateError(f"conversation {conv_id}: the chat template refuses it ({err})") from None
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, conv: Conversation, text: str,
@@ -174,18 +182,21 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, conv: Conversation, tex
     messages = conv.as_dicts()
     for i, message in enumerate(messages):
         content = message["content"]
-        if message["role"] != "assistant" or not content:
+        if message["role"] != "assistant" or not content.strip():
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        before = _render(tokenizer, messages[:i], True, conv.id)
         if len(before) >= kept_chars:
             return  # this turn and all later ones were truncated away
-        through = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        through = _render(tokenizer, messages[:i + 1], False, conv.id)
         if not text.startswith(through):
             raise ChatTemplateError(f"conversation {conv.id}: rendering messages[:{i + 1}] does not give a prefix of "
                                     f"the full rendering, so the template's assistant spans cannot be located")
         # The header of message i ends where the two renderings part (``before`` ends in the generation prompt).
         turn_start = len(before) if through.startswith(before) else len(os.path.commonprefix([before, through]))
         content_start = through.find(content, turn_start)
+        if content_start < 0:  # a template that trims content (Llama 3's ``| trim``)
+            content = content.strip()
+            content_start = through.find(content, turn_start)
         if content_start < 0:
             raise ChatTemplateError(f"conversation {conv.id}: assistant message {i} does not appear verbatim in "
                                     f"its rendering (the chat template rewrites it)")
