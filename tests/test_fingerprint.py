@@ -79,6 +79,23 @@ def test_tokens_fingerprint_follows_file_contents_not_paths(tmp_path, model_dir)
     assert tokens_fingerprint(DataConfig(source=str(data)), str(moved_model), tmp_path) != base
 
 
+def test_a_model_directory_is_identified_with_its_chat_template_files(tmp_path, model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "README.md").write_text("not read by any loader")
+    base = fingerprint.model_identity(model)
+    (model / "README.md").write_text("edited")
+    assert fingerprint.model_identity(model) == base
+    for template in (model / "chat_template.jinja", model / "additional_chat_templates" / "tool_use.jinja"):
+        template.parent.mkdir(exist_ok=True)
+        template.write_text("{{ messages[0]['content'] }}")
+        changed = fingerprint.model_identity(model)
+        assert changed != base
+        template.write_text("{{ messages[-1]['content'] }}")
+        assert fingerprint.model_identity(model) != changed
+        base = fingerprint.model_identity(model)
+
+
 def test_an_edited_source_is_tokenized_again(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", [conversation("c0", "short")])
     tokenizer = load_tokenizer(model_dir)

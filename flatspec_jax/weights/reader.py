@@ -97,8 +97,11 @@ def open_checkpoint(path: str | Path, *, cache_dir: str | Path | None = None) ->
     raise WeightsError(f"{path}: not a checkpoint (expected an HF model directory or a .gguf file)")
 
 
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".gguf", ".txt")
-"""Files of an HF model directory that the weights and tokenizer loaders read."""
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".gguf", ".txt", ".jinja", ".tiktoken", ".v3")
+"""Files of an HF model directory that the weights and tokenizer loaders read (``chat_template.jinja``
+overrides the template in ``tokenizer_config.json``; ``tokenizer.model.v3`` is Mistral's)."""
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+"""Named chat templates that transformers keeps in a subdirectory."""
 
 
 def model_files(path: str | Path) -> list[Path]:
@@ -110,7 +113,8 @@ def model_files(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+        files = [*path.iterdir(), *(path / CHAT_TEMPLATES_DIR).glob("*")]
+        return sorted(p for p in files if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
     if not path.exists():
         raise _not_found(path)
     return [path]
