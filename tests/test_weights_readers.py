@@ -197,6 +197,18 @@ def test_garbage_gguf(tmp_path, content):
         open_checkpoint(path, cache_dir=tmp_path / "cache")
 
 
+def test_generation_stops_include_the_generation_configs_eos_ids(llama_dir, tmp_path):
+    directory, _ = llama_dir
+    copy = tmp_path / "llama"
+    shutil.copytree(directory, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    with open_checkpoint(copy) as reader:
+        assert reader.arch.eos_token_ids == (2, 5)  # config.json's 2, then the generation config's other
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": "end"}))
+    with pytest.raises(WeightsError, match=r"generation_config\.json.*eos_token_id"):
+        open_checkpoint(copy)
+
+
 # --- GGUF: a tiny file written like llama.cpp's converter ------------------------------------
 
 _GGUF_LAYER_NAMES = {
@@ -223,10 +235,14 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Writes ``state`` as llama.cpp would (F32, Q8_0 embedding); returns the tensors a reader
-    should give back (the Q8_0 round trip of the embedding, the rest exact)."""
+def write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor],
+               more_metadata: dict[str, float] | None = None, float64: str | None = None) -> dict[str, np.ndarray]:
+    """Writes ``state`` as llama.cpp would (F32, Q8_0 embedding; tensor ``float64`` as F64), with
+    ``more_metadata`` keys added; returns the tensors a reader should give back (the Q8_0 round
+    trip of the embedding, the rest exact)."""
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (more_metadata or {}).items():
+        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
     writer.add_block_count(TINY["num_hidden_layers"])
     writer.add_context_length(TINY["max_position_embeddings"])
     writer.add_embedding_length(TINY["hidden_size"])
@@ -250,7 +266,7 @@ def write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor]) -> dict[st
             expected[name] = gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            writer.add_tensor(gguf_name(name), values)
+            writer.add_tensor(gguf_name(name), values.astype(np.float64) if name == float64 else values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -286,6 +302,28 @@ def test_gguf_names_orientation_and_rope_rows(tmp_path, arch):
             num_kv_heads=2, head_dim=16, rms_norm_eps=float(np.float32(1e-5)), rope_theta=10000.0,
             attention_bias=arch == "qwen2", tie_word_embeddings=False, max_position_embeddings=256,
             bos_token_id=1, eos_token_ids=(2,))
+
+
+@pytest.mark.parametrize("eot, stops", [(3, (2, 3)), (2, (2,))])
+def test_gguf_generation_stops_at_its_eos_and_eot_tokens(tmp_path, eot, stops):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, "llama", save_tiny(transformers.LlamaConfig(**TINY), tmp_path / "hf"),
+               {"tokenizer.ggml.eot_token_id": eot})
+    with GGUFCheckpoint(path) as reader:
+        assert reader.arch.eos_token_ids == stops
+
+
+def test_gguf_rope_scaling_without_a_type_and_an_f64_tensor_are_named(tmp_path):
+    state = save_tiny(transformers.LlamaConfig(**TINY), tmp_path / "hf")
+    scaled = tmp_path / "scaled.gguf"
+    write_gguf(scaled, "llama", state, {"llama.rope.scale_linear": 4.0})
+    with pytest.raises(WeightsError, match=rf"{scaled}: GGUF llama.rope.scale_linear is 4.0, a RoPE scaling"):
+        GGUFCheckpoint(scaled)
+    wide = tmp_path / "f64.gguf"
+    write_gguf(wide, "llama", state, float64="model.norm.weight")
+    with GGUFCheckpoint(wide) as reader, pytest.raises(
+            WeightsError, match=rf"{wide}: GGUF tensor model.norm.weight is stored as F64, which cannot be"):
+        reader.get("model.norm.weight")
 
 
 def test_gguf_cache_is_built_then_hit(tiny_gguf, tmp_path, monkeypatch):

@@ -167,6 +167,19 @@ class ArchSpec:
             raise WeightsError(f"{source}: stored architecture is unreadable ({e})") from e
 
 
+def with_generation_stops(arch: ArchSpec, generation_config: Any, source: str) -> ArchSpec:
+    """``arch`` whose ``eos_token_ids`` also hold a ``generation_config.json``'s ``eos_token_id``
+    (Llama-3-8B-Instruct's config.json named only <|end_of_text|>, its generation config <|eot_id|> too).
+
+    Raises:
+      WeightsError: naming ``source`` when it is not a JSON object or its ids are not token ids.
+    """
+    if not isinstance(generation_config, Mapping):
+        raise WeightsError(f"{source}: not a JSON object")
+    extra = _Fields(generation_config, source).token_ids("eos_token_id")
+    return dataclasses.replace(arch, eos_token_ids=tuple(dict.fromkeys(arch.eos_token_ids + extra)))
+
+
 def value_settings(config: Mapping[str, Any], source: str, *, max_positions: int,
                    rms_norm_eps: float) -> dict[str, Any]:
     """The fields of an HF-style ``config`` that change a layer's values but not its shapes:

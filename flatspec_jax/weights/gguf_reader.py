@@ -137,7 +137,11 @@ class GGUFCheckpoint(CheckpointReader):
         if name not in self._tensors:
             raise self._missing(name)
         tensor = self._tensors[name]
-        values = dequantize(tensor.data, tensor.tensor_type)
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as err:
+            raise WeightsError(f"{self.source}: GGUF tensor {name} is stored as {tensor.tensor_type.name}, which "
+                               f"cannot be dequantized ({err})") from None
         if np.may_share_memory(values, tensor.data):  # F32 comes back as a view of the mapped file
             values = values.copy()
         values = values.reshape(self.shape(name)).astype(np.float32, copy=False)
@@ -166,6 +170,10 @@ def _hf_config(reader: GGUFFile, tensors: dict[str, GGUFTensor], source: str) ->
     scaling = value(f"{arch}.rope.scaling.type", required=False)
     if scaling not in (None, "none"):
         raise WeightsError(f"{source}: GGUF {arch}.rope.scaling.type is {scaling!r}, which is not supported")
+    for key in (f"{arch}.rope.scale_linear", f"{arch}.rope.scaling.factor"):  # older files scale without a type
+        factor = value(key, required=False)
+        if scaling is None and factor not in (None, 0, 1):
+            raise WeightsError(f"{source}: GGUF {key} is {factor}, a RoPE scaling that is not supported")
     if "model.embed_tokens.weight" not in tensors:
         raise WeightsError(f"{source}: GGUF tensor token_embd.weight is missing")
 
@@ -196,7 +204,10 @@ def _hf_config(reader: GGUFFile, tensors: dict[str, GGUFTensor], source: str) ->
         "max_position_embeddings": value(f"{arch}.context_length"),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "bos_token_id": value("tokenizer.ggml.bos_token_id", required=False),
-        "eos_token_id": value("tokenizer.ggml.eos_token_id", required=False),
+        # Generation stops at either (Llama 3 GGUFs may name <|end_of_text|> as eos, <|eot_id|> as eot).
+        "eos_token_id": list(dict.fromkeys(i for i in (value("tokenizer.ggml.eos_token_id", required=False),
+                                                       value("tokenizer.ggml.eot_token_id", required=False))
+                                           if i is not None)),
         # For llama this flags q/k/v biases, which from_hf_config refuses (see there).
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
     }
@@ -206,7 +217,7 @@ def _hf_config(reader: GGUFFile, tensors: dict[str, GGUFTensor], source: str) ->
 
 CACHE_DIR_ENV = "FLATSPEC_CACHE_DIR"
 # Bumped whenever what is cached changes (names, orientation, dtype, ArchSpec fields).
-_VERSION = "v1"
+_VERSION = "v2"
 _FORMAT = f"flatspec_jax.gguf_cache.{_VERSION}"
 # A temporary file untouched this long belongs to a build that died.
 _STALE_TEMP_SECONDS = 3600

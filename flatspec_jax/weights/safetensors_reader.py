@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from flatspec_jax.weights.arch import ArchSpec
+from flatspec_jax.weights.arch import ArchSpec, with_generation_stops
 from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.reader import CheckpointReader
 
@@ -176,6 +176,7 @@ def write_safetensors(f: BinaryIO, specs: Mapping[str, tuple[np.dtype, tuple[int
 
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -211,6 +212,10 @@ class SafetensorsCheckpoint(CheckpointReader):
         if not isinstance(config, dict):
             raise WeightsError(f"{config_path}: not a JSON object")
         self.arch = ArchSpec.from_hf_config(config, str(config_path))
+        generation_path = root / GENERATION_CONFIG_NAME
+        if generation_path.is_file():  # generation stops at its eos ids too, as in transformers' generate
+            self.arch = with_generation_stops(self.arch, _read_json(generation_path, "generation config"),
+                                              str(generation_path))
         self._files: dict[str, SafetensorsFile] = {}
         try:
             self._shard_of = self._open_shards(root)
