@@ -261,6 +261,15 @@ def test_parquet_conversations_and_messages_and_directory(tmp_path):
     assert [c.id for c in by_glob] == ["p0", "b.parquet:0"]
 
 
+def test_parquet_turns_whose_schema_holds_both_key_pairs_read_the_non_null_pair(tmp_path):
+    both = [{"role": "user", "content": "Q", "from": None, "value": None},
+            {"role": "assistant", "content": "A", "from": None, "value": None}]
+    write_parquet(tmp_path / "m.parquet", {"messages": [both]})
+    convs, report = load_conversations(str(tmp_path / "m.parquet"))
+    assert [c.messages for c in convs] == [(Message("user", "Q"), Message("assistant", "A"))]
+    assert not report.skipped
+
+
 def test_parquet_without_turn_column_names_file_and_columns(tmp_path):
     path = write_parquet(tmp_path / "plain.parquet", {"prompt": ["a"], "response": ["b"]})
     with pytest.raises(DataFormatError, match=r"plain\.parquet.*columns are \['prompt', 'response'\]"):

@@ -203,8 +203,10 @@ def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport)
         if not isinstance(turn, dict):
             report.skip(MALFORMED_TURN, rid, f"turn {position} is a {type(turn).__name__}")
             return None
-        # ShareGPT turns are {from, value}; HF turns are {role, content}.
-        role_key, content_key = ("from", "value") if "from" in turn or "value" in turn else ("role", "content")
+        # ShareGPT turns are {from, value}; HF turns are {role, content}. A parquet struct column holds
+        # every key its schema names, the other pair as nulls.
+        sharegpt = turn.get("from") is not None or turn.get("value") is not None
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
         if role_key not in turn or content_key not in turn:
             report.skip(MALFORMED_TURN, rid, f"turn {position} has keys {sorted(turn)}")
             return None
