@@ -218,3 +218,12 @@ def test_part_records_keep_reply_counts_out_of_the_merged_file(reference):
     assert all(set(r) == {"id", "messages"} for r in records)
     assert 0 < meta["reply_tokens"] <= MAX_NEW * 2 * len(records)
     assert np.all([isinstance(v, int) for v in meta["dropped"].values()])
+
+
+def test_a_source_with_nothing_to_answer_says_why(tiny_dir, tmp_path):
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(json.dumps({"id": "q", "conversations": [{"from": "human", "value": "Hi?"}]}) + "\n")
+    cfg = make_config(tiny_dir, tmp_path / "run", f"data.source={source}")
+    with pytest.raises(ConfigError, match=r"no conversation to answer: 0 first prompts >= data\.max_length=96; "
+                                          r"records: 1 records read, 0 conversations kept, 1 skipped"):
+        RunContext(cfg).responses  # noqa: B018 - the property regenerates

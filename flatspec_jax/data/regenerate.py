@@ -235,8 +235,8 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     log.info("%s: %s; %d conversations to answer, %d dropped (first prompt >= data.max_length=%d tokens)",
              cfg.data.source, report.summary(), len(sources), too_long, cfg.data.max_length)
     if not sources:
-        raise ConfigError(f"data.source={cfg.data.source!r} has no conversation whose first prompt fits "
-                         f"data.max_length={cfg.data.max_length}")
+        raise ConfigError(f"data.source={cfg.data.source!r} has no conversation to answer: {too_long} first prompts "
+                          f">= data.max_length={cfg.data.max_length}; records: {report.summary()}")
     # Parts are chunks of flush_every batches: they count only for the chunking they were cut with.
     parts = _parts_dir(run_dir, f"{fingerprint}/flush_every={settings.flush_every}")
     multihost_utils.sync_global_devices("flatspec: regenerate parts checked")
