@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a lent accelerator machine (one NVIDIA GPU, its own python3 with JAX,
-# PyTorch and transformers, no network) in two calls, because the tool that sends files there
-# takes at most 64 MiB per call and the embedded GGUF alone is 94 MiB:
+# PyTorch and transformers, no network) in consecutive calls while it stays warm (stage1, stage2,
+# optionally stage3), because the tool that sends files there takes at most 64 MiB per call and
+# the embedded GGUF alone is 94 MiB:
 #
 #   bash benchmarks/gpu_check.sh prepare RUN_DIR   # here, in the project's environment: fills .whl,
 #                                                  # .xfer1 and .xfer2 (git-ignored) from the embedded

@@ -284,7 +284,8 @@ class DecodeConfig:
     """Generation and speculative decoding."""
 
     method: Literal["ar", "chain", "tree"] = "tree"
-    """ar: plain autoregressive; chain: gamma drafts in a line; tree: EAGLE-2 dynamic tree."""
+    """ar: plain autoregressive (generate; eval, which always compares against autoregressive decoding, then
+    evaluates a tree); chain: gamma drafts in a line; tree: EAGLE-2 dynamic tree."""
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0

@@ -4,7 +4,7 @@
 
 Reads the orbax checkpoint (default ``<run_dir>/checkpoints``, latest step), checks it was
 trained for the configured target and tokenizer, and writes ``<run_dir>/export/eagle``
-(``config.json``, ``model.safetensors``, ``pytorch_model.bin``; see
+(``config.json``, ``model.safetensors``, and ``pytorch_model.bin`` when PyTorch is installed; see
 :mod:`flatspec_jax.checkpoint.eagle_format`), atomically. The reference loads its heads
 strictly, so ``embed_tokens.weight`` is copied from the target's checkpoint. A head trained on a
 reduced vocabulary (``draft.vocab``) lists its token ids under ``flatspec.draft_vocab``.
