@@ -111,9 +111,13 @@ stage2() {
 }
 
 stage3() {
-  # Training throughput at the full config (online features, bfloat16, 32,768 tokens per step) on
+  # The verify forward's cost by tokens checked (T = 1 .. 64 against one autoregressive step), then
+  # training throughput at the full config (online features, bfloat16, 32,768 tokens per step) on
   # the SFDD half of 500 conversations; needs stage2's GGUF and data on the same warm machine.
   . "$STASH/env.sh"
+  timeout 120 python3 benchmarks/bench_verify_cost.py --set model.path="$GGUF" --max-wait 0 \
+    --out "$OUT/verify_cost_h200.json" > "$OUT/verify_cost.log" 2>&1
+  tail -n 15 "$OUT/verify_cost.log"
   local full=(--config configs/smollm2_sharegpt_full.yaml --run-dir /root/runs/full500 --set model.path="$GGUF"
               --set data.source=/root/data/sharegpt_4000.jsonl --set data.limit=500 --set data.heldout=16)
   python3 -m flatspec_jax.cli score "${full[@]}" > "$OUT/score.log" 2>&1 &&
