@@ -15,7 +15,8 @@
 #                                        # DECODE_SET="--set decode.scan_layers=true" (for one) adds
 #                                        # settings to bench_decode's, e.g. if per-layer decoding's
 #                                        # longer compilation does not fit the time limit
-#   bash benchmarks/gpu_check.sh stage3   # no carry: training throughput at the full config
+#   bash benchmarks/gpu_check.sh stage3   # no carry: bench_verify_cost, then training throughput at
+#                                        # the full config
 #
 # Each stage must follow the previous one on the same machine while it is still warm (the tool
 # keeps it 30 s after a call): the earlier stages leave their files in /root.
