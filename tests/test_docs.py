@@ -29,3 +29,37 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         load_config(path)
+
+
+DOCS = ("README.md", "BENCHMARKS.md", "benchmarks/README.md")
+
+
+def quoted_benchmark_commands() -> list[tuple[str, str, str]]:
+    """(doc, script, arguments) of every ``python benchmarks/<script>.py ...`` the docs quote, inline
+    (a code span, which may wrap lines) or on a line of a fenced block."""
+    commands = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        spans = [m.group(1) for m in re.finditer(r"`(python benchmarks/[^`]*)`", text)]
+        spans += re.findall(r"^(python benchmarks/.*)$", text, re.M)
+        for span in spans:
+            script, *arguments = span.removeprefix("python ").split(maxsplit=1)
+            arguments = arguments[0] if arguments else ""
+            commands.append((doc, script, arguments))
+    return commands
+
+
+def test_every_quoted_benchmark_command_names_a_script_and_flags_it_takes():
+    import subprocess
+    import sys
+
+    commands = quoted_benchmark_commands()
+    assert len({script for _, script, _ in commands}) >= 10
+    helps: dict[str, str] = {}
+    for doc, script, arguments in commands:
+        assert (ROOT / script).is_file(), f"{doc} quotes {script}, which does not exist"
+        if script not in helps:
+            helps[script] = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True,
+                                           text=True, check=True, cwd=ROOT).stdout
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", arguments):
+            assert re.search(rf"(?<![\w-]){flag}\b", helps[script]), f"{doc}: {script} takes no {flag}"
