@@ -31,7 +31,7 @@ import numpy as np
 from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
 from flatspec_jax.decoding.runner import Decoder, DecodeResult
-from flatspec_jax.decoding.speculative import acceptance_by_depth
+from flatspec_jax.decoding.speculative import acceptance_by_depth, proposed_by_depth
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "tokens_per_s_ar": _rate(records, "ar"),
         "tokens_per_s_spec": _rate(records, "spec"),
         "per_depth_acceptance": acceptance_by_depth(counts, exhausted).tolist(),
+        "per_depth_proposed": proposed_by_depth(counts, exhausted).tolist(),
         "drafts_per_round": _per_round(records, lambda r: r.drafts),
         "accept_histogram": counts.tolist(),
         "exhausted_histogram": exhausted.tolist(),

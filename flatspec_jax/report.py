@@ -350,17 +350,23 @@ def plot_depth_acceptance(result: Mapping[str, Any], path: str | Path) -> Path:
     """Acceptance rate by draft depth from an ``eval.json`` result.
 
     Args:
-      result: with ``per_depth_acceptance`` (list; index d is depth d + 1) and optionally ``tau``
-        (mean accepted tokens per round) and ``speedup``.
+      result: with ``per_depth_acceptance`` (list; index d is depth d + 1) and optionally
+        ``per_depth_proposed`` (rounds that verified a draft at each depth: a depth with none is
+        labelled so, not drawn as 0% acceptance), ``tau`` (mean accepted tokens per round) and
+        ``speedup``.
     """
     rates = result.get("per_depth_acceptance")
     if not isinstance(rates, (list, tuple)) or not rates or not all(_is_number(r) for r in rates):
         raise ValueError(f"per_depth_acceptance must be a non-empty list of numbers, got {rates!r}")
+    proposed = result.get("per_depth_proposed")
+    if not isinstance(proposed, (list, tuple)) or len(proposed) != len(rates):
+        proposed = [1] * len(rates)  # an older eval.json: every depth counts as proposed
     depths = np.arange(1, len(rates) + 1)
     figure = _figure(7.0, 4.0)
     ax = figure.add_subplot()
     bars = ax.bar(depths, rates, color=OTHER_COLOR, alpha=0.8, width=0.7)
-    ax.bar_label(bars, labels=[f"{r:.2f}" for r in rates], fontsize=8, padding=2)
+    ax.bar_label(bars, labels=[f"{r:.2f}" if n else "none\nproposed" for r, n in zip(rates, proposed)],
+                 fontsize=8, padding=2)
     ax.plot(depths, rates, "o-", color="tab:blue", markersize=3, linewidth=1)
     ax.set_xticks(depths)
     ax.set_xlabel("draft depth (position of the drafted token within a round)")

@@ -163,6 +163,7 @@ def test_eval_decodes_prompts_in_batches(selected_run, tiny_dir, tmp_path):
     result = eval_stage.run(batched)
     assert (copy / "plots" / "depth_acceptance.png").is_file()  # eval draws its own plot
     assert result["warmup"] == 0
+    assert sum(result["per_depth_proposed"][:1]) == sum(q["rounds"] for q in result["questions"])  # depth 1: all
     for question in result["questions"]:
         assert len(question["per_depth_acceptance"]) == len(result["per_depth_acceptance"])
         assert question["tokens_per_s_spec"] / question["tokens_per_s_ar"] == pytest.approx(question["speedup"])

@@ -67,7 +67,8 @@ def full_run(tmp_path):
     write_manifest(tmp_path / "selection.json", selection, tmp_path / "scores.parquet")
     write_metrics(tmp_path / "metrics.jsonl")
     (tmp_path / "eval.json").write_text(json.dumps({
-        "per_depth_acceptance": [0.81, 0.62, 0.45, 0.31, 0.2], "tau": 3.39, "speedup": 2.41}))
+        "per_depth_acceptance": [0.81, 0.62, 0.45, 0.31, 0.0], "per_depth_proposed": [90, 70, 40, 12, 0],
+        "tau": 3.39, "speedup": 2.41}))
     return tmp_path
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from flatspec_jax.decoding.autoregressive import GenerationSettings, generate
 from flatspec_jax.decoding.speculative import (SpeculativeGeneration, SpeculativeSettings, acceptance_by_depth,
-                                               speculative_generate)
+                                               proposed_by_depth, speculative_generate)
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import causal_mask
@@ -253,6 +253,9 @@ def test_per_depth_acceptance_counts_only_proposed_drafts():
     np.testing.assert_allclose(rates, [1.0, 0.5, 0.0])
     # No depth-2 draft proposed at all: 0, not a division by zero.
     np.testing.assert_allclose(acceptance_by_depth(np.asarray([1, 2, 0]), np.asarray([0, 2, 0])), [2 / 3, 0.0])
+    # The denominators, which eval.json reports so that "none proposed" is not read as 0% accepted.
+    assert proposed_by_depth(np.asarray([0, 2, 1, 0]), np.asarray([0, 1, 0, 0])).tolist() == [3, 2, 1]
+    assert proposed_by_depth(np.asarray([1, 2, 0]), np.asarray([0, 2, 0])).tolist() == [3, 0]
 
 
 def test_prefill_computes_the_logits_of_each_rows_last_prompt_token_only():

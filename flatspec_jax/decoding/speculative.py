@@ -165,8 +165,15 @@ def acceptance_by_depth(accept_counts: np.ndarray, exhausted_counts: np.ndarray)
       Without ``min_confidence`` a chain proposes every depth, so this is P(d | d - 1).
     """
     reached = np.cumsum(np.asarray(accept_counts)[::-1])[::-1].astype(np.float64)  # rounds accepting >= d, d = 0..A
-    proposed = reached[:-1] - np.asarray(exhausted_counts, np.float64)[:-1]
+    proposed = proposed_by_depth(accept_counts, exhausted_counts).astype(np.float64)
     return np.divide(reached[1:], proposed, out=np.zeros(len(reached) - 1), where=proposed > 0)
+
+
+def proposed_by_depth(accept_counts: np.ndarray, exhausted_counts: np.ndarray) -> np.ndarray:
+    """[A] int64, d = 1..A: the rounds that verified a depth-d draft (accepted d - 1 drafts and
+    proposed another), the denominators of :func:`acceptance_by_depth`; arguments as there."""
+    reached = np.cumsum(np.asarray(accept_counts, np.int64)[::-1])[::-1]  # rounds accepting >= d, d = 0..A
+    return reached[:-1] - np.asarray(exhausted_counts, np.int64)[:-1]
 
 
 @flax.struct.dataclass
