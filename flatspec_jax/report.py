@@ -367,7 +367,8 @@ def plot_depth_acceptance(result: Mapping[str, Any], path: str | Path) -> Path:
     bars = ax.bar(depths, rates, color=OTHER_COLOR, alpha=0.8, width=0.7)
     ax.bar_label(bars, labels=[f"{r:.2f}" if n else "none\nproposed" for r, n in zip(rates, proposed)],
                  fontsize=8, padding=2)
-    ax.plot(depths, rates, "o-", color="tab:blue", markersize=3, linewidth=1)
+    ax.plot(depths, [r if n else np.nan for r, n in zip(rates, proposed)], "o-", color="tab:blue", markersize=3,
+            linewidth=1)
     ax.set_xticks(depths)
     ax.set_xlabel("draft depth (position of the drafted token within a round)")
     ax.set_ylabel("acceptance rate")
