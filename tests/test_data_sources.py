@@ -141,6 +141,17 @@ def test_json_array_walk_matches_json_load_for_any_chunking(tmp_path_factory, va
     assert list(iter_json_array(path, chunk_bytes=chunk_bytes)) == values
 
 
+def test_a_corrupt_record_is_reported_without_reading_the_rest_of_the_file(tmp_path):
+    """Bytes that are not UTF-8 lie 100 kB after a corrupt record: a reader that went on to the end
+    of the file would stop there and name the encoding instead of the record."""
+    path = tmp_path / "big.json"
+    good = json.dumps(GOOD).encode()
+    filler = b",".join([good] * (100_000 // len(good) + 1))
+    path.write_bytes(b"[" + good + b', {"id": "x", "conversations": [}, ' + filler + b', "\xff"]')
+    with pytest.raises(DataFormatError, match=rf"{path}: invalid JSON in record 1 at byte \d+: Expecting value"):
+        list(iter_json_array(path, chunk_bytes=4096))
+
+
 def test_bad_records_are_counted_and_explained(tmp_path):
     records = [
         GOOD,

@@ -44,6 +44,7 @@ _EXTENSIONS = (".json", ".jsonl", ".parquet")
 _CHUNK_BYTES = 32 << 20
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")
+_CUT_SLACK = 16  # characters: the longest cut token, a \uXXXX escape or a literal, with room to spare
 _CUT_VALUE = re.compile(r"[0-9.eE+-]*|t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?")
 """What a number or literal cut short by the end of the file can leave after the decoder's error position."""
 
@@ -283,17 +284,17 @@ def iter_json_array(path: str | Path, chunk_bytes: int = _CHUNK_BYTES) -> Iterat
                 # A number cut by the window's end decodes as a shorter number: wait until something follows it.
                 complete = window.eof or not _NUMBER_CHARS.fullmatch(window.text, end)
             except json.JSONDecodeError as err:
-                if not window.eof:
+                if not window.eof and _window_cut(err, window.text):
                     complete = False
-                else:
+                elif window.eof and _ran_out(err, window.text):
                     start = window.byte_offset(pos)
-                    if not _ran_out(err, window.text):
-                        raise DataFormatError(f"{path}: invalid JSON in record {count} at byte "
-                                              f"{window.byte_offset(err.pos)}: {err.msg}") from None
                     log.warning("%s: file ends inside record %d (%s byte %d); recovered %d complete records and "
                                 "dropped bytes %d to the end of the file (%d bytes)",
                                 path, count, err.msg, window.byte_offset(err.pos), count, start, size - start)
                     return
+                else:  # corruption, reported where it is rather than after reading the rest of the file
+                    raise DataFormatError(f"{path}: invalid JSON in record {count} at byte "
+                                          f"{window.byte_offset(err.pos)}: {err.msg}") from None
             if not complete:
                 pos = window.advance(pos)
                 continue
@@ -301,6 +302,13 @@ def iter_json_array(path: str | Path, chunk_bytes: int = _CHUNK_BYTES) -> Iterat
             count += 1
             pos = end
             expect_value = False
+
+
+def _window_cut(err: json.JSONDecodeError, text: str) -> bool:
+    """True when a decode error may come from the window ending inside the record: an open string
+    (reported where it starts), or an error within the last few characters of the window (a cut
+    literal, number, escape or structure fails right at the cut)."""
+    return err.msg.startswith("Unterminated string") or len(text) - err.pos <= _CUT_SLACK
 
 
 def _ran_out(err: json.JSONDecodeError, text: str) -> bool:
