@@ -312,3 +312,26 @@ def test_training_warns_about_samples_cut_at_the_row_length(tiny_dir, tmp_path, 
         train.run(cfg)
     assert re.search(r"[1-9]\d* of \d+ training samples are longer than train\.row_length=32: [1-9]\d* of their \d+ "
                      r"tokens are cut \(data\.max_length=64\)", caplog.text), caplog.text
+
+
+def test_generate_prints_only_the_reply_and_a_draft_leaves_it_unchanged(selected_run, tiny_dir, capsys, caplog):
+    """`flatspec generate`, greedy: autoregressive, speculative with the run's draft (decode.method=chain),
+    and with decode.method=ar, which decodes without loading the draft; all print the same reply."""
+    import logging
+
+    from flatspec_jax import cli
+
+    run_dir, _ = selected_run
+    overrides = [x for o in tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
+                                               "decode.max_new_tokens=12") for x in ("--set", o)]
+    replies, draft = {}, ["--draft", str(run_dir / "checkpoints")]
+    with caplog.at_level(logging.INFO, logger="flatspec_jax"):
+        for name, extra in [("ar", []), ("chain", draft), ("ar with a draft", [*draft, "--set", "decode.method=ar"])]:
+            caplog.clear()
+            assert cli.main(["generate", "--prompt", "Say hello.", *overrides, *extra]) == 0
+            replies[name] = capsys.readouterr().out
+            method = "chain" if name == "chain" else "ar"
+            assert any(f"{method} decoding: " in r.getMessage() for r in caplog.records), name
+            assert ("loaded draft head" in caplog.text) == (name == "chain"), name
+    assert replies["chain"] == replies["ar"] == replies["ar with a draft"]
+    assert replies["ar"] == replies["ar"].rstrip("\n") + "\n"  # the reply alone on stdout (logs go to stderr)
