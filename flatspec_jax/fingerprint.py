@@ -36,15 +36,19 @@ def file_identity(path: str | Path) -> str:
     return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, edges)
 
 
-def files_identity(paths: Iterable[str | Path]) -> str:
-    """Hex digest of several files' names and contents, independent of their order and directories."""
-    entries = sorted((Path(p).name, file_identity(p)) for p in paths)
+def files_identity(paths: Iterable[str | Path], root: str | Path | None = None) -> str:
+    """Hex digest of several files' names and contents, independent of their order; a name is the
+    path below ``root`` (default: the file's base name, so the directories do not count)."""
+    entries = sorted((Path(p).name if root is None else Path(p).relative_to(root).as_posix(), file_identity(p))
+                     for p in paths)
     return hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
 def source_identity(source: str) -> str:
-    """Identity of the files a ``data.source`` reads (names and contents)."""
-    return files_identity(source_files(source))
+    """Identity of the files a ``data.source`` reads: contents and paths below their common directory
+    (a glob over subdirectories reads them in path order, which decides ids and ``data.limit``)."""
+    files = source_files(source)
+    return files_identity(files, os.path.commonpath([Path(f).parent for f in files]))
 
 
 def model_identity(model_path: str | Path) -> str:

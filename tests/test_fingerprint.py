@@ -96,6 +96,19 @@ def test_a_model_directory_is_identified_with_its_chat_template_files(tmp_path, 
         base = fingerprint.model_identity(model)
 
 
+def test_a_source_globbing_subdirectories_is_identified_with_their_paths(tmp_path):
+    first = write_jsonl(tmp_path / "data" / "a" / "train.jsonl", [conversation("c0", "first")])
+    second = write_jsonl(tmp_path / "data" / "b" / "train.jsonl", [conversation("c1", "second")])
+    base = fingerprint.source_identity(str(tmp_path / "data" / "**" / "*.jsonl"))
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    assert fingerprint.source_identity(str(tmp_path / "moved" / "**" / "*.jsonl")) == base
+    texts = first.read_text(), second.read_text()
+    first.write_text(texts[1])  # the same files and names, read in the other order
+    second.write_text(texts[0])
+    assert fingerprint.source_identity(str(tmp_path / "data" / "**" / "*.jsonl")) != base
+    assert fingerprint.source_identity(str(first)) == fingerprint.files_identity([first])  # one file: its name
+
+
 def test_an_edited_source_is_tokenized_again(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", [conversation("c0", "short")])
     tokenizer = load_tokenizer(model_dir)
