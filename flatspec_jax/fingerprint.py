@@ -1,8 +1,9 @@
 """Content identities of input files, for the fingerprints that tell a stage its outputs are current.
 
-Identities depend on bytes and file names only, never on paths or modification times, so every
-host of a pod computes the same fingerprint from its own copy of the data and the model, and a
-moved run keeps its outputs; editing a file in place changes them.
+Identities depend on bytes and file names only (a data source's names are its files' paths below
+their common directory), never on absolute paths or modification times, so every host of a pod
+computes the same fingerprint from its own copy of the data and the model, and a moved run keeps
+its outputs; editing a file in place changes them.
 """
 
 from __future__ import annotations
