@@ -11,31 +11,26 @@ import pytest
 from flatspec_jax import io
 
 
-def directory_fsyncs_fail_with(monkeypatch, code: int) -> list[int]:
-    """Makes os.fsync of a directory raise OSError(code); returns the directory fds it was called with."""
-    real_fsync, seen = os.fsync, []
+def watch_directory_fsyncs(monkeypatch, fail_with: int | None = None) -> list[int]:
+    """Records the inode of every directory os.fsync is called on, raising OSError(``fail_with``) for
+    them when given; returns the list it fills."""
+    real_fsync, synced = os.fsync, []
 
     def fsync(fd: int) -> None:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            seen.append(fd)
-            raise OSError(code, os.strerror(code))
+            synced.append(os.fstat(fd).st_ino)
+            if fail_with is not None:
+                raise OSError(fail_with, os.strerror(fail_with))
         real_fsync(fd)
 
     monkeypatch.setattr(io.os, "fsync", fsync)
-    return seen
+    return synced
 
 
 def test_atomic_write_replaces_the_file_and_syncs_its_directory(tmp_path, monkeypatch):
     target = tmp_path / "out.json"
     target.write_text("old")
-    real_fsync, synced_directories = os.fsync, []
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            synced_directories.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    monkeypatch.setattr(io.os, "fsync", fsync)
+    synced_directories = watch_directory_fsyncs(monkeypatch)
     io.atomic_write_text(target, "new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
     assert synced_directories == [tmp_path.stat().st_ino]
@@ -43,12 +38,12 @@ def test_atomic_write_replaces_the_file_and_syncs_its_directory(tmp_path, monkey
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
 def test_a_file_system_that_cannot_sync_directories_keeps_the_write(tmp_path, monkeypatch, code):
-    seen = directory_fsyncs_fail_with(monkeypatch, code)
+    seen = watch_directory_fsyncs(monkeypatch, fail_with=code)
     io.atomic_write_text(tmp_path / "out.json", "new")
     assert seen and (tmp_path / "out.json").read_text() == "new"
 
 
 def test_other_directory_sync_errors_are_raised(tmp_path, monkeypatch):
-    directory_fsyncs_fail_with(monkeypatch, errno.EIO)
+    watch_directory_fsyncs(monkeypatch, fail_with=errno.EIO)
     with pytest.raises(OSError, match="Input/output error"):
         io.atomic_write_text(tmp_path / "out.json", "new")

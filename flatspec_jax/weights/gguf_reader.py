@@ -170,9 +170,9 @@ def _hf_config(reader: GGUFFile, tensors: dict[str, GGUFTensor], source: str) ->
     scaling = value(f"{arch}.rope.scaling.type", required=False)
     if scaling not in (None, "none"):
         raise WeightsError(f"{source}: GGUF {arch}.rope.scaling.type is {scaling!r}, which is not supported")
-    for key in (f"{arch}.rope.scale_linear", f"{arch}.rope.scaling.factor"):  # older files scale without a type
-        factor = value(key, required=False)
-        if scaling is None and factor not in (None, 0, 1):
+    for key in (f"{arch}.rope.scale_linear", f"{arch}.rope.scaling.factor") if scaling is None else ():
+        factor = value(key, required=False)  # older files scale without naming a type
+        if factor not in (None, 0, 1):
             raise WeightsError(f"{source}: GGUF {key} is {factor}, a RoPE scaling that is not supported")
     if "model.embed_tokens.weight" not in tensors:
         raise WeightsError(f"{source}: GGUF tensor token_embd.weight is missing")
