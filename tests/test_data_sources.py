@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from flatspec_jax import assets  # noqa: E402
 from flatspec_jax.data.conversations import Conversation, Message, SkipReport  # noqa: E402
-from flatspec_jax.data.sources import DataFormatError, iter_json_array, load_conversations  # noqa: E402
+from flatspec_jax.data.sources import DataFormatError, iter_conversations, iter_json_array, load_conversations  # noqa: E402
 
 SOURCES_LOGGER = "flatspec_jax.data.sources"
 
@@ -188,6 +188,22 @@ def test_bad_records_are_counted_and_explained(tmp_path):
     for reason in list(report.skipped) + list(report.notes):
         assert reason in summary
     assert "neither a 'conversations' nor a 'messages' key" in summary
+
+
+def test_records_read_as_prompts_need_a_user_turn_and_keep_trailing_turns(tmp_path):
+    records = [sharegpt_record("user-only", ("human", "anyone there?")),
+               sharegpt_record("lead", ("gpt", "...as I said."), ("human", "go on"), ("chatgpt", "Sure."),
+                               ("human", "thanks")),
+               sharegpt_record("blank-user", ("human", "  "), ("gpt", "Hello.")),
+               sharegpt_record("reply-only", ("gpt", "Hello."))]
+    path = str(write_json(tmp_path / "prompts.json", records))
+    report = SkipReport()
+    convs = list(iter_conversations(path, report, replies=False))
+    assert [c.id for c in convs] == ["user-only", "lead"]
+    assert convs[1].messages == (Message("user", "go on"), Message("assistant", "Sure."), Message("user", "thanks"))
+    assert dict(report.skipped) == {"no_user_text": 2} and dict(report.notes) == {"leading_assistant": 1}
+    assert "no user turn with non-empty text" in report.summary()
+    assert [c.id for c in iter_conversations(path, SkipReport())] == ["lead", "blank-user"], "replies count"
 
 
 def test_limit_counts_valid_conversations_in_file_order(tmp_path):

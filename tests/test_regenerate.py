@@ -221,9 +221,30 @@ def test_part_records_keep_reply_counts_out_of_the_merged_file(reference):
 
 
 def test_a_source_with_nothing_to_answer_says_why(tiny_dir, tmp_path):
-    source = tmp_path / "prompts.jsonl"
-    source.write_text(json.dumps({"id": "q", "conversations": [{"from": "human", "value": "Hi?"}]}) + "\n")
+    source = tmp_path / "replies_only.jsonl"
+    source.write_text(json.dumps({"id": "r", "messages": [{"role": "user", "content": " "},
+                                                          {"role": "assistant", "content": "Hello."}]}) + "\n")
     cfg = make_config(tiny_dir, tmp_path / "run", f"data.source={source}")
     with pytest.raises(ConfigError, match=r"no conversation to answer: 0 first prompts >= data\.max_length=96; "
-                                          r"records: 1 records read, 0 conversations kept, 1 skipped"):
+                                          r"records: 1 records read, 0 conversations kept, 1 skipped "
+                                          r"\(1 no_user_text"):
         RunContext(cfg).responses  # noqa: B018 - the property regenerates
+
+
+def test_a_source_of_prompts_alone_is_answered(tiny_dir, tmp_path):
+    """Records without replies (and user turns after a record's last reply) are prompts to answer."""
+    source = tmp_path / "prompts.jsonl"
+    records = [{"id": "one", "messages": [{"role": "user", "content": "Name a colour."}]},
+               {"id": "two", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "human", "value": "And?"}]},
+               {"id": "old", "messages": [{"role": "user", "content": "Count to three."},
+                                          {"role": "assistant", "content": "One, two, three."},
+                                          {"role": "user", "content": "Now to four."}]}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = make_config(tiny_dir, tmp_path / "run", f"data.source={source}")
+    RunContext(cfg).responses  # noqa: B018 - the property regenerates
+    answered = {r["id"]: r["messages"] for r in read_records(Path(cfg.run_dir))}
+    assert list(answered) == ["one", "two", "old"]
+    assert [m["content"] for m in answered["one"] if m["role"] == "user"] == ["Name a colour."]
+    assert [m["content"] for m in answered["old"] if m["role"] == "user"] == ["Count to three.", "Now to four."]
+    assert "One, two, three." not in [m["content"] for m in answered["old"]], "the source's reply was kept"
+    assert [m["role"] for m in answered["one"]] == ["user", "assistant"]

@@ -16,6 +16,10 @@ Normalisation rules:
     answers nothing we can see. System turns before the first user turn are kept.
   * User/system turns after the last assistant turn are dropped (note ``trailing_turns``):
     they carry no trained token and would only lengthen the sample.
+  * Prompts (``replies=False``, for ``flatspec regenerate``, which answers the user turns
+    itself): a record needs a user turn with non-empty text instead of an assistant one, and
+    keeps its turns after the last assistant turn (they are prompts to answer). A prompt-only
+    source (user turns, no replies) is then usable.
   * Consecutive turns of the same role are kept as they are; whether that is acceptable
     is the chat template's business (SmolLM2's ChatML renders it fine).
 """
@@ -48,6 +52,7 @@ MALFORMED_TURN = "malformed_turn"
 UNKNOWN_ROLE = "unknown_role"
 NON_STRING_CONTENT = "non_string_content"
 NO_ASSISTANT_TEXT = "no_assistant_text"
+NO_USER_TEXT = "no_user_text"
 
 SKIP_EXPLANATIONS: dict[str, str] = {
     NOT_AN_OBJECT: "record is not a JSON object",
@@ -59,6 +64,7 @@ SKIP_EXPLANATIONS: dict[str, str] = {
     UNKNOWN_ROLE: "a turn has a role we do not map to system/user/assistant",
     NON_STRING_CONTENT: "a turn's content is not a string",
     NO_ASSISTANT_TEXT: "no assistant turn with non-empty text (after dropping leading assistant turns)",
+    NO_USER_TEXT: "no user turn with non-empty text (a prompt to answer)",
 }
 
 # Notes: kept records that were changed.
@@ -83,7 +89,8 @@ class Message:
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    """A validated conversation: at least one assistant turn with non-empty text, none before the first user turn."""
+    """A validated conversation: at least one assistant turn with non-empty text (a user turn with
+    non-empty text, read as prompts), no assistant turn before the first user turn."""
 
     id: str
     messages: tuple[Message, ...]
@@ -170,7 +177,8 @@ def record_id(raw: Any, index: int, source_name: str) -> str:
     return f"{source_name}:{index}"
 
 
-def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport) -> Conversation | None:
+def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport, *,
+                     replies: bool = True) -> Conversation | None:
     """Validates and normalises one raw record (module docstring: the rules).
 
     Args:
@@ -178,6 +186,7 @@ def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport)
       index: its 0-based position in its source, for the fallback id.
       source_name: names the source in fallback ids ("sharegpt", a file name).
       report: counts the record, and its skip reason or trimming notes.
+      replies: the record must hold a reply to train on (False: prompts, answered by the target).
 
     Returns:
       The Conversation, or None when the record was skipped (the reason is in ``report``).
@@ -219,15 +228,24 @@ def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport)
             report.skip(NON_STRING_CONTENT, rid, f"turn {position} content is {type(content).__name__}")
             return None
         messages.append(Message(role, content))
-    return _trim(Conversation(rid, tuple(messages)), report)
+    return _trim(Conversation(rid, tuple(messages)), report, replies)
 
 
-def _trim(conv: Conversation, report: SkipReport) -> Conversation | None:
-    """Drops leading assistant turns and trailing non-assistant turns; skips what has no assistant text left."""
+def _trim(conv: Conversation, report: SkipReport, replies: bool) -> Conversation | None:
+    """Drops leading assistant turns and (with ``replies``) trailing non-assistant turns; skips what has no
+    assistant text left (no user text, as prompts)."""
     messages = list(conv.messages)
     first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
     leading = {i for i in range(first_user) if messages[i].role == "assistant"}
     messages = [m for i, m in enumerate(messages) if i not in leading]
+    if not replies:
+        if not any(m.role == "user" and m.content.strip() for m in messages):
+            report.skip(NO_USER_TEXT, conv.id, f"roles {[m.role for m in conv.messages]}"[:120])
+            return None
+        if leading:
+            report.note(LEADING_ASSISTANT, conv.id, f"{len(leading)} turn(s)")
+        report.kept += 1
+        return Conversation(conv.id, tuple(messages))
     last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     if not any(m.role == "assistant" and m.content.strip() for m in messages):
         report.skip(NO_ASSISTANT_TEXT, conv.id, f"roles {[m.role for m in conv.messages]}"[:120])

@@ -7,8 +7,10 @@ verified against. With ``data.responses: target`` every stage reads these conver
 instead of the source's.
 
 Each conversation keeps its system message (if any) and its first ``regenerate.turns`` user
-turns; turn t is answered by the target given the earlier user turns and the target's own
-earlier replies. A conversation is dropped when its first prompt leaves no room for a reply
+turns; the source's replies are not read, so a source of prompts alone (records of user turns)
+works as well as a chat dump (records are read as prompts: they need a user turn with text).
+Turn t is answered by the target given the earlier user turns and the target's own earlier
+replies. A conversation is dropped when its first prompt leaves no room for a reply
 within ``data.max_length`` (``prompt_too_long``) or the target's first reply is empty
 (``empty_reply``); later turns stop at the first that does not fit or gets an empty reply.
 
@@ -73,11 +75,11 @@ def _reply_settings(cfg: Config) -> dict[str, Any]:
 
 
 def regenerate_fingerprint(cfg: Config, model_path: str) -> str:
-    """What the replies depend on: the target (settings and files), the source's files, the lengths,
-    the regenerate settings and the seed."""
+    """What the replies depend on: the target (settings and files), the source's files and how its
+    records are read (as prompts), the lengths, the regenerate settings and the seed."""
     payload = json.dumps({"model": cfg.section_hash("model"), "model_files": model_identity(model_path),
                           "source": source_identity(cfg.data.source), "limit": cfg.data.limit,
-                          "max_length": cfg.data.max_length,
+                          "max_length": cfg.data.max_length, "records": "prompts",
                           "regenerate": _reply_settings(cfg), "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -224,7 +226,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     worker = _Regenerator(cfg, target, tokenizer, eos_ids, pad_id)
     report = SkipReport()
     sources, first_lengths, too_long = [], [], 0
-    for conv in iter_conversations(cfg.data.source, report, cfg.data.limit):
+    for conv in iter_conversations(cfg.data.source, report, cfg.data.limit, replies=False):
         source = _split(conv, len(sources), settings.turns)
         first = _prompt(tokenizer, source, [])
         if worker.fits(first):

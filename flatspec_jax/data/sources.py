@@ -76,8 +76,10 @@ def load_conversations(source: str, limit: int | None = None) -> tuple[list[Conv
     return conversations, report
 
 
-def iter_conversations(source: str, report: SkipReport, limit: int | None = None) -> Iterator[Conversation]:
-    """Streams the valid conversations of ``source`` (as ``load_conversations``), counting into ``report``."""
+def iter_conversations(source: str, report: SkipReport, limit: int | None = None, *,
+                       replies: bool = True) -> Iterator[Conversation]:
+    """Streams the valid conversations of ``source`` (as ``load_conversations``), counting into ``report``;
+    ``replies=False`` reads records as prompts (:func:`~flatspec_jax.data.conversations.normalize_record`)."""
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive or None, got {limit}")
     kept = 0
@@ -87,7 +89,7 @@ def iter_conversations(source: str, report: SkipReport, limit: int | None = None
                 report.records += 1
                 report.skip(INVALID_JSON, f"{source_name} line {raw.line}", raw.error)
                 continue
-            conv = normalize_record(raw, index, source_name, report)
+            conv = normalize_record(raw, index, source_name, report, replies=replies)
             if conv is not None:
                 yield conv
                 kept += 1
