@@ -589,6 +589,9 @@ def edit_head(source: Path, destination: Path, config_changes: dict | None = Non
      r"tensor layers.1.mlp.up_proj.weight: shape \(32, 32\) does not fit"),
     ({"num_hidden_layers": 3}, None, "no tensor 'layers.2."),
     ({"bias": False}, None, "unexpected tensor 'fc.bias'"),
+    (None, {"layers.0.mlp.up_proj.weight": None, "d2t": np.zeros(8, np.int64),
+            "midlayer.mlp.up_proj.weight": np.zeros((64, 32), np.float32)},
+     r"an EAGLE-3 head \(tensor 'd2t'; 2 such\).*only EAGLE-1/2 heads are imported"),
 ])
 def test_import_names_what_does_not_match_the_target(llama_run, llama_dir, tmp_path, config_changes,
                                                       tensor_changes, message):

@@ -117,6 +117,15 @@ def test_stale_manifest_and_missing_position_stats_are_skipped(tmp_path, caplog)
     assert "made from other scores" in caplog.text and "token-flatness-by-position" in caplog.text
 
 
+def test_scores_without_a_column_skip_the_score_plots_naming_file_and_column(full_run, caplog):
+    table = pq.read_table(full_run / "scores.parquet")
+    pq.write_table(table.drop(["entropy"]), full_run / "scores.parquet")
+    with caplog.at_level(logging.WARNING):
+        written = report_stage.run(config(full_run))
+    assert {p.name for p in written} == METRIC_PLOTS | {"depth_acceptance.png"}
+    assert f"no score plots: {full_run / 'scores.parquet'} lacks column 'entropy'" in caplog.text
+
+
 def test_empty_and_missing_run_dirs(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert report_stage.run(config(tmp_path)) == []

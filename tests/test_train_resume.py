@@ -17,6 +17,7 @@ redo logged work), then re-run to completion. Checked, bitwise:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -28,7 +29,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flatspec_jax.config import load_config
 from flatspec_jax.train.metrics import read_metrics
+from flatspec_jax.train.optim import learning_rate_schedule
+from flatspec_jax.train.resume import check_resumable
 from tiny_target import cli_env, save_tiny_llama
 
 
@@ -188,3 +192,20 @@ def test_checkpoints_with_grain_iterator_states_still_resume(tmp_path):
         assert checkpointer._data_state(8) == {"next_batch": 16}
     finally:
         checkpointer.close()
+
+
+def test_a_new_train_steps_warns_with_the_learning_rate_it_resumes_at(tmp_path, caplog):
+    saved = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.schedule=cosine"])
+    meta = {"config": saved.to_dict()}
+    longer = load_config(None, ["train.steps=200", "train.warmup_steps=10", "train.schedule=cosine"])
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.train.resume"):
+        check_resumable(tmp_path, meta, longer, {}, start=100)
+    assert "step 101 trains at" in caplog.text and "train.steps=200" in caplog.text
+    assert f"instead of {float(learning_rate_schedule(saved.train)(100)):.3g}" in caplog.text
+    caplog.clear()
+    constant = ["train.schedule=constant", "train.warmup_steps=10"]
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.train.resume"):
+        check_resumable(tmp_path, {"config": load_config(None, ["train.steps=100", *constant]).to_dict()},
+                        load_config(None, ["train.steps=200", *constant]), {}, start=100)
+        check_resumable(tmp_path, meta, saved, {}, start=50)
+    assert caplog.text == "", "the same learning rate needs no warning"

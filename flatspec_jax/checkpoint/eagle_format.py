@@ -130,6 +130,11 @@ def to_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+_EAGLE3_KEYS = frozenset({"d2t", "t2d"})
+_EAGLE3_PREFIXES = ("midlayer.",)
+"""Tensors only the EAGLE-3 reference head holds: its layer (``midlayer``) and vocabulary maps."""
+
+
 def from_state_dict(tensors: Mapping[str, np.ndarray], flat_shapes: Mapping[str, tuple[int, ...]], source: str,
                     dtype: str = "float32") -> dict[str, np.ndarray]:
     """The reference state dict -> our flat head parameters (host arrays of ``dtype``).
@@ -142,6 +147,11 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], flat_shapes: Mapping[str,
     """
     slots = tensor_slots(flat_shapes)
     expected = {s.hf_key for s in slots}
+    eagle3 = sorted(k for k in tensors if k in _EAGLE3_KEYS or k.startswith(_EAGLE3_PREFIXES))
+    if eagle3:
+        raise CheckpointMismatchError(f"{source}: an EAGLE-3 head (tensor {eagle3[0]!r}; {len(eagle3)} such): its "
+                                      "layer reads fused features of three target layers and drafts over its own "
+                                      "vocabulary; only EAGLE-1/2 heads are imported")
     missing = [s.hf_key for s in slots if s.hf_key not in tensors]
     if missing:
         raise CheckpointMismatchError(f"{source}: no tensor {missing[0]!r} ({len(missing)} missing of the "

@@ -8,8 +8,8 @@ atomically by orbax: a half-written step is never visible as a step):
              parameters keyed by their NNX path, each an NNX variable's {"value": array} in
              our [in, out] orientation with head axes split (q_proj [D, N, H], o_proj [N, H, D];
              ``weights.layout.LAYER_TENSORS`` maps them to HF names and shapes);
-             optimizer leaves keyed by their path in optax's state, e.g. "1/0/mu/fc/kernel/value"
-             (the AdamW first moment of fc's kernel; checkpoints of earlier versions of this package
+             optimizer leaves keyed by their path in optax's state, e.g. "1/0/mu/fc/value"
+             (the AdamW first moment of fc's weight; checkpoints of earlier versions of this package
              key them "000", "001", ... in flattening order, and still restore). To read a head
              without this package, ``flatspec export`` writes the public EAGLE layout
     data/    JSON: the training data's position, {"next_batch": global batches consumed}

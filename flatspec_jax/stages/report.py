@@ -24,6 +24,7 @@ from flatspec_jax import report
 from flatspec_jax.config import Config
 from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.selection import (
+    REQUIRED_COLUMNS,
     SCORES_FILE,
     SELECTION_FILE,
     ManifestError,
@@ -58,6 +59,11 @@ def _current_manifest(directory: Path, scores_path: Path) -> dict[str, Any] | No
 def score_plots(cfg: Config, scores_path: Path, out: Path) -> list[Path]:
     """Flatness histogram with the selection cut, flatness vs entropy, token flatness by position."""
     table = pq.read_table(scores_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        log.warning("no score plots: %s lacks column %r (has %s); re-run `flatspec score`", scores_path, missing[0],
+                    ", ".join(table.column_names))
+        return []
     ids = np.asarray(table["id"].to_pylist(), dtype=object)
     flatness = np.asarray(table["flatness"].to_numpy(zero_copy_only=False), dtype=np.float64)
     entropy = np.asarray(table["entropy"].to_numpy(zero_copy_only=False), dtype=np.float64)

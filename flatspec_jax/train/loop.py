@@ -136,7 +136,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         checkpoints.close()
         refuse_imported_head(checkpoints.directory)
     if start:  # before any compilation: a run that may not resume fails at once
-        check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs)
+        check_resumable(checkpoints.directory, read_meta(checkpoints.directory, start)[1], cfg, inputs, start)
     if start >= tcfg.steps:  # nothing left to train: report what the finished run logged
         log.log(logging.INFO if start == tcfg.steps else logging.WARNING,
                 "%s holds step %d (train.steps=%d): nothing to train; the head of step %d is the run's",

@@ -10,13 +10,18 @@ run and its bookkeeping may change.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.tokenized import TokenizedDataset
+from flatspec_jax.train.optim import learning_rate_schedule
+
+log = logging.getLogger(__name__)
 
 COMPARED_SECTIONS = ("model", "data", "draft", "train", "seed")
 """Config sections whose settings a resumed run must share with its checkpoints, except:"""
@@ -73,12 +78,24 @@ def refuse_imported_head(directory: Path) -> None:
                       "run_dir")
 
 
-def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None]) -> None:
-    """Raises ConfigError listing every difference between the checkpoints in ``directory`` and this run.
+def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None],
+                    start: int) -> None:
+    """Raises ConfigError listing every difference between the checkpoints in ``directory`` and this run,
+    and warns when a new ``train.steps`` changes the learning rate the run resumes with at step ``start``.
 
     Settings and inputs a checkpoint written by an older version did not record are not compared.
     """
     refuse(directory, setting_changes(saved_meta, cfg) + input_changes(saved_meta, inputs))
+    saved_steps = saved_meta.get("config", {}).get("train", {}).get("steps", cfg.train.steps)
+    if saved_steps == cfg.train.steps:
+        return
+    before = float(learning_rate_schedule(dataclasses.replace(cfg.train, steps=saved_steps))(start))
+    now = float(learning_rate_schedule(cfg.train)(start))
+    if before != now:
+        log.warning("%s holds step %d of a %d-step run; resumed with train.steps=%d, the learning-rate schedule is "
+                    "rebuilt for %d steps: step %d trains at %.3g instead of %.3g (neither the %d-step run nor an "
+                    "uninterrupted %d-step one)", directory, start, saved_steps, cfg.train.steps, cfg.train.steps,
+                    start + 1, now, before, saved_steps, cfg.train.steps)
 
 
 SAMPLES_CHANGED = ("the tokenized samples (the data file, data.limit, data.max_length, data.responses or the model's "
