@@ -60,7 +60,9 @@ class DataConfig:
     selection: str | None = None
     """Selection manifest for training: a path, 'run' (the run directory's selection.json) or null (all data)."""
     heldout: int = 16
-    """Samples held out of training (the last ones in file order) for draft agreement metrics."""
+    """Samples held out of training (the last ones in file order) for draft agreement metrics. ShareGPT
+    splits long chats into records <chat>_<part>: the first held-out records may continue a chat whose
+    earlier parts are trained on (later turns of the same chat)."""
     shuffle_seed: int = 0
     """Seed of the training data order."""
     num_workers: int = 0
