@@ -313,3 +313,14 @@ def test_restore_with_another_optimizer_names_the_step_and_the_leaves(fsdp8_chec
     with pytest.raises(CheckpointMismatchError, match=rf"{directory}/{STEP}: its optimizer state does not fit "
                                                       r"this optimizer \(missing \['0/trace/"):
         restore_on(directory, mesh_of(), sgd)
+
+
+def test_retention_keeps_the_latest_steps_and_the_one_of_lowest_held_out_loss(tmp_path, tx):
+    state, _ = train_state_on(mesh_of(), tx)
+    checkpoints = DraftCheckpointer(tmp_path / "checkpoints", keep=1)
+    iterator = data_iterator()
+    for step, eval_loss in zip((1, 2, 3, 4), (3.0, 1.0, 2.0, 4.0)):
+        checkpoints.save(step, state, iterator, meta_for(), metrics={"eval_loss": eval_loss})
+        checkpoints.wait()
+    assert sorted(checkpoints.manager.all_steps()) == [2, 4], "the best (step 2) and the latest (step 4)"
+    checkpoints.close()

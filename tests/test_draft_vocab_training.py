@@ -135,6 +135,8 @@ def test_an_oversized_draft_vocab_is_named(tiny_dir, tmp_path):
     (["train.loss=tvdpp"], r"train\.loss: 'eagle' -> 'tvdpp'"),
     (["data.selection=run", "select.keep=0.5"], r"the selected samples \(select\.\*"),
     (["data.limit=10"], r"the tokenized samples"),
+    (["data.heldout=3"], r"data\.heldout: 2 -> 3"),
+    (["data.shuffle_seed=1"], r"data\.shuffle_seed: 0 -> 1"),
 ])
 def test_resuming_with_other_inputs_is_an_error_naming_them(reduced_run, tmp_path, changes, named):
     run_dir = tmp_path / "run"

@@ -506,6 +506,15 @@ def test_generate_stops_at_full_cache(gen_model, greedy_reference):
 PROBS = np.array([0.15, 0.5, 0.05, 0.2, 0.1])  # sorted: 0.5 (1), 0.2 (3), 0.15 (0), 0.1 (4), 0.05 (2)
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """Probabilities 1/2, 1/4, 1/4 (exact in float32): at top_p 0.5 the first token's mass reaches
+    top_p, so the nucleus is that token alone (a strict ">" would add both tied 1/4 tokens)."""
+    logits = jnp.asarray([np.log(2.0), 0.0, 0.0], jnp.float32)
+    assert float(jnp.exp(jax.nn.log_softmax(logits))[0]) == 0.5
+    got = np.exp(np.asarray(warped_log_probs(logits, SamplingSettings(temperature=1.0, top_p=0.5))))
+    np.testing.assert_array_equal(got, [1.0, 0.0, 0.0])
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = jnp.asarray(np.log(PROBS) + 3.0, jnp.float32)  # a shift changes nothing
     cases = {

@@ -112,6 +112,12 @@ def test_heldout_tail_is_never_selected(table):
         select_samples(table, "sfdd", 0.5, 0, heldout=9)
 
 
+def test_score_rules_skip_samples_without_a_trained_token_whatever_their_score():
+    table = scores_table([0.9, 0.1, 0.2], n_trained=[0, 5, 5])  # s0: the flattest, but nothing to train
+    selection = select_samples(table, "sfdd", 1.0, 0, heldout=0)
+    assert selection.ids == ("s1", "s2") and selection.eligible == 2
+
+
 def test_output_is_in_file_order_not_score_order():
     table = scores_table([0.1, 0.9, 0.5, 0.7, 0.3])
     selection = select_samples(table, "sfdd", 0.6, 0, heldout=0)

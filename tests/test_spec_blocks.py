@@ -390,6 +390,18 @@ def test_verify_greedy_tree_follows_the_target_through_a_later_branch():
     assert verdict.bonus.tolist() == [11, 12]
 
 
+def test_verify_greedy_tree_accepts_no_node_below_a_rejected_ancestor():
+    """Node 10 (depth 3) and its parent 4 both equal their parent's argmax, but node 4's parent,
+    node 1, is not the root's choice: the accepted path is root -> node 2, whatever lies below node 1."""
+    tokens = [[9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    choices = np.zeros((1, 11), np.int32)
+    choices[0, [0, 1, 4, 2]] = [2, 4, 10, 5]  # node 2's choice (5) is none of its children's tokens
+    verdict = jax.jit(verify_greedy_tree)(worked_tree(tokens), one_hot_logits(choices))
+    assert verdict.accepted.tolist() == [1]
+    assert verdict.path.tolist() == [[0, 2, -1, -1]]
+    assert verdict.bonus.tolist() == [5]
+
+
 def test_verify_sampling_tree_with_point_masses_is_deterministic():
     """A point-mass target accepts exactly its token: earlier siblings (p = 0) are rejected and
     the later one, holding all the remaining mass, accepted; the bonus follows the target."""

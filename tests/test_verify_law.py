@@ -3,8 +3,10 @@
 No sampling and no model here: the probability of emitting each token is summed over the
 verifier's branches in closed form and compared with p, for random p and q over a small
 vocabulary. Either may be zero on some tokens (as top-p warping or a reduced draft vocabulary
-makes them), and q = p is included. (The decoders' output law is checked statistically, with
-real models, in ``test_spec_sampling.py``.)
+makes them), and q = p is included. The acceptance rules are written out here as the papers
+state them, so these tests check the residual algebra the verifiers share, not the verifiers'
+own code: ``test_spec_sampling.py`` checks the decoders' output law statistically, and
+``test_spec_blocks.py`` the verifiers on point-mass cases.
   * Chain (Leviathan et al.): a draft x ~ q is accepted with probability min(1, p(x) / q(x));
     the rejection, of probability 1 - sum_w min(p_w, q_w), is followed by a sample from
     norm(residual(p, q)).
