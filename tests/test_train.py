@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -883,3 +884,38 @@ def test_a_mesh_must_hold_devices_of_every_process():
     with pytest.raises(ConfigError, match=r"mesh \{'data': 4, 'fsdp': 1, 'tensor': 1\} holds devices of process\(es\) "
                                           r"\[0\] only, but all 2 processes feed it rows"):
         check_process_rows(mesh, ShardingRules(), lambda d: d.id // 4, process_count=2)
+
+
+def test_a_failed_checkpoint_save_ends_training_with_the_checkpoints_closed(target, dataset, tmp_path, monkeypatch):
+    """The save's error reaches the caller and the checkpoint manager is closed (an open one kept its save
+    thread, and the process never exited)."""
+    closed = []
+    original_close = train_loop.DraftCheckpointer.close
+
+    def failing_save(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self.directory))
+
+    def recording_close(self):
+        closed.append(self.directory)
+        original_close(self)
+
+    monkeypatch.setattr(train_loop.DraftCheckpointer, "save", failing_save)
+    monkeypatch.setattr(train_loop.DraftCheckpointer, "close", recording_close)
+    cfg = load_config(None, ["train.steps=2", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 8}",
+                             "train.save_every=1", "data.heldout=0", f"train.loss_chunk={LOSS_CHUNK}"])
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    with pytest.raises(OSError, match="No space left on device"):
+        train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
+    assert closed == [tmp_path / "checkpoints"]
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, monkeypatch):
+    from flatspec_jax.checkpoint import manager
+
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setattr(manager.os, "access", lambda path, mode: Path(path) != tmp_path / "checkpoints")
+    with pytest.raises(PermissionError, match=rf"{tmp_path / 'checkpoints'} is not writable"):
+        manager.DraftCheckpointer(tmp_path / "checkpoints", keep=1)
+    monkeypatch.setattr(manager.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(PermissionError, match=rf"{tmp_path} is not writable.*saved to {tmp_path / 'new'}"):
+        manager.DraftCheckpointer(tmp_path / "new", keep=1)

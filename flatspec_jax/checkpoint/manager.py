@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -154,6 +155,11 @@ class DraftCheckpointer:
     """Keeps the last ``keep`` checkpoints plus the best one by held-out loss; saves asynchronously."""
 
     def __init__(self, directory: Path, keep: int):
+        """Raises PermissionError when ``directory`` (or, not yet made, its nearest existing parent) cannot
+        be written: found before training, not at the first save after minutes of it."""
+        existing = next(p for p in (Path(directory).absolute(), *Path(directory).absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{existing} is not writable: the draft's checkpoints cannot be saved to {directory}")
         preservation = policies.AnyPreservationPolicy([
             policies.preservation_policy.LatestN(n=keep),
             policies.preservation_policy.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,

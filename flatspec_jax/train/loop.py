@@ -172,49 +172,51 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     window_start, window_counts = time.perf_counter(), []
-    with StepProfiler.for_stage(cfg.profile, run_dir, "train") as profiler:
-        for step in range(start + 1, tcfg.steps + 1):
-            local = _next_micro_batches(iterator, tcfg.grad_accum)
-            batches = _global_batch(local, rows_sharding)
-            if step == 1:  # the untrained head: the baseline of the curves
-                heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
-                                                    tcfg.unroll) if heldout else {})
-                metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
-                                   **heldout_metrics})
-                window_start = time.perf_counter()
-            evaluated = bool(heldout) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
-            logged = step % tcfg.log_every == 0 or step == tcfg.steps or evaluated
-            with profiler.step(step - start):
-                state, metrics = train_step(state, target_params, batches, logged)
-            profiler.step_done(step - start, (state, metrics))
-            progress.update(1)
-            window_counts.append(metrics["tokens"])  # a device scalar: read when the step is logged
-            eval_metrics = None
-            if evaluated:
-                jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
-                paused = time.perf_counter()
-                eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
-                                                tcfg.unroll)
-                heldout_metrics = eval_metrics
-                window_start += time.perf_counter() - paused
-            if logged:
-                final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
-                elapsed = time.perf_counter() - window_start
-                window_tokens = sum(float(count) for count in window_counts)
-                final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
-                peak = device_peak_gib()
-                if peak is not None:
-                    final["device_peak_gib"] = peak
-                progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
-                window_start, window_counts = time.perf_counter(), []
-                metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
-            if step % tcfg.save_every == 0 or step == tcfg.steps:
-                checkpoints.save(step, state, iterator, meta,
-                                 metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
-    progress.close()
-    checkpoints.wait()
-    checkpoints.close()
-    metrics_log.close()
+    try:  # a failed save (a full disk) must not leave orbax's save thread holding the process at exit
+        with StepProfiler.for_stage(cfg.profile, run_dir, "train") as profiler:
+            for step in range(start + 1, tcfg.steps + 1):
+                local = _next_micro_batches(iterator, tcfg.grad_accum)
+                batches = _global_batch(local, rows_sharding)
+                if step == 1:  # the untrained head: the baseline of the curves
+                    heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
+                                                        tcfg.unroll) if heldout else {})
+                    metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
+                                       **heldout_metrics})
+                    window_start = time.perf_counter()
+                evaluated = bool(heldout) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
+                logged = step % tcfg.log_every == 0 or step == tcfg.steps or evaluated
+                with profiler.step(step - start):
+                    state, metrics = train_step(state, target_params, batches, logged)
+                profiler.step_done(step - start, (state, metrics))
+                progress.update(1)
+                window_counts.append(metrics["tokens"])  # a device scalar: read when the step is logged
+                eval_metrics = None
+                if evaluated:
+                    jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
+                    paused = time.perf_counter()
+                    eval_metrics = evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
+                                                    tcfg.unroll)
+                    heldout_metrics = eval_metrics
+                    window_start += time.perf_counter() - paused
+                if logged:
+                    final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
+                    elapsed = time.perf_counter() - window_start
+                    window_tokens = sum(float(count) for count in window_counts)
+                    final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
+                    peak = device_peak_gib()
+                    if peak is not None:
+                        final["device_peak_gib"] = peak
+                    progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
+                    window_start, window_counts = time.perf_counter(), []
+                    metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
+                if step % tcfg.save_every == 0 or step == tcfg.steps:
+                    checkpoints.save(step, state, iterator, meta,
+                                     metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
+        checkpoints.wait()
+    finally:
+        progress.close()
+        checkpoints.close()
+        metrics_log.close()
     return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
                         final=final, heldout=heldout_metrics)
 
