@@ -105,11 +105,13 @@ _FLAG_TO_KEY = {
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
+    spelled = {}
     for flag, key in _FLAG_TO_KEY.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, overrides)
+            spelled[overrides[-1]] = f"--{flag.replace('_', '-')} {value}"
+    cfg = load_config(args.config, overrides, spelled)
     # A path, taken as typed (through --set it would be read as YAML: "runs/a #2" would lose its tail).
     run_dir = getattr(args, "run_dir", None)
     return cfg if run_dir is None else dataclasses.replace(cfg, run_dir=run_dir)

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -429,8 +430,12 @@ def _jsonable(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                spelled: typing.Mapping[str, str] | None = None) -> Config:
     """Reads a YAML config (or the defaults when ``path`` is None) and applies ``key.path=value`` overrides.
+
+    ``spelled`` maps an override to the words that gave it (a verb flag such as ``--top-p 2``), which
+    errors quote instead of ``--set key.path=value``.
 
     Raises:
       ConfigError: naming the file and key for an unknown key, a wrong type or a value out of range.
@@ -456,16 +461,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
         _set_path(raw, key.strip().split("."), _parse_value(value), source)
-        given[key.strip()] = override
+        given[key.strip()] = (spelled or {}).get(override, f"--set {override}")
     try:
         return _build(Config, raw, prefix="")
     except ConfigError as err:
-        # Blame the --set that gave the key or value at fault (or one inside the section at fault), or else the file.
+        # Blame the --sets that gave a key the message names (the key at fault, a section holding it, or the
+        # other key of a rule between two), or else the file.
         message = str(err)
         key = message.partition(";")[0][len("unknown key "):] if message.startswith("unknown key ") else \
             message.partition(":")[0]
-        culprit = next((f"--set {o}" for k, o in given.items() if k == key or k.startswith(key + ".")), source)
-        raise ConfigError(f"{culprit}: {err}") from None
+        named = [key, *re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", message.partition(":")[2])]
+        culprits = [o for k, o in given.items() if any(k == n or k.startswith(n + ".") for n in named)]
+        raise ConfigError(f"{', '.join(culprits) or source}: {err}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -497,8 +504,8 @@ def _set_path(raw: dict[str, Any], keys: list[str], value: Any, source: str) -> 
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
             given_by = source if source != "defaults" else "an earlier --set"  # the file, unless no file
-            raise ConfigError(f"{given_by}: {prefix}{key}: expected a mapping, got {child!r} (so --set "
-                              f"{'.'.join(keys)} cannot apply)")
+            raise ConfigError(f"--set {'.'.join(keys)}: needs {prefix}{key} to be a section, but {given_by} gives "
+                              f"it the value {child!r}")
         node, prefix = child, f"{prefix}{key}."
     node[keys[-1]] = value
 
@@ -508,7 +515,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")

@@ -66,10 +66,30 @@ def test_a_set_value_that_is_not_yaml_meets_the_fields_type_check():
         load_config(None, ["train.steps=[1"])
 
 
-def test_a_set_into_a_files_non_section_blames_the_file(tmp_path):
+def test_a_set_into_a_non_section_names_the_set_and_where_the_value_came_from(tmp_path):
     path = write(tmp_path, "train: 5\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: train: expected a mapping, got 5 \(so --set train\.steps"):
+    with pytest.raises(ConfigError, match=rf"^--set train\.steps: needs train to be a section, but {path} gives it "
+                                          r"the value 5$"):
         load_config(path, ["train.steps=4"])
+    path = write(tmp_path, "train:\n  steps: 2\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.steps\.x: needs train\.steps to be a section"):
+        load_config(path, ["train.steps.x=3"])
+    with pytest.raises(ConfigError, match=r"^--set train\.steps\.x: .* but an earlier --set gives it the value 2$"):
+        load_config(None, ["train.steps=2", "train.steps.x=3"])
+
+
+def test_a_rule_between_two_keys_blames_the_set_of_either(tmp_path):
+    path = write(tmp_path, "data:\n  max_length: 512\nscore:\n  row_length: 512\n")
+    with pytest.raises(ConfigError, match=r"^--set data\.max_length=1000: score\.row_length: must be >= data\.max_len"):
+        load_config(path, ["data.max_length=1000"])
+    with pytest.raises(ConfigError, match=rf"^{path}: score\.row_length: must be >= data\.max_length \(2000\)"):
+        load_config(write(tmp_path, "data:\n  max_length: 2000\n"), [])
+
+
+def test_numeric_yaml_keys_are_reported_as_unknown(tmp_path):
+    path = write(tmp_path, "1: a\nfoo: b\n")
+    with pytest.raises(ConfigError, match=r"unknown key 1; valid keys under the top level"):
+        load_config(path, [])
 
 
 def test_draft_vocabulary_smaller_than_top_k_is_refused():
@@ -148,3 +168,14 @@ def test_run_dir_flag_is_taken_as_typed(run_dir):
     from flatspec_jax.cli import build_parser, resolve_config
 
     assert resolve_config(build_parser().parse_args(["train", "--run-dir", run_dir])).run_dir == run_dir
+
+
+@pytest.mark.parametrize("flags, quoted", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: decode.max_new_tokens"),
+    (["--top-p", "2"], "--top-p 2.0: decode.top_p"),
+])
+def test_a_bad_verb_flag_is_quoted_as_typed(flags, quoted):
+    from flatspec_jax.cli import build_parser, resolve_config
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(quoted)}"):
+        resolve_config(build_parser().parse_args(["generate", "--prompt", "hi", *flags]))
