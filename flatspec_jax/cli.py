@@ -126,7 +126,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     from flatspec_jax import runtime
 
-    runtime.initialize_distributed(cfg.distributed)
+    try:
+        runtime.initialize_distributed(cfg.distributed)
+    except ConfigError as err:
+        print(f"flatspec {args.verb}: config error: {err}", file=sys.stderr)
+        return 2
     runtime.setup_logging(args.verbose)
     runtime.ignore_closed_loop_callbacks()
     if args.config is None and args.verb in WRITES_RUN_DIR:

@@ -282,6 +282,16 @@ class DistributedConfig:
     process_id: int | None = None
     """This process's index (else JAX_PROCESS_ID or auto-detection)."""
 
+    def __post_init__(self) -> None:
+        if self.coordinator_address is not None:
+            host, _, port = self.coordinator_address.rpartition(":")
+            _require(bool(host) and port.isdigit(), "distributed.coordinator_address",
+                     f"expected host:port, got {self.coordinator_address!r}")
+        _require(self.num_processes is None or self.num_processes >= 1, "distributed.num_processes", "must be >= 1")
+        _require(self.process_id is None or self.process_id >= 0, "distributed.process_id", "must be >= 0")
+        _require(self.process_id is None or self.num_processes is None or self.process_id < self.num_processes,
+                 "distributed.process_id", f"must be < distributed.num_processes ({self.num_processes})")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:

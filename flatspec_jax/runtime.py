@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from flatspec_jax.config import DistributedConfig
+from flatspec_jax.config import ConfigError, DistributedConfig
 from flatspec_jax.io import remove_temporaries
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,29 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
         cfg.coordinator_address is not None or _cluster_detected())
     if not enabled or jax.distributed.is_initialized():
         return
-    num_processes = cfg.num_processes
-    process_id = cfg.process_id
-    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
+    num_processes = cfg.num_processes if cfg.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = cfg.process_id if cfg.process_id is not None else _env_int("JAX_PROCESS_ID")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except (ValueError, IndexError, TypeError) as err:  # what JAX raises for settings it cannot use
+        raise ConfigError(f"distributed.*: cannot join the multi-process job with coordinator_address="
+                          f"{cfg.coordinator_address!r}, num_processes={num_processes}, process_id={process_id} "
+                          f"(null fields: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or cluster "
+                          f"detection): {err}") from err
+
+
+def _env_int(name: str) -> int | None:
+    """The integer in environment variable ``name`` (None when unset or empty)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
 LOCK_FILE = ".flatspec.lock"

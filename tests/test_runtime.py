@@ -9,6 +9,7 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 from flatspec_jax import cli, runtime
+from flatspec_jax.config import ConfigError, DistributedConfig, load_config
 
 ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
 
@@ -82,3 +83,28 @@ def test_a_verb_without_config_warns_that_it_runs_the_built_in_defaults(tmp_path
         (tmp_path / "run.yaml").write_text("data:\n  limit: 8\n")
         assert cli.main(["select", "--config", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path)]) == 1
     assert "no --config" not in caplog.text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distributed.coordinator_address=notahost"], r"distributed\.coordinator_address: expected host:port"),
+    (["distributed.num_processes=-3"], r"distributed\.num_processes: must be >= 1"),
+    (["distributed.num_processes=2", "distributed.process_id=5"],
+     r"distributed\.process_id: must be < distributed\.num_processes \(2\)"),
+])
+def test_distributed_settings_are_checked_when_loaded(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_job_jax_cannot_join_is_a_config_error_naming_the_settings(monkeypatch):
+    def refuse(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(runtime.jax.distributed, "initialize", refuse)
+    monkeypatch.setattr(runtime.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ConfigError, match=r"distributed\.\*: cannot join .*num_processes=2.*should be defined"):
+        runtime.initialize_distributed(DistributedConfig(enabled=True))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match=r"environment variable JAX_NUM_PROCESSES='two': expected an integer"):
+        runtime.initialize_distributed(DistributedConfig(enabled=True))
