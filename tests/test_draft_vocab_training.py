@@ -13,6 +13,7 @@ is an error; a head trained on the whole vocabulary still drafts from ``decode.d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, read_meta
-from flatspec_jax.config import ConfigError, load_config
+from flatspec_jax.config import ConfigError, DecodeConfig, DraftConfig, load_config
 from flatspec_jax.stages import eval as eval_stage
 from flatspec_jax.stages import export, import_eagle, score, select, train
 from flatspec_jax.stages.common import RunContext
@@ -96,6 +97,17 @@ def test_decoding_drafts_from_the_trained_tokens(reduced_run):
     np.testing.assert_array_equal(reduced_run.decoding_draft_ids(size=DRAFT_VOCAB), expected)
     with pytest.raises(ConfigError, match=rf"decode\.draft_vocab=32: .* its own {DRAFT_VOCAB} tokens \(draft\.vocab\)"):
         reduced_run.decoding_draft_ids(size=32)
+
+
+def test_a_tree_wider_than_the_heads_own_vocabulary_is_refused_before_decoding(reduced_run, tmp_path):
+    cfg = dataclasses.replace(reduced_run.cfg, run_dir=str(tmp_path), draft=DraftConfig(),
+                              decode=DecodeConfig(method="tree", top_k=DRAFT_VOCAB + 1, depth=2, total_tokens=8))
+    checkpoint = reduced_run.run_dir / CHECKPOINT_DIR
+    with pytest.raises(ConfigError, match=rf"decode\.top_k={DRAFT_VOCAB + 1}: .* its own {DRAFT_VOCAB} tokens "
+                                          r"\(draft\.vocab\); use decode\.top_k <= 64 or decode\.method=chain"):
+        RunContext(cfg).decoding_draft_ids(checkpoint)
+    chain = dataclasses.replace(cfg, decode=DecodeConfig(method="chain", top_k=DRAFT_VOCAB + 1, gamma=2))
+    assert len(RunContext(chain).decoding_draft_ids(checkpoint)) == DRAFT_VOCAB
 
 
 def test_eval_records_the_trained_vocabulary_size(reduced_run):

@@ -123,7 +123,8 @@ class RunContext:
         any other head from :meth:`draft_ids` of ``size`` (default ``decode.draft_vocab``).
 
         Raises:
-          ConfigError: when the head has its own vocabulary and ``size`` asks for another size.
+          ConfigError: when the head has its own vocabulary and ``size`` asks for another size, or a
+            tree's ``decode.top_k`` exceeds it.
         """
         directory = Path(checkpoint) if checkpoint else self.run_dir / CHECKPOINT_DIR
         trained = trained_draft_vocab(read_meta(directory)[1])
@@ -134,6 +135,11 @@ class RunContext:
             raise ConfigError(f"decode.draft_vocab={size}: the draft head in {directory} was trained to propose from "
                               f"its own {len(trained)} tokens (draft.vocab); set decode.draft_vocab to 0 or "
                               f"{len(trained)}")
+        top_k = self.cfg.decode.top_k
+        if self.cfg.decode.method == "tree" and top_k > len(trained):
+            raise ConfigError(f"decode.top_k={top_k}: the draft head in {directory} proposes from its own "
+                              f"{len(trained)} tokens (draft.vocab); use decode.top_k <= {len(trained)} or "
+                              "decode.method=chain")
         log.info("draft vocabulary: the %d tokens the head was trained on", len(trained))
         return trained
 
