@@ -134,3 +134,21 @@ def test_hand_encoded_header_values(tmp_path):
     empty = struct.pack("<IQ", STRING, 0)
     path.write_bytes(header([("a", UINT32, struct.pack("<I", 7)), ("nested", ARRAY, nested), ("empty", ARRAY, empty)]))
     assert GGUFFile(path).fields == {"a": 7, "nested": [[1, 2], [3]], "empty": []}
+
+
+def test_a_gguf_without_tokenizer_metadata_is_a_weights_error_naming_it(tmp_path):
+    from flatspec_jax.data.tokenizer import build_gguf_tokenizer
+    from flatspec_jax.weights.errors import WeightsError
+
+    path = write_every_value_type(tmp_path / "no_tokenizer.gguf")
+    with pytest.raises(WeightsError, match=rf"{path}: GGUF metadata has no .*tokenizer\.ggml\.tokens"):
+        build_gguf_tokenizer(path)
+
+
+def test_a_model_directory_without_tokenizer_files_is_a_weights_error_naming_it(tmp_path):
+    from flatspec_jax.data.tokenizer import load_tokenizer
+    from flatspec_jax.weights.errors import WeightsError
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(WeightsError, match=rf"^{tmp_path}: no usable tokenizer"):
+        load_tokenizer(tmp_path)

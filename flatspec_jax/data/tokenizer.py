@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flatspec_jax import assets
 from flatspec_jax.runtime import cache_root
+from flatspec_jax.weights.errors import WeightsError
 from flatspec_jax.weights.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,12 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
         # where it is installed (~2 s), which a GGUF target never needs.
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:  # no tokenizer files, or ones transformers cannot convert
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise WeightsError(f"{path}: no usable tokenizer (tokenizer.json, or tokenizer_config.json with its "
+                               f"vocabulary files): {reason}") from err
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     raise FileNotFoundError(f"model path {str(model_path)!r} is neither a HF model directory nor a .gguf file")
@@ -109,7 +115,7 @@ def build_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     metadata = {key: value for key, value in GGUFFile(path).fields.items()
                 if key.startswith("tokenizer.") or key == "general.architecture"}
     if "general.architecture" not in metadata or "tokenizer.ggml.tokens" not in metadata:
-        raise ValueError(f"{path}: GGUF metadata has no general.architecture or tokenizer.ggml.tokens")
+        raise WeightsError(f"{path}: GGUF metadata has no general.architecture or tokenizer.ggml.tokens")
     grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
                        if f"tokenizer.{key}" in metadata}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
