@@ -72,6 +72,10 @@ class ManifestError(ValueError):
     """A selection manifest is unreadable or invalid; the message names the file and the key at fault."""
 
 
+class ScoresError(ValueError):
+    """A scores file nothing can be selected from (a missing column, no eligible sample); names the file."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The outcome of :func:`select_samples`.

@@ -21,6 +21,7 @@ from flatspec_jax.scoring import FINGERPRINT_KEY
 from flatspec_jax.selection import (
     SCORES_FILE,
     ManifestError,
+    ScoresError,
     keep_count,
     manifest_is_current,
     read_manifest,
@@ -261,6 +262,17 @@ def test_stage_refuses_scores_of_other_settings(run_files, table):
     with pytest.raises(ConfigError, match=r"scores\.parquet was scored with other inputs than this config's "
                                           r"\(other data, model or score\.\* settings\)"):
         select_stage.run(Config(run_dir=str(directory)))
+
+
+def test_stage_names_a_scores_file_nothing_can_be_selected_from(run_files):
+    directory, _ = run_files
+    cfg = Config(run_dir=str(directory), select=SelectConfig(rule="sfdd", keep=0.5), data=DataConfig(heldout=2))
+    write_scores_of(cfg, scores_table([NAN] * 5))
+    with pytest.raises(ScoresError, match=rf"^{directory / SCORES_FILE}: none of the 3 candidate samples"):
+        select_stage.run(cfg)
+    write_scores_of(cfg, scores_table([0.5] * 5).drop(["flatness"]))
+    with pytest.raises(ScoresError, match=rf"^{directory / SCORES_FILE}: scores table lacks column 'flatness'"):
+        select_stage.run(cfg)
 
 
 def test_stage_without_scores_says_run_score(tmp_path):

@@ -19,6 +19,7 @@ from flatspec_jax.scoring import read_fingerprint, read_inputs
 from flatspec_jax.selection import (
     SCORES_FILE,
     SELECTION_FILE,
+    ScoresError,
     manifest_dict,
     manifest_is_current,
     read_manifest,
@@ -86,7 +87,12 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
         log.info("%s is current; nothing to do", manifest_path)
     else:
         # Every process computes the same selection (cheap, CPU-only); the first one writes it.
-        selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
+        try:
+            selection = select_samples(pq.read_table(scores_path), rule, keep, seed, heldout)
+        except ConfigError:
+            raise
+        except ValueError as err:  # the table's content, not a setting: name the file
+            raise ScoresError(f"{scores_path}: {err}") from None
         if cfg.data.selection == "run":
             _refuse_if_trained_on_another_selection(directory / CHECKPOINT_DIR, selection.ids)
         manifest = manifest_dict(selection, scores_path, manifest_path)
