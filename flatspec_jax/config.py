@@ -44,6 +44,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype the target parameters are stored in on device."""
 
+    def __post_init__(self) -> None:
+        _require(self.path is None or bool(self.path.strip()), "model.path",
+                 "must name a model directory or .gguf file (null = the embedded SmolLM2)")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -71,6 +75,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.source.strip()), "data.source", "must name a file, directory or 'sharegpt'")
+        _require(self.selection is None or bool(self.selection.strip()), "data.selection",
+                 "must be null, 'run' or a manifest path")
         _require(self.max_length >= 8, "data.max_length", "must be >= 8")
         _require(self.limit is None or self.limit > 0, "data.limit", "must be positive or null")
         _require(self.heldout >= 0, "data.heldout", "must be >= 0")
@@ -372,6 +378,7 @@ class EvalConfig:
     speedup are then throughputs at this batch size."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.prompts.strip()), "eval.prompts", "must be 'mtbench' or a JSONL path")
         _require(self.turns in (1, 2), "eval.turns", "must be 1 or 2")
         _require(self.limit is None or self.limit > 0, "eval.limit", "must be positive or null")
         _require(self.warmup >= 0, "eval.warmup", "must be >= 0")
@@ -414,6 +421,7 @@ class Config:
     """Where every output of the run is written."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.run_dir.strip()), "run_dir", "must name a directory")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         _require(self.score.row_length >= self.data.max_length, "score.row_length",
                  f"must be >= data.max_length ({self.data.max_length}): each sample is scored within one row")

@@ -179,3 +179,10 @@ def test_a_bad_verb_flag_is_quoted_as_typed(flags, quoted):
 
     with pytest.raises(ConfigError, match=rf"^{re.escape(quoted)}"):
         resolve_config(build_parser().parse_args(["generate", "--prompt", "hi", *flags]))
+
+
+@pytest.mark.parametrize("key", ["model.path", "data.source", "data.selection", "eval.prompts", "run_dir"])
+def test_an_empty_path_setting_is_refused(key):
+    """An empty string is no path: it would mean the embedded model, or the current directory."""
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(key)}='': {re.escape(key)}: must "):
+        load_config(None, [f"{key}=''"])
