@@ -333,5 +333,8 @@ def test_generate_prints_only_the_reply_and_a_draft_leaves_it_unchanged(selected
             method = "chain" if name == "chain" else "ar"
             assert any(f"{method} decoding: " in r.getMessage() for r in caplog.records), name
             assert ("loaded draft head" in caplog.text) == (name == "chain"), name
+            assert ("is not used: decode.method=ar" in caplog.text) == (name == "ar with a draft"), name
     assert replies["chain"] == replies["ar"] == replies["ar with a draft"]
     assert replies["ar"] == replies["ar"].rstrip("\n") + "\n"  # the reply alone on stdout (logs go to stderr)
+    assert cli.main(["generate", "--prompt", "  ", *overrides]) == 1
+    assert "--prompt is empty" in capsys.readouterr().err

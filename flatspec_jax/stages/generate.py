@@ -11,7 +11,7 @@ import logging
 
 import jax
 
-from flatspec_jax.config import Config
+from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.chat import render_prompt
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.stages.common import RunContext
@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) -> str:
+    if not args.prompt.strip():
+        raise ConfigError("--prompt is empty: give the user message to answer")
+    if args.draft and cfg.decode.method == "ar":
+        log.warning("--draft %s is not used: decode.method=ar decodes autoregressively (set decode.method to chain "
+                    "or tree to decode with it)", args.draft)
     ctx = ctx or RunContext(cfg)
     method = cfg.decode.method if args.draft else "ar"
     head = ctx.draft_head(args.draft) if method != "ar" else None  # decode.method=ar needs no draft's work
