@@ -349,3 +349,29 @@ def test_a_busy_run_directory_is_refused_by_every_process_and_they_exit(tiny_dir
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert "in use by another flatspec process (pid 4242)" in errors[0], errors[0]
     assert "could not be locked by JAX process 0" in errors[1], errors[1]
+
+
+def test_a_new_selection_beside_trained_checkpoints_is_refused_by_every_process(runs, tiny_dir, tmp_path):
+    """`select` with other select.* settings over a trained run reads the checkpoints on every process (opening
+    them is a collective: read by process 0 alone, the job hung) and every process refuses."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["multi"], run_dir)
+    port = free_port()
+    settings = [x for s in [*SETTINGS, "select.keep=0.5", f"model.path={tiny_dir}"] for x in ("--set", s)]
+    procs = []
+    for rank in range(PROCESSES):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}",
+               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "select", "--run-dir", str(run_dir), *settings],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [1, 1], errors
+    assert "holds a draft trained on another selection" in errors[0], errors[0]

@@ -68,7 +68,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     ctx = ctx or RunContext(cfg)
     checkpoint = Path(arg(args, "draft", ctx.run_dir / CHECKPOINT_DIR))
     path = ctx.run_dir / EVAL_FILE
-    if process_zero_says(eval_is_current(cfg, checkpoint)):  # every process takes process 0's branch
+    # Every process takes process 0's branch, and all read the checkpoint or none (opening it is a collective).
+    if process_zero_says(checkpoint.is_dir()) and process_zero_says(eval_is_current(cfg, checkpoint)):
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
     prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad file fails before any loading

@@ -48,8 +48,10 @@ def summarize(manifest: dict[str, Any]) -> str:
 def _refuse_if_trained_on_another_selection(checkpoints: Path, ids: list[str]) -> None:
     """Rewriting the manifest a run's checkpoints were trained on would leave training unable to
     resume (it refuses another selection): refused here, before the manifest is touched."""
-    changed = jax.process_index() == 0 and holds_trained_steps(checkpoints) and bool(  # process 0 reads for all
-        input_changes(read_meta(checkpoints)[1], {"selection": selection_hash(ids)}))
+    if not process_zero_says(holds_trained_steps(checkpoints)):
+        return
+    # Every process reads the checkpoints: opening them is a collective in a multi-process job.
+    changed = bool(input_changes(read_meta(checkpoints)[1], {"selection": selection_hash(ids)}))
     if process_zero_says(changed):
         raise ConfigError(f"{checkpoints} holds a draft trained on another selection than these select.* settings "
                           "give; select into a new run_dir, or delete the checkpoints to train on this selection")

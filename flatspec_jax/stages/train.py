@@ -12,6 +12,7 @@ from flatspec_jax.checkpoint.manager import (CHECKPOINT_DIR, holds_trained_steps
                                              vocab_hash)
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.feature_cache import FeatureCache
+from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.scoring import read_fingerprint, read_inputs
 from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, read_manifest, selection_changes
 from flatspec_jax.stages.common import RunContext
@@ -65,7 +66,7 @@ def _training_draft_ids(cfg: Config, ctx: RunContext) -> np.ndarray | None:
     """The reduced vocabulary (``draft.vocab``) to train over: a resumed run's own, as saved with its
     checkpoints (a later version may count the samples differently), else counted afresh."""
     checkpoints = ctx.run_dir / CHECKPOINT_DIR
-    if cfg.draft.vocab and holds_trained_steps(checkpoints):
+    if cfg.draft.vocab and process_zero_says(holds_trained_steps(checkpoints)):  # all read, or none (a collective)
         saved = trained_draft_vocab(read_meta(checkpoints)[1])
         if saved is not None and len(saved) == cfg.draft.vocab:  # another size: resuming is refused anyway
             return saved
