@@ -78,7 +78,9 @@ def _cluster_detected() -> bool:
     """True when the environment describes a multi-process job JAX can join by itself."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    # Inside an srun step (JAX's SLURM detection reads these); salloc / sbatch alone set only some of them.
+    slurm_step = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(name in os.environ for name in slurm_step) and int(os.environ["SLURM_NTASKS"]) > 1:
         return True
     return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 

@@ -54,7 +54,7 @@ from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import process_zero_says
-from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows
+from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows, process_rows
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> S
 
 
 def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules) -> None:
-    check_process_rows(mesh, rules)
+    check_process_rows(mesh)
     shards = batch_shards(mesh)
     if cfg.rows_per_batch % shards:
         raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "
@@ -170,11 +170,9 @@ def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: i
 
 
 def _global_rows(packed: PackedRows, sharding: NamedSharding) -> tuple[jax.Array, ...]:
-    """The batch's rows as global arrays; each process contributes only its own slice of rows."""
+    """The batch's rows as global arrays; each process contributes only the rows its devices hold."""
     arrays = (packed.tokens, packed.positions, packed.segment_ids, packed.loss_mask)
-    count, index = jax.process_count(), jax.process_index()
-    local_rows = packed.tokens.shape[0] // count
-    local = slice(index * local_rows, (index + 1) * local_rows)
+    local = process_rows(sharding, packed.tokens.shape)
     return tuple(jax.make_array_from_process_local_data(sharding, a[local], a.shape) for a in arrays)
 
 

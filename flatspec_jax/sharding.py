@@ -126,20 +126,16 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_process_rows(mesh: Mesh, rules: ShardingRules,
-                       process_of: Callable[[jax.Device], int] = lambda device: device.process_index,
+def check_process_rows(mesh: Mesh, process_of: Callable[[jax.Device], int] = lambda device: device.process_index,
                        process_count: int | None = None) -> None:
-    """Each of P processes reads only the contiguous block p of a batch's rows (the training pipeline
-    and scoring feed ``jax.make_array_from_process_local_data`` that way), so the mesh must give
-    exactly that block to process p's devices: the batch axes (data x fsdp) split evenly over the
-    processes, each host holding whole batch shards (``process_of``: a device's process;
-    ``process_count``: the job's processes, ``jax.process_count()`` by default).
+    """Every process of the job must hold some of the mesh's devices: each feeds the batch rows its
+    devices hold (:func:`process_rows`), so a process without any would feed nothing and wait for the
+    others in every collective (``process_of``: a device's process; ``process_count``: the job's
+    processes, ``jax.process_count()`` by default).
 
     Raises:
       ConfigError: naming ``mesh.*`` when some process holds none of the mesh's devices (fixed
-        axis sizes below the device count take the first devices, process 0's), or when a
-        process's devices hold other rows (e.g. a tensor axis that spans hosts while data x fsdp
-        does not).
+        axis sizes below the device count take the first devices, process 0's).
     """
     processes = sorted({process_of(device) for device in mesh.devices.flat})
     count = jax.process_count() if process_count is None else process_count
@@ -147,20 +143,26 @@ def check_process_rows(mesh: Mesh, rules: ShardingRules,
         raise ConfigError(
             f"mesh {dict(mesh.shape)} holds devices of process(es) {processes} only, but all {count} processes "
             "feed it rows: size mesh.data x mesh.fsdp x mesh.tensor to every device of the job (-1 for one axis)")
-    if count == 1:
-        return
-    rows = batch_shards(mesh) * len(processes)
-    held: dict[int, set[int]] = {p: set() for p in processes}
-    for device, index in batch_sharding(mesh, rules, 1).devices_indices_map((rows,)).items():
-        held[process_of(device)].update(range(rows)[index[0]])
-    block = rows // len(processes)
-    for rank, process in enumerate(processes):
-        if held[process] != set(range(rank * block, (rank + 1) * block)):
-            raise ConfigError(
-                f"mesh {dict(mesh.shape)}: process {process}'s devices hold rows {sorted(held[process])} of a "
-                f"{rows}-row batch, but each of the {len(processes)} processes reads its own contiguous "
-                f"block of {block}; make mesh.data x mesh.fsdp a multiple of the process count, with the "
-                "tensor axis within a host")
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...],
+                 process_of: Callable[[jax.Device], int] = lambda device: device.process_index,
+                 process: int | None = None) -> np.ndarray:
+    """[n] int: the rows (first axis) of a global array of ``shape`` laid out by ``sharding`` that the
+    devices of ``process`` (default: this one) hold, in increasing order.
+
+    That is the process-local data ``jax.make_array_from_process_local_data`` takes: the process's
+    shards stacked in the order of their first row. On a TPU slice, ``jax.make_mesh`` lays a host's
+    chips out by the torus, so its rows need not be one block of the batch (by JAX's device mesh for
+    v5p-64, a host holds rows [0, 16) and [32, 48) of a 256-row batch on data 4 x fsdp 8); two processes whose
+    devices hold the same rows (a tensor axis across hosts) both feed them.
+    """
+    process = jax.process_index() if process is None else process
+    held: set[int] = set()
+    for device, index in sharding.devices_indices_map(shape).items():
+        if process_of(device) == process:
+            held.update(range(shape[0])[index[0]])
+    return np.asarray(sorted(held), np.int64)
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int) -> NamedSharding:

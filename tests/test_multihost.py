@@ -51,7 +51,7 @@ from flatspec_jax.config import MeshConfig
 from flatspec_jax.data.pipeline import plan_training_rows, training_iterator
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.scoring import STAT_COLUMNS
-from flatspec_jax.sharding import ShardingRules, make_mesh
+from flatspec_jax.sharding import ShardingRules, batch_sharding, make_mesh, process_rows
 from flatspec_jax.weights.arch import ArchSpec
 from tiny_target import save_tiny_llama
 
@@ -300,16 +300,19 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
     rows = plan_training_rows(dataset, np.arange(24), 64)
     kwargs = {"row_length": 64, "global_rows_per_batch": 8, "seed": 0}
 
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4), jax.devices()[:DEVICES])
+    sharding = batch_sharding(mesh, ShardingRules(), 1)
+
     def batches(count: int, index: int, num: int = 3) -> list[np.ndarray]:
         monkeypatch.setattr(jax, "process_count", lambda: count)
-        monkeypatch.setattr(jax, "process_index", lambda: index)
-        iterator = training_iterator(dataset, rows, **kwargs)
+        positions = process_rows(sharding, (8,), lambda d: d.id * count // DEVICES, index) if count > 1 else None
+        iterator = training_iterator(dataset, rows, **kwargs, positions=positions)
         return [next(iterator)["tokens"] for _ in range(num)]
 
     single = batches(1, 0)
     per_process = [batches(2, p) for p in range(2)]
     for b in range(3):
-        # Process p's local rows are the p-th block of the global array (make_array_from_process_local_data).
+        # Here process p's devices hold the p-th block of the global array (make_array_from_process_local_data).
         np.testing.assert_array_equal(np.concatenate([per_process[0][b], per_process[1][b]]), single[b])
 
 
@@ -375,3 +378,48 @@ def test_a_new_selection_beside_trained_checkpoints_is_refused_by_every_process(
             proc.kill()
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert "holds a draft trained on another selection" in errors[0], errors[0]
+
+
+INTERLEAVED = """
+import sys
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from flatspec_jax.runtime import initialize_distributed
+from flatspec_jax.config import DistributedConfig
+from flatspec_jax.sharding import process_rows
+
+initialize_distributed(DistributedConfig())
+devices = sorted(jax.devices(), key=lambda d: d.id)
+# Process 0's devices at mesh positions 0, 2, 4, 6: its rows are spread over the batch (a torus layout).
+order = [devices[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)]
+mesh = Mesh(np.asarray(order).reshape(8), ("data",))
+sharding = NamedSharding(mesh, PartitionSpec("data"))
+batch = np.arange(16 * 3).reshape(16, 3)
+local = process_rows(sharding, batch.shape)
+array = jax.make_array_from_process_local_data(sharding, batch[local], batch.shape)
+assert np.array_equal(multihost_utils.process_allgather(array, tiled=True), batch)
+print("rows of process", jax.process_index(), local.tolist())
+"""
+
+
+def test_rows_spread_over_the_batch_assemble_the_global_array_in_two_processes(tmp_path):
+    """Two real processes whose devices interleave along the batch axis feed their own rows and the global
+    array is the batch (jax.make_array_from_process_local_data, as scoring and training call it)."""
+    port = free_port()
+    procs = []
+    for rank in range(PROCESSES):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}"}
+        procs.append(subprocess.Popen([sys.executable, "-c", INTERLEAVED], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    rows = [line for out, _ in outputs for line in out.splitlines() if line.startswith("rows of process")]
+    assert rows == ["rows of process 0 [0, 1, 4, 5, 8, 9, 12, 13]", "rows of process 1 [2, 3, 6, 7, 10, 11, 14, 15]"]

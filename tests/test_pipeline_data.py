@@ -9,10 +9,11 @@ What is checked (no model, no JAX computation; seconds):
 * ``training_iterator`` is deterministic for a seed, differs across seeds, reshuffles across
   epochs, and ``get_state``/``set_state`` replays exactly the batches an uninterrupted iterator
   yields (also across an epoch boundary, and on a freshly built iterator);
-* multi-process slicing, simulated by monkeypatching ``jax.process_count``/``jax.process_index``
-  (2 and 4 processes): process p yields the contiguous block p of every global batch, so the local
-  batches concatenated in process order are the single-process global batches; a process's
-  iterator state restores its own slice; a batch that does not split over the processes is an error;
+* multi-process slicing, simulated by monkeypatching ``jax.process_count`` (2 and 4 processes):
+  a process yields the rows at its ``positions`` of every global batch (contiguous blocks, or rows
+  spread over the batch as a TPU slice's device layout gives), so the local batches put back at
+  their positions are the single-process global batches; a process's iterator state restores its
+  own rows; a multi-process iterator without positions is refused;
 * with a feature cache written by ``feature_cache.write_shard``/``write_index``, each row carries
   ``features`` aligned with its tokens (bfloat16-exact), zeros on padding, truncated with the
   sample; the held-out ``fixed_batches`` do the same and cover every held-out sample once.
@@ -76,9 +77,9 @@ def rows(dataset, split):
     return plan_training_rows(dataset, split[0], ROW_LENGTH)
 
 
-def iterator(dataset, rows, seed=0, global_rows=ROWS_PER_BATCH, features=None, num_workers=0):
+def iterator(dataset, rows, seed=0, global_rows=ROWS_PER_BATCH, features=None, num_workers=0, positions=None):
     return training_iterator(dataset, rows, row_length=ROW_LENGTH, global_rows_per_batch=global_rows, seed=seed,
-                             features=features, num_workers=num_workers)
+                             features=features, num_workers=num_workers, positions=positions)
 
 
 def take(it, count: int) -> list[dict[str, np.ndarray]]:
@@ -253,50 +254,51 @@ def test_not_enough_rows_is_an_error(dataset, rows):
 # ----------------------------------------------------------------------------------------------
 
 
-def local_batches(monkeypatch, dataset, rows, process: int, count: int, processes: int = 2, seed: int = 9):
+def local_batches(monkeypatch, dataset, rows, positions, count: int, processes: int = 2, seed: int = 9):
     with monkeypatch.context() as patch:
         patch.setattr(jax, "process_count", lambda: processes)
-        patch.setattr(jax, "process_index", lambda: process)
-        return take(iterator(dataset, rows, seed=seed), count)
+        return take(iterator(dataset, rows, seed=seed, positions=np.asarray(positions)), count)
 
 
-@pytest.mark.parametrize("processes", [2, 4])
-def test_process_slices_assemble_the_global_batch(monkeypatch, dataset, rows, processes):
-    """Process p of P yields the contiguous block p of every global batch (rows [p*G/P, (p+1)*G/P)): the
-    rows its devices hold once ``jax.make_array_from_process_local_data`` assembles the global batch in
-    process order. So the local batches, concatenated in process order, are the single-process batches
+@pytest.mark.parametrize("layout", [
+    [[0, 1], [2, 3]],  # two hosts, a block each
+    [[0], [1], [2], [3]],  # four hosts
+    [[0, 2], [1, 3]],  # two hosts whose devices interleave over the batch (a TPU torus layout)
+    [[0, 1, 2, 3], [0, 1, 2, 3]],  # replicas (a tensor axis across both hosts): both feed every row
+], ids=["blocks2", "blocks4", "interleaved", "replicas"])
+def test_process_rows_assemble_the_global_batch(monkeypatch, dataset, rows, layout):
+    """Each process yields the rows at its positions of every global batch, in order: put back at those
+    positions (as ``jax.make_array_from_process_local_data`` does), they are the single-process batches
     (same rows, same order: a multi-process run trains on exactly what a single-process run does)."""
     count = len(rows) // ROWS_PER_BATCH + 2  # into the second epoch
     global_batches = take(iterator(dataset, rows, seed=9), count)
-    local = [local_batches(monkeypatch, dataset, rows, p, count, processes=processes) for p in range(processes)]
+    local = [local_batches(monkeypatch, dataset, rows, p, count, processes=len(layout)) for p in layout]
     for b, want in enumerate(global_batches):
         for key in want:
-            assert all(local[p][b][key].shape[0] == ROWS_PER_BATCH // processes for p in range(processes))
-            assembled = np.concatenate([local[p][b][key] for p in range(processes)])
-            np.testing.assert_array_equal(assembled, want[key], err_msg=f"batch {b} {key}")
+            for positions, batches in zip(layout, local):
+                np.testing.assert_array_equal(batches[b][key], want[key][positions], err_msg=f"batch {b} {key}")
 
 
 def test_process_iterator_state_restores_on_another_process_count(monkeypatch, dataset, rows):
     """The state counts global batches, so a single-process run's state resumes each process of a
-    two-process run at its own slice of the next global batch (and a run may change hosts)."""
+    two-process run at its own rows of the next global batch (and a run may change hosts)."""
     original = iterator(dataset, rows, seed=9)
     take(original, 4)
     state = original.get_state()
     later = take(original, 6)
-    for process in range(2):
+    for positions in ([0, 2], [1, 3]):
         with monkeypatch.context() as patch:
             patch.setattr(jax, "process_count", lambda: 2)
-            patch.setattr(jax, "process_index", lambda: process)
-            restored = iterator(dataset, rows, seed=9)
+            restored = iterator(dataset, rows, seed=9, positions=np.asarray(positions))
             restored.set_state(state)
-            half = ROWS_PER_BATCH // 2
-            want = [{k: v[process * half:(process + 1) * half] for k, v in batch.items()} for batch in later]
+            want = [{k: v[positions] for k, v in batch.items()} for batch in later]
             assert_batches_equal(take(restored, 6), want)
 
 
-def test_batch_that_does_not_split_over_processes_is_an_error(monkeypatch, dataset, rows):
-    with pytest.raises(ValueError, match="do not split over 3 processes"):
-        local_batches(monkeypatch, dataset, rows, 0, 1, processes=3)
+def test_a_multi_process_iterator_needs_its_rows(monkeypatch, dataset, rows):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="must give each process's rows"):
+        iterator(dataset, rows)
 
 
 # ----------------------------------------------------------------------------------------------

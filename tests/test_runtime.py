@@ -108,3 +108,19 @@ def test_a_job_jax_cannot_join_is_a_config_error_naming_the_settings(monkeypatch
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ConfigError, match=r"environment variable JAX_NUM_PROCESSES='two': expected an integer"):
         runtime.initialize_distributed(DistributedConfig(enabled=True))
+
+
+@pytest.mark.parametrize("variables, detected", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # salloc / sbatch outside srun: one process
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "1"}, True),  # an srun step of 4 tasks
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, False),  # a one-task step
+])
+def test_a_slurm_job_is_joined_only_from_a_multi_task_srun_step(monkeypatch, variables, detected):
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "SLURM_NTASKS",
+                 "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert runtime._cluster_detected() is detected

@@ -858,22 +858,22 @@ def test_rows_that_do_not_split_over_the_mesh_name_the_settings():
         _check_rows_fit_mesh(six_rows, mesh, ShardingRules())
 
 
-@pytest.mark.parametrize("mesh_cfg, process_of, fits", [
-    (MeshConfig(data=8), lambda d: d.id // 4, True),
-    (MeshConfig(data=2, tensor=4), lambda d: d.id // 4, True),  # tensor within a host
-    (MeshConfig(data=1, tensor=8), lambda d: d.id // 4, False),  # both hosts hold every row
-    (MeshConfig(data=2, tensor=4), lambda d: d.id % 2, False),  # each host's devices span both blocks
+@pytest.mark.parametrize("mesh_cfg, process_of, rows_of", [
+    (MeshConfig(data=8), lambda d: d.id // 4, [range(0, 8), range(8, 16)]),
+    (MeshConfig(data=2, tensor=4), lambda d: d.id // 4, [range(0, 8), range(8, 16)]),  # tensor within a host
+    (MeshConfig(data=1, tensor=8), lambda d: d.id // 4, [range(16), range(16)]),  # both hosts hold every row
+    (MeshConfig(data=8), lambda d: d.id % 2, [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]),
 ])
-def test_each_process_must_hold_its_own_block_of_rows(mesh_cfg, process_of, fits):
-    """Simulated hosts (``process_of``) over the 8 CPU devices: process p feeds rows block p only."""
-    from flatspec_jax.sharding import check_process_rows
+def test_each_process_feeds_the_rows_its_devices_hold(mesh_cfg, process_of, rows_of):
+    """Simulated hosts (``process_of``) over the 8 CPU devices: a host whose devices hold rows spread over
+    the batch (a TPU slice's torus layout) feeds exactly those, in order; replicas feed the same rows."""
+    from flatspec_jax.sharding import batch_sharding, check_process_rows, process_rows
 
     mesh = make_mesh(mesh_cfg, jax.devices()[:8])
-    if fits:
-        check_process_rows(mesh, ShardingRules(), process_of, process_count=2)
-    else:
-        with pytest.raises(ConfigError, match=r"each of the 2 processes reads its own contiguous block"):
-            check_process_rows(mesh, ShardingRules(), process_of, process_count=2)
+    check_process_rows(mesh, process_of, process_count=2)
+    sharding = batch_sharding(mesh, ShardingRules(), 2)
+    for process, want in enumerate(rows_of):
+        np.testing.assert_array_equal(process_rows(sharding, (16, 5), process_of, process), list(want))
 
 
 def test_a_mesh_must_hold_devices_of_every_process():
@@ -883,7 +883,7 @@ def test_a_mesh_must_hold_devices_of_every_process():
     mesh = make_mesh(MeshConfig(data=4), jax.devices()[:8])
     with pytest.raises(ConfigError, match=r"mesh \{'data': 4, 'fsdp': 1, 'tensor': 1\} holds devices of process\(es\) "
                                           r"\[0\] only, but all 2 processes feed it rows"):
-        check_process_rows(mesh, ShardingRules(), lambda d: d.id // 4, process_count=2)
+        check_process_rows(mesh, lambda d: d.id // 4, process_count=2)
 
 
 def test_a_failed_checkpoint_save_ends_training_with_the_checkpoints_closed(target, dataset, tmp_path, monkeypatch):

@@ -95,18 +95,17 @@ class _MaterializeRow(grain.transforms.Map):
 class _ProcessRows(grain.MapDataset):
     """This process's share of every global batch of an (infinite) row stream.
 
-    Global batch b is rows [b*G, (b+1)*G) of the stream; process p of P owns the contiguous
-    block [b*G + p*G/P, b*G + (p+1)*G/P), which is exactly the block of the global batch that
-    its devices hold. So every row sits at the same place of the same global batch however
-    many processes share the work, and multi-process runs reproduce single-process ones.
+    Global batch b is rows [b*G, (b+1)*G) of the stream; the process reads the rows at
+    ``positions`` of each, the rows its devices hold (:func:`~flatspec_jax.sharding.process_rows`).
+    So every row sits at the same place of the same global batch however many processes share
+    the work, and multi-process runs reproduce single-process ones.
     """
 
-    def __init__(self, parent: grain.MapDataset, global_rows: int, process_index: int, process_count: int):
+    def __init__(self, parent: grain.MapDataset, global_rows: int, positions: np.ndarray):
         super().__init__(parent)
         self._global = global_rows
-        self._local = global_rows // process_count
-        self._offset = process_index * self._local
-        self._length = len(parent) // process_count
+        self._positions = np.asarray(positions, np.int64)
+        self._length = len(parent) // global_rows * len(self._positions)
 
     def __len__(self) -> int:
         return self._length
@@ -114,8 +113,8 @@ class _ProcessRows(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        block, row = divmod(index, self._local)
-        return self._parent[block * self._global + self._offset + row]
+        block, row = divmod(index, len(self._positions))
+        return self._parent[block * self._global + int(self._positions[row])]
 
 
 class TrainingBatches:
@@ -179,21 +178,24 @@ def _allow_grain_workers() -> None:
 
 def training_iterator(dataset: TokenizedDataset, rows: list[tuple[int, ...]], *, row_length: int,
                       global_rows_per_batch: int, seed: int, num_workers: int = 0,
-                      features: FeatureCache | None = None) -> TrainingBatches:
+                      features: FeatureCache | None = None, positions: np.ndarray | None = None) -> TrainingBatches:
     """An endless, checkpointable iterator over this process's share of each global batch.
 
-    Yields dicts of ``[global_rows_per_batch // process_count, L, ...]`` arrays (see
-    ``_MaterializeRow`` for the keys), read by ``num_workers`` worker processes (0: in process).
+    ``positions``: the rows of a global batch this process feeds (its devices' rows,
+    :func:`~flatspec_jax.sharding.process_rows`); None, in a single-process job only: all of them.
+    Yields dicts of ``[len(positions), L, ...]`` arrays (see ``_MaterializeRow`` for the keys),
+    read by ``num_workers`` worker processes (0: in process).
     """
-    count, index = jax.process_count(), jax.process_index()
-    if global_rows_per_batch % count:
-        raise ConfigError(f"{global_rows_per_batch} rows per batch do not split over {count} processes")
+    if positions is None:
+        if jax.process_count() > 1:
+            raise ValueError("a multi-process job must give each process's rows (positions)")
+        positions = np.arange(global_rows_per_batch)
     if len(rows) < global_rows_per_batch:
         raise ConfigError(f"only {len(rows)} packed rows of training data; a batch needs {global_rows_per_batch}. "
                          "Select more samples or lower train.batch_tokens")
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-    ds = _ProcessRows(ds, global_rows_per_batch, index, count)
-    ds = ds.map(_MaterializeRow(dataset, row_length, features)).batch(global_rows_per_batch // count)
+    ds = _ProcessRows(ds, global_rows_per_batch, positions)
+    ds = ds.map(_MaterializeRow(dataset, row_length, features)).batch(len(positions))
     return TrainingBatches(ds, num_workers)
 
 

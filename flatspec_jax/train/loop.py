@@ -32,7 +32,8 @@ from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import process_zero_says
-from flatspec_jax.sharding import ShardingRules, batch_shards, check_process_rows, place_state, state_shardings
+from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, check_process_rows, place_state,
+                                   process_rows, state_shardings)
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable, refuse_imported_head, training_inputs
@@ -50,12 +51,12 @@ class TrainSummary:
     heldout: dict[str, float]
 
 
-def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Process-local rows -> global arrays (rows are the second axis: [A, R, L])."""
-    count = jax.process_count()
+def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
+    """Process-local rows (those of :func:`~flatspec_jax.sharding.process_rows`) -> global arrays of
+    ``global_rows`` rows (rows are the second axis: [A, R, L])."""
 
     def to_global(array: np.ndarray) -> jax.Array:
-        shape = (array.shape[0], array.shape[1] * count) + array.shape[2:]
+        shape = (array.shape[0], global_rows) + array.shape[2:]
         return jax.make_array_from_process_local_data(sharding, array, shape)
 
     return {name: to_global(array) for name, array in local.items()}
@@ -90,9 +91,9 @@ def _untrained_metrics(evaluate, params: nnx.State, target_params: nnx.State,
 
 
 def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh, rules: ShardingRules) -> None:
-    """Every micro-batch's rows must split evenly over the mesh's batch shards, each process's block
-    on its own devices."""
-    check_process_rows(mesh, rules)
+    """Every micro-batch's rows must split evenly over the mesh's batch shards, and every process hold
+    some of the mesh's devices."""
+    check_process_rows(mesh)
     shards = batch_shards(mesh)
     if tcfg.rows_per_step % shards:
         raise ConfigError(f"train.batch_tokens / (train.row_length x train.grad_accum) = {tcfg.rows_per_step} "
@@ -122,7 +123,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     "(data.max_length=%d)", int((lengths > tcfg.row_length).sum()), len(lengths), tcfg.row_length,
                     int(np.maximum(lengths - tcfg.row_length, 0).sum()), int(lengths.sum()), cfg.data.max_length)
     iterator = training_iterator(dataset, rows, row_length=tcfg.row_length, global_rows_per_batch=tcfg.rows_per_step,
-                                 seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers, features=features)
+                                 seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers, features=features,
+                                 positions=process_rows(batch_sharding(mesh, rules, 1), (tcfg.rows_per_step,)))
     heldout = (fixed_batches(dataset, heldout_indices, row_length=tcfg.row_length, rows_per_batch=tcfg.rows_per_step,
                              features=features) if len(heldout_indices) else [])
 
@@ -176,7 +178,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         with StepProfiler.for_stage(cfg.profile, run_dir, "train") as profiler:
             for step in range(start + 1, tcfg.steps + 1):
                 local = _next_micro_batches(iterator, tcfg.grad_accum)
-                batches = _global_batch(local, rows_sharding)
+                batches = _global_batch(local, rows_sharding, tcfg.rows_per_step)
                 if step == 1:  # the untrained head: the baseline of the curves
                     heldout_metrics = (evaluate_heldout(evaluate, state.params, target_params, heldout, rows_sharding,
                                                         tcfg.unroll) if heldout else {})
