@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -406,3 +407,15 @@ def test_smollm2_gguf_matches_transformers(smollm2_cache):
             got = reader.get(name)
             assert got.dtype == np.float32 and got.shape == tuple(state[name].shape), name
             np.testing.assert_allclose(got, state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("kind, nnx_shape", [("identity", (5,)), ("linear", (6, 4)), ("heads_in", (8, 3, 2)),
+                                             ("heads_out", (3, 2, 8)), ("heads_bias", (3, 2))])
+def test_a_tensor_of_the_wrong_shape_names_the_shape_expected_in_the_files_layout(kind, nnx_shape):
+    from flatspec_jax.weights.layout import hf_shape, hf_to_nnx, nnx_to_hf
+
+    want = nnx_to_hf(kind, np.zeros(nnx_shape, np.float32)).shape
+    assert hf_shape(kind, nnx_shape) == want
+    with pytest.raises(WeightsError, match=rf"tensor t: shape \(1, 1\) does not fit the model, which expects "
+                                           rf"{re.escape(str(want))} \(HF \[out, in\] layout\)"):
+        hf_to_nnx(kind, np.zeros((1, 1), np.float32), nnx_shape, "t")

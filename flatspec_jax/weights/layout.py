@@ -50,7 +50,7 @@ def hf_to_nnx(kind: Kind, tensor: np.ndarray, nnx_shape: tuple[int, ...], name: 
       WeightsError: naming the tensor when the shapes disagree.
     """
     if tensor.size != int(np.prod(nnx_shape)):
-        raise _shape_error(name, tensor, nnx_shape)
+        raise _shape_error(kind, name, tensor, nnx_shape)
     if kind == "identity":
         out = tensor
     elif kind == "linear":
@@ -62,13 +62,26 @@ def hf_to_nnx(kind: Kind, tensor: np.ndarray, nnx_shape: tuple[int, ...], name: 
     else:  # heads_bias: [X*H] -> [X, H]
         out = tensor.reshape(nnx_shape) if tensor.size == int(np.prod(nnx_shape)) else tensor
     if tuple(out.shape) != tuple(nnx_shape):
-        raise _shape_error(name, tensor, nnx_shape)
+        raise _shape_error(kind, name, tensor, nnx_shape)
     return out
 
 
-def _shape_error(name: str, tensor: np.ndarray, nnx_shape: tuple[int, ...]) -> WeightsError:
-    return WeightsError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit the model's "
-                        f"{tuple(nnx_shape)} (HF [out, in] layout expected)")
+def _shape_error(kind: Kind, name: str, tensor: np.ndarray, nnx_shape: tuple[int, ...]) -> WeightsError:
+    return WeightsError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit the model, which expects "
+                        f"{hf_shape(kind, nnx_shape)} (HF [out, in] layout)")
+
+
+def hf_shape(kind: Kind, nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of a tensor whose shape in our layout is ``nnx_shape`` (:func:`nnx_to_hf`'s)."""
+    if kind == "linear":
+        return tuple(reversed(nnx_shape))
+    if kind == "heads_in":  # [D, X, H] -> [X*H, D]
+        return (nnx_shape[1] * nnx_shape[2], nnx_shape[0])
+    if kind == "heads_out":  # [N, H, D] -> [D, N*H]
+        return (nnx_shape[2], nnx_shape[0] * nnx_shape[1])
+    if kind == "heads_bias":  # [X, H] -> [X*H]
+        return (int(np.prod(nnx_shape)),)
+    return tuple(nnx_shape)
 
 
 def nnx_to_hf(kind: Kind, array: np.ndarray) -> np.ndarray:
