@@ -146,7 +146,7 @@ def test_an_oversized_draft_vocab_is_named(tiny_dir, tmp_path):
     (["train.learning_rate=0.01", "seed=7"], r"seed: 0 -> 7; train\.learning_rate: 3e-05 -> 0\.01"),
     (["train.loss=tvdpp"], r"train\.loss: 'eagle' -> 'tvdpp'"),
     (["data.selection=run", "select.keep=0.5"], r"the selected samples \(select\.\*"),
-    (["data.limit=10"], r"the tokenized samples"),
+    (["data.limit=10"], r"the tokenized samples \(data\.limit: 12 -> 10\)"),
     (["data.heldout=3"], r"data\.heldout: 2 -> 3"),
     (["data.shuffle_seed=1"], r"data\.shuffle_seed: 0 -> 1"),
 ])

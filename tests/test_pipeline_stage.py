@@ -230,7 +230,7 @@ def test_select_names_a_cut_scores_file_as_unreadable(selected_run, tiny_dir, tm
     ("model.dtype=bfloat16", r"model\.dtype: 'float32' -> 'bfloat16'"),
     ("select.keep=0.9", r"the selected samples \(select\.\*"),  # the selection, recomputed in memory, differs
     ("score.temperature=2.0", r"the scores, which would be recomputed"),
-    ("data.limit=10", r"the tokenized samples"),
+    ("data.limit=10", r"the tokenized samples \(data\.limit: 12 -> 10\)"),
     ("data.selection=null", r"the selected samples"),
 ])
 def test_pipeline_refuses_unresumable_settings_before_rewriting_anything(selected_run, tiny_dir, change, reason):

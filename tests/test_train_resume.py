@@ -209,3 +209,15 @@ def test_a_new_train_steps_warns_with_the_learning_rate_it_resumes_at(tmp_path, 
                         load_config(None, ["train.steps=200", *constant]), {}, start=100)
         check_resumable(tmp_path, meta, saved, {}, start=50)
     assert caplog.text == "", "the same learning rate needs no warning"
+
+
+def test_changed_samples_name_the_setting_behind_them_or_else_the_files(tmp_path):
+    from flatspec_jax.config import ConfigError
+
+    saved = load_config(None, ["model.path=/models/a", "data.limit=12"])
+    meta = {"config": saved.to_dict(), "inputs": {"samples": "before"}}
+    moved = load_config(None, ["model.path=/models/b", "data.limit=12"])
+    with pytest.raises(ConfigError, match=r"the tokenized samples \(model\.path: '/models/a' -> '/models/b'\)"):
+        check_resumable(tmp_path, meta, moved, {"samples": "after"}, start=4)
+    with pytest.raises(ConfigError, match=r"the tokenized samples \(the contents of the data or model files"):
+        check_resumable(tmp_path, meta, saved, {"samples": "after"}, start=4)

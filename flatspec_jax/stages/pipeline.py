@@ -93,7 +93,7 @@ def _input_changes(cfg: Config, ctx: RunContext, saved: dict[str, Any]) -> list[
     if cfg.data.responses == "target" and not responses_are_current(cfg, ctx.model_path):
         return ["the target's replies, which would be regenerated (regenerate.*, data.* or the model changed)"]
     samples = tokens_fingerprint(cfg.data, ctx.model_path, run_dir)
-    changes = input_changes(saved, {"samples": samples})
+    changes = input_changes(saved, {"samples": samples}, cfg)
     if changes or cfg.data.selection != "run":
         path = train.selection_path(cfg)
         return changes + input_changes(saved, {"selection": selection_hash(None if path is None else

@@ -85,7 +85,7 @@ def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, in
 
     Settings and inputs a checkpoint written by an older version did not record are not compared.
     """
-    refuse(directory, setting_changes(saved_meta, cfg) + input_changes(saved_meta, inputs))
+    refuse(directory, setting_changes(saved_meta, cfg) + input_changes(saved_meta, inputs, cfg))
     saved_steps = saved_meta.get("config", {}).get("train", {}).get("steps", cfg.train.steps)
     if saved_steps == cfg.train.steps:
         return
@@ -98,17 +98,34 @@ def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, in
                     start + 1, now, before, saved_steps, cfg.train.steps)
 
 
-SAMPLES_CHANGED = ("the tokenized samples (the data file, data.limit, data.max_length, data.responses or the model's "
-                   "files changed)")
+SAMPLE_SETTINGS = ("data.source", "data.responses", "data.limit", "data.max_length", "model.path")
+"""The settings naming what the tokenized samples are made from (compared through the samples' fingerprint)."""
 
 
-def input_changes(saved_meta: dict[str, Any], inputs: dict[str, str | None]) -> list[str]:
+def samples_change(saved_config: dict[str, Any], cfg: Config | None) -> str:
+    """Why the tokenized samples differ: the :data:`SAMPLE_SETTINGS` that changed, else the files' contents."""
+    if cfg is not None:
+        before, now = _flat(saved_config), _flat(cfg.to_dict())
+        changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in SAMPLE_SETTINGS
+                   if key in before and before[key] != now.get(key)]
+        if changed:
+            return f"the tokenized samples ({'; '.join(changed)})"
+    return ("the tokenized samples (the contents of the data or model files, or data.source, data.limit, "
+            "data.max_length, data.responses)")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, fields in config.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+
+
+def input_changes(saved_meta: dict[str, Any], inputs: dict[str, str | None], cfg: Config | None = None) -> list[str]:
     """The training inputs (:func:`training_inputs`; a key left out is not compared) that differ from
-    the checkpoints' ``saved_meta``."""
+    the checkpoints' ``saved_meta``; with ``cfg`` (this run's), a changed sample setting is named."""
     saved_inputs = saved_meta.get("inputs") or {}
     changes = []
     if "samples" in inputs and saved_inputs.get("samples", inputs["samples"]) != inputs["samples"]:
-        changes.append(SAMPLES_CHANGED)
+        changes.append(samples_change(saved_meta.get("config", {}), cfg))
     if "selection" in inputs and saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
         changes.append("the selected samples (select.*, score.* or data.selection changed)")
     return changes
