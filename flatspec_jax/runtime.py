@@ -162,6 +162,8 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     path = run_dir / LOCK_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run directory {run_dir} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:

@@ -324,3 +324,14 @@ def test_retention_keeps_the_latest_steps_and_the_one_of_lowest_held_out_loss(tm
         checkpoints.wait()
     assert sorted(checkpoints.manager.all_steps()) == [2, 4], "the best (step 2) and the latest (step 4)"
     checkpoints.close()
+
+
+def test_a_directory_given_for_a_checkpoint_directory_says_what_to_pass_instead(fsdp8_checkpoint, tmp_path):
+    directory = fsdp8_checkpoint[0]
+    with pytest.raises(CheckpointMismatchError, match=rf"it is a run directory: pass {directory}$"):
+        read_meta(directory.parent)
+    with pytest.raises(CheckpointMismatchError, match=rf"one step of a checkpoint directory: pass {directory} "):
+        read_meta(directory / str(STEP))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointMismatchError, match=r"an EAGLE-format head: `flatspec import --input DIR`"):
+        read_meta(tmp_path)

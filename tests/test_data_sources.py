@@ -233,7 +233,7 @@ def test_jsonl_with_both_schemas_and_a_bad_line(tmp_path, caplog):
     assert convs[0].messages == convs[1].messages == (Message("user", "Hi"), Message("assistant", "Hello!"))
     assert convs[2].messages[1] == Message("assistant", "A")
     assert report.records == 4 and dict(report.skipped) == {"invalid_json": 1}
-    assert report.examples["invalid_json"] == [f"chats.jsonl line 2: Expecting value at column {len(BROKEN_LINE) + 1}"]
+    assert report.examples["invalid_json"] == [f"chats.jsonl line 2: Expecting value (column {len(BROKEN_LINE) + 1})"]
     # A file with lines that do not parse is damaged: its summary is a warning, not routine information.
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "chats.jsonl line 2" in r.getMessage()]
     assert len(warned) == 1, caplog.text

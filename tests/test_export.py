@@ -638,8 +638,11 @@ def test_import_refuses_a_malformed_draft_vocabulary(llama_run, llama_dir, tmp_p
 
 def test_import_refuses_a_directory_that_holds_checkpoints(llama_run, llama_dir):
     run_dir, _, out = llama_run
-    with pytest.raises(ConfigError, match=r"--out: .* already holds checkpoints \(steps \[1, 3\]\)"):
+    with pytest.raises(ConfigError, match=r"^the run's checkpoint directory \(the default --out\): .* already holds "
+                                          r"checkpoints \(steps \[1, 3\]\)"):
         import_eagle.run(config_for(llama_dir, run_dir), import_args(input=str(out)))
+    with pytest.raises(ConfigError, match=r"^--out: .* already holds checkpoints \(steps \[1, 3\]\)"):
+        import_eagle.run(config_for(llama_dir, run_dir), import_args(input=str(out), out=str(run_dir / "checkpoints")))
 
 
 def test_import_of_a_directory_without_weights_is_named(llama_dir, tmp_path):

@@ -1,6 +1,7 @@
 """Prompt files for eval and generate: MT-bench and JSONL, with errors naming the file and line."""
 
 import json
+import logging
 
 import pytest
 
@@ -21,10 +22,12 @@ def test_mtbench_has_80_two_turn_questions():
     assert [len(p.turns) for p in load_prompts("mtbench", limit=3)] == [1, 1, 1]
 
 
-def test_jsonl_prompts_keep_ids_categories_and_file_order(tmp_path):
+def test_jsonl_prompts_keep_ids_categories_and_file_order(tmp_path, caplog):
     path = write_jsonl(tmp_path, {"prompt": "first", "id": "a", "category": "x"}, "",
                        {"turns": ["second", "follow-up"], "question_id": 7})
-    prompts = load_prompts(path, turns=2)
+    with caplog.at_level(logging.WARNING):
+        prompts = load_prompts(path, turns=2)
+    assert "1 of 2 prompts have fewer than the 2 turns asked for (eval.turns)" in caplog.text
     assert [(p.id, p.category, p.turns) for p in prompts] == [("a", "x", ("first",)),
                                                                ("7", "", ("second", "follow-up"))]
 

@@ -282,7 +282,8 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
     with _reader(directory, item_names=ITEM_NAMES) as manager:
         steps = manager.all_steps()
         if not steps:
-            raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)")
+            raise CheckpointMismatchError(f"{directory} holds no checkpoint (expected orbax step directories)"
+                                          f"{_what_it_holds(directory)}")
         step = max(steps) if step is None else step
         if step not in steps:
             raise CheckpointMismatchError(f"{directory} holds no step {step} (its steps: "
@@ -292,6 +293,17 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
         raise CheckpointMismatchError(f"{directory}/{step}/meta is not flatspec draft metadata "
                                       f"(version {META_VERSION} expected)")
     return step, meta
+
+
+def _what_it_holds(directory: Path) -> str:
+    """A hint for a directory given where a checkpoint directory was expected, by what it holds."""
+    if (directory / CHECKPOINT_DIR).is_dir():
+        return f"; it is a run directory: pass {directory / CHECKPOINT_DIR}"
+    if directory.name.isdigit() and any((directory / item).is_dir() for item in ITEM_NAMES):
+        return f"; it is one step of a checkpoint directory: pass {directory.parent} (export takes --step)"
+    if (directory / "config.json").is_file():
+        return "; it looks like an EAGLE-format head: `flatspec import --input DIR` turns it into a checkpoint"
+    return ""
 
 
 def check_target(meta: dict[str, Any], target: ArchSpec, target_vocab_hash: str, source: str) -> None:

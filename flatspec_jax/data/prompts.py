@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from flatspec_jax import assets
 from flatspec_jax.data.sources import DataFormatError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,10 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
             break
     if not prompts:
         raise DataFormatError(f"{path}: no prompts")
+    short = sum(len(p.turns) < turns for p in prompts)
+    if short:
+        log.warning("%s: %d of %d prompts have fewer than the %d turns asked for (eval.turns); they are evaluated "
+                    "on the turns they have", path, short, len(prompts), turns)
     return prompts
 
 

@@ -168,7 +168,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 raw = json.loads(line.rstrip(b"\r\n"))  # bytes: invalid UTF-8 raises UnicodeDecodeError
             except json.JSONDecodeError as err:
-                raw = _BadLine(line_number, f"{err.msg} at column {err.colno}")
+                raw = _BadLine(line_number, f"{err.msg} (column {err.colno})")
             except UnicodeDecodeError as err:
                 raw = _BadLine(line_number, f"not UTF-8 ({err.reason})")
             if isinstance(raw, _BadLine):

@@ -59,10 +59,13 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if arg(args, "input") is None:
         raise ConfigError("--input: the EAGLE head directory is required")
     source = Path(arg(args, "input")).absolute()
-    out = Path(arg(args, "out", Path(cfg.run_dir) / CHECKPOINT_DIR)).absolute()
+    given = arg(args, "out")
+    out = Path(given if given is not None else Path(cfg.run_dir) / CHECKPOINT_DIR).absolute()
     existing = _existing_steps(out)
     if existing:
-        raise ConfigError(f"--out: {out} already holds checkpoints (steps {existing}); import into a new directory")
+        named = "--out" if given is not None else "the run's checkpoint directory (the default --out)"
+        raise ConfigError(f"{named}: {out} already holds checkpoints (steps {existing}); import into a new directory "
+                          "(--out, or another --run-dir)")
 
     with open_checkpoint(ctx.model_path) as reader:
         target = reader.arch

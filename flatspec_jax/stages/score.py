@@ -69,10 +69,11 @@ def feature_dir(cfg: Config) -> Path:
 
 def _score(cfg: Config, ctx: RunContext | None, with_features: bool) -> pa.Table:
     ctx = ctx or RunContext(cfg)
-    table = score_dataset(ctx.target, ctx.samples, cfg.score, ctx.mesh, ctx.rules, ctx.run_dir / SCORES_FILE,
-                          score_fingerprint(cfg, ctx.samples.fingerprint),
+    samples = ctx.samples  # before the target: a bad data source fails without loading the weights
+    table = score_dataset(ctx.target, samples, cfg.score, ctx.mesh, ctx.rules, ctx.run_dir / SCORES_FILE,
+                          score_fingerprint(cfg, samples.fingerprint),
                           feature_dir(cfg) if with_features else None,
-                          inputs=score_inputs(cfg, ctx.samples.fingerprint),
+                          inputs=score_inputs(cfg, samples.fingerprint),
                           profiler=StepProfiler.for_stage(cfg.profile, ctx.run_dir, "score"))
     log.info("scores: %s", summarize(table))
     return table
