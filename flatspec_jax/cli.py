@@ -146,6 +146,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except runtime.RunDirBusyError as err:
         print(f"flatspec {args.verb}: {err}", file=sys.stderr)
         return 1
+    except runtime.Preempted as err:
+        log.warning("%s", err)
+        return 143  # 128 + SIGTERM, what the scheduler's signal would have given
     except KeyboardInterrupt:
         log.warning("interrupted; finished work is saved and a re-run resumes from it")
         return 130

@@ -134,6 +134,10 @@ class RunDirBusyError(RuntimeError):
     """Another flatspec process is working in the run directory."""
 
 
+class Preempted(RuntimeError):
+    """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption) and saved its work first."""
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     """Holds an exclusive lock on ``run_dir`` (taken by JAX process 0) while a verb writes into it,

@@ -919,3 +919,21 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path,
     monkeypatch.setattr(manager.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(PermissionError, match=rf"{tmp_path} is not writable.*saved to {tmp_path / 'new'}"):
         manager.DraftCheckpointer(tmp_path / "new", keep=1)
+
+
+def test_a_preempted_job_saves_the_agreed_step_stops_and_resumes_from_it(target, dataset, tmp_path, monkeypatch):
+    """At the preemption sync point (simulated: JAX's needs jax.distributed) training saves that step
+    whatever train.save_every says, stops, and a re-run resumes from it to the end."""
+    from flatspec_jax.runtime import Preempted
+
+    cfg = load_config(None, ["train.steps=4", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 8}",
+                             "train.save_every=100", "train.log_every=1", "data.heldout=0",
+                             f"train.loss_chunk={LOSS_CHUNK}"])
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    monkeypatch.setattr(train_loop.DraftCheckpointer, "reached_preemption", lambda self, step: step == 2)
+    with pytest.raises(Preempted, match=rf"preempted at step 2: saved it to {tmp_path / 'checkpoints'}"):
+        train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    monkeypatch.setattr(train_loop.DraftCheckpointer, "reached_preemption", lambda self, step: False)
+    summary = train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
+    assert summary.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]

@@ -31,7 +31,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.runtime import process_zero_says
+from flatspec_jax.runtime import Preempted, process_zero_says
 from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, check_process_rows, place_state,
                                    process_rows, state_shardings)
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
@@ -211,9 +211,16 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
                     window_start, window_counts = time.perf_counter(), []
                     metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
-                if step % tcfg.save_every == 0 or step == tcfg.steps:
+                # In a multi-process job SIGTERM reaches JAX's preemption notifier, not the process: the
+                # processes agree on a step, save it and stop, and a re-run resumes from it.
+                preempted = checkpoints.reached_preemption(step)
+                if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
                     checkpoints.save(step, state, iterator, meta,
                                      metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
+                if preempted:
+                    checkpoints.wait()
+                    raise Preempted(f"preempted at step {step}: saved it to {checkpoints.directory}; the same command "
+                                    "resumes from it")
         checkpoints.wait()
     finally:
         progress.close()
