@@ -106,6 +106,9 @@ def test_a_tree_wider_than_the_heads_own_vocabulary_is_refused_before_decoding(r
     with pytest.raises(ConfigError, match=rf"decode\.top_k={DRAFT_VOCAB + 1}: .* its own {DRAFT_VOCAB} tokens "
                                           r"\(draft\.vocab\); use decode\.top_k <= 64 or decode\.method=chain"):
         RunContext(cfg).decoding_draft_ids(checkpoint)
+    with pytest.raises(ConfigError, match=rf"decode\.top_k={DRAFT_VOCAB + 1}: "):  # eval then decodes a tree
+        RunContext(dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, method="ar"))).decoding_draft_ids(
+            checkpoint)
     chain = dataclasses.replace(cfg, decode=DecodeConfig(method="chain", top_k=DRAFT_VOCAB + 1, gamma=2))
     assert len(RunContext(chain).decoding_draft_ids(checkpoint)) == DRAFT_VOCAB
 

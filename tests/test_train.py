@@ -934,6 +934,11 @@ def test_a_preempted_job_saves_the_agreed_step_stops_and_resumes_from_it(target,
     with pytest.raises(Preempted, match=rf"preempted at step 2: saved it to {tmp_path / 'checkpoints'}"):
         train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
-    monkeypatch.setattr(train_loop.DraftCheckpointer, "reached_preemption", lambda self, step: False)
+    with pytest.raises(Preempted, match=r"preempted before training resumed; .* holds step 2"):
+        train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)  # still step 2
+    reported = []
+    monkeypatch.setattr(train_loop.DraftCheckpointer, "reached_preemption",
+                        lambda self, step: reported.append(step) or step == 4)  # at the last step: simply done
     summary = train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
     assert summary.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert reported == [2, 3, 4], "the resumed run first reports the step it starts from (JAX counts from 0)"

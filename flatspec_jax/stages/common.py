@@ -136,7 +136,7 @@ class RunContext:
                               f"its own {len(trained)} tokens (draft.vocab); set decode.draft_vocab to 0 or "
                               f"{len(trained)}")
         top_k = self.cfg.decode.top_k
-        if self.cfg.decode.method == "tree" and top_k > len(trained):
+        if self.cfg.decode.method != "chain" and top_k > len(trained):  # eval decodes a tree for method ar
             raise ConfigError(f"decode.top_k={top_k}: the draft head in {directory} proposes from its own "
                               f"{len(trained)} tokens (draft.vocab); use decode.top_k <= {len(trained)} or "
                               "decode.method=chain")

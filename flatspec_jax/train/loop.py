@@ -145,6 +145,12 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                 checkpoints.directory, start, tcfg.steps, start)
         checkpoints.close()
         return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices))
+    # JAX's preemption sync counts steps from 0 and settles on one past the highest step reported: report
+    # where this run starts, so a SIGTERM during restore and compilation still meets step start + 1.
+    if checkpoints.reached_preemption(start):
+        checkpoints.close()
+        raise Preempted(f"preempted before training resumed; {checkpoints.directory} holds step {start}, from which "
+                        "the same command resumes")
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)
     param_shardings = state_shardings(params, mesh, rules)
@@ -217,7 +223,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                 if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
                     checkpoints.save(step, state, iterator, meta,
                                      metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
-                if preempted:
+                if preempted and step < tcfg.steps:  # at the last step the run is simply done
                     checkpoints.wait()
                     raise Preempted(f"preempted at step {step}: saved it to {checkpoints.directory}; the same command "
                                     "resumes from it")
