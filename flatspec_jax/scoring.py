@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -263,7 +262,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
                           f"({dataset.lengths.max()} tokens); set it >= data.max_length")
     check_mesh_fits(cfg, mesh, rules)
     # Every batch splits into equal row slices per data-parallel shard and per process (_global_rows).
-    plan = make_plan(dataset.lengths, cfg, math.lcm(batch_shards(mesh), jax.process_count()))
+    plan = make_plan(dataset.lengths, cfg, batch_shards(mesh))
     log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)
     parts_dir.mkdir(parents=True, exist_ok=True)
