@@ -119,10 +119,12 @@ def self_rss_mib() -> float:
 
 
 def write_results(results: dict, out: str | Path) -> Path:
-    """Writes a benchmark's results as sorted, indented JSON (parents created)."""
+    """Writes a benchmark's results as sorted, indented JSON (parents created), atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a rewrite cut short leaves the old file whole
+    partial.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, out)
     return out
 
 

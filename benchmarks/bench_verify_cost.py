@@ -1,14 +1,17 @@
 """The target's verification cost by the number of tokens it checks, and the speedup that leaves room for.
 
     python benchmarks/bench_verify_cost.py [--config configs/smollm2_sharegpt_demo.yaml] [--tokens 1 2 3 ...]
-        [--committed 200] [--cache 384] [--calls 30] [--set KEY=VALUE ...]
+        [--committed 200] [--cache 384] [--calls 30] [--repeat 1] [--set KEY=VALUE ...]
 
 One forward of the decoding target (per-layer weights and KV caches, as `flatspec eval` runs it)
 over T new tokens at ``--committed`` filled slots of a ``--cache``-slot cache, reading the cache
 and writing the T new slots in place (donated), greedy argmax of the logits: what a speculative
 round's verification costs. Baseline ``T = 1``: one autoregressive step, measured in the same run.
 Each T is jitted, warmed up, then timed as the median of ``--calls`` calls, the widths in rotating
-order so that drift spreads over all of them.
+order so that drift spreads over all of them. ``--repeat K`` runs K forwards inside each call (a
+``fori_loop``, as the decoders run their rounds inside one ``while_loop``) and reports the time of
+one: on an accelerator a call's host dispatch of the ~300 weight and cache buffers is a large part
+of a 1-token forward, which the decoding loops do not pay.
 
 From the cost ratios c(T) = time(T) / time(1) it prints, for chain speculation with gamma drafts
 (T = gamma + 1), the best speedup any draft could give, (gamma + 1) / c(gamma + 1) (every draft
@@ -37,6 +40,7 @@ def main() -> int:
     parser.add_argument("--committed", type=int, default=200, help="filled cache slots before the new tokens")
     parser.add_argument("--cache", type=int, default=384, help="KV-cache slots per row")
     parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=1, help="forwards per timed call (inside one jit)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
     args = parser.parse_args()
     widths = sorted(set(args.tokens) | {1})
@@ -68,8 +72,12 @@ def main() -> int:
         width = tokens.shape[1]
         positions = cache_index[:, None] + jnp.arange(width)[None]
         mask = cached_mask(cache_index, causal_mask(1, width), args.cache)
-        out = model(tokens, positions, mask, cache, cache_index)
-        return jnp.argmax(out.logits, axis=-1), out.cache
+
+        def forward(_, carry):
+            out = model(tokens, positions, mask, carry[1], cache_index)
+            return jnp.argmax(out.logits, axis=-1).astype(jnp.int32), out.cache
+
+        return jax.lax.fori_loop(0, args.repeat, forward, (jnp.zeros((1, width), jnp.int32), cache))
 
     rng = np.random.default_rng(0)
     cache_index = jnp.full((1,), args.committed, jnp.int32)
@@ -77,14 +85,17 @@ def main() -> int:
     inputs = {width: jnp.asarray(rng.integers(0, target.arch.vocab_size, (1, width)), jnp.int32) for width in widths}
     times: dict[int, list[float]] = {width: [] for width in widths}
     for width in widths:  # warm-up: one compilation per width
+        began = time.perf_counter()
         _, caches[width] = verify(params, caches[width], inputs[width], cache_index)
         jax.block_until_ready(caches[width])
+        print(f"[bench] T = {width}: compiled and ran in {time.perf_counter() - began:.1f} s", file=sys.stderr,
+              flush=True)
     for call in range(args.calls):
         for width in widths[call % len(widths):] + widths[:call % len(widths)]:
             start = time.perf_counter()
             argmax, caches[width] = verify(params, caches[width], inputs[width], cache_index)
             jax.block_until_ready((argmax, caches[width]))
-            times[width].append(time.perf_counter() - start)
+            times[width].append((time.perf_counter() - start) / args.repeat)
     median = {width: 1e3 * statistics.median(times[width]) for width in widths}
     ratio = {width: median[width] / median[1] for width in widths}
 
@@ -98,14 +109,17 @@ def main() -> int:
         rows.append([width, f"{median[width]:.1f}", f"{ratio[width]:.2f}x",
                      "-" if gamma == 0 else f"{best:.2f}x",
                      "-" if gamma == 0 else f"{needed:.2f} of {width}" + (" (unreachable)" if needed > width else "")])
-    device = str(jax.devices()[0])
+    device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+    precision = jax.config.jax_default_matmul_precision or "default"
     print_table(f"{target.arch.architecture} target, {args.committed} of {args.cache} cache slots filled, median of "
-                f"{args.calls} calls ({device}); baseline T = 1 (one autoregressive step)",
+                f"{args.calls} calls of {args.repeat} forward(s) ({device}, matmul precision {precision}); baseline "
+                "T = 1 (one autoregressive step)",
                 ["T new tokens", "ms", "cost vs T = 1", "best chain speedup (gamma = T - 1, all accepted)",
                  "tau for 2x (drafting free)"], rows)
     out = write_results({"benchmark": "verify_cost", "config": args.config, "overrides": args.overrides,
-                         "committed": args.committed, "cache": args.cache, "calls": args.calls, "gate": gate,
-                         "device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, args.out)
+                         "committed": args.committed, "cache": args.cache, "calls": args.calls,
+                         "repeat": args.repeat, "gate": gate, "device": device, "matmul_precision": precision,
+                         "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, args.out)
     print(f"\nresults written to {out}")
     return 0
 
