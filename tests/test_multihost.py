@@ -323,6 +323,26 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
 CLI = "import sys; from flatspec_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def run_job(argv: list[str], tmp_path: Path, devices_per_process: int) -> tuple[list[int], list[str], list[str]]:
+    """``python argv`` as a job of PROCESSES processes on localhost; their exit codes, stdouts and stderrs
+    (every process killed after 120 s)."""
+    port = free_port()
+    procs = []
+    for rank in range(PROCESSES):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [proc.returncode for proc in procs], [out for out, _ in outputs], [err for _, err in outputs]
+
+
 def test_a_busy_run_directory_is_refused_by_every_process_and_they_exit(tiny_dir, tmp_path):
     """Process 0 takes the run directory's lock; when another command holds it, every process must
     refuse (process 1 would otherwise run the verb alone into a collective) and leave at once."""
@@ -330,26 +350,13 @@ def test_a_busy_run_directory_is_refused_by_every_process_and_they_exit(tiny_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = free_port()
     with open(run_dir / ".flatspec.lock", "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("4242")
         holder.flush()
-        procs = []
-        for rank in range(PROCESSES):
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                   "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
-                   "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                   "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
-            procs.append(subprocess.Popen([sys.executable, "-c", CLI, "select", "--run-dir", str(run_dir), "--set",
-                                           f"model.path={tiny_dir}"], env=env, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
-        try:
-            errors = [proc.communicate(timeout=120)[1] for proc in procs]
-        finally:
-            for proc in procs:
-                proc.kill()
-    assert [proc.returncode for proc in procs] == [1, 1], errors
+        codes, _, errors = run_job(["-c", CLI, "select", "--run-dir", str(run_dir), "--set", f"model.path={tiny_dir}"],
+                                   tmp_path, 1)
+    assert codes == [1, 1], errors
     assert "in use by another flatspec process (pid 4242)" in errors[0], errors[0]
     assert "could not be locked by JAX process 0" in errors[1], errors[1]
 
@@ -361,22 +368,10 @@ def test_a_new_selection_beside_trained_checkpoints_is_refused_by_every_process(
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["multi"], run_dir)
-    port = free_port()
     settings = [x for s in [*SETTINGS, "select.keep=0.5", f"model.path={tiny_dir}"] for x in ("--set", s)]
-    procs = []
-    for rank in range(PROCESSES):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}",
-               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
-        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "select", "--run-dir", str(run_dir), *settings],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    try:
-        errors = [proc.communicate(timeout=120)[1] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [1, 1], errors
+    codes, _, errors = run_job(["-c", CLI, "select", "--run-dir", str(run_dir), *settings], tmp_path,
+                               DEVICES // PROCESSES)
+    assert codes == [1, 1], errors
     assert "holds a draft trained on another selection" in errors[0], errors[0]
 
 
@@ -407,19 +402,7 @@ print("rows of process", jax.process_index(), local.tolist())
 def test_rows_spread_over_the_batch_assemble_the_global_array_in_two_processes(tmp_path):
     """Two real processes whose devices interleave along the batch axis feed their own rows and the global
     array is the batch (jax.make_array_from_process_local_data, as scoring and training call it)."""
-    port = free_port()
-    procs = []
-    for rank in range(PROCESSES):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}"}
-        procs.append(subprocess.Popen([sys.executable, "-c", INTERLEAVED], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    try:
-        outputs = [proc.communicate(timeout=120) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    rows = [line for out, _ in outputs for line in out.splitlines() if line.startswith("rows of process")]
+    codes, outs, errors = run_job(["-c", INTERLEAVED], tmp_path, DEVICES // PROCESSES)
+    assert codes == [0, 0], [err[-2000:] for err in errors]
+    rows = [line for out in outs for line in out.splitlines() if line.startswith("rows of process")]
     assert rows == ["rows of process 0 [0, 1, 4, 5, 8, 9, 12, 13]", "rows of process 1 [2, 3, 6, 7, 10, 11, 14, 15]"]
