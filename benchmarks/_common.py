@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -119,7 +120,10 @@ def self_rss_mib() -> float:
 
 
 def write_results(results: dict, out: str | Path) -> Path:
-    """Writes a benchmark's results as sorted, indented JSON (parents created), atomically."""
+    """Writes a benchmark's results as sorted, indented JSON (parents created), atomically, with when and
+    where they were measured (``recorded``: date, host platform, CPU count) added."""
+    results = {"recorded": {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
+                            "cpus": os.cpu_count()}, **results}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a rewrite cut short leaves the old file whole
