@@ -95,7 +95,7 @@ def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> S
     return ScorePlan(batches, max_segments, padding_fraction(rows, lengths, cfg.row_length))
 
 
-def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh, rules: ShardingRules) -> None:
+def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
     check_process_rows(mesh)
     shards = batch_shards(mesh)
     if cfg.rows_per_batch % shards:
@@ -260,8 +260,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     if dataset.lengths.max() > cfg.row_length:
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
                           f"({dataset.lengths.max()} tokens); set it >= data.max_length")
-    check_mesh_fits(cfg, mesh, rules)
-    # Every batch splits into equal row slices per data-parallel shard and per process (_global_rows).
+    check_mesh_fits(cfg, mesh)
+    # Every batch splits into equal row slices per data-parallel shard; each process feeds its devices' (_global_rows).
     plan = make_plan(dataset.lengths, cfg, batch_shards(mesh))
     log.info("scoring %d samples in %d batches of up to %d x %d tokens (padding %.1f%% of computed slots)",
              len(dataset), len(plan.batches), cfg.rows_per_batch, cfg.row_length, 100 * plan.padding)

@@ -851,11 +851,11 @@ def test_rows_that_do_not_split_over_the_mesh_name_the_settings():
 
     mesh = make_mesh(MeshConfig(data=8), jax.devices()[:8])
     fits = load_config(None, ["train.batch_tokens=512", "train.row_length=64"]).train  # 8 rows
-    _check_rows_fit_mesh(fits, mesh, ShardingRules())
+    _check_rows_fit_mesh(fits, mesh)
     six_rows = load_config(None, ["train.batch_tokens=384", "train.row_length=64"]).train
     with pytest.raises(ConfigError, match=r"train\.batch_tokens / \(train\.row_length x train\.grad_accum\) = 6 rows "
                                           r"per micro-batch is not a multiple of the 8 data-parallel shards"):
-        _check_rows_fit_mesh(six_rows, mesh, ShardingRules())
+        _check_rows_fit_mesh(six_rows, mesh)
 
 
 @pytest.mark.parametrize("mesh_cfg, process_of, rows_of", [

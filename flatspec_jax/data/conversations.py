@@ -238,22 +238,15 @@ def _trim(conv: Conversation, report: SkipReport, replies: bool) -> Conversation
     first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
     leading = {i for i in range(first_user) if messages[i].role == "assistant"}
     messages = [m for i, m in enumerate(messages) if i not in leading]
-    if not replies:
-        if not any(m.role == "user" and m.content.strip() for m in messages):
-            report.skip(NO_USER_TEXT, conv.id, f"roles {[m.role for m in conv.messages]}"[:120])
-            return None
-        if leading:
-            report.note(LEADING_ASSISTANT, conv.id, f"{len(leading)} turn(s)")
-        report.kept += 1
-        return Conversation(conv.id, tuple(messages))
-    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
-    if not any(m.role == "assistant" and m.content.strip() for m in messages):
-        report.skip(NO_ASSISTANT_TEXT, conv.id, f"roles {[m.role for m in conv.messages]}"[:120])
+    needed = "assistant" if replies else "user"  # the text the record is read for
+    if not any(m.role == needed and m.content.strip() for m in messages):
+        report.skip(NO_ASSISTANT_TEXT if replies else NO_USER_TEXT, conv.id,
+                    f"roles {[m.role for m in conv.messages]}"[:120])
         return None
-    trailing = len(messages) - 1 - last_assistant
+    end = (1 + max(i for i, m in enumerate(messages) if m.role == "assistant")) if replies else len(messages)
     if leading:
         report.note(LEADING_ASSISTANT, conv.id, f"{len(leading)} turn(s)")
-    if trailing:
-        report.note(TRAILING_TURNS, conv.id, f"{trailing} turn(s)")
+    if end < len(messages):
+        report.note(TRAILING_TURNS, conv.id, f"{len(messages) - end} turn(s)")
     report.kept += 1
-    return Conversation(conv.id, tuple(messages[:last_assistant + 1]))
+    return Conversation(conv.id, tuple(messages[:end]))

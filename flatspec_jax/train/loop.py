@@ -90,7 +90,7 @@ def _untrained_metrics(evaluate, params: nnx.State, target_params: nnx.State,
     return jax.tree.map(float, evaluate(params, target_params, batches, None))
 
 
-def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh, rules: ShardingRules) -> None:
+def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh) -> None:
     """Every micro-batch's rows must split evenly over the mesh's batch shards, and every process hold
     some of the mesh's devices."""
     check_process_rows(mesh)
@@ -111,7 +111,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     vocabulary the head is trained over, saved in every checkpoint's metadata.
     """
     tcfg = cfg.train
-    _check_rows_fit_mesh(tcfg, mesh, rules)
+    _check_rows_fit_mesh(tcfg, mesh)
     inputs = training_inputs(dataset, selected_ids)
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
