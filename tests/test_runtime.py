@@ -102,6 +102,8 @@ def test_a_job_jax_cannot_join_is_a_config_error_naming_the_settings(monkeypatch
 
     monkeypatch.setattr(runtime.jax.distributed, "initialize", refuse)
     monkeypatch.setattr(runtime.jax.distributed, "is_initialized", lambda: False)
+    # Else the CPU collectives would switch to gloo for the rest of this process (their tests then abort).
+    monkeypatch.delenv("JAX_PLATFORMS")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ConfigError, match=r"distributed\.\*: cannot join .*num_processes=2.*should be defined"):
         runtime.initialize_distributed(DistributedConfig(enabled=True))
