@@ -341,8 +341,12 @@ def test_corrupt_record_in_a_file_that_also_lacks_its_end_is_an_error(tmp_path):
         list(iter_json_array(path))
 
 
-def test_an_unreadable_parquet_source_names_the_file(tmp_path):
+def test_an_unreadable_parquet_source_names_the_file_once(tmp_path, caplog, capfd):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(DataFormatError, match=rf"{path}: not a readable parquet file"):
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataFormatError, match=rf"{path}: not a readable parquet file"):
         load_conversations(str(path))
+    # datasets logs the failure through its own handler too; the error raised is the one message
+    assert not [r for r in caplog.records if r.name.startswith("datasets")]
+    assert "magic bytes" not in capfd.readouterr().err
+    assert logging.getLogger("datasets").level != logging.CRITICAL

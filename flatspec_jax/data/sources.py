@@ -24,6 +24,7 @@ naming the file and the columns it has.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import glob
 import json
@@ -190,14 +191,27 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa  # noqa: PLC0415 - datasets' own dependency
 
     try:
-        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-        columns = list(dataset.column_names or [])
+        with _quiet_logger("datasets"):  # it logs an unreadable file's error itself; ours names the file
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+            columns = list(dataset.column_names or [])
         if not any(column in columns for column in TURN_COLUMNS):
             raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
                                   f"its columns are {columns}")
         yield from enumerate(dataset)
     except (OSError, pa.ArrowException) as err:
         raise DataFormatError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silences logger ``name`` below CRITICAL inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _Window:
