@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flatspec_jax.config import ConfigError, DistributedConfig
 from flatspec_jax.io import remove_temporaries
@@ -138,6 +139,19 @@ class Preempted(RuntimeError):
     """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption) and saved its work first."""
 
 
+def reached_preemption(step: int) -> bool:
+    """True at the step every process of a multi-process job agreed to stop at after one of them was sent
+    SIGTERM (JAX's preemption sync point: in such a job SIGTERM goes to JAX's notifier, not the process).
+
+    Every process must call it at the same steps, counting up from 0 within a loop. False without
+    ``jax.distributed`` (SIGTERM then ends the process as usual) or with JAX's preemption service off.
+    """
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service=False
+        return False
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     """Holds an exclusive lock on ``run_dir`` (taken by JAX process 0) while a verb writes into it,
@@ -199,6 +213,4 @@ def process_zero_says(value: Any) -> np.ndarray:
     """
     if jax.process_count() == 1:
         return np.asarray(value)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))

@@ -21,7 +21,9 @@ nothing at INFO. Every subprocess
 is killed on failure or timeout.
 
 A third job (2 processes) meets a run directory another command has locked: every process
-refuses and exits, none runs the verb alone.
+refuses and exits, none runs the verb alone. Two more are sent SIGTERM (to process 1) during
+``score`` and ``train``: both processes stop at the point they agree on, exit 143, and the same
+command finishes from the saved parts or step.
 
 Training runs with the default feature noise: it depends on a row's position in the global
 batch, so the losses match only because every row lands at the same position whatever the
@@ -33,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -406,3 +409,77 @@ def test_rows_spread_over_the_batch_assemble_the_global_array_in_two_processes(t
     assert codes == [0, 0], [err[-2000:] for err in errors]
     rows = [line for out in outs for line in out.splitlines() if line.startswith("rows of process")]
     assert rows == ["rows of process 0 [0, 1, 4, 5, 8, 9, 12, 13]", "rows of process 1 [2, 3, 6, 7, 10, 11, 14, 15]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: SIGTERM to one process of the job
+# ----------------------------------------------------------------------------------------------
+
+
+def preempted_job(verb: str, settings: list[str], tmp_path: Path) -> tuple[list[str], list[int], list[str]]:
+    """``flatspec verb`` as a job of PROCESSES processes, process 1 sent SIGTERM once the job has joined
+    (JAX's notifier then holds the signal) and before the verb's loop begins; the verb's argv (to re-run
+    it), the exit codes and the stderrs."""
+    import signal
+
+    argv = ["-c", CLI, verb, "--run-dir", str(tmp_path / "run"), *[x for s in settings for x in ("--set", s)]]
+    port = free_port()
+    procs, logs = [], [tmp_path / f"{verb}-rank{rank}.err" for rank in range(PROCESSES)]
+    for rank, log_path in enumerate(logs):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}",
+               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+        with open(log_path, "w") as err:
+            procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        deadline = time.monotonic() + 120
+        while "JAX process 0 of 2" not in logs[0].read_text() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [proc.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return argv, codes, [log.read_text() for log in logs]
+
+
+def test_sigterm_to_one_process_stops_scoring_on_every_process_and_a_rerun_finishes(tiny_dir, tmp_path):
+    """In a multi-process job SIGTERM reaches JAX's preemption notifier, not the process: the signalled
+    process and the other agree on a part boundary, both exit 143 (as the signal would have) keeping the
+    parts written before it, and the same command then finishes from them."""
+    run_dir = tmp_path / "run"
+    settings = [s for s in SETTINGS if not s.startswith("data.limit=")]
+    settings += ["data.limit=160", "score.flush_every=1", f"model.path={tiny_dir}"]  # several parts of one batch
+    argv, codes, errors = preempted_job("score", settings, tmp_path)
+    assert codes == [143, 143], [err[-2000:] for err in errors]
+    assert "preempted while scoring" in errors[0], errors[0][-2000:]
+    parts = sorted((run_dir / "scores.parquet.parts").glob("part-*.parquet"))
+    assert parts and not (run_dir / "scores.parquet").exists()
+    match = re.search(r"scoring (\d+) samples in (\d+) batches", errors[0])
+    assert match and len(parts) < int(match.group(2)), errors[0][-2000:]
+
+    codes, _, errors = run_job(argv, tmp_path, DEVICES // PROCESSES)
+    assert codes == [0, 0], [err[-2000:] for err in errors]
+    assert f"resuming: {len(parts)} of" in errors[0]
+    assert pq.read_table(run_dir / "scores.parquet").num_rows == int(match.group(1))
+
+
+def test_sigterm_to_one_process_saves_the_agreed_training_step_and_a_rerun_resumes_from_it(tiny_dir, tmp_path):
+    """The same for training: every process saves the step they agree on (one past the step they had
+    reported), exits 143, and the same command resumes there and finishes."""
+    settings = [s for s in SETTINGS if not s.startswith("data.selection=")]
+    settings += ["data.selection=null", "train.save_every=100", f"model.path={tiny_dir}"]
+    argv, codes, errors = preempted_job("train", settings, tmp_path)
+    assert codes == [143, 143], [err[-2000:] for err in errors]
+    match = re.search(r"preempted at step (\d+): saved it", errors[0])
+    assert match, errors[0][-2000:]
+    step = int(match.group(1))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert 0 < step < 5 and read_meta(checkpoints)[0] == step
+
+    codes, _, errors = run_job(argv, tmp_path, DEVICES // PROCESSES)
+    assert codes == [0, 0], [err[-2000:] for err in errors]
+    assert f"resumed from {checkpoints}/{step}" in errors[0], errors[0][-2000:]
+    assert read_meta(checkpoints)[0] == 5

@@ -23,6 +23,7 @@ from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.data import regenerate as regen
 from flatspec_jax.data.chat import render_prompt
 from flatspec_jax.data.sources import load_conversations
+from flatspec_jax.runtime import Preempted
 from flatspec_jax.stages.common import RunContext
 from tiny_target import save_tiny_llama
 
@@ -117,6 +118,32 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(reference, tiny_dir, t
     assert regen.responses_path(cfg.run_dir).read_bytes() == ref_bytes
     assert meta == ref_meta
     assert not (tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")).exists()
+
+
+def test_a_preempted_run_stops_between_parts_and_resumes_to_the_same_replies(reference, tiny_dir, tmp_path,
+                                                                          monkeypatch):
+    """In a multi-process job SIGTERM goes to JAX's preemption notifier: regeneration stops at the part
+    boundary the processes agree on, keeping the parts before it, and a re-run finishes from them."""
+    _, ref_ctx, ref_meta, ref_bytes = reference
+    cfg = make_config(tiny_dir, tmp_path / "run")
+    ctx = RunContext(cfg)
+    ctx.target = ref_ctx.target
+    steps = []
+
+    def preempt_at_two(step: int) -> bool:
+        steps.append(step)
+        return step == 2
+
+    parts_dir = tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")
+    with monkeypatch.context() as patch:
+        patch.setattr(regen, "reached_preemption", preempt_at_two)
+        with pytest.raises(Preempted, match=rf"preempted while regenerating: .* kept in {parts_dir}"):
+            regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    assert steps == [0, 1, 2]
+    assert sorted(p.name for p in parts_dir.glob("part-*.jsonl")) == ["part-000000.jsonl", "part-000001.jsonl"]
+    meta = regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    assert regen.responses_path(cfg.run_dir).read_bytes() == ref_bytes
+    assert meta == ref_meta
 
 
 def test_parts_of_another_flush_every_are_not_resumed(reference, tiny_dir, tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.flatness import sample_stats, token_stats_from_logits
 from flatspec_jax.models.llama import create_model
 from flatspec_jax.models.masks import causal_mask
+from flatspec_jax.runtime import Preempted
 from flatspec_jax.scoring import STAT_COLUMNS, read_fingerprint, score_dataset
 from flatspec_jax.sharding import ShardingRules, make_mesh
 from flatspec_jax.stages.common import RunContext
@@ -566,6 +567,31 @@ def test_resume_after_kill_during_a_part_write(tiny_dir, tmp_path):
     (parts_dir / ".part-000000.parquet.k1ll3d.tmp").write_bytes(b"PAR1 half-written")
     score_on(tiny_dir, small, MeshConfig(), out, single_device(), row_length=32, rows_per_batch=1)
     assert not parts_dir.exists()
+
+
+def test_a_preempted_pass_stops_between_parts_and_resumes_to_the_same_scores(tiny_dir, dataset, single_scores,
+                                                                           tmp_path, monkeypatch):
+    """In a multi-process job SIGTERM goes to JAX's preemption notifier: the pass stops at the part
+    boundary the processes agree on, keeping the parts before it, and a re-run finishes from them."""
+    steps = []
+
+    def preempt_at_two(step: int) -> bool:
+        steps.append(step)
+        return step == 2
+
+    out = tmp_path / "scores.parquet"
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "reached_preemption", preempt_at_two)
+        with pytest.raises(Preempted, match=rf"preempted while scoring: .* kept in {out}\.parts"):
+            score_on(tiny_dir, dataset, MeshConfig(), out, single_device(), row_length=64, rows_per_batch=2,
+                     flush_every=1)
+    assert steps == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "scores.parquet.parts").glob("part-*")) == [
+        "part-000000.parquet", "part-000001.parquet"]  # parts are named by their first batch (flush_every=1)
+    assert not out.exists()
+    resumed = score_on(tiny_dir, dataset, MeshConfig(), out, single_device(), row_length=64, rows_per_batch=2,
+                       flush_every=1)
+    assert_scores_close(resumed, single_scores)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, r
 from flatspec_jax.fingerprint import file_sha256, model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
 from flatspec_jax.models.llama import Llama
-from flatspec_jax.runtime import process_zero_says
+from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,11 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     progress = tqdm(total=len(sources), initial=finished_rows, unit="conversation", desc="regenerate",
                     file=sys.stderr, disable=jax.process_index() != 0, mininterval=5)
     began, generated = time.perf_counter(), 0
-    for start in chunk_starts:
+    for chunk_index, start in enumerate(chunk_starts):
+        if reached_preemption(chunk_index):  # the parts before this chunk are written
+            progress.close()
+            raise Preempted(f"preempted while regenerating: the parts written so far are kept in {parts}; "
+                            "the same command resumes from them")
         if start in done:
             continue
         records = []
