@@ -32,6 +32,7 @@ from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
 from flatspec_jax.decoding.runner import Decoder, DecodeResult
 from flatspec_jax.decoding.speculative import acceptance_by_depth, proposed_by_depth
+from flatspec_jax.runtime import Preempted, reached_preemption
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
             ar.run(batch, key, width)
             spec.run(batch, key, width)
         for index, batch in enumerate(batches):
+            if reached_preemption(calls):
+                raise Preempted(f"preempted during evaluation after {calls} batches; evaluation keeps nothing "
+                                "until it ends, so the same command evaluates again")
             batch_key = jax.random.fold_in(key, calls)  # sampled batches draw independently of each other
             ar_out: DecodeResult = ar.run(batch, batch_key, width)
             spec_out: DecodeResult = spec.run(batch, batch_key, width)

@@ -314,6 +314,39 @@ def test_a_batchs_time_counts_once_for_its_rows():
     assert [q["speedup"] for q in summary["questions"]] == pytest.approx([2.0, 2.0, 1.0])
 
 
+def test_a_preempted_evaluation_stops_at_the_batch_the_processes_agree_on(monkeypatch):
+    """In a multi-process job SIGTERM goes to JAX's preemption notifier: evaluation stops before the
+    batch the processes agree on (it keeps nothing, so a re-run evaluates again) instead of running on."""
+    from flatspec_jax import evaluation
+    from flatspec_jax.data.prompts import Prompt
+    from flatspec_jax.decoding.runner import DecodeResult
+    from flatspec_jax.runtime import Preempted
+
+    class CountingDecoder:
+        calls = 0
+
+        def prompt_width(self, length: int) -> int:
+            return length
+
+        def run(self, batch, key, width) -> DecodeResult:
+            self.calls += 1
+            rows = len(batch)
+            return DecodeResult([np.array([5, EOS])] * rows, 0.1, np.ones(rows, np.int32), np.ones((rows, 2), np.int32),
+                                np.zeros((rows, 2), np.int32), np.ones(rows, np.int32))
+
+        def text(self, tokenizer, tokens) -> str:
+            return "reply"
+
+    steps = []
+    monkeypatch.setattr(evaluation, "_turn_prompt", lambda tokenizer, prompt, replies: np.arange(4))
+    monkeypatch.setattr(evaluation, "reached_preemption", lambda step: steps.append(step) or step == 2)
+    ar, spec = CountingDecoder(), CountingDecoder()
+    prompts = [Prompt(str(i), "writing", ("question",)) for i in range(4)]
+    with pytest.raises(Preempted, match="preempted during evaluation after 2 batches"):
+        evaluation.evaluate(prompts, None, ar, spec, warmup=0, seed=0)
+    assert steps == [0, 1, 2] and ar.calls == spec.calls == 2
+
+
 def test_a_capped_cache_is_warned_about_once_per_width(caplog):
     from flatspec_jax.config import DecodeConfig
     from flatspec_jax.decoding.runner import Decoder
