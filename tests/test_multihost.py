@@ -326,18 +326,20 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
 CLI = "import sys; from flatspec_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def job_env(rank: int, port: int, devices_per_process: int, tmp_path: Path) -> dict[str, str]:
+    """The environment of process ``rank`` of a PROCESSES-process job on localhost (coordinator at ``port``)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+
+
 def run_job(argv: list[str], tmp_path: Path, devices_per_process: int) -> tuple[list[int], list[str], list[str]]:
     """``python argv`` as a job of PROCESSES processes on localhost; their exit codes, stdouts and stderrs
     (every process killed after 120 s)."""
     port = free_port()
-    procs = []
-    for rank in range(PROCESSES):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = [subprocess.Popen([sys.executable, *argv], env=job_env(rank, port, devices_per_process, tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(PROCESSES)]
     try:
         outputs = [proc.communicate(timeout=120) for proc in procs]
     finally:
@@ -426,10 +428,7 @@ def preempted_job(verb: str, settings: list[str], tmp_path: Path) -> tuple[list[
     port = free_port()
     procs, logs = [], [tmp_path / f"{verb}-rank{rank}.err" for rank in range(PROCESSES)]
     for rank, log_path in enumerate(logs):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(rank),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}",
-               "FLATSPEC_CACHE_DIR": str(tmp_path / "cache")}
+        env = job_env(rank, port, DEVICES // PROCESSES, tmp_path)
         with open(log_path, "w") as err:
             procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err))
     try:
