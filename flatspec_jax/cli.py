@@ -39,6 +39,8 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 WRITES_RUN_DIR = frozenset(VERBS) - {"generate"}
 """Verbs that hold the run directory's lock while they run (`runtime.run_dir_lock`)."""
+STOPS_ON_SIGTERM = frozenset({"regenerate", "score", "cache", "train", "eval", "pipeline"})
+"""Verbs whose loops save their work and exit 143 when told to stop (`runtime.stop_on_sigterm`)."""
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +142,8 @@ def _main(argv: Sequence[str] | None) -> int:
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        with runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext():
+        with (runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext(),
+              runtime.stop_on_sigterm() if args.verb in STOPS_ON_SIGTERM else contextlib.nullcontext()):
             handler(cfg, args)
         return 0
     except runtime.RunDirBusyError as err:

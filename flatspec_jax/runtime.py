@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -139,17 +141,45 @@ class Preempted(RuntimeError):
     """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption) and saved its work first."""
 
 
-def reached_preemption(step: int) -> bool:
-    """True at the step every process of a multi-process job agreed to stop at after one of them was sent
-    SIGTERM (JAX's preemption sync point: in such a job SIGTERM goes to JAX's notifier, not the process).
+_told_to_stop = threading.Event()
+"""Set once the job was told to stop: by SIGTERM under :func:`stop_on_sigterm`, or at JAX's sync point."""
 
-    Every process must call it at the same steps, counting up from 0 within a loop. False without
-    ``jax.distributed`` (SIGTERM then ends the process as usual) or with JAX's preemption service off.
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside the block a single-process job takes SIGTERM (a scheduler's preemption or ``kill``) as a request
+    to stop at the next :func:`reached_preemption` check, where its work is saved, instead of dying at once.
+
+    A multi-process job leaves SIGTERM to JAX's preemption notifier, which makes the processes agree on
+    the step to stop at. Outside the main thread (where Python cannot take signals) it does nothing.
     """
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _told_to_stop.set())
     try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def reached_preemption(step: int) -> bool:
+    """True once the job has been told to stop and should save its work and raise :class:`Preempted`.
+
+    A single process is told by SIGTERM under :func:`stop_on_sigterm`. In a multi-process job SIGTERM goes
+    to JAX's notifier and this is True from the step every process agreed on (JAX's preemption sync point):
+    every process must call it at the same steps, counting up from 0 within a loop. Once True it stays True,
+    so a later loop of the same command stops at its first check.
+    """
+    if _told_to_stop.is_set():
+        return True
+    try:
+        reached = multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # jax_enable_preemption_service=False
-        return False
+        reached = False
+    if reached:
+        _told_to_stop.set()
+    return reached
 
 
 @contextlib.contextmanager

@@ -126,3 +126,17 @@ def test_a_slurm_job_is_joined_only_from_a_multi_task_srun_step(monkeypatch, var
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert runtime._cluster_detected() is detected
+
+
+def test_sigterm_under_stop_on_sigterm_is_a_request_to_stop_that_stays(monkeypatch):
+    import signal
+    import threading
+
+    monkeypatch.setattr(runtime, "_told_to_stop", threading.Event())
+    before = signal.getsignal(signal.SIGTERM)
+    assert not runtime.reached_preemption(0)
+    with runtime.stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the handler records the request
+        assert runtime.reached_preemption(1)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert runtime.reached_preemption(0), "a later loop of the same command stops at its first check"

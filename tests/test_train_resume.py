@@ -178,6 +178,38 @@ def test_data_position_equals_uninterrupted(runs):
     assert data_item(runs["resumed"]) == want
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
+def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_equals_uninterrupted(runs, tiny_dir):
+    """A single-process run sent SIGTERM (a scheduler's preemption) saves the step it is at, whatever
+    train.save_every says, and exits 143 instead of dying with the steps since its last checkpoint."""
+    run_dir = runs["reference"].parent / "terminated"
+    env = cli_env(runs["reference"].parent / "cache")
+    log_path = run_dir.parent / "terminated.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_argv(run_dir, tiny_dir), env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        logged = logged_steps(run_dir)
+        if logged and logged[-1] % SAVE_EVERY == 1:  # past a checkpoint: the next is 3 steps away
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=120) == 143, log_path.read_text()[-3000:]
+    match = re.search(r"preempted at step (\d+): saved it", log_path.read_text())
+    assert match, log_path.read_text()[-3000:]
+    step = int(match.group(1))
+    assert step % SAVE_EVERY and checkpoint_steps(run_dir)[-1] == step < STEPS
+    assert logged_steps(run_dir)[-1] == step, "no step past the saved one was logged"
+    again = subprocess.run(train_argv(run_dir, tiny_dir), check=False, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints'}/{step}" in again.stderr
+    assert comparable(read_metrics(run_dir / "metrics.jsonl")) == comparable(
+        read_metrics(runs["reference"] / "metrics.jsonl"))
+    want, got = restore_raw(runs["reference"], STEPS), restore_raw(run_dir, STEPS)
+    assert all(got[key].tobytes() == want[key].tobytes() for key in want)
+
+
 def test_checkpoints_with_grain_iterator_states_still_resume(tmp_path):
     """Checkpoints written before the data position was saved as JSON hold Grain's state of the same
     iterator over global batches, one file per process; the position is read from it."""

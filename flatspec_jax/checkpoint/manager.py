@@ -237,10 +237,6 @@ class DraftCheckpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True at the step every process of the job agreed to save at after one was sent SIGTERM (JAX's
-        preemption sync point); always False without ``jax.distributed``. Call it at every step."""
-        return self.manager.reached_preemption(step)
 
 
 def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], step: int = 0) -> Path:

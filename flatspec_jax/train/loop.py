@@ -31,7 +31,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.runtime import Preempted, process_zero_says
+from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption
 from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, check_process_rows, place_state,
                                    process_rows, state_shardings)
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
@@ -147,7 +147,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices))
     # JAX's preemption sync counts steps from 0 and settles on one past the highest step reported: report
     # where this run starts, so a SIGTERM during restore and compilation still meets step start + 1.
-    if checkpoints.reached_preemption(start):
+    if reached_preemption(start):
         checkpoints.close()
         raise Preempted(f"preempted before training resumed; {checkpoints.directory} holds step {start}, from which "
                         "the same command resumes")
@@ -219,7 +219,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
                 # In a multi-process job SIGTERM reaches JAX's preemption notifier, not the process: the
                 # processes agree on a step, save it and stop, and a re-run resumes from it.
-                preempted = checkpoints.reached_preemption(step)
+                preempted = reached_preemption(step)
                 if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
                     checkpoints.save(step, state, iterator, meta,
                                      metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
