@@ -140,3 +140,23 @@ def test_sigterm_under_stop_on_sigterm_is_a_request_to_stop_that_stays(monkeypat
         assert runtime.reached_preemption(1)
     assert signal.getsignal(signal.SIGTERM) is before
     assert runtime.reached_preemption(0), "a later loop of the same command stops at its first check"
+
+
+def test_the_compilation_cache_is_left_off_over_several_cpu_devices(monkeypatch, tmp_path):
+    """XLA:CPU executables loaded back from the cache can deadlock in their collectives (runtime's docstring)."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv("FLATSPEC_CACHE_DIR", str(tmp_path))
+    assert jax.default_backend() == "cpu" and jax.device_count() == 8
+    runtime.enable_compilation_cache()
+    assert {name: getattr(jax.config, name) for name in names} == before
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    try:
+        runtime.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
