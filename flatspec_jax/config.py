@@ -119,7 +119,8 @@ class ScoreConfig:
     """Temperature T of p = softmax(z / T) for every statistic."""
     vocab_chunk: int = 1024
     """Vocabulary rows per chunk of the fused LM-head + statistics kernel; each step holds
-    [tokens, chunk] float32 logits, which at 1024 stay in a CPU's caches (larger suits accelerators)."""
+    [tokens, chunk] float32 logits, which at 1024 stay in a CPU's caches (larger suits accelerators). With
+    mesh.tensor > 1 each device reduces only its own vocabulary rows, in chunks of this size."""
     row_length: int = 512
     """Tokens per packed row; several samples share a row (>= data.max_length)."""
     rows_per_batch: int = 4

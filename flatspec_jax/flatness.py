@@ -34,11 +34,13 @@ M segment slots per row.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 Array = jax.Array
 
@@ -167,6 +169,12 @@ def token_stats_from_hidden(
     Returns:
       TokenStats with float32 fields shaped [...].
     """
+    return _finish(_hidden_sums(hidden, lm_head, targets, temperature, chunk_size), lm_head.shape[0], temperature)
+
+
+def _hidden_sums(hidden: Array, lm_head: Array, targets: Array, temperature: float | Array,
+                 chunk_size: int) -> _VocabSums:
+    """The sums of :func:`token_stats_from_hidden` over ``lm_head``'s rows ([W, D]); targets index them."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab_size = lm_head.shape[0]
@@ -185,7 +193,49 @@ def token_stats_from_hidden(
     acc, _ = jax.lax.scan(step, chunk_sums(0, chunk), jnp.arange(1, n_full))
     if rest:
         acc = _merge(acc, chunk_sums(n_full * chunk, rest), temperature)
-    return _finish(acc, vocab_size, temperature)
+    return acc
+
+
+def token_stats_vocab_parallel(hidden: Array, lm_head: Array, targets: Array, mesh: Mesh,
+                               vocab_axis: str | tuple[str, ...],
+                               row_axes: str | tuple[str, ...] | None, temperature: float = 1.0,
+                               chunk_size: int = 1024) -> TokenStats:
+    """:func:`token_stats_from_hidden` with ``lm_head``'s vocabulary split over the mesh axis ``vocab_axis``
+    (or axes).
+
+    Each device reduces only its own V / n rows of the head (chunked as there), then the devices
+    of the axis combine their sums (a max and four sums per position), so the head is never
+    gathered and no vocabulary row is reduced twice. Use it inside ``jit`` on ``mesh``.
+
+    Args:
+      hidden: [R, ..., D] final hidden states, rows split over ``row_axes`` (None: replicated).
+      lm_head: [V, D] vocabulary-major output weight; the size of ``vocab_axis`` must divide V.
+      targets: [R, ...] int next tokens in [0, V), split like ``hidden``.
+
+    Returns:
+      TokenStats with float32 fields shaped [R, ...], split like ``targets``.
+    """
+    vocab_size = lm_head.shape[0]
+    parts = math.prod(mesh.shape[a] for a in ((vocab_axis,) if isinstance(vocab_axis, str) else vocab_axis))
+    if vocab_size % parts:
+        raise ValueError(f"mesh axis {vocab_axis!r} of size {parts} does not divide the vocabulary ({vocab_size})")
+    rows = PartitionSpec(row_axes, *(None,) * (targets.ndim - 1))
+
+    def local(h: Array, head: Array, t: Array) -> TokenStats:
+        offset = jax.lax.axis_index(vocab_axis) * (vocab_size // parts)
+        sums = _hidden_sums(h, head, t - offset, temperature, chunk_size)
+        top = jax.lax.pmax(sums.max, vocab_axis)
+        shift = (sums.max - top) / temperature  # <= 0, as in _merge
+        scale = jnp.exp(shift)
+        total = functools.partial(jax.lax.psum, axis_name=vocab_axis)
+        merged = _VocabSums(max=top, sum_exp=total(sums.sum_exp * scale),
+                            sum_exp2=total(sums.sum_exp2 * scale * scale),
+                            sum_exp_shift=total(scale * (sums.sum_exp_shift + shift * sums.sum_exp)),
+                            target=total(sums.target))
+        return _finish(merged, vocab_size, temperature)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(row_axes), PartitionSpec(vocab_axis), rows),
+                         out_specs=TokenStats(rows, rows, rows, rows), check_vma=False)(hidden, lm_head, targets)
 
 
 def segment_stats(

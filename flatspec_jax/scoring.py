@@ -47,7 +47,7 @@ from flatspec_jax.config import ConfigError, ScoreConfig
 from flatspec_jax.data import feature_cache
 from flatspec_jax.data.packing import PackedRows, pack_rows, padding_fraction, plan_rows, segment_slots
 from flatspec_jax.data.tokenized import TokenizedDataset
-from flatspec_jax.flatness import segment_stats, token_stats_from_hidden
+from flatspec_jax.flatness import segment_stats, token_stats_from_hidden, token_stats_vocab_parallel
 from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
@@ -105,10 +105,13 @@ def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
 
 def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
                 segment_ids: jax.Array, loss_mask: jax.Array, *, num_segments: int, temperature: float,
-                vocab_chunk: int, return_features: bool) -> dict[str, jax.Array]:
+                vocab_chunk: int, return_features: bool, mesh: Mesh, rules: ShardingRules) -> dict[str, jax.Array]:
     """Per-segment statistics of packed rows: [R, L] inputs -> dict of [R, M] arrays, plus
     ``position_flatness_sum`` / ``position_count`` [L]: token flatness summed by position in the sample,
-    and with ``return_features`` the last hidden states ``features`` [R, L, D] in bfloat16."""
+    and with ``return_features`` the last hidden states ``features`` [R, L, D] in bfloat16.
+
+    When the rules split the LM head's vocabulary over the mesh (``mesh.tensor`` > 1), each device
+    reduces only its own rows of it (:func:`~flatspec_jax.flatness.token_stats_vocab_parallel`)."""
     model: Llama = nnx.merge(graphdef, params)
     with jax.named_scope("target_forward"):
         hidden = model(tokens, positions, segment_causal_mask(segment_ids), return_logits=False).hidden
@@ -116,8 +119,14 @@ def _score_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, po
     next_segment = jnp.roll(segment_ids, -1, axis=1).at[:, -1].set(0)
     has_next = (segment_ids > 0) & (next_segment == segment_ids)
     next_trained = has_next & (jnp.roll(loss_mask, -1, axis=1) > 0)
+    head = model.lm_head_weight()
+    vocab_axes = rules.spec(("vocab", "embed"), head.shape, mesh)[0]
     with jax.named_scope("flatness"):
-        stats = token_stats_from_hidden(hidden, model.lm_head_weight(), next_tokens, temperature, vocab_chunk)
+        if vocab_axes is None:
+            stats = token_stats_from_hidden(hidden, head, next_tokens, temperature, vocab_chunk)
+        else:
+            stats = token_stats_vocab_parallel(hidden, head, next_tokens, mesh, vocab_axes,
+                                               rules.spec(("batch",), mesh=mesh)[0], temperature, vocab_chunk)
     per_sample = segment_stats(stats, next_trained, jnp.where(has_next, segment_ids, 0), num_segments)
     # Token flatness by position inside the sample, summed over the batch (for the report's plot).
     length = tokens.shape[1]
@@ -143,7 +152,7 @@ def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: i
     replicated = NamedSharding(mesh, PartitionSpec())
     feature_sharding = batch_sharding(mesh, rules, 3) if jax.process_count() == 1 else replicated
     step = functools.partial(_score_rows, graphdef, num_segments=num_segments, temperature=cfg.temperature,
-                             vocab_chunk=cfg.vocab_chunk, return_features=return_features)
+                             vocab_chunk=cfg.vocab_chunk, return_features=return_features, mesh=mesh, rules=rules)
 
     def stats_and_features(*args: jax.Array) -> tuple[dict[str, jax.Array], jax.Array | None]:
         stats = step(*args)

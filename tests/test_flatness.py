@@ -25,6 +25,7 @@ from flatspec_jax.flatness import (
     segment_stats,
     token_stats_from_hidden,
     token_stats_from_logits,
+    token_stats_vocab_parallel,
 )
 
 RTOL = 1e-5
@@ -248,6 +249,46 @@ def test_fused_never_builds_the_full_logits(chunk_size):
     sizes = _intermediate_sizes(jaxpr.jaxpr)
     assert max(sizes) == n * chunk_size  # the per-chunk logits are the largest value
     assert max(sizes) < n * vocab
+
+
+@pytest.mark.parametrize("axes,vocab_axis,chunk_size,temperature", [
+    ({"tensor": 8}, "tensor", 16, 1.0),
+    ({"data": 2, "tensor": 4}, "tensor", 7, 0.7),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, ("fsdp", "tensor"), 1000, 1.3),
+], ids=["tensor8", "data2_tensor4_uneven_chunks", "two_vocab_axes"])
+def test_vocab_parallel_statistics_equal_one_device_and_never_gather_the_head(axes, vocab_axis, chunk_size,
+                                                                            temperature):
+    """Each device reduces its own rows of a vocabulary-split head; the combined sums are the whole
+    vocabulary's, with the target token on any device's rows."""
+    assert jax.device_count() == 8
+    rows, length, vocab, dim = 4, 6, 8 * 40, 16
+    rng = np.random.default_rng(5)
+    hidden = rng.standard_normal((rows, length, dim)).astype(np.float32) * 3
+    lm_head = rng.standard_normal((vocab, dim)).astype(np.float32)
+    targets = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+    mesh = jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+    row_axes = "data" if "data" in axes else None
+    head_spec = jax.sharding.PartitionSpec(vocab_axis)
+    place = jax.sharding.NamedSharding
+    args = (jax.device_put(hidden, place(mesh, jax.sharding.PartitionSpec(row_axes))),
+            jax.device_put(lm_head, place(mesh, head_spec)),
+            jax.device_put(targets, place(mesh, jax.sharding.PartitionSpec(row_axes))))
+    parallel = jax.jit(lambda h, w, t: token_stats_vocab_parallel(h, w, t, mesh, vocab_axis, row_axes, temperature,
+                                                                  chunk_size))
+    got = parallel(*args)
+    want = token_stats_from_hidden(hidden, lm_head, targets, temperature, chunk_size)
+    for field in FIELDS:
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=RTOL, atol=NATS_ATOL,
+                                   err_msg=field)
+    hlo = parallel.lower(*args).compile().as_text()
+    assert f"f32[{vocab},{dim}]" not in hlo, "the whole head was gathered onto a device"
+
+
+def test_vocab_parallel_needs_an_axis_that_divides_the_vocabulary():
+    mesh = jax.make_mesh((8,), ("tensor",))
+    with pytest.raises(ValueError, match=r"mesh axis 'tensor' of size 8 does not divide the vocabulary \(100\)"):
+        token_stats_vocab_parallel(np.zeros((1, 4), np.float32), np.zeros((100, 4), np.float32),
+                                   np.zeros(1, np.int32), mesh, "tensor", None)
 
 
 def test_fused_bfloat16_accumulates_in_float32():

@@ -140,8 +140,9 @@ def test_single_device_scores_are_in_file_order_and_sane(single_scores, dataset)
     assert np.isnan(single_scores["flatness"][3]) and single_scores["n_trained_tokens"][3] == 0
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=4), MeshConfig(data=4, tensor=2)],
-                         ids=["data8", "data2_fsdp4", "data4_tensor2"])
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=4), MeshConfig(data=4, tensor=2),
+                                      MeshConfig(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "data2_fsdp4", "data4_tensor2", "data2_fsdp2_tensor2"])
 def test_sharded_scores_equal_single_device(tiny_dir, dataset, single_scores, mesh_cfg, tmp_path):
     assert jax.device_count() == 8
     got = score_on(tiny_dir, dataset, mesh_cfg, tmp_path / "scores.parquet", row_length=64, rows_per_batch=ROWS)
@@ -294,7 +295,8 @@ def test_a_sample_that_fills_its_row_has_no_next_token_at_the_last_position():
                     num_heads=1, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0)
     graphdef, params = nnx.split(random_module(lambda: create_model(arch), seed=1))
     step = jax.jit(functools.partial(scoring._score_rows, graphdef, num_segments=1, temperature=1.0, vocab_chunk=13,
-                                     return_features=False))
+                                     return_features=False, mesh=make_mesh(MeshConfig(), single_device()),
+                                     rules=ShardingRules()))
     n, pad = 11, 3
     tokens = np.random.default_rng(2).integers(1, arch.vocab_size, (1, n)).astype(np.int32)
     ones = np.ones((1, n), np.int32)  # every token trained, the first one too
