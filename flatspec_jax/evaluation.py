@@ -92,7 +92,7 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
             ar.run(batch, key, width)
             spec.run(batch, key, width)
         for index, batch in enumerate(batches):
-            if reached_preemption(calls):
+            if reached_preemption():
                 raise Preempted(f"preempted during evaluation after {calls} batches; evaluation keeps nothing "
                                 "until it ends, so the same command evaluates again")
             batch_key = jax.random.fold_in(key, calls)  # sampled batches draw independently of each other

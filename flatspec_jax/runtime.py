@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -153,6 +154,8 @@ class Preempted(RuntimeError):
 
 _told_to_stop = threading.Event()
 """Set once the job was told to stop: by SIGTERM under :func:`stop_on_sigterm`, or at JAX's sync point."""
+_checks = itertools.count()
+"""The step ids :func:`reached_preemption` reports to JAX's preemption sync point."""
 
 
 @contextlib.contextmanager
@@ -173,18 +176,22 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def reached_preemption(step: int) -> bool:
-    """True once the job has been told to stop and should save its work and raise :class:`Preempted`.
+def reached_preemption() -> bool:
+    """True once the job has been told to stop: the caller saves its work and raises :class:`Preempted`.
+    Loops call it once per step (scoring and regeneration per part, training per step, eval per batch).
 
     A single process is told by SIGTERM under :func:`stop_on_sigterm`. In a multi-process job SIGTERM goes
-    to JAX's notifier and this is True from the step every process agreed on (JAX's preemption sync point):
-    every process must call it at the same steps, counting up from 0 within a loop. Once True it stays True,
-    so a later loop of the same command stops at its first check.
+    to JAX's notifier and this is True from the check every process agreed on (JAX's preemption sync point,
+    one past the furthest check any process had reached). JAX counts steps; here they are this process's
+    checks so far, which every process makes in the same order, and which keep increasing through the
+    loops of one command (a pipeline's score, train and eval). Once True it stays True, so a later loop of
+    the same command stops at its first check.
     """
+    check = next(_checks)
     if _told_to_stop.is_set():
         return True
     try:
-        reached = multihost_utils.reached_preemption_sync_point(step)
+        reached = multihost_utils.reached_preemption_sync_point(check)
     except RuntimeError:  # jax_enable_preemption_service=False
         reached = False
     if reached:

@@ -291,9 +291,9 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     profiler = profiler or StepProfiler(None)
     steps_run = 0
     with profiler:
-        for chunk_index, (chunk, done) in enumerate(zip(chunks, written)):
+        for chunk, done in zip(chunks, written):
             part = parts_dir / f"part-{chunk.start:06d}.parquet"
-            if reached_preemption(chunk_index):  # the parts before this chunk are written
+            if reached_preemption():  # the parts before this chunk are written
                 progress.close()
                 raise Preempted(f"preempted while scoring: the parts written so far are kept in {parts_dir}; "
                                 "the same command resumes from them")

@@ -128,18 +128,18 @@ def test_a_preempted_run_stops_between_parts_and_resumes_to_the_same_replies(ref
     cfg = make_config(tiny_dir, tmp_path / "run")
     ctx = RunContext(cfg)
     ctx.target = ref_ctx.target
-    steps = []
+    checks = []
 
-    def preempt_at_two(step: int) -> bool:
-        steps.append(step)
-        return step == 2
+    def preempt_at_the_third_check() -> bool:
+        checks.append(len(checks))
+        return len(checks) == 3
 
     parts_dir = tmp_path / "run" / (regen.RESPONSES_FILE + ".parts")
     with monkeypatch.context() as patch:
-        patch.setattr(regen, "reached_preemption", preempt_at_two)
+        patch.setattr(regen, "reached_preemption", preempt_at_the_third_check)
         with pytest.raises(Preempted, match=rf"preempted while regenerating: .* kept in {parts_dir}"):
             regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
-    assert steps == [0, 1, 2]
+    assert checks == [0, 1, 2]  # one check before each part
     assert sorted(p.name for p in parts_dir.glob("part-*.jsonl")) == ["part-000000.jsonl", "part-000001.jsonl"]
     meta = regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
     assert regen.responses_path(cfg.run_dir).read_bytes() == ref_bytes

@@ -134,12 +134,12 @@ def test_sigterm_under_stop_on_sigterm_is_a_request_to_stop_that_stays(monkeypat
 
     monkeypatch.setattr(runtime, "_told_to_stop", threading.Event())
     before = signal.getsignal(signal.SIGTERM)
-    assert not runtime.reached_preemption(0)
+    assert not runtime.reached_preemption()
     with runtime.stop_on_sigterm():
         os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the handler records the request
-        assert runtime.reached_preemption(1)
+        assert runtime.reached_preemption()
     assert signal.getsignal(signal.SIGTERM) is before
-    assert runtime.reached_preemption(0), "a later loop of the same command stops at its first check"
+    assert runtime.reached_preemption(), "a later loop of the same command stops at its first check"
 
 
 def test_the_compilation_cache_is_left_off_over_several_cpu_devices(monkeypatch, tmp_path):
@@ -160,3 +160,19 @@ def test_the_compilation_cache_is_left_off_over_several_cpu_devices(monkeypatch,
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+
+
+def test_checks_report_increasing_step_ids_to_jax_and_its_sync_point_stops_every_later_loop(monkeypatch):
+    """In a multi-process job JAX's sync point is one past the furthest step id any process reported; the
+    ids are the checks made so far, so they keep increasing from one loop of a command to the next."""
+    import itertools
+    import threading
+
+    monkeypatch.setattr(runtime, "_told_to_stop", threading.Event())
+    monkeypatch.setattr(runtime, "_checks", itertools.count())
+    reported = []
+    monkeypatch.setattr(runtime.multihost_utils, "reached_preemption_sync_point",
+                        lambda step: reported.append(step) or step == 3)
+    assert [runtime.reached_preemption() for _ in range(2)] == [False, False]  # a first loop
+    assert [runtime.reached_preemption() for _ in range(3)] == [False, True, True]  # the next: stops at id 3
+    assert reported == [0, 1, 2, 3]

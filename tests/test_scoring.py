@@ -575,19 +575,19 @@ def test_a_preempted_pass_stops_between_parts_and_resumes_to_the_same_scores(tin
                                                                            tmp_path, monkeypatch):
     """In a multi-process job SIGTERM goes to JAX's preemption notifier: the pass stops at the part
     boundary the processes agree on, keeping the parts before it, and a re-run finishes from them."""
-    steps = []
+    checks = []
 
-    def preempt_at_two(step: int) -> bool:
-        steps.append(step)
-        return step == 2
+    def preempt_at_the_third_check() -> bool:
+        checks.append(len(checks))
+        return len(checks) == 3
 
     out = tmp_path / "scores.parquet"
     with monkeypatch.context() as patch:
-        patch.setattr(scoring, "reached_preemption", preempt_at_two)
+        patch.setattr(scoring, "reached_preemption", preempt_at_the_third_check)
         with pytest.raises(Preempted, match=rf"preempted while scoring: .* kept in {out}\.parts"):
             score_on(tiny_dir, dataset, MeshConfig(), out, single_device(), row_length=64, rows_per_batch=2,
                      flush_every=1)
-    assert steps == [0, 1, 2]
+    assert checks == [0, 1, 2]  # one check before each part
     assert sorted(p.name for p in (tmp_path / "scores.parquet.parts").glob("part-*")) == [
         "part-000000.parquet", "part-000001.parquet"]  # parts are named by their first batch (flush_every=1)
     assert not out.exists()

@@ -337,14 +337,14 @@ def test_a_preempted_evaluation_stops_at_the_batch_the_processes_agree_on(monkey
         def text(self, tokenizer, tokens) -> str:
             return "reply"
 
-    steps = []
+    checks = []
     monkeypatch.setattr(evaluation, "_turn_prompt", lambda tokenizer, prompt, replies: np.arange(4))
-    monkeypatch.setattr(evaluation, "reached_preemption", lambda step: steps.append(step) or step == 2)
+    monkeypatch.setattr(evaluation, "reached_preemption", lambda: checks.append(len(checks)) or len(checks) == 3)
     ar, spec = CountingDecoder(), CountingDecoder()
     prompts = [Prompt(str(i), "writing", ("question",)) for i in range(4)]
     with pytest.raises(Preempted, match="preempted during evaluation after 2 batches"):
         evaluation.evaluate(prompts, None, ar, spec, warmup=0, seed=0)
-    assert steps == [0, 1, 2] and ar.calls == spec.calls == 2
+    assert checks == [0, 1, 2] and ar.calls == spec.calls == 2  # one check before each batch
 
 
 def test_a_capped_cache_is_warned_about_once_per_width(caplog):

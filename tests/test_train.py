@@ -930,15 +930,15 @@ def test_a_preempted_job_saves_the_agreed_step_stops_and_resumes_from_it(target,
                              "train.save_every=100", "train.log_every=1", "data.heldout=0",
                              f"train.loss_chunk={LOSS_CHUNK}"])
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    monkeypatch.setattr(train_loop, "reached_preemption", lambda step: step == 2)
+    checks = []  # told to stop at the third check (after step 2), and from then on, as runtime's flag stays set
+    monkeypatch.setattr(train_loop, "reached_preemption", lambda: checks.append(len(checks)) or len(checks) >= 3)
     with pytest.raises(Preempted, match=rf"preempted at step 2: saved it to {tmp_path / 'checkpoints'}"):
         train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     with pytest.raises(Preempted, match=r"preempted before training resumed; .* holds step 2"):
         train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)  # still step 2
-    reported = []
-    monkeypatch.setattr(train_loop, "reached_preemption",
-                        lambda step: reported.append(step) or step == 4)  # at the last step: simply done
+    checks.clear()  # one check before the first step, then one after each: 3 and 4; at the last step simply done
+    monkeypatch.setattr(train_loop, "reached_preemption", lambda: checks.append(len(checks)) or len(checks) == 3)
     summary = train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
     assert summary.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]
-    assert reported == [2, 3, 4], "the resumed run first reports the step it starts from (JAX counts from 0)"
+    assert checks == [0, 1, 2], "the resumed run checks once before its first step"

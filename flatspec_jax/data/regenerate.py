@@ -255,8 +255,8 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     progress = tqdm(total=len(sources), initial=finished_rows, unit="conversation", desc="regenerate",
                     file=sys.stderr, disable=jax.process_index() != 0, mininterval=5)
     began, generated = time.perf_counter(), 0
-    for chunk_index, start in enumerate(chunk_starts):
-        if reached_preemption(chunk_index):  # the parts before this chunk are written
+    for start in chunk_starts:
+        if reached_preemption():  # the parts before this chunk are written
             progress.close()
             raise Preempted(f"preempted while regenerating: the parts written so far are kept in {parts}; "
                             "the same command resumes from them")

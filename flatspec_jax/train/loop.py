@@ -145,9 +145,9 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                 checkpoints.directory, start, tcfg.steps, start)
         checkpoints.close()
         return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices))
-    # JAX's preemption sync counts steps from 0 and settles on one past the highest step reported: report
-    # where this run starts, so a SIGTERM during restore and compilation still meets step start + 1.
-    if reached_preemption(start):
+    # JAX's preemption sync settles on one check past the furthest any process reported: check once before
+    # the first step, so a SIGTERM during restore and compilation stops this run at its first step.
+    if reached_preemption():
         checkpoints.close()
         raise Preempted(f"preempted before training resumed; {checkpoints.directory} holds step {start}, from which "
                         "the same command resumes")
@@ -219,7 +219,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
                 # In a multi-process job SIGTERM reaches JAX's preemption notifier, not the process: the
                 # processes agree on a step, save it and stop, and a re-run resumes from it.
-                preempted = reached_preemption(step)
+                preempted = reached_preemption()
                 if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
                     checkpoints.save(step, state, iterator, meta,
                                      metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
