@@ -152,10 +152,21 @@ class Preempted(RuntimeError):
     """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption) and saved its work first."""
 
 
-_told_to_stop = threading.Event()
-"""Set once the job was told to stop: by SIGTERM under :func:`stop_on_sigterm`, or at JAX's sync point."""
+_told_to_stop = False
+"""True once the job was told to stop: by SIGTERM under :func:`stop_on_sigterm`, or at JAX's sync point
+(a plain flag: the signal handler takes no lock the interrupted main thread might hold)."""
 _checks = itertools.count()
 """The step ids :func:`reached_preemption` reports to JAX's preemption sync point."""
+
+
+def told_to_stop() -> bool:
+    """Whether :func:`reached_preemption` has said so (or SIGTERM came since), without a check of its own."""
+    return _told_to_stop
+
+
+def _note_sigterm(signum: int, frame: Any) -> None:
+    global _told_to_stop
+    _told_to_stop = True
 
 
 @contextlib.contextmanager
@@ -169,7 +180,7 @@ def stop_on_sigterm() -> Iterator[None]:
     if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _told_to_stop.set())
+    previous = signal.signal(signal.SIGTERM, _note_sigterm)
     try:
         yield
     finally:
@@ -184,19 +195,19 @@ def reached_preemption() -> bool:
     to JAX's notifier and this is True from the check every process agreed on (JAX's preemption sync point,
     one past the furthest check any process had reached). JAX counts steps; here they are this process's
     checks so far, which every process makes in the same order, and which keep increasing through the
-    loops of one command (a pipeline's score, train and eval). Once True it stays True, so a later loop of
-    the same command stops at its first check.
+    loops of one command (a pipeline's score, train and eval); nothing else may report steps to it (the
+    checkpoint manager's orbax calls are kept off it). Once True it stays True, so a later loop of the same
+    command stops at its first check.
     """
+    global _told_to_stop
     check = next(_checks)
-    if _told_to_stop.is_set():
+    if _told_to_stop:
         return True
     try:
-        reached = multihost_utils.reached_preemption_sync_point(check)
+        _told_to_stop = multihost_utils.reached_preemption_sync_point(check)
     except RuntimeError:  # jax_enable_preemption_service=False
-        reached = False
-    if reached:
-        _told_to_stop.set()
-    return reached
+        pass
+    return _told_to_stop
 
 
 @contextlib.contextmanager

@@ -130,9 +130,8 @@ def test_a_slurm_job_is_joined_only_from_a_multi_task_srun_step(monkeypatch, var
 
 def test_sigterm_under_stop_on_sigterm_is_a_request_to_stop_that_stays(monkeypatch):
     import signal
-    import threading
 
-    monkeypatch.setattr(runtime, "_told_to_stop", threading.Event())
+    monkeypatch.setattr(runtime, "_told_to_stop", False)
     before = signal.getsignal(signal.SIGTERM)
     assert not runtime.reached_preemption()
     with runtime.stop_on_sigterm():
@@ -166,9 +165,8 @@ def test_checks_report_increasing_step_ids_to_jax_and_its_sync_point_stops_every
     """In a multi-process job JAX's sync point is one past the furthest step id any process reported; the
     ids are the checks made so far, so they keep increasing from one loop of a command to the next."""
     import itertools
-    import threading
 
-    monkeypatch.setattr(runtime, "_told_to_stop", threading.Event())
+    monkeypatch.setattr(runtime, "_told_to_stop", False)
     monkeypatch.setattr(runtime, "_checks", itertools.count())
     reported = []
     monkeypatch.setattr(runtime.multihost_utils, "reached_preemption_sync_point",

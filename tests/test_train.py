@@ -921,6 +921,27 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path,
         manager.DraftCheckpointer(tmp_path / "new", keep=1)
 
 
+def test_only_the_loops_checks_report_to_jaxs_preemption_sync_point(target, dataset, tmp_path, monkeypatch):
+    """JAX settles on one past the furthest step id reported: the ids must be the checks, 0, 1, 2, ...
+    orbax's manager reports each save's step too (from a thread on process 0 as well), which would move
+    the point away from the checks (or apart between processes) and the job would never stop."""
+    import itertools
+
+    from jax.experimental import multihost_utils
+
+    from flatspec_jax import runtime
+
+    reported = []
+    monkeypatch.setattr(runtime, "_checks", itertools.count())
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: reported.append(step) or False)
+    cfg = load_config(None, ["train.steps=4", f"train.row_length={ROW}", f"train.batch_tokens={ROW * 8}",
+                             "train.save_every=2", "train.log_every=1", "data.heldout=0",
+                             f"train.loss_chunk={LOSS_CHUNK}"])
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    train_draft(cfg, tmp_path, mesh, ShardingRules(), target, dataset, None, VOCAB_HASH)
+    assert reported == [0, 1, 2, 3, 4]  # before the first step, then after each
+
+
 def test_a_preempted_job_saves_the_agreed_step_stops_and_resumes_from_it(target, dataset, tmp_path, monkeypatch):
     """At the preemption sync point (simulated: JAX's needs jax.distributed) training saves that step
     whatever train.save_every says, stops, and a re-run resumes from it to the end."""

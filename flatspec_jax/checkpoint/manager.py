@@ -50,6 +50,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flatspec_jax import runtime
 from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.sharding import ShardingRules, state_shardings
 from flatspec_jax.weights.arch import ArchSpec
@@ -151,6 +152,16 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: nnx.S
                                  transform_non_params=lambda _: replicated)
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """orbax's manager kept off JAX's preemption sync point. orbax reports the step of every save to it
+    (twice, and once more from process 0's finalize thread), which would move the point the processes
+    agree on away from the checks of ``runtime.reached_preemption``, or apart between processes; the
+    training loop decides itself when a preemption is saved."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return runtime.told_to_stop()
+
+
 class DraftCheckpointer:
     """Keeps the last ``keep`` checkpoints plus the best one by held-out loss; saves asynchronously."""
 
@@ -166,7 +177,7 @@ class DraftCheckpointer:
                                                keep_checkpoints_without_metrics=False),
         ])
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
+        self.manager = _CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(preservation_policy=preservation, enable_async_checkpointing=True,
                                                  cleanup_tmp_directories=True),
@@ -250,8 +261,8 @@ def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], 
       CheckpointMismatchError: when ``directory`` already holds this step.
     """
     directory = Path(directory).absolute()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-                                    item_names=ITEM_NAMES)
+    manager = _CheckpointManager(directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+                                 item_names=ITEM_NAMES)
     try:
         if step in manager.all_steps():
             raise CheckpointMismatchError(f"{directory} already holds step {step}")
