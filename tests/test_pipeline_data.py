@@ -238,6 +238,26 @@ def test_worker_processes_yield_the_same_stream_and_states_move_between_worker_c
     assert_batches_equal(take(restored, 5), want[4:])
 
 
+def test_worker_processes_outlive_a_sigterm_to_the_process_group(dataset, rows):
+    """A scheduler signals every process of the job; the main process stops at its next step and saves
+    (runtime.reached_preemption), so the batches its workers read must keep coming until then."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    want = take(iterator(dataset, rows, seed=5), 6)
+    batches = iterator(dataset, rows, seed=5, num_workers=2)
+    got = take(batches, 2)
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    assert_batches_equal(got + take(batches, 4), want)
+
+
 @pytest.mark.parametrize("state", [{}, {"next_index": 3}, {"next_batch": -1}, {"next_batch": "3"}, [3]])
 def test_a_malformed_state_is_refused(dataset, rows, state):
     with pytest.raises(ValueError, match="not a training data state"):

@@ -18,6 +18,7 @@ Shape legend: R rows per batch (this process's share), L row length, M segment s
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Sequence
 
 import grain
@@ -139,7 +140,8 @@ class TrainingBatches:
         stream = self._batches.slice(slice(self._position, None)).to_iter_dataset()
         if self._num_workers > 0:
             _allow_grain_workers()
-            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers),
+                                        worker_init_fn=_leave_sigterm_to_the_main_process)
         return iter(stream)
 
     def __iter__(self) -> "TrainingBatches":
@@ -165,6 +167,13 @@ class TrainingBatches:
         self._position = position
         self._iterator.close()  # stops the old stream's worker processes
         self._iterator = self._start()
+
+
+def _leave_sigterm_to_the_main_process(worker_index: int, worker_count: int) -> None:
+    """A scheduler's SIGTERM reaches the whole process group; the main process stops at its next step and saves
+    (``runtime.reached_preemption``), but a worker it killed would fail that step's batch first. Grain stops
+    its workers itself (an event, then SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _allow_grain_workers() -> None:
