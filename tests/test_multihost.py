@@ -433,7 +433,8 @@ def preempted_job(verb: str, settings: list[str], tmp_path: Path) -> tuple[list[
             procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err))
     try:
         deadline = time.monotonic() + 120
-        while "JAX process 0 of 2" not in logs[0].read_text() and time.monotonic() < deadline:
+        # Process 0 builds the mesh after every process joined and JAX's notifier took SIGTERM (at the join).
+        while "stages.common: mesh {" not in logs[0].read_text() and time.monotonic() < deadline:
             assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
             time.sleep(0.1)
         procs[1].send_signal(signal.SIGTERM)

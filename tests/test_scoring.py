@@ -149,6 +149,21 @@ def test_sharded_scores_equal_single_device(tiny_dir, dataset, single_scores, me
     assert_scores_close(got, single_scores)
 
 
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=4, tensor=2), MeshConfig(data=2, fsdp=2, tensor=2)],
+                         ids=["data4_tensor2", "data2_fsdp2_tensor2"])
+def test_a_tensor_parallel_scoring_step_never_gathers_the_lm_head(tiny_dir, mesh_cfg):
+    """With the head's vocabulary split over mesh.tensor each device reduces its own rows of it: the
+    compiled step holds no [V, D] buffer (the gathered head of the single-device path would be one)."""
+    mesh, rules = make_mesh(mesh_cfg), ShardingRules()
+    graphdef, params = nnx.split(load_target_model(str(tiny_dir), mesh, rules))
+    vocab, dim = nnx.merge(graphdef, params).lm_head_weight().shape
+    rows = [np.zeros((ROWS, 64), np.int32), np.tile(np.arange(64, dtype=np.int32), (ROWS, 1)),
+            np.ones((ROWS, 64), np.int32), np.ones((ROWS, 64), np.int32)]
+    step = jax.jit(functools.partial(scoring._score_rows, graphdef, num_segments=4, temperature=1.0, vocab_chunk=1024,
+                                     return_features=False, mesh=mesh, rules=rules))
+    assert f"f32[{vocab},{dim}]" not in step.lower(params, *rows).compile().as_text()
+
+
 def test_sharded_feature_cache_equals_single_device_and_stays_split_by_rows(tiny_dir, dataset, tmp_path,
                                                                            monkeypatch):
     shardings = []
