@@ -174,10 +174,11 @@ def stop_on_sigterm() -> Iterator[None]:
     """Inside the block a single-process job takes SIGTERM (a scheduler's preemption or ``kill``) as a request
     to stop at the next :func:`reached_preemption` check, where its work is saved, instead of dying at once.
 
-    A multi-process job leaves SIGTERM to JAX's preemption notifier, which makes the processes agree on
-    the step to stop at. Outside the main thread (where Python cannot take signals) it does nothing.
+    A process that joined a JAX job (``jax.distributed``, even of one process) leaves SIGTERM to JAX's
+    preemption notifier, which makes the processes agree on the step to stop at. Outside the main thread
+    (where Python cannot take signals) it does nothing.
     """
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _note_sigterm)

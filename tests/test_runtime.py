@@ -174,3 +174,16 @@ def test_checks_report_increasing_step_ids_to_jax_and_its_sync_point_stops_every
     assert [runtime.reached_preemption() for _ in range(2)] == [False, False]  # a first loop
     assert [runtime.reached_preemption() for _ in range(3)] == [False, True, True]  # the next: stops at id 3
     assert reported == [0, 1, 2, 3]
+
+
+def test_a_process_that_joined_a_jax_job_leaves_sigterm_to_jaxs_notifier(monkeypatch):
+    """JAX's preemption notifier holds SIGTERM from jax.distributed.initialize on, with one process too;
+    replacing it would hide the notice from the other processes' sync point."""
+    import signal
+
+    import jax
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    before = signal.getsignal(signal.SIGTERM)
+    with runtime.stop_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is before
