@@ -74,7 +74,7 @@ def ignore_closed_loop_callbacks() -> None:
 def enable_compilation_cache() -> None:
     """Persists compiled XLA programs across runs, so a second run skips compilation.
 
-    Not over several CPU devices (``--xla_force_host_platform_device_count``, the multi-device tests):
+    Not over several CPU devices (forced host devices as in the multi-device tests, or CPU processes):
     there an executable XLA:CPU (jax 0.10.2) loads back from the cache can run a collective inside a
     while loop and an independent collective outside it in different orders on different devices, which
     deadlocks until XLA's 40 s rendezvous timeout aborts the process (about half of the warm-cache runs
@@ -205,9 +205,11 @@ def reached_preemption() -> bool:
     if _told_to_stop:
         return True
     try:
-        _told_to_stop = multihost_utils.reached_preemption_sync_point(check)
+        reached = multihost_utils.reached_preemption_sync_point(check)
     except RuntimeError:  # jax_enable_preemption_service=False
-        pass
+        reached = False
+    if reached:  # only ever set here: a SIGTERM noted meanwhile must not be overwritten
+        _told_to_stop = True
     return _told_to_stop
 
 

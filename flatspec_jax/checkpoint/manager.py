@@ -249,7 +249,6 @@ class DraftCheckpointer:
         self.manager.close()
 
 
-
 def save_draft_params(directory: Path, params: nnx.State, meta: dict[str, Any], step: int = 0) -> Path:
     """Writes a params-only checkpoint step (see the module docstring) and waits until it is complete.
 
