@@ -409,13 +409,12 @@ def test_smollm2_gguf_matches_transformers(smollm2_cache):
             np.testing.assert_allclose(got, state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("kind, nnx_shape", [("identity", (5,)), ("linear", (6, 4)), ("heads_in", (8, 3, 2)),
-                                             ("heads_out", (3, 2, 8)), ("heads_bias", (3, 2))])
-def test_a_tensor_of_the_wrong_shape_names_the_shape_expected_in_the_files_layout(kind, nnx_shape):
-    from flatspec_jax.weights.layout import hf_shape, hf_to_nnx, nnx_to_hf
+@pytest.mark.parametrize("kind, nnx_shape, want", [
+    ("identity", (5,), (5,)), ("linear", (6, 4), (4, 6)), ("heads_in", (8, 3, 2), (6, 8)),
+    ("heads_out", (3, 2, 8), (8, 6)), ("heads_bias", (3, 2), (6,))])
+def test_a_tensor_of_the_wrong_shape_names_the_shape_expected_in_the_files_layout(kind, nnx_shape, want):
+    from flatspec_jax.weights.layout import hf_to_nnx
 
-    want = nnx_to_hf(kind, np.zeros(nnx_shape, np.float32)).shape
-    assert hf_shape(kind, nnx_shape) == want
     with pytest.raises(WeightsError, match=rf"tensor t: shape \(1, 1\) does not fit the model, which expects "
                                            rf"{re.escape(str(want))} \(HF \[out, in\] layout\)"):
         hf_to_nnx(kind, np.zeros((1, 1), np.float32), nnx_shape, "t")

@@ -67,21 +67,10 @@ def hf_to_nnx(kind: Kind, tensor: np.ndarray, nnx_shape: tuple[int, ...], name: 
 
 
 def _shape_error(kind: Kind, name: str, tensor: np.ndarray, nnx_shape: tuple[int, ...]) -> WeightsError:
+    # The HF shape of nnx_shape, read off a zero-stride view (nnx_to_hf only moves axes: nothing is allocated).
+    expected = nnx_to_hf(kind, np.broadcast_to(np.bool_(False), nnx_shape)).shape
     return WeightsError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit the model, which expects "
-                        f"{hf_shape(kind, nnx_shape)} (HF [out, in] layout)")
-
-
-def hf_shape(kind: Kind, nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF shape of a tensor whose shape in our layout is ``nnx_shape`` (:func:`nnx_to_hf`'s)."""
-    if kind == "linear":
-        return tuple(reversed(nnx_shape))
-    if kind == "heads_in":  # [D, X, H] -> [X*H, D]
-        return (nnx_shape[1] * nnx_shape[2], nnx_shape[0])
-    if kind == "heads_out":  # [N, H, D] -> [D, N*H]
-        return (nnx_shape[2], nnx_shape[0] * nnx_shape[1])
-    if kind == "heads_bias":  # [X, H] -> [X*H]
-        return (int(np.prod(nnx_shape)),)
-    return tuple(nnx_shape)
+                        f"{tuple(expected)} (HF [out, in] layout)")
 
 
 def nnx_to_hf(kind: Kind, array: np.ndarray) -> np.ndarray:
