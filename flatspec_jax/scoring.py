@@ -168,10 +168,10 @@ def compile_score_step(graphdef: nnx.GraphDef, cfg: ScoreConfig, num_segments: i
     return run
 
 
-def _global_rows(packed: PackedRows, sharding: NamedSharding) -> tuple[jax.Array, ...]:
-    """The batch's rows as global arrays; each process contributes only the rows its devices hold."""
+def _global_rows(packed: PackedRows, sharding: NamedSharding, local: np.ndarray) -> tuple[jax.Array, ...]:
+    """The batch's rows as global arrays; each process contributes only the rows its devices hold
+    (``local``: :func:`~flatspec_jax.sharding.process_rows` of the batch's shape)."""
     arrays = (packed.tokens, packed.positions, packed.segment_ids, packed.loss_mask)
-    local = process_rows(sharding, packed.tokens.shape)
     return tuple(jax.make_array_from_process_local_data(sharding, a[local], a.shape) for a in arrays)
 
 
@@ -273,6 +273,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     step = compile_score_step(graphdef, cfg, plan.max_segments, mesh, rules, param_shardings,
                               return_features=feature_dir is not None)
     row_sharding = batch_sharding(mesh, rules, 2)
+    local_rows = functools.cache(lambda shape: process_rows(row_sharding, shape))  # per batch shape (at most two)
     is_writer = jax.process_index() == 0
     progress = tqdm(total=len(dataset), unit="sample", desc="score", file=sys.stderr, disable=not is_writer,
                     dynamic_ncols=True)
@@ -306,7 +307,8 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
                 packed = pack_rows(plan.batches[b], dataset.__getitem__, cfg.row_length, plan.max_segments)
                 steps_run += 1
                 with profiler.step(steps_run):
-                    stats = jax.tree.map(np.asarray, step(params, *_global_rows(packed, row_sharding)))
+                    batch = _global_rows(packed, row_sharding, local_rows(packed.tokens.shape))
+                    stats = jax.tree.map(np.asarray, step(params, *batch))
                 profiler.step_done(steps_run, stats)
                 position_sum += stats.pop("position_flatness_sum")
                 position_count += stats.pop("position_count")

@@ -217,8 +217,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
                     window_start, window_counts = time.perf_counter(), []
                     metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
-                # In a multi-process job SIGTERM reaches JAX's preemption notifier, not the process: the
-                # processes agree on a step, save it and stop, and a re-run resumes from it.
+                # Told to stop (SIGTERM; in a multi-process job at the step the processes agree on): save
+                # this step and stop, and a re-run resumes from it.
                 preempted = reached_preemption()
                 if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
                     checkpoints.save(step, state, iterator, meta,
