@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -173,8 +172,7 @@ def main() -> None:
             np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(outputs[name], reference)]))
 
     report = {
-        "benchmark": "bench_decode", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "jax_device": accelerator.device_kind, "hf_device": hf_device,
+        "benchmark": "bench_decode", "jax_device": accelerator.device_kind, "hf_device": hf_device,
         "model_dtype": cfg.model.dtype, "load": {**quiet, "load_at_end": load1()},
         "run_dir": str(args.run_dir), "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
         "variants": {name: {k: getattr(d, k) for k in VARIANT_KEYS} for name, d in settings.items()},

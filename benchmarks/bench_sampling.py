@@ -75,8 +75,7 @@ def main() -> int:
                 ["rows x positions", "sorted (baseline)", "ours", "no top-p", "baseline / ours", "same tokens kept"],
                 rows_out)
     out = write_results({"benchmark": "sampling", "vocab": args.vocab, "top_p": args.top_p, "gate": gate,
-                         "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d %H:%M"),
-                         "results": results}, args.out)
+                         "device": str(jax.devices()[0]), "results": results}, args.out)
     print(f"\nresults written to {out}")
     return 0
 

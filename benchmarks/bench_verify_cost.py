@@ -119,7 +119,7 @@ def main() -> int:
     out = write_results({"benchmark": "verify_cost", "config": args.config, "overrides": args.overrides,
                          "committed": args.committed, "cache": args.cache, "calls": args.calls,
                          "repeat": args.repeat, "gate": gate, "device": device, "matmul_precision": precision,
-                         "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, args.out)
+                         "results": results}, args.out)
     print(f"\nresults written to {out}")
     return 0
 
