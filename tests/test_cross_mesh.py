@@ -326,6 +326,25 @@ def test_retention_keeps_the_latest_steps_and_the_one_of_lowest_held_out_loss(tm
     checkpoints.close()
 
 
+def test_retention_still_keeps_the_best_step_after_a_restart(tmp_path, tx):
+    """A resumed run (after a preemption, or with more steps) opens a new manager: it must read the
+    held-out losses of the steps already saved, not treat them as steps without metrics."""
+    state, _ = train_state_on(mesh_of(), tx)
+    iterator = data_iterator()
+
+    def save_all(losses_by_step):
+        checkpoints = DraftCheckpointer(tmp_path / "checkpoints", keep=1)
+        for step, eval_loss in losses_by_step:
+            checkpoints.save(step, state, iterator, meta_for(), metrics={"eval_loss": eval_loss})
+            checkpoints.wait()
+        steps = sorted(checkpoints.manager.all_steps())
+        checkpoints.close()
+        return steps
+
+    assert save_all([(2, 0.1), (4, 0.5), (6, 0.7)]) == [2, 6]
+    assert save_all([(8, 0.9), (10, 0.95)]) == [2, 10], "step 2 still has the lowest held-out loss"
+
+
 def test_a_directory_given_for_a_checkpoint_directory_says_what_to_pass_instead(fsdp8_checkpoint, tmp_path):
     directory = fsdp8_checkpoint[0]
     with pytest.raises(CheckpointMismatchError, match=rf"it is a run directory: pass {directory}$"):

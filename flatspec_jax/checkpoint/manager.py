@@ -162,6 +162,11 @@ class _CheckpointManager(ocp.CheckpointManager):
         return runtime.told_to_stop()
 
 
+def _heldout_loss(metrics: dict[str, float]) -> float:
+    """What ranks the evaluated checkpoints: the held-out loss, lower is better."""
+    return metrics["eval_loss"]
+
+
 class DraftCheckpointer:
     """Keeps the last ``keep`` checkpoints plus the best one by held-out loss; saves asynchronously."""
 
@@ -173,13 +178,17 @@ class DraftCheckpointer:
             raise PermissionError(f"{existing} is not writable: the draft's checkpoints cannot be saved to {directory}")
         preservation = policies.AnyPreservationPolicy([
             policies.preservation_policy.LatestN(n=keep),
-            policies.preservation_policy.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+            policies.preservation_policy.BestN(get_metric_fn=_heldout_loss, reverse=True, n=1,
                                                keep_checkpoints_without_metrics=False),
         ])
         self.directory = Path(directory).absolute()
+        # The preservation policy alone decides what is kept. best_fn only makes orbax write each evaluated
+        # step's metrics beside it (without it they live in this manager's memory), so that a resumed or
+        # restarted run still knows which kept step is the best and does not delete it as an old one.
         self.manager = _CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(preservation_policy=preservation, enable_async_checkpointing=True,
+            options=ocp.CheckpointManagerOptions(preservation_policy=preservation, best_fn=_heldout_loss,
+                                                 best_mode="min", enable_async_checkpointing=True,
                                                  cleanup_tmp_directories=True),
             item_names=ITEM_NAMES)
 
