@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,8 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatspec_jax.config import Config, ConfigError, DataConfig, ScoreConfig, SelectConfig
+from flatspec_jax.config import Config, ConfigError, DataConfig, RegenerateConfig, ScoreConfig, SelectConfig
 from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.data.regenerate import META_FILE as REPLIES_META_FILE
+from flatspec_jax.data.regenerate import RESPONSES_FILE, regenerate_fingerprint
+from flatspec_jax.fingerprint import file_sha256
 from flatspec_jax.scoring import FINGERPRINT_KEY
 from flatspec_jax.selection import (
     SCORES_FILE,
@@ -30,6 +34,7 @@ from flatspec_jax.selection import (
     write_manifest,
 )
 from flatspec_jax.stages import select as select_stage
+from flatspec_jax.stages import train as train_stage
 from flatspec_jax.stages.common import RunContext
 from flatspec_jax.stages.score import score_fingerprint
 
@@ -262,6 +267,43 @@ def test_stage_refuses_scores_of_other_settings(run_files, table):
     with pytest.raises(ConfigError, match=r"scores\.parquet was scored with other inputs than this config's "
                                           r"\(other data, model or score\.\* settings\)"):
         select_stage.run(Config(run_dir=str(directory)))
+
+
+def test_train_refuses_a_current_selection_of_stale_scores(run_files, table):
+    """`flatspec train` alone after score.* changed: the manifest still matches the scores file, but the
+    scores are not this config's, so neither is the selection."""
+    directory, _ = run_files
+    cfg = Config(run_dir=str(directory), select=SelectConfig(rule="sfdd", keep=0.5),
+                 data=DataConfig(heldout=2, selection="run"))
+    write_scores_of(cfg, table)
+    select_stage.run(cfg)
+    assert train_stage.selected_ids(cfg, RunContext(cfg).model_path) == ["s0", "s4", "s6"]
+    hotter = dataclasses.replace(cfg, score=ScoreConfig(temperature=2.0))
+    with pytest.raises(ConfigError, match=r"scores\.parquet was scored with other inputs than this config's "
+                                          r"\(other data, model or score\.\* settings\): run `flatspec score`"):
+        train_stage.selected_ids(hotter, RunContext(hotter).model_path)
+
+
+def test_select_and_train_refuse_scores_of_replies_that_would_be_regenerated(run_files, table):
+    """With data.responses=target the scores are of the run's replies: after regenerate.* changed they
+    are not this config's, whatever the tokenized samples' fingerprint on disk says."""
+    directory, _ = run_files
+    data = DataConfig(heldout=2, selection="run", responses="target")
+    cfg = Config(run_dir=str(directory), select=SelectConfig(rule="sfdd", keep=0.5), data=data)
+    replies = directory / RESPONSES_FILE
+    replies.write_text('{"id": "s0", "messages": [{"role": "user", "content": "hi"}, '
+                       '{"role": "assistant", "content": "yo"}]}\n')
+    (directory / REPLIES_META_FILE).write_text(json.dumps({
+        "fingerprint": regenerate_fingerprint(cfg, RunContext(cfg).model_path),
+        "responses_sha256": file_sha256(replies)}))
+    write_scores_of(cfg, table)
+    assert select_stage.run(cfg)["ids"] == ["s0", "s4", "s6"]
+    sampled = dataclasses.replace(cfg, regenerate=RegenerateConfig(temperature=1.0))
+    message = r"scores the target's replies in .*: run `flatspec regenerate` and `flatspec score`"
+    with pytest.raises(ConfigError, match=message):
+        select_stage.run(sampled)
+    with pytest.raises(ConfigError, match=message):
+        train_stage.selected_ids(sampled, RunContext(sampled).model_path)
 
 
 def test_stage_names_a_scores_file_nothing_can_be_selected_from(run_files):

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flatspec_jax.config import Config
+from flatspec_jax.config import Config, ConfigError
+from flatspec_jax.data.prepare import tokens_fingerprint
+from flatspec_jax.data.regenerate import responses_are_current
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.scoring import score_dataset
+from flatspec_jax.scoring import read_fingerprint, read_inputs, score_dataset
 from flatspec_jax.selection import SCORES_FILE
 from flatspec_jax.stages.common import RunContext
 
@@ -54,6 +56,35 @@ def score_input_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> st
     if saved.get("tokens") != now["tokens"]:
         changes.insert(0, "the tokenized samples (data.*, the data or the model files)")
     return "; ".join(changes) or "other settings"
+
+
+def check_scores_current(cfg: Config, model_path: str) -> Path:
+    """The run's ``scores.parquet``, checked to be this config's: made from its tokenized samples (with
+    ``data.responses: target``, from the target's replies these settings give), model and score.* settings.
+
+    Raises:
+      FileNotFoundError: there is no scores file yet.
+      ConfigError: naming what changed, or the file is unreadable.
+    """
+    directory = Path(cfg.run_dir)
+    scores_path = directory / SCORES_FILE
+    if not scores_path.is_file():
+        raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
+                                "(and run directory) first")
+    if cfg.data.responses == "target" and not responses_are_current(cfg, model_path):
+        raise ConfigError(f"{scores_path} scores the target's replies in {directory}, which these regenerate.*, "
+                          "data.* or model settings would regenerate: run `flatspec regenerate` and "
+                          "`flatspec score` (or `flatspec pipeline`) first")
+    samples = tokens_fingerprint(cfg.data, model_path, directory)
+    found = read_fingerprint(scores_path)
+    if found is None:
+        raise ConfigError(f"{scores_path} is unreadable (cut short or not a scores file): run `flatspec score` "
+                          "with this config to rewrite it")
+    if found != score_fingerprint(cfg, samples):
+        changes = score_input_changes(read_inputs(scores_path), score_inputs(cfg, samples))
+        raise ConfigError(f"{scores_path} was scored with other inputs than this config's ({changes}): run "
+                          "`flatspec score` with it first")
+    return scores_path
 
 
 def summarize(table: pa.Table) -> str:

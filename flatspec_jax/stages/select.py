@@ -13,11 +13,8 @@ from jax.experimental import multihost_utils
 
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps, read_meta
 from flatspec_jax.config import Config, ConfigError
-from flatspec_jax.data.prepare import tokens_fingerprint
 from flatspec_jax.runtime import process_zero_says
-from flatspec_jax.scoring import read_fingerprint, read_inputs
 from flatspec_jax.selection import (
-    SCORES_FILE,
     SELECTION_FILE,
     ScoresError,
     manifest_dict,
@@ -27,7 +24,7 @@ from flatspec_jax.selection import (
     write_manifest,
 )
 from flatspec_jax.stages.common import RunContext
-from flatspec_jax.stages.score import score_fingerprint, score_input_changes, score_inputs
+from flatspec_jax.stages.score import check_scores_current
 from flatspec_jax.train.resume import input_changes, selection_hash
 
 log = logging.getLogger(__name__)
@@ -62,24 +59,12 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: when the run directory has no scores.parquet yet.
-      ConfigError: when its scores were made with other data, model or scoring settings, or when
-        the run's checkpoints were trained on another selection than this one.
+      ConfigError: when its scores were made with other data, replies, model or scoring settings, or
+        when the run's checkpoints were trained on another selection than this one.
     """
     directory = Path(cfg.run_dir)
-    scores_path = directory / SCORES_FILE
+    scores_path = check_scores_current(cfg, RunContext(cfg).model_path)
     manifest_path = directory / SELECTION_FILE
-    if not scores_path.is_file():
-        raise FileNotFoundError(f"{scores_path} does not exist: run `flatspec score` with this config "
-                                "(and run directory) first")
-    samples = tokens_fingerprint(cfg.data, RunContext(cfg).model_path, directory)
-    found = read_fingerprint(scores_path)
-    if found is None:
-        raise ConfigError(f"{scores_path} is unreadable (cut short or not a scores file): run `flatspec score` "
-                          "with this config to rewrite it")
-    if found != score_fingerprint(cfg, samples):
-        changes = score_input_changes(read_inputs(scores_path), score_inputs(cfg, samples))
-        raise ConfigError(f"{scores_path} was scored with other inputs than this config's ({changes}): run "
-                          "`flatspec score` with it first")
     rule, keep, seed, heldout = cfg.select.rule, cfg.select.keep, cfg.seed, cfg.data.heldout
     # Process 0 decides for all (a broadcast, so before anyone writes): a process seeing another
     # version of the manifest would otherwise skip the barrier below and leave the others at it.

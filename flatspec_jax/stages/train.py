@@ -16,7 +16,8 @@ from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.scoring import read_fingerprint, read_inputs
 from flatspec_jax.selection import SCORES_FILE, SELECTION_FILE, read_manifest, selection_changes
 from flatspec_jax.stages.common import RunContext
-from flatspec_jax.stages.score import feature_dir, score_fingerprint, score_input_changes, score_inputs
+from flatspec_jax.stages.score import (check_scores_current, feature_dir, score_fingerprint, score_input_changes,
+                                      score_inputs)
 from flatspec_jax.train.loop import TrainSummary, train_draft
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,13 @@ def selection_path(cfg: Config) -> Path | None:
     return path
 
 
-def selected_ids(cfg: Config) -> list[str] | None:
+def selected_ids(cfg: Config, model_path: str) -> list[str] | None:
     """The ids of the manifest ``data.selection`` names (None: all data), checked against this config.
 
     Raises:
       ConfigError: this run's manifest was made with other select.* settings, seed or held-out count,
-        or from other scores (``flatspec select`` rewrites it); another run's manifest holds out
+        or from other scores (``flatspec select`` rewrites it), or this run's scores are not this
+        config's (other data, replies, model or score.* settings); another run's manifest holds out
         another number of samples (its held-out tail would not be this run's).
     """
     path = selection_path(cfg)
@@ -53,6 +55,8 @@ def selected_ids(cfg: Config) -> list[str] | None:
         scores = Path(cfg.run_dir) / SCORES_FILE
         changes = selection_changes(manifest, scores if scores.is_file() else None, cfg.select.rule, cfg.select.keep,
                                     cfg.seed, cfg.data.heldout)
+        if not changes:
+            check_scores_current(cfg, model_path)  # the manifest is current for the scores: are they?
         if changes:
             raise ConfigError(f"data.selection=run: {path} was made with other settings ({'; '.join(changes)}); "
                               "run `flatspec select` (or `flatspec pipeline`) first")
@@ -75,7 +79,7 @@ def _training_draft_ids(cfg: Config, ctx: RunContext) -> np.ndarray | None:
 
 def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | None = None) -> TrainSummary:
     ctx = ctx or RunContext(cfg)
-    selected = selected_ids(cfg)
+    selected = selected_ids(cfg, ctx.model_path)
     features = None
     if cfg.train.features == "offline":
         features = FeatureCache(feature_dir(cfg))
