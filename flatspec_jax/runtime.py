@@ -36,7 +36,7 @@ def setup_logging(verbose: bool = False) -> None:
         level = logging.WARNING
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("jax._src", "orbax", "datasets", "httpx", "filelock"):
+    for noisy in ("jax._src", "orbax", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax logs routine notices (read-only managers, async saves) as absl warnings.
     logging.getLogger("absl").setLevel(logging.ERROR)

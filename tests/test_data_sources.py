@@ -190,6 +190,23 @@ def test_bad_records_are_counted_and_explained(tmp_path):
     assert "neither a 'conversations' nor a 'messages' key" in summary
 
 
+def test_content_that_is_not_unicode_text_skips_the_record_naming_it(tmp_path):
+    """A lone surrogate, from an unpaired escape (valid JSON) or from bytes that are not UTF-8 (which
+    json.loads lets through), would fail in the tokenizer with an error naming nothing."""
+    path = tmp_path / "surrogates.jsonl"
+    path.write_bytes(b'{"id": "ok", "conversations": [{"from": "human", "value": "hi"}, '
+                     b'{"from": "gpt", "value": "yo"}]}\n'
+                     b'{"id": "escape", "conversations": [{"from": "human", "value": "hi"}, '
+                     b'{"from": "gpt", "value": "x \\ud800 y"}]}\n'
+                     b'{"id": "bytes", "conversations": [{"from": "human", "value": "a \xed\xa0\x80"}, '
+                     b'{"from": "gpt", "value": "yo"}]}\n')
+    convs, report = load_conversations(str(path))
+    assert [c.id for c in convs] == ["ok"]
+    assert dict(report.skipped) == {"not_unicode_text": 2}
+    assert report.examples["not_unicode_text"] == ["escape: turn 1 character 2", "bytes: turn 0 character 2"]
+    assert "lone surrogate" in report.summary()
+
+
 def test_records_read_as_prompts_need_a_user_turn_and_keep_trailing_turns(tmp_path):
     records = [sharegpt_record("user-only", ("human", "anyone there?")),
                sharegpt_record("lead", ("gpt", "...as I said."), ("human", "go on"), ("chatgpt", "Sure."),
@@ -324,14 +341,16 @@ def test_skip_reports_merge():
 
 
 def test_truncated_json_recovers_at_every_cut_inside_the_last_record(tmp_path):
-    last = {"id": "z", "conversations": [{"from": "human", "value": 'q "x" \\n é'}, {"from": "gpt", "value": "ok"}],
+    """Every byte, including those inside a multi-byte character (a copy stopped at any byte)."""
+    last = {"id": "z", "conversations": [{"from": "human", "value": 'q "x" \\n é 你好'},
+                                         {"from": "gpt", "value": "ok"}],
             "extra": [1, 2.5, -3e4, True, False, None]}
-    text = json.dumps([GOOD, last], ensure_ascii=False)
-    start = text.index('{"id": "z"')
-    for cut in range(start + 1, len(text) - 1):
+    data = json.dumps([GOOD, last], ensure_ascii=False).encode()
+    start = data.index(b'{"id": "z"')
+    for cut in range(start + 1, len(data) - 1):
         path = tmp_path / "cut.json"
-        path.write_text(text[:cut], encoding="utf-8")
-        assert list(iter_json_array(path)) == [GOOD], text[:cut][-20:]
+        path.write_bytes(data[:cut])
+        assert list(iter_json_array(path)) == [GOOD], data[:cut][-20:]
 
 
 def test_corrupt_record_in_a_file_that_also_lacks_its_end_is_an_error(tmp_path):
@@ -341,12 +360,28 @@ def test_corrupt_record_in_a_file_that_also_lacks_its_end_is_an_error(tmp_path):
         list(iter_json_array(path))
 
 
-def test_an_unreadable_parquet_source_names_the_file_once(tmp_path, caplog, capfd):
+def test_an_unreadable_parquet_source_names_the_file(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"PAR1 not really parquet")
-    with caplog.at_level(logging.DEBUG), pytest.raises(DataFormatError, match=rf"{path}: not a readable parquet file"):
+    with pytest.raises(DataFormatError, match=rf"{path}: not a readable parquet file"):
         load_conversations(str(path))
-    # datasets logs the failure through its own handler too; the error raised is the one message
-    assert not [r for r in caplog.records if r.name.startswith("datasets")]
-    assert "magic bytes" not in capfd.readouterr().err
-    assert logging.getLogger("datasets").level != logging.CRITICAL
+
+
+def test_a_parquet_file_name_is_not_a_pattern(tmp_path):
+    """`x[1].parquet` is that file, not a glob matching `x1.parquet`."""
+    turns = [[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]]
+    write_parquet(tmp_path / "x1.parquet", {"id": ["wrong"], "conversations": turns})
+    write_parquet(tmp_path / "x[1].parquet", {"id": ["right"], "conversations": turns})
+    convs, _ = load_conversations(str(tmp_path / "x[1].parquet"))
+    assert [c.id for c in convs] == ["right"]
+
+
+def test_parquet_columns_a_conversation_does_not_need_are_not_decoded(tmp_path):
+    """A metadata column of a type with no Python-side equivalent in some readers (a map) is left alone."""
+    table = pa.table({"id": ["m"], "conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]],
+                      "meta": pa.array([[("k", "v")]], type=pa.map_(pa.string(), pa.string()))})
+    pq.write_table(table, tmp_path / "meta.parquet")
+    convs, _ = load_conversations(str(tmp_path / "meta.parquet"))
+    assert [c.id for c in convs] == ["m"]
+
+

@@ -10,7 +10,9 @@ Normalisation rules:
     role (tool, function, ...) skips the record, because the chat template would render
     it in a way we cannot attribute to the assistant or the user.
   * Content is kept verbatim (no stripping): the tokens we train on are the tokens the
-    chat template renders.
+    chat template renders. Content that is not Unicode text (a lone surrogate, from an
+    unpaired ``\\ud800``-style escape or from bytes that are not UTF-8) skips the record:
+    no tokenizer can encode it.
   * Assistant turns before the first user turn are dropped (note ``leading_assistant``):
     ShareGPT has many conversations that start mid-dialogue with a model reply that
     answers nothing we can see. System turns before the first user turn are kept.
@@ -51,6 +53,7 @@ EMPTY = "empty"
 MALFORMED_TURN = "malformed_turn"
 UNKNOWN_ROLE = "unknown_role"
 NON_STRING_CONTENT = "non_string_content"
+NOT_UNICODE_TEXT = "not_unicode_text"
 NO_ASSISTANT_TEXT = "no_assistant_text"
 NO_USER_TEXT = "no_user_text"
 
@@ -63,6 +66,7 @@ SKIP_EXPLANATIONS: dict[str, str] = {
     MALFORMED_TURN: "a turn is not an object with a role and a content",
     UNKNOWN_ROLE: "a turn has a role we do not map to system/user/assistant",
     NON_STRING_CONTENT: "a turn's content is not a string",
+    NOT_UNICODE_TEXT: "a turn's content holds a lone surrogate (an unpaired \\ud800-\\udfff escape or non-UTF-8 bytes)",
     NO_ASSISTANT_TEXT: "no assistant turn with non-empty text (after dropping leading assistant turns)",
     NO_USER_TEXT: "no user turn with non-empty text (a prompt to answer)",
 }
@@ -226,6 +230,11 @@ def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport,
         content = turn[content_key]
         if not isinstance(content, str):
             report.skip(NON_STRING_CONTENT, rid, f"turn {position} content is {type(content).__name__}")
+            return None
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            report.skip(NOT_UNICODE_TEXT, rid, f"turn {position} character {err.start}")
             return None
         messages.append(Message(role, content))
     return _trim(Conversation(rid, tuple(messages)), report, replies)

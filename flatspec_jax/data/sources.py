@@ -10,12 +10,11 @@ Formats (picked by file extension; a directory or glob may mix them, read in sor
     mid-record (the embedded ShareGPT file is) keeps every complete record and logs one
     warning with the dropped byte span. A file that is empty or not an array, or has a
     syntax error before its end, raises ``DataFormatError`` naming the file and byte.
-  * ``.jsonl``: parsed line by line here, not through ``datasets``: its JSON loader
-    rejects a whole file for one bad line, and we skip and count bad lines
+  * ``.jsonl``: parsed line by line, skipping and counting bad lines
     (reason ``invalid_json``, examples name the line; the summary is then a warning) like
     any other bad record. A file none of whose lines parses raises ``DataFormatError``.
-  * ``.parquet``: streamed through ``datasets.load_dataset("parquet", streaming=True)``,
-    which reads the local files directly (no hub, no Arrow cache copy).
+  * ``.parquet``: read with pyarrow in row batches, only the ``id`` and turn columns (a file
+    name is never a pattern, and other columns of any type are never decoded).
 A JSONL or parquet file must have a ``conversations`` (ShareGPT ``from``/``value``) or
 ``messages`` (``role``/``content``) column; one with neither raises ``DataFormatError``
 naming the file and the columns it has.
@@ -24,7 +23,6 @@ naming the file and the columns it has.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import dataclasses
 import glob
 import json
@@ -34,6 +32,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from flatspec_jax import assets
 from flatspec_jax.data.conversations import INVALID_JSON, Conversation, SkipReport, normalize_record
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SHAREGPT = "sharegpt"
 TURN_COLUMNS = ("conversations", "messages")
+_PARQUET_BATCH_ROWS = 256
 _EXTENSIONS = (".json", ".jsonl", ".parquet")
 _CHUNK_BYTES = 32 << 20
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -187,31 +189,22 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import datasets  # noqa: PLC0415 - heavy; only parquet sources need it
-    import pyarrow as pa  # noqa: PLC0415 - datasets' own dependency
-
+    """Yields the records of a parquet file, reading only the columns a conversation needs (``id`` and
+    the turn columns) in row batches: other columns, of whatever type, are never decoded."""
     try:
-        with _quiet_logger("datasets"):  # it logs an unreadable file's error itself; ours names the file
-            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-            columns = list(dataset.column_names or [])
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
         if not any(column in columns for column in TURN_COLUMNS):
             raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
                                   f"its columns are {columns}")
-        yield from enumerate(dataset)
+        needed = [column for column in ("id", *TURN_COLUMNS) if column in columns]
+        index = 0
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed):
+            for record in batch.to_pylist():
+                yield index, record
+                index += 1
     except (OSError, pa.ArrowException) as err:
         raise DataFormatError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Silences logger ``name`` below CRITICAL inside the block."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class _Window:
@@ -232,7 +225,9 @@ class _Window:
         self._base += len(self.text[:pos].encode("utf-8"))
         data = self._handle.read(self._chunk_bytes)
         try:
-            more = self._decoder.decode(data, final=not data)
+            # Never final: bytes of a character the file ends inside stay undecoded, so a file cut at any
+            # byte ends like one cut between characters (invalid bytes still raise where they are).
+            more = self._decoder.decode(data)
         except UnicodeDecodeError as err:
             raise DataFormatError(f"{self.path}: not UTF-8 near byte {self._read + err.start}") from None
         self._read += len(data)
