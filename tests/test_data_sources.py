@@ -203,7 +203,7 @@ def test_content_that_is_not_unicode_text_skips_the_record_naming_it(tmp_path):
     convs, report = load_conversations(str(path))
     assert [c.id for c in convs] == ["ok"]
     assert dict(report.skipped) == {"not_unicode_text": 2}
-    assert report.examples["not_unicode_text"] == ["escape: turn 1 character 2", "bytes: turn 0 character 2"]
+    assert report.examples["not_unicode_text"] == ["escape: turn 1", "bytes: turn 0"]
     assert "lone surrogate" in report.summary()
 
 

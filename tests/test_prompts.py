@@ -58,6 +58,15 @@ def test_invalid_json_and_empty_files_are_named(tmp_path):
         load_prompts(str(binary))
 
 
+def test_a_byte_order_mark_is_dropped_and_a_lone_surrogate_names_the_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "hello"}).encode() + b"\n")
+    assert [p.turns for p in load_prompts(str(path))] == [("hello",)]
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + '{"prompt": "x \\ud800"}\n')
+    with pytest.raises(DataFormatError, match=rf"{path}:2: a prompt holds a lone surrogate"):
+        load_prompts(str(path))
+
+
 def test_a_repeated_prompt_id_names_both_lines(tmp_path):
     path = write_jsonl(tmp_path, {"prompt": "one", "id": "q1"}, {"prompt": "two", "id": "q2"},
                        {"prompt": "three", "question_id": "q1"})

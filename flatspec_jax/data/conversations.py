@@ -172,6 +172,15 @@ class SkipReport:
         return f"{count} {key} [{explanations.get(key, key)}; e.g. {examples}]"
 
 
+def is_unicode_text(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (U+D800-U+DFFF), which UTF-8, and so a tokenizer, cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def record_id(raw: Any, index: int, source_name: str) -> str:
     """The record's own ``id`` when it has a non-empty one, else ``"{source_name}:{index}"``."""
     if isinstance(raw, dict):
@@ -231,10 +240,8 @@ def normalize_record(raw: Any, index: int, source_name: str, report: SkipReport,
         if not isinstance(content, str):
             report.skip(NON_STRING_CONTENT, rid, f"turn {position} content is {type(content).__name__}")
             return None
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as err:
-            report.skip(NOT_UNICODE_TEXT, rid, f"turn {position} character {err.start}")
+        if not is_unicode_text(content):
+            report.skip(NOT_UNICODE_TEXT, rid, f"turn {position}")
             return None
         messages.append(Message(role, content))
     return _trim(Conversation(rid, tuple(messages)), report, replies)

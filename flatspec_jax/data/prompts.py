@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from flatspec_jax import assets
+from flatspec_jax.data.conversations import is_unicode_text
 from flatspec_jax.data.sources import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
     """
     path = assets.mtbench_questions() if source == "mtbench" else Path(source)
     try:
-        text = path.read_text(encoding="utf-8")  # prompt files are small: read whole, decoded once
+        text = path.read_text(encoding="utf-8-sig")  # small: read whole, decoded once; a byte-order mark is dropped
     except OSError as err:
         raise DataFormatError(f"{path}: cannot read the prompts ({err.strerror})") from None
     except UnicodeDecodeError as err:
@@ -52,6 +53,9 @@ def load_prompts(source: str, limit: int | None = None, turns: int = 1) -> list[
         if texts is None:
             raise DataFormatError(f"{path}:{number}: expected an object with a non-empty 'prompt' string or "
                                   f"'turns' list of non-empty strings")
+        if not all(is_unicode_text(text) for text in texts):
+            raise DataFormatError(f"{path}:{number}: a prompt holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                  "escape), which no tokenizer can encode")
         prompt_id = str(record.get("question_id", record.get("id", number)))
         if prompt_id in lines:  # evaluation keys each question's replies by its id
             raise DataFormatError(f"{path}:{number}: prompt id {prompt_id!r} repeats line {lines[prompt_id]}'s")
