@@ -116,6 +116,19 @@ def test_input_errors_are_one_line_naming_the_setting(tiny_dir, tmp_path, capsys
     assert "Traceback" not in err
 
 
+def test_eval_fingerprint_follows_the_held_out_count_only_when_it_makes_the_draft_vocabulary(tiny_dir, tmp_path):
+    """decode.draft_vocab counts tokens before the held-out tail: data.heldout changes the ids decoded with."""
+    from flatspec_jax.stages.eval import _fingerprint
+
+    def fingerprint(*overrides):
+        cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path, *overrides))
+        return _fingerprint(cfg, tmp_path / "checkpoints", 2, {"trained": "head"})
+
+    assert fingerprint("decode.draft_vocab=40", "data.heldout=2") != fingerprint("decode.draft_vocab=40",
+                                                                                 "data.heldout=3")
+    assert fingerprint("data.heldout=2") == fingerprint("data.heldout=3")
+
+
 def test_eval_stays_current_in_a_moved_run_and_not_for_edited_prompts(selected_run, tiny_dir, tmp_path):
     import shutil
 

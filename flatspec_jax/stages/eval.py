@@ -31,13 +31,15 @@ EVAL_FILE = "eval.json"
 
 def _fingerprint(cfg: Config, checkpoint: Path, step: int, meta: dict[str, Any]) -> str:
     # The target counts by its files' contents and the model.* settings other than the path. The run's
-    # samples count only when they make the draft vocabulary (decode.draft_vocab; one the head was
-    # trained on, draft.vocab, is part of the checkpoint). The checkpoint's metadata (its training config
+    # samples and the held-out count (the vocabulary is counted before the held-out tail) count only when
+    # they make the draft vocabulary (decode.draft_vocab; one the head was trained on, draft.vocab, is
+    # part of the checkpoint). The checkpoint's metadata (its training config
     # and inputs) tells a retrained head at the same path and step from the one evaluated.
     # The prompts file counts by content (edited in place, it is other prompts); the checkpoint by its
     # place in the run directory, so a moved run stays current.
     model = target_path(cfg)
-    samples = tokens_fingerprint(cfg.data, model, Path(cfg.run_dir)) if cfg.decode.draft_vocab else "-"
+    samples = (f"{tokens_fingerprint(cfg.data, model, Path(cfg.run_dir))}/{cfg.data.heldout}"
+               if cfg.decode.draft_vocab else "-")
     trained = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     prompts = "mtbench" if cfg.eval.prompts == "mtbench" else file_identity(cfg.eval.prompts)[:16]
     place = checkpoint.resolve()
