@@ -62,6 +62,10 @@ STAT_COLUMNS = ("flatness", "flatness_all", "entropy", "top1_prob", "nll")
 FINGERPRINT_KEY = b"flatspec_fingerprint"
 POSITION_KEY = "flatspec_position_flatness"
 INPUTS_KEY = "flatspec_score_inputs"
+LAYOUT_SETTINGS = ("vocab_chunk", "row_length", "rows_per_batch", "flush_every")
+"""The score.* settings that cut the pass into work and leave what it computes as it is: a sample's
+statistics and features do not depend on its row or batch (attention stays within each sample), and the
+vocabulary chunking changes them at rounding level only, as another mesh does."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +229,12 @@ def _chunk_samples(plan: ScorePlan, chunk: range) -> list[int]:
     return [i for b in chunk for row in plan.batches[b] for i in row]
 
 
+def _part_fingerprint(fingerprint: str, cfg: ScoreConfig) -> str:
+    """Parts are chunks of ``flush_every`` batches of the plan the layout settings give: a part counts
+    only for the layout it was cut with (so that a pass never merges rows computed with two)."""
+    return fingerprint + "".join(f"/{name}={getattr(cfg, name)}" for name in LAYOUT_SETTINGS)
+
+
 def _sample_features(packed: PackedRows, features: np.ndarray) -> dict[int, np.ndarray]:
     """Splits packed [R, L, D] features back into per-sample [length, D] arrays."""
     out = {}
@@ -278,8 +288,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     progress = tqdm(total=len(dataset), unit="sample", desc="score", file=sys.stderr, disable=not is_writer,
                     dynamic_ncols=True)
     tokens_done, start = 0, time.perf_counter()
-    # Parts are chunks of flush_every batches: a part counts only for the chunking it was cut with.
-    part_fingerprint = f"{fingerprint}/flush_every={cfg.flush_every}"
+    part_fingerprint = _part_fingerprint(fingerprint, cfg)
     chunks = list(_chunks(len(plan.batches), cfg.flush_every))
     written = process_zero_says([
         read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (

@@ -525,8 +525,11 @@ def test_rerun_of_finished_score_is_a_noop_and_temperature_invalidates(cli_runs,
     assert out.read_bytes() == before_bytes and out.stat().st_mtime_ns == before_mtime
     assert not leftover.exists()
     assert table.equals(pq.read_table(out))
-    coarse, *_ = _stage_inputs(run_dir, tiny_dir, ["score.flush_every=3"])
-    assert score_fingerprint(coarse, dataset.fingerprint) == fingerprint  # it only bounds the work a crash loses
+    for layout in ("score.flush_every=3", "score.rows_per_batch=4", "score.vocab_chunk=64", "score.row_length=256"):
+        regrouped, *_ = _stage_inputs(run_dir, tiny_dir, [layout])
+        assert score_fingerprint(regrouped, dataset.fingerprint) == fingerprint, layout  # it only cuts the work
+        assert scoring._part_fingerprint(fingerprint, regrouped.score) != scoring._part_fingerprint(fingerprint,
+                                                                                                    cfg.score), layout
     moved_model = shutil.copytree(tiny_dir, cli_runs["base"] / "moved_model", dirs_exist_ok=True)
     moved, moved_dataset, *_ = _stage_inputs(run_dir, moved_model)
     assert moved.model.path != cfg.model.path

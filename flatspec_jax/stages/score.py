@@ -21,7 +21,7 @@ from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.prepare import tokens_fingerprint
 from flatspec_jax.data.regenerate import responses_are_current
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.scoring import read_fingerprint, read_inputs, score_dataset
+from flatspec_jax.scoring import LAYOUT_SETTINGS, read_fingerprint, read_inputs, score_dataset
 from flatspec_jax.selection import SCORES_FILE
 from flatspec_jax.stages.common import RunContext
 
@@ -32,9 +32,10 @@ FEATURES_DIR = "features"
 
 def score_inputs(cfg: Config, tokens_fingerprint: str) -> dict[str, Any]:
     """What scores and cached features depend on: the tokenized samples, the target and the scoring
-    settings except ``score.flush_every``, which only bounds the work a crash loses (lowering it
-    after one must not redo a finished pass). Stored in the scores file, to name what changed."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg.score).items() if k != "flush_every"}
+    settings except :data:`~flatspec_jax.scoring.LAYOUT_SETTINGS`, which only cut the pass into work
+    (a finished pass stays current when they change, as it does on another mesh; its unfinished parts
+    count only for the layout they were cut with). Stored in the scores file, to name what changed."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.score).items() if k not in LAYOUT_SETTINGS}
     return {"tokens": tokens_fingerprint, "model": cfg.section_hash("model"), "score": settings}
 
 
