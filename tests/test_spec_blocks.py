@@ -250,11 +250,13 @@ def two_catch_ups_then_tree(target_graphdef, target_params, head_graphdef, head_
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "head_graphdef", "gamma", "min_confidence"))
 def two_catch_ups_then_chain(target_graphdef, target_params, head_graphdef, head_params, features, pairs, lengths,
-                             gamma, min_confidence):
-    """:func:`two_catch_ups`, then a greedy chain; also returns the cache the chain started from."""
+                             gamma, min_confidence, active=None):
+    """:func:`two_catch_ups`, then a greedy chain (every row active by default); also returns the cache the
+    chain started from."""
     target, head = nnx.merge(target_graphdef, target_params), nnx.merge(head_graphdef, head_params)
     hidden, cache = two_catch_ups(head, target, features, pairs, lengths)
-    chain = draft_chain(head, target, cache, hidden, lengths, jax.random.key(0), gamma, SamplingSettings(),
+    active = jnp.ones(lengths.shape, bool) if active is None else active
+    chain = draft_chain(head, target, cache, hidden, lengths, active, jax.random.key(0), gamma, SamplingSettings(),
                         min_confidence=min_confidence)
     return chain, cache
 
@@ -339,6 +341,14 @@ def test_draft_chain_proposes_while_the_chain_is_confident(target, head):
     chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
                                         min_confidence=0.0)
     assert not np.array_equal(chain.cache.k, start_cache.k)
+    # A finished row proposes nothing, so it never keeps the head drafting for the others.
+    chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
+                                        min_confidence=1e-9, active=jnp.asarray([True, False]))
+    assert chain.proposed.tolist() == [gamma, 0]
+    chain, _ = two_catch_ups_then_chain(*target, *head, features, pairs, jnp.asarray(lengths), gamma=gamma,
+                                        min_confidence=1e-9, active=jnp.asarray([False, False]))
+    assert chain.proposed.tolist() == [0, 0]
+    np.testing.assert_array_equal(chain.cache.k, start_cache.k)
 
 
 # --- verifiers -------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ class ChainDrafts(NamedTuple):
     cache: KVCache
 
 
-def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, committed: Array, key: Array,
-                gamma: int, sampling: SamplingSettings, vocab: DraftVocab | None = None,
+def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Array, committed: Array, active: Array,
+                key: Array, gamma: int, sampling: SamplingSettings, vocab: DraftVocab | None = None,
                 min_confidence: float = 0.0) -> ChainDrafts:
     """Drafts up to gamma tokens autoregressively after the root.
 
@@ -78,14 +78,16 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
     A row proposes draft j while its confidence, the draft's probability of the drafts before
     j times its top probability for draft j (softmax at temperature 1, no top-p, over the draft
     vocabulary; greedy: the probability of the chain up to j), is at least ``min_confidence``;
-    drafting stops once no row of the batch proposes, so unsure rounds skip the remaining head
-    steps. Whether draft j is proposed depends on the drafts before it and on j's distribution,
-    never on the token drawn for j, so a proposed draft is distributed as its q and
-    verification stays lossless (deciding on the drawn token's own probability would bias it).
+    drafting stops once no active row of the batch proposes (a finished row proposes nothing), so
+    unsure rounds skip the remaining head steps. Whether draft j is proposed depends on the drafts
+    before it and on j's distribution, never on the token drawn for j, so a proposed draft is
+    distributed as its q and verification stays lossless (deciding on the drawn token's own
+    probability would bias it).
 
     Args:
       root_hidden: [B, D] the head's prediction of the root's feature (from :func:`catch_up`).
       committed: [B] committed tokens n; the root sits at position n, draft j (1-based) at n + j.
+      active: [B] bool, the rows still generating.
       min_confidence: in [0, 1); 0 keeps all gamma drafts.
     """
     batch = committed.shape[0]
@@ -136,7 +138,7 @@ def draft_chain(head: EagleHead, target: Llama, cache: KVCache, root_hidden: Arr
     drafts, probs = store(jnp.zeros((batch, gamma), jnp.int32),
                           None if first_q is None else jnp.zeros((batch, gamma, first_q.shape[-1]), first_q.dtype),
                           jnp.int32(0), first, first_q)
-    proposed = keep(jnp.zeros((batch,), jnp.int32), jnp.int32(1), top)
+    proposed = jnp.where(active, keep(jnp.zeros((batch,), jnp.int32), jnp.int32(1), top), 0)
     carry = (jnp.int32(1), root_hidden, first, cache, drafts, probs, chosen, proposed)
     _, _, _, cache, drafts, probs, _, proposed = jax.lax.while_loop(more, step, carry)
     return ChainDrafts(drafts, probs, proposed, cache)

@@ -252,11 +252,11 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_params: nnx.State
         n = s.committed
         active = ~s.done
         if settings.method == "chain":
-            chain = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, draft_key, settings.gamma, sampling,
-                                vocab, settings.min_confidence)
+            chain = draft_chain(head, target, s.draft_cache, s.draft_hidden, n, active, draft_key, settings.gamma,
+                                sampling, vocab, settings.min_confidence)
             tree, draft_cache, proposed = chain_tree(s.root, chain.tokens), chain.cache, chain.proposed
             out = verify_forward(target, tree, n, s.target_cache, gen.cache_length,
-                                 jnp.max(jnp.where(active, proposed, 0)) if settings.min_confidence else None)
+                                 jnp.max(proposed) if settings.min_confidence else None)
             verdict = (verify_greedy_chain(chain.tokens, out.logits, proposed) if sampling.greedy else
                        verify_sampling_chain(verify_key, chain.tokens, chain.probs, out.logits, sampling, proposed))
             target_cache = out.cache
