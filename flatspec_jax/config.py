@@ -163,11 +163,12 @@ class DraftConfig:
     before the held-out tail (EOS always in; EAGLE-3's reduced draft vocabulary): the loss compares
     draft and target distributions renormalised over them, so its LM-head work is N / V of the
     whole. The ids are saved with the checkpoint and the head drafts only from them. 0 = the whole
-    vocabulary (EAGLE-1/2)."""
+    vocabulary (EAGLE-1/2); else at least 3, as the top-3 agreement metrics need."""
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "draft.num_layers", "must be >= 1")
-        _require(self.vocab >= 0, "draft.vocab", "must be >= 0 (0 = the whole vocabulary)")
+        _require(self.vocab == 0 or self.vocab >= 3, "draft.vocab",
+                 "must be 0 (the whole vocabulary) or at least 3 (the top-3 agreement metrics rank three tokens)")
 
 
 LossName = Literal["eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid"]

@@ -126,6 +126,7 @@ def test_tree_limits_name_their_bound_and_do_not_bind_chain_decoding():
     ("train.unroll_decay=1.5", r"train\.unroll_decay: must be in \(0, 1\]"),
     ("decode.depth=0", r"decode\.depth: must be >= 1"),
     ("decode.draft_vocab=-5", r"decode\.draft_vocab: must be >= 0"),
+    ("draft.vocab=2", r"draft\.vocab: must be 0 \(the whole vocabulary\) or at least 3"),
     ("decode.min_confidence=1", r"decode\.min_confidence: must be in \[0, 1\)"),
     ("decode.min_confidence=0.5", r"decode\.min_confidence: applies to chain speculation only"),
     ("eval.batch_size=0", r"eval\.batch_size: must be >= 1"),
