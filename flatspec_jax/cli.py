@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import logging
 import os
@@ -113,10 +112,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides.append(f"{key}={value}")
             spelled[overrides[-1]] = f"--{flag.replace('_', '-')} {value}"
-    cfg = load_config(args.config, overrides, spelled)
-    # A path, taken as typed (through --set it would be read as YAML: "runs/a #2" would lose its tail).
     run_dir = getattr(args, "run_dir", None)
-    return cfg if run_dir is None else dataclasses.replace(cfg, run_dir=run_dir)
+    if run_dir is not None:
+        overrides.append(f"run_dir={run_dir}")
+        spelled[overrides[-1]] = f"--run-dir {run_dir}"
+    return load_config(args.config, overrides, spelled)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -479,7 +479,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
-        _set_path(raw, key.strip().split("."), _parse_value(value), source)
+        keys = key.strip().split(".")
+        if not value.strip():
+            raise ConfigError(f"{(spelled or {}).get(override, f'--set {override}')}: empty value "
+                              f"(write {key.strip()}=null for none)")
+        _set_path(raw, keys, _parse_value(value, _field_hint(keys)), source)
         given[key.strip()] = (spelled or {}).get(override, f"--set {override}")
     try:
         return _build(Config, raw, prefix="")
@@ -507,10 +511,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML reads it (``3`` an int, ``null`` None, ``[1, 2]`` a list), or the
-    text itself where it is not YAML (``*.jsonl``, ``@prompts``): the field's type check then
-    judges it."""
+def _field_hint(keys: list[str]) -> Any:
+    """The type hint of the field ``keys`` names in :class:`Config`; None for a section or an unknown key
+    (which ``_build`` then reports)."""
+    hint: Any = Config
+    for key in keys:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(key)
+    return None if dataclasses.is_dataclass(hint) else hint
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    """A ``--set`` value, read by the type of the field it sets (``null`` is None for any field):
+
+    * text (``str``, ``str | None``, a choice of strings): the text as written, so that a path may hold
+      ``#`` or ``: `` (YAML would cut ``runs/a #2`` to ``runs/a``), unquoted if it is quoted (``'a b'``);
+    * integers: decimal digits only (YAML reads ``010`` as 8 and ``1:30`` as 90); anything else is
+      left as text for the type check to refuse;
+    * everything else as YAML reads it (``3e-5``, ``true``, ``[1, 2]``), or the text where it is not YAML.
+    """
+    if text.strip() == "null":
+        return None
+    options = [o for o in typing.get_args(hint) if o is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    if all(o is str or (typing.get_origin(o) is Literal and all(isinstance(a, str) for a in typing.get_args(o)))
+           for o in options):
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return _yaml_or_text(text) if quoted else text
+    if options == [int]:
+        return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else text
+    return _yaml_or_text(text)
+
+
+def _yaml_or_text(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

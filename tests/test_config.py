@@ -61,6 +61,41 @@ def test_a_set_value_that_is_not_yaml_is_taken_as_text(override, field, value):
     assert getattr(getattr(config, override.partition(".")[0]), field) == value
 
 
+@pytest.mark.parametrize("override, value", [
+    ("model.path=/models/llama #2", "/models/llama #2"),  # YAML: a comment, the path cut to /models/llama
+    ("data.source=/data/a: b.jsonl", "/data/a: b.jsonl"),  # YAML: a mapping
+    ("data.selection=~", "~"),  # YAML: null, i.e. train on all data
+    ("data.source='my data.jsonl'", "my data.jsonl"),  # quoted: the quotes go
+    ("eval.prompts=null", None),
+])
+def test_a_set_text_value_is_taken_as_written(override, value):
+    key, _, _ = override.partition("=")
+    section, field = key.split(".")
+    if value is None:  # eval.prompts is a str: null is refused by its type check
+        with pytest.raises(ConfigError, match=r"eval\.prompts: expected a string, got None"):
+            load_config(None, [override])
+        return
+    assert getattr(getattr(load_config(None, [override]), section), field) == value
+
+
+@pytest.mark.parametrize("text", ["1:30", "0x10", "1e3", "12.0"])
+def test_a_set_integer_is_decimal_digits_only(text):
+    """YAML 1.1 reads 010 as 8, 1:30 as 90 and 0x10 as 16."""
+    with pytest.raises(ConfigError, match=rf"train\.steps: expected an integer, got '{re.escape(text)}'"):
+        load_config(None, [f"train.steps={text}"])
+    assert load_config(None, ["train.steps=010"]).train.steps == 10
+    assert load_config(None, ["train.steps=+12"]).train.steps == 12
+    assert load_config(None, ["data.limit=null"]).data.limit is None
+
+
+@pytest.mark.parametrize("override", ["model.path=", "data.limit= ", "data.selection="])
+def test_an_empty_set_value_is_refused(override):
+    """As from an unset shell variable (--set data.selection=$SEL): none is written null."""
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: empty value \(write {key}=null"):
+        load_config(None, [override])
+
+
 def test_a_set_value_that_is_not_yaml_meets_the_fields_type_check():
     with pytest.raises(ConfigError, match=r"^--set train\.steps=\[1: train\.steps: expected an integer, got '\[1'"):
         load_config(None, ["train.steps=[1"])
