@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import gguf
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 import transformers
 
@@ -131,6 +133,31 @@ def test_qwen2_sliding_window_only_where_hf_uses_it(use, max_window_layers, expe
     assert ArchSpec.from_hf_config(config, "config.json").sliding_window == expected
 
 
+def test_qwen2_with_an_explicit_null_window_attends_fully_as_hf_does():
+    """An older config (no layer_types) asking for a window but giving none: Qwen2Config keeps the null."""
+    config = transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=None, max_window_layers=0)
+    assert set(config.layer_types) == {"full_attention"}
+    raw = {key: value for key, value in config.to_dict().items() if key != "layer_types"}
+    assert ArchSpec.from_hf_config(raw, "config.json").sliding_window is None
+
+
+def test_a_quantised_checkpoint_is_refused_naming_the_tensor(tmp_path):
+    """float8 codes read as weights would load without error and give a wrong model."""
+    from flatspec_jax.config import MeshConfig
+    from flatspec_jax.sharding import ShardingRules, make_mesh
+    from flatspec_jax.weights.to_nnx import load_target_model
+
+    save_tiny(transformers.LlamaConfig(**TINY), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    with pytest.raises(WeightsError, match=rf"{re.escape(str(tmp_path))}: tensor {key} is stored as float8_e4m3fn"):
+        load_target_model(str(tmp_path), mesh, ShardingRules())
+
+
 # --- errors name what is wrong ---------------------------------------------------------------
 
 def llama_config() -> dict:
@@ -146,6 +173,7 @@ def llama_config() -> dict:
     (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}), ["rope_scaling.rope_type", "dynamic"]),
     (lambda c: c.update(attention_bias=True), ["attention_bias", "o_proj"]),
     (lambda c: c.update(num_key_value_heads=3), ["num_key_value_heads"]),
+    (lambda c: c.update(quantization_config={"quant_method": "fp8"}), ["quantization_config", "fp8", "quantised"]),
 ])
 def test_bad_config_field_is_named(tmp_path, edit, words):
     config = llama_config()

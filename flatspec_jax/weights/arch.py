@@ -105,6 +105,11 @@ class ArchSpec:
         if architectures is not None and SUPPORTED_MODEL_TYPES[model_type] not in architectures:
             raise cfg.error("architectures", f"is {architectures!r}; for model_type {model_type!r} only "
                                              f"{SUPPORTED_MODEL_TYPES[model_type]} is supported")
+        quantization = config.get("quantization_config")
+        if quantization is not None:
+            method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+            raise cfg.error("quantization_config", f"names a quantised checkpoint ({method or 'unknown method'}); "
+                                                   "only float weights load (use the unquantised checkpoint)")
         activation = cfg.string("hidden_act", default="silu")
         if activation != "silu":
             raise cfg.error("hidden_act", f"is {activation!r}; only 'silu' is supported")
@@ -248,6 +253,8 @@ def _sliding_window(model_type: str, cfg: _Fields, config: Mapping[str, Any]) ->
         return cfg.integer("sliding_window", default=None)
     if not cfg.flag("use_sliding_window", default=False):
         return None
+    if "sliding_window" in config and config["sliding_window"] is None:
+        return None  # Qwen2Config keeps an explicit null, and then every layer attends fully
     window = cfg.integer("sliding_window", default=_QWEN2_DEFAULT_SLIDING_WINDOW)
     num_layers = cfg.integer("num_hidden_layers")
     first_sliding = cfg.integer("max_window_layers", default=_QWEN2_DEFAULT_MAX_WINDOW_LAYERS, minimum=0)

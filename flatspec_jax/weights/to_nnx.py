@@ -12,6 +12,7 @@ import logging
 import time
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -37,14 +38,27 @@ def path_names(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+_WEIGHT_DTYPES = frozenset(np.dtype(name) for name in ("float64", "float32", "float16", ml_dtypes.bfloat16))
+"""What a weight may be stored as: codes of a quantised format (float8, integers) mean nothing without
+their scales, which this loader does not read."""
+
+
+def _weight(reader: CheckpointReader, key: str) -> np.ndarray:
+    tensor = reader.get(key)
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise WeightsError(f"tensor {key} is stored as {tensor.dtype}, the codes of a quantised checkpoint; "
+                           "only float32, float16 and bfloat16 weights load (use the unquantised checkpoint)")
+    return tensor
+
+
 def _host_tensor(reader: CheckpointReader, names: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
     if names in _TOP_LEVEL:
         key = _TOP_LEVEL[names]
-        return hf_to_nnx("identity", reader.get(key), shape, key)
+        return hf_to_nnx("identity", _weight(reader, key), shape, key)
     if names[:2] == ("layers", "layers") and names[2:] in _LAYER_BY_PATH:
         spec = _LAYER_BY_PATH[names[2:]]
         return np.stack([
-            hf_to_nnx(spec.kind, reader.get(f"model.layers.{i}.{spec.hf_suffix}"), shape[1:],
+            hf_to_nnx(spec.kind, _weight(reader, f"model.layers.{i}.{spec.hf_suffix}"), shape[1:],
                       f"model.layers.{i}.{spec.hf_suffix}")
             for i in range(shape[0])
         ])
