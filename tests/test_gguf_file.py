@@ -37,7 +37,7 @@ def assert_same_as_gguf_reader(path: Path) -> GGUFFile:
     return ours
 
 
-def write_every_value_type(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE) -> Path:
+def write_every_value_type(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE, quantized: bool = True) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama", endianess=endianess)
     writer.add_uint8("t.u8", 200)
     writer.add_int8("t.i8", -100)
@@ -60,7 +60,7 @@ def write_every_value_type(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE
     writer.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
     writer.add_tensor("f16", rng.standard_normal((2, 8)).astype(np.float16))
     block = rng.standard_normal((4, 64)).astype(np.float32)
-    for qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1):
+    for qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1) if quantized else ():
         writer.add_tensor(qtype.name.lower(), gguf.quants.quantize(block, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -71,8 +71,56 @@ def write_every_value_type(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE
 
 @pytest.mark.parametrize("endianess", [GGUFEndian.LITTLE, GGUFEndian.BIG])
 def test_every_value_and_tensor_type_reads_as_gguf_reader_does(tmp_path, endianess):
-    parsed = assert_same_as_gguf_reader(write_every_value_type(tmp_path / "all.gguf", endianess))
+    path = write_every_value_type(tmp_path / "all.gguf", endianess, quantized=endianess == GGUFEndian.LITTLE)
+    parsed = assert_same_as_gguf_reader(path)
     assert parsed.fields["t.str"] == "héllo 你好 🙂" and parsed.fields["t.u64"] == 2**63 + 5
+
+
+def test_a_big_endian_file_with_block_quantised_tensors_is_refused_naming_the_tensor(tmp_path):
+    """Their blocks hold multi-byte scales this parser does not byte-swap."""
+    path = write_every_value_type(tmp_path / "big.gguf", GGUFEndian.BIG)
+    with pytest.raises(GGUFFormatError, match=rf"{path}: tensor 'q8_0' is block-quantised \(Q8_0\) in a big-endian"):
+        GGUFFile(path)
+
+
+def test_a_big_endian_file_gives_the_same_weights_as_a_little_endian_one(tmp_path):
+    """dequantize reads plain tensors as native-order floats: a big-endian file's must be swapped first."""
+    from flatspec_jax.weights.gguf_reader import GGUFCheckpoint
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, vocab = 8, 16, 10
+    arrays = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden),
+              "blk.0.attn_k.weight": (4, hidden), "blk.0.attn_v.weight": (4, hidden),
+              "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_gate.weight": (ffn, hidden),
+              "blk.0.ffn_up.weight": (ffn, hidden), "blk.0.ffn_down.weight": (hidden, ffn)}
+    arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in arrays.items()}
+    arrays["output_norm.weight"] = arrays["output_norm.weight"].astype(np.float16)
+    read = {}
+    for endianess in (GGUFEndian.LITTLE, GGUFEndian.BIG):
+        path = tmp_path / f"{endianess.name}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama", endianess=endianess)
+        writer.add_block_count(1)
+        writer.add_context_length(64)
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(ffn)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(1)
+        writer.add_layer_norm_rms_eps(1e-5)
+        for name, array in arrays.items():
+            writer.add_tensor(name, array.copy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        checkpoint = GGUFCheckpoint(path)
+        read[endianess] = {key: checkpoint.get(key) for key in checkpoint.keys()}
+    assert read[GGUFEndian.BIG].keys() == read[GGUFEndian.LITTLE].keys()
+    for key, values in read[GGUFEndian.LITTLE].items():
+        np.testing.assert_array_equal(read[GGUFEndian.BIG][key], values, err_msg=key)
+    np.testing.assert_array_equal(read[GGUFEndian.BIG]["model.layers.0.mlp.up_proj.weight"],
+                                  arrays["blk.0.ffn_up.weight"])
 
 
 def test_quantized_tensors_dequantize_from_the_map(tmp_path):

@@ -14,7 +14,8 @@ each metadata entry is a string key, a u32 value type and the value (string: u64
 bytes; array: u32 element type, u64 count, elements); each tensor description is a string name,
 a u32 dimension count, that many u64 dimensions (innermost first), a u32 ggml type and a u64
 offset into the data section, which starts at the next multiple of ``general.alignment``
-(default 32). A file written on a big-endian machine is read with the byte order swapped.
+(default 32). A file written on a big-endian machine is read with the byte order swapped (its
+plain tensors only: block-quantised ones are refused).
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ class GGUFFile:
             rows = tuple(reversed(shape))
             if tensor_type in _PLAIN_TENSOR_DTYPES:
                 dtype = np.dtype(_PLAIN_TENSOR_DTYPES[tensor_type]).newbyteorder(self._order)
+            elif self._order == ">":
+                raise GGUFFormatError(f"{self.path}: tensor {name!r} is block-quantised ({tensor_type.name}) in a "
+                                      "big-endian file; only its plain (F32, F16, ...) tensors can be byte-swapped")
             else:
                 dtype, rows = np.dtype(np.uint8), quant_shape_to_byte_shape(rows, tensor_type)
             block_size, type_size = GGML_QUANT_SIZES[tensor_type]

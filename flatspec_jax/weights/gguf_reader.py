@@ -137,8 +137,11 @@ class GGUFCheckpoint(CheckpointReader):
         if name not in self._tensors:
             raise self._missing(name)
         tensor = self._tensors[name]
+        data = tensor.data  # a big-endian file's plain tensors to native order: dequantize reads them as native
+        if not data.dtype.isnative:
+            data = data.astype(data.dtype.newbyteorder("="))
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize(data, tensor.tensor_type)
         except NotImplementedError as err:
             raise WeightsError(f"{self.source}: GGUF tensor {name} is stored as {tensor.tensor_type.name}, which "
                                f"cannot be dequantized ({err})") from None
