@@ -119,11 +119,26 @@ def self_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def accelerators() -> str | None:
+    """The machine's accelerators, e.g. "1 x NVIDIA H100 80GB HBM3" (None on a CPU-only host), asked of
+    nvidia-smi or the TPU environment: never of JAX, which would claim the device's memory here."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    names = [name.strip() for name in names if name.strip()]
+    if names:
+        return f"{len(names)} x {names[0]}"
+    return os.environ.get("TPU_ACCELERATOR_TYPE")
+
+
 def write_results(results: dict, out: str | Path) -> Path:
     """Writes a benchmark's results as sorted, indented JSON (parents created), atomically, with when and
-    where they were measured (``recorded``: date, host platform, CPU count) added."""
-    results = {"recorded": {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
-                            "cpus": os.cpu_count()}, **results}
+    where they were measured (``recorded``: local date and time zone, host platform, CPU count and
+    accelerators) added."""
+    results = {"recorded": {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "platform": platform.platform(),
+                            "cpus": os.cpu_count(), "accelerators": accelerators()}, **results}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a rewrite cut short leaves the old file whole

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, write_results  # noqa: E402
 
-STAGE_LINE = re.compile(r"^(\d\d:\d\d:\d\d) INFO flatspec_jax\.stages\.pipeline: pipeline: (\w+)")
+STAGE_LINE = re.compile(r"^(\d\d:\d\d:\d\d) INFO flatspec_jax\.stages\.pipeline: pipeline: (\w+)$")
+"""A stage's start: the stage name alone (``pipeline: select skipped (...)`` starts nothing)."""
 
 
 def stage_times(log: Path) -> dict[str, float]:

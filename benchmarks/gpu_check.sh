@@ -43,9 +43,9 @@ prepare() {
   python -m pip download -q "${wheels[@]}" -d .xfer1/fallback flax==0.12.8 optax==0.2.8 \
     orbax-checkpoint==0.12.8 || return 1
   gguf=$(python -c "from flatspec_jax import assets; print(assets.smollm2_gguf())") || return 1
-  xz -9 -T2 -c "$gguf" | split -b 48000000 -d - .xfer1/gguf.xz.part && mv .xfer1/gguf.xz.part01 .xfer2/
+  xz -9 -T2 -c "$gguf" | split -b 48000000 -d - .xfer1/gguf.xz.part && mv .xfer1/gguf.xz.part01 .xfer2/ || return 1
   [ ! -e .xfer1/gguf.xz.part02 ] || { echo "the compressed GGUF needs three parts; stage2 reads two" >&2; return 1; }
-  sha256sum "$gguf" | cut -c1-64 > .xfer2/gguf.sha256
+  sha256sum "$gguf" | cut -c1-64 > .xfer2/gguf.sha256 || return 1
   # The head's parameters only (no optimizer state: 15 MB instead of 45), its metadata kept.
   python - "$run" <<'PY' || return 1
 import sys
@@ -117,14 +117,14 @@ stage2() {
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 benchmarks/bench_decode.py --run-dir /root/draft \
     --set model.path="$GGUF" ${DECODE_SET:-} --limit 20 --max-new-tokens 128 --max-wait 0 \
     --variant chain2:method=chain,gamma=2 --variant tree16:method=tree,depth=4,top_k=4,total_tokens=16 \
-    --out "$OUT/decode_h200.json" > "$OUT/decode.log" 2>&1 || failed=1
+    --out "$OUT/decode_gpu.json" > "$OUT/decode.log" 2>&1 || failed=1
   grep -E "^\[bench\]|^[a-z_0-9]+ +[0-9.]+ +[0-9.]+ " "$OUT/decode.log"
   # Flatness scoring's steady-state tokens/s and TFLOP/s at the full config's shapes (bfloat16,
   # 16 rows of 2,048 tokens) on the first 2,000 ShareGPT conversations.
   mkdir -p /root/data && xz -dc "$STASH/sharegpt_4000.jsonl.xz" > /root/data/sharegpt_4000.jsonl
   timeout 200 python3 benchmarks/bench_flatness.py --device-throughput --limit 2000 --max-length 2048 --rows 16 \
     --dtype bfloat16 --passes 2 --max-wait 0 --set data.source=/root/data/sharegpt_4000.jsonl \
-    --set model.path="$GGUF" --set score.row_length=2048 --out "$OUT/flatness_h200.json" > "$OUT/flatness.log" 2>&1 ||
+    --set model.path="$GGUF" --set score.row_length=2048 --out "$OUT/flatness_gpu.json" > "$OUT/flatness.log" 2>&1 ||
     { failed=1; tail -n 20 /tmp/bench_flatness_device_*/ours.err >> "$OUT/flatness.log" 2>/dev/null; }
   tail -n 9 "$OUT/flatness.log"
   return $failed
@@ -139,7 +139,7 @@ stage3() {
   # As bench_decode runs (full-precision float32), ten forwards per timed call so that the host's
   # dispatch of the ~300 weight and cache buffers, ~1 ms on a GPU, does not flatten the curve.
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 benchmarks/bench_verify_cost.py --set model.path="$GGUF" \
-    --max-wait 0 --tokens 2 3 5 8 16 32 64 --repeat 10 --out "$OUT/verify_cost_h200.json" \
+    --max-wait 0 --tokens 2 3 5 8 16 32 64 --repeat 10 --out "$OUT/verify_cost_gpu.json" \
     > "$OUT/verify_cost.log" 2>&1 || failed=1
   tail -n 15 "$OUT/verify_cost.log"
   local full=(--config configs/smollm2_sharegpt_full.yaml --run-dir /root/runs/full500 --set model.path="$GGUF"
