@@ -202,6 +202,8 @@ def _parts_dir(run_dir: Path, fingerprint: str) -> Path:
     stamp = parts / "FINGERPRINT"
     if jax.process_index() == 0:  # the others wait at the caller's barrier
         if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+            log.info("removing %d parts of replies made with other settings from %s", len(list(parts.glob("part-*"))),
+                     parts)
             shutil.rmtree(parts)
         if not stamp.exists():
             parts.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
         f"{'tau (' + result['method'] + ')':<21}{result['tau']:.2f} tokens per target forward "
         f"({result['drafts_per_round']:.2f} drafts verified per round)",
         f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "
-        f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} MT-bench turns)",
+        f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} "
+        f"{'MT-bench turns' if cfg.eval.prompts == 'mtbench' else 'turns of ' + Path(cfg.eval.prompts).name})",
         f"plots                {', '.join(str(p) for p in plots)}",
     ]
     return "\n".join(lines)
