@@ -185,7 +185,8 @@ class TrainConfig:
     row_length: int = 512
     """Tokens per packed training row."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step, weighted by trained tokens: the same step as one batch."""
+    """Micro-batches accumulated per optimizer step, weighted by trained tokens: the same step as one batch
+    (with train.noise > 0 up to the noise, drawn per micro-batch)."""
     loss: LossName = "eagle"
     """Token term: eagle (soft cross-entropy), kl, tvd, tvdpp, lk (-log acceptance), lk_hybrid."""
     feature_weight: float = 1.0

@@ -176,6 +176,16 @@ def test_each_epoch_yields_every_row_and_sample_exactly_once(dataset, split, row
         assert samples == split[0].tolist()
 
 
+def test_a_batch_of_one_row_streams_every_row_and_restores(dataset, rows):
+    """One row per batch (train.batch_tokens = row_length x grad_accum on one device): the endless
+    stream's length must stay below what grain's batch count can hold."""
+    streamed = take(iterator(dataset, rows, seed=3, global_rows=1), len(rows) + 2)
+    assert sorted(row_samples(dataset, b) for b in stream_rows(streamed[:len(rows)])) == sorted(rows)
+    restored = iterator(dataset, rows, seed=3, global_rows=1)
+    restored.set_state({"next_batch": len(rows)})
+    assert_batches_equal(take(restored, 2), streamed[len(rows):])
+
+
 def test_batches_have_fixed_shapes_and_dtypes(dataset, rows):
     batch = next(iterator(dataset, rows))
     assert set(batch) == {"tokens", "positions", "segment_ids", "loss_mask"}

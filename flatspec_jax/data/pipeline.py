@@ -93,6 +93,10 @@ class _MaterializeRow(grain.transforms.Map):
         return out
 
 
+_MAX_BATCHES = 2**50
+"""Global batches an endless training stream is said to hold: far more than any run takes."""
+
+
 class _ProcessRows(grain.MapDataset):
     """This process's share of every global batch of an (infinite) row stream.
 
@@ -106,7 +110,9 @@ class _ProcessRows(grain.MapDataset):
         super().__init__(parent)
         self._global = global_rows
         self._positions = np.asarray(positions, np.int64)
-        self._length = len(parent) // global_rows * len(self._positions)
+        # The endless stream's length (sys.maxsize) capped to what grain's batching keeps exact: it counts
+        # batches with a float ceil, and 2**63 - 1 rows in batches of one rounded up past an index.
+        self._length = min(len(parent) // global_rows, _MAX_BATCHES) * len(self._positions)
 
     def __len__(self) -> int:
         return self._length
