@@ -265,10 +265,11 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor],
-               more_metadata: dict[str, float] | None = None, float64: str | None = None) -> dict[str, np.ndarray]:
+               more_metadata: dict[str, float] | None = None, float64: str | None = None,
+               more_tensors: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Writes ``state`` as llama.cpp would (F32, Q8_0 embedding; tensor ``float64`` as F64), with
-    ``more_metadata`` keys added; returns the tensors a reader should give back (the Q8_0 round
-    trip of the embedding, the rest exact)."""
+    ``more_metadata`` keys and ``more_tensors`` (GGUF names) added; returns the tensors a reader should
+    give back (the Q8_0 round trip of the embedding, the rest exact)."""
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in (more_metadata or {}).items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
@@ -296,6 +297,8 @@ def write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor],
             writer.add_tensor(gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(gguf_name(name), values.astype(np.float64) if name == float64 else values)
+    for name, values in (more_tensors or {}).items():
+        writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -353,6 +356,17 @@ def test_gguf_rope_scaling_without_a_type_and_an_f64_tensor_are_named(tmp_path):
     with GGUFCheckpoint(wide) as reader, pytest.raises(
             WeightsError, match=rf"{wide}: GGUF tensor model.norm.weight is stored as F64, which cannot be"):
         reader.get("model.norm.weight")
+
+
+def test_gguf_rope_frequency_factors_are_named_with_what_to_load_instead(tmp_path):
+    """Llama 3.1 GGUFs carry their RoPE scaling as a rope_freqs tensor, not as metadata."""
+    path = tmp_path / "llama31.gguf"
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    write_gguf(path, "llama", save_tiny(transformers.LlamaConfig(**TINY), tmp_path / "hf"),
+               more_tensors={"rope_freqs.weight": np.ones(head_dim // 2, np.float32)})
+    with pytest.raises(WeightsError, match=rf"{path}: GGUF tensor 'rope_freqs.weight' holds RoPE frequency factors "
+                                           r".*load the model's HF checkpoint directory"):
+        GGUFCheckpoint(path)
 
 
 def test_gguf_cache_is_built_then_hit(tiny_gguf, tmp_path, monkeypatch):

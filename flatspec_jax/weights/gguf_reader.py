@@ -112,6 +112,10 @@ class GGUFCheckpoint(CheckpointReader):
         self._tensors: dict[str, GGUFTensor] = {}
         for tensor in reader.tensors:
             name = hf_name(tensor.name)
+            if tensor.name == "rope_freqs.weight":
+                raise WeightsError(f"{path}: GGUF tensor 'rope_freqs.weight' holds RoPE frequency factors (Llama "
+                                   "3.1-style scaling), which a GGUF target cannot use here; load the model's HF "
+                                   "checkpoint directory, whose config.json rope_scaling is supported")
             if name is None:
                 raise WeightsError(f"{path}: GGUF tensor {tensor.name!r} has no HF Llama-family equivalent "
                                    "(unsupported model feature)")
