@@ -552,6 +552,26 @@ def test_fc_bias_false_in_the_config_means_no_fc_bias(llama_dir, tokenizer, tmp_
     np.testing.assert_array_equal(imported["fc"], tensors["fc.weight"].T)
 
 
+def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
+    """--out naming a run directory, or any folder with other files, must not wipe it."""
+    tensors = {"fc.weight": np.ones((2, 4), np.float32)}
+    head = eagle_format.write_head_dir(tmp_path / "head", {"a": 1}, tensors)
+    eagle_format.write_head_dir(head, {"a": 2}, tensors)  # an earlier export is replaced
+    assert json.loads((head / "config.json").read_text()) == {"a": 2}
+    (tmp_path / "empty").mkdir()
+    eagle_format.write_head_dir(tmp_path / "empty", {"a": 3}, tensors)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "scores.parquet").write_bytes(b"finished work")
+    with pytest.raises(FileExistsError, match=rf"{run} is a directory holding checkpoints, scores.parquet, not an "
+                                              "exported head"):
+        eagle_format.write_head_dir(run, {"a": 4}, tensors)
+    assert (run / "scores.parquet").read_bytes() == b"finished work"
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt is a file, not an exported head"):
+        eagle_format.write_head_dir(tmp_path / "notes.txt", {"a": 5}, tensors)
+
+
 def edit_head(source: Path, destination: Path, config_changes: dict | None = None,
               tensor_changes: dict | None = None) -> Path:
     """A copy of a head directory with config fields and tensors replaced (None removes)."""

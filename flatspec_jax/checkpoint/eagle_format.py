@@ -447,8 +447,19 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
     ``out`` holds either the old or the new complete head, never a mixture; an error puts the
     old one back. Only a process killed between the two renames leaves no ``out``: the old head
     is then in ``.<name>.*.old/<name>`` beside it.
+
+    Raises:
+      FileExistsError: ``out`` is a file, or a directory holding anything but an exported head's
+        files (a run directory, say): it is never replaced.
     """
     out = Path(out).absolute()
+    if out.exists():
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        if held is None or not set(held) <= {CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME}:
+            what = "a file" if held is None else f"a directory holding {', '.join(held[:5])}" + (
+                ", ..." if len(held) > 5 else "")
+            raise FileExistsError(f"{out} is {what}, not an exported head: an export replaces only an earlier "
+                                  "export or an empty directory; name another output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_sort_key_safe)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
