@@ -351,3 +351,23 @@ def test_generate_prints_only_the_reply_and_a_draft_leaves_it_unchanged(selected
     assert replies["ar"] == replies["ar"].rstrip("\n") + "\n"  # the reply alone on stdout (logs go to stderr)
     assert cli.main(["generate", "--prompt", "  ", *overrides]) == 1
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_generate_counts_a_draft_vocabulary_from_the_samples_built_and_never_writes_them(selected_run, tiny_dir,
+                                                                                          tmp_path, capsys):
+    """decode.draft_vocab needs the run's samples: generate, which takes no lock on the run directory,
+    reads those an earlier verb built and refuses to build them itself."""
+    from flatspec_jax import cli
+
+    run_dir, _ = selected_run
+    draft = ["--draft", str(run_dir / "checkpoints"), "--set", "decode.draft_vocab=10"]
+    overrides = [x for o in tiny_run_overrides(tiny_dir, run_dir, "data.selection=run", "select.keep=0.5",
+                                               "decode.max_new_tokens=4") for x in ("--set", o)]
+    assert cli.main(["generate", "--prompt", "Say hello.", *overrides, *draft]) == 0
+    assert capsys.readouterr().out.strip()
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert cli.main(["generate", "--prompt", "Say hello.", *overrides, "--run-dir", str(empty), *draft]) == 1
+    assert re.search(r"decode\.draft_vocab counts the run's samples, but .*tokens\.npz is missing",
+                     capsys.readouterr().err)
+    assert not any(empty.iterdir())

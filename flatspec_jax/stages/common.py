@@ -15,8 +15,8 @@ from jax.sharding import Mesh
 from flatspec_jax import assets
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, load_draft_head, read_meta, trained_draft_vocab, vocab_hash
 from flatspec_jax.config import Config, ConfigError
-from flatspec_jax.data.prepare import prepare_samples
-from flatspec_jax.data.regenerate import regenerate
+from flatspec_jax.data.prepare import TOKENS_FILE, prepare_samples, tokens_fingerprint
+from flatspec_jax.data.regenerate import regenerate, responses_are_current
 from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.decoding.draft_vocab import frequent_token_ids
@@ -97,30 +97,53 @@ class RunContext:
         return load_draft_head(directory, self.target.arch, vocab_hash(self.tokenizer), self.mesh, self.rules,
                                dtype=self.cfg.model.dtype)
 
-    def draft_ids(self, size: int | None = None, setting: str = "decode.draft_vocab") -> np.ndarray | None:
+    def built_samples(self) -> TokenizedDataset:
+        """The run's tokenized samples as an earlier verb built them, never built or rewritten here (for
+        ``generate``, which writes nothing into a run directory).
+
+        Raises:
+          ConfigError: they are missing, or not this config's (other data settings or target replies).
+        """
+        hint = (f"run `flatspec score` (or `flatspec pipeline`) with this config in {self.run_dir} first, or set "
+                "decode.draft_vocab=0")
+        if self.cfg.data.responses == "target" and not responses_are_current(self.cfg, self.model_path):
+            raise ConfigError(f"decode.draft_vocab counts the run's samples, built from target replies in "
+                              f"{self.run_dir} that are missing or not this config's: {hint}")
+        path = self.run_dir / TOKENS_FILE
+        samples = TokenizedDataset.load(path, tokens_fingerprint(self.cfg.data, self.model_path, self.run_dir))
+        if samples is None:
+            raise ConfigError(f"decode.draft_vocab counts the run's samples, but {path} is missing or was built "
+                              f"with other data settings: {hint}")
+        return samples
+
+    def draft_ids(self, size: int | None = None, setting: str = "decode.draft_vocab",
+                  read_only: bool = False) -> np.ndarray | None:
         """[N] a reduced draft vocabulary: the N tokens most frequent among the assistant tokens of the
         run's samples before the held-out tail (what a draft proposes; the selection is not applied,
         so eval's decode.draft_vocab gets the same ids as training), EOS ids
         always in. N: ``size`` (the value of config ``setting``), default ``decode.draft_vocab``;
-        None when it is 0."""
+        None when it is 0. ``read_only``: count the samples an earlier verb built
+        (:meth:`built_samples`) rather than build them."""
         size = self.cfg.decode.draft_vocab if size is None else size
         vocab = self.target.arch.vocab_size
         if not size:
             return None
         if size > vocab:
             raise ConfigError(f"{setting}={size} exceeds the target's vocabulary ({vocab} tokens)")
-        samples = self.samples
+        samples = self.built_samples() if read_only else self.samples
         end = samples.offsets[max(len(samples) - self.cfg.data.heldout, 0)]
         assistant = samples.tokens[:end][samples.loss_mask[:end] > 0]
         ids = frequent_token_ids(assistant, vocab, size, self.eos_ids())
         log.info("draft vocabulary: the %d most frequent of %d tokens", size, vocab)
         return ids
 
-    def decoding_draft_ids(self, checkpoint: str | Path | None = None, size: int | None = None) -> np.ndarray | None:
+    def decoding_draft_ids(self, checkpoint: str | Path | None = None, size: int | None = None,
+                           read_only: bool = False) -> np.ndarray | None:
         """[N] the ids the draft head of ``checkpoint`` (default: this run's) proposes from when decoding.
 
         A head trained on a reduced vocabulary (``draft.vocab``) drafts from the ids saved with it;
-        any other head from :meth:`draft_ids` of ``size`` (default ``decode.draft_vocab``).
+        any other head from :meth:`draft_ids` of ``size`` (default ``decode.draft_vocab``; ``read_only``
+        as there).
 
         Raises:
           ConfigError: when the head has its own vocabulary and ``size`` asks for another size, or a
@@ -130,7 +153,7 @@ class RunContext:
         trained = trained_draft_vocab(read_meta(directory)[1])
         size = self.cfg.decode.draft_vocab if size is None else size
         if trained is None:
-            return self.draft_ids(size)
+            return self.draft_ids(size, read_only=read_only)
         if size not in (0, len(trained)):
             raise ConfigError(f"decode.draft_vocab={size}: the draft head in {directory} was trained to propose from "
                               f"its own {len(trained)} tokens (draft.vocab); set decode.draft_vocab to 0 or "

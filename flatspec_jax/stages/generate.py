@@ -29,7 +29,7 @@ def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) ->
     method = cfg.decode.method if args.draft else "ar"
     head = ctx.draft_head(args.draft) if method != "ar" else None  # decode.method=ar needs no draft's work
     decoder = Decoder(ctx.decoding_target, cfg.decode, ctx.eos_ids(), ctx.pad_id(), head=head, method=method,
-                      draft_ids=ctx.decoding_draft_ids(args.draft) if head is not None else None)
+                      draft_ids=ctx.decoding_draft_ids(args.draft, read_only=True) if head is not None else None)
     prompt = render_prompt(ctx.tokenizer, [{"role": "user", "content": args.prompt}])
     result = decoder.run([prompt], jax.random.key(cfg.seed))
     calls = int(result.target_calls[0])
