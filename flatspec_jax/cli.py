@@ -38,6 +38,8 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 WRITES_RUN_DIR = frozenset(VERBS) - {"generate"}
 """Verbs that hold the run directory's lock while they run (`runtime.run_dir_lock`)."""
+READS_AN_EXISTING_RUN_DIR = frozenset({"select", "report"})
+"""Verbs with nothing to do in a run directory that does not exist yet: refused before the lock would make it."""
 STOPS_ON_SIGTERM = frozenset({"regenerate", "score", "cache", "train", "eval", "pipeline"})
 """Verbs whose loops save their work and exit 143 when told to stop (`runtime.stop_on_sigterm`)."""
 
@@ -142,6 +144,9 @@ def _main(argv: Sequence[str] | None) -> int:
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
+        if args.verb in READS_AN_EXISTING_RUN_DIR and not os.path.isdir(cfg.run_dir):
+            raise FileNotFoundError(f"run directory {cfg.run_dir} does not exist: run `flatspec score` (or "
+                                    "`flatspec pipeline`) with this config first, or name the run with --run-dir")
         with (runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext(),
               runtime.stop_on_sigterm() if args.verb in STOPS_ON_SIGTERM else contextlib.nullcontext()):
             handler(cfg, args)

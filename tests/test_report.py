@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 
 import numpy as np
@@ -132,6 +133,18 @@ def test_empty_and_missing_run_dirs(tmp_path, caplog):
     assert "nothing to plot" in caplog.text
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report_stage.run(config(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("verb", ["report", "select"])
+def test_a_verb_that_reads_a_run_refuses_a_missing_run_directory_without_making_it(tmp_path, capsys, verb):
+    """A mistyped --run-dir: one line, status 1, and no directory (the lock would have made one)."""
+    from flatspec_jax import cli
+
+    absent = tmp_path / "tpyo"
+    assert cli.main([verb, "--run-dir", str(absent)]) == 1
+    assert re.search(rf"flatspec {verb}: FileNotFoundError: run directory {absent} does not exist",
+                     capsys.readouterr().err)
+    assert not absent.exists()
 
 
 def test_read_metrics_skips_truncated_line_and_keeps_last_repeat(tmp_path):
