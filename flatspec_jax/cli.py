@@ -158,7 +158,8 @@ def _main(argv: Sequence[str] | None) -> int:
         log.warning("%s", err)
         return 143  # 128 + SIGTERM, what the scheduler's signal would have given
     except KeyboardInterrupt:
-        log.warning("interrupted; finished work is saved and a re-run resumes from it")
+        log.warning("interrupted; a re-run resumes from the work saved so far (training from its last checkpoint: "
+                    "SIGTERM, unlike Ctrl-C, saves the step it is at)")
         return 130
     except (ValueError, OSError) as err:
         # Our own errors (bad config, data, weights, checkpoints) are ValueError/FileNotFoundError
