@@ -144,7 +144,7 @@ def _main(argv: Sequence[str] | None) -> int:
     module_name, function_name = VERBS[args.verb][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        if args.verb in READS_AN_EXISTING_RUN_DIR and not os.path.isdir(cfg.run_dir):
+        if args.verb in READS_AN_EXISTING_RUN_DIR and not os.path.exists(cfg.run_dir):  # a file: the lock says so
             raise FileNotFoundError(f"run directory {cfg.run_dir} does not exist: run `flatspec score` (or "
                                     "`flatspec pipeline`) with this config first, or name the run with --run-dir")
         with (runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext(),
