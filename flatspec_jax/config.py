@@ -480,12 +480,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
-        keys = key.strip().split(".")
+        key, given_as = key.strip(), (spelled or {}).get(override, f"--set {override}")
         if not value.strip():
-            raise ConfigError(f"{(spelled or {}).get(override, f'--set {override}')}: empty value "
-                              f"(write {key.strip()}=null for none)")
+            raise ConfigError(f"{given_as}: empty value (write {key}=null for none)")
+        keys = key.split(".")
         _set_path(raw, keys, _parse_value(value, _field_hint(keys)), source)
-        given[key.strip()] = (spelled or {}).get(override, f"--set {override}")
+        given[key] = given_as
     try:
         return _build(Config, raw, prefix="")
     except ConfigError as err:

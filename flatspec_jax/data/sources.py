@@ -192,17 +192,17 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     """Yields the records of a parquet file, reading only the columns a conversation needs (``id`` and
     the turn columns) in row batches: other columns, of whatever type, are never decoded."""
     try:
-        parquet = pq.ParquetFile(path)
-        columns = parquet.schema_arrow.names
-        if not any(column in columns for column in TURN_COLUMNS):
-            raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
-                                  f"its columns are {columns}")
-        needed = [column for column in ("id", *TURN_COLUMNS) if column in columns]
-        index = 0
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed):
-            for record in batch.to_pylist():
-                yield index, record
-                index += 1
+        with pq.ParquetFile(path) as parquet:  # closed when read, not when collected: a directory may hold many
+            columns = parquet.schema_arrow.names
+            if not any(column in columns for column in TURN_COLUMNS):
+                raise DataFormatError(f"{path}: has no {' or '.join(map(repr, TURN_COLUMNS))} column; "
+                                      f"its columns are {columns}")
+            needed = [column for column in ("id", *TURN_COLUMNS) if column in columns]
+            index = 0
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed):
+                for record in batch.to_pylist():
+                    yield index, record
+                    index += 1
     except (OSError, pa.ArrowException) as err:
         raise DataFormatError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
 
