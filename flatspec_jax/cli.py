@@ -40,8 +40,8 @@ WRITES_RUN_DIR = frozenset(VERBS) - {"generate"}
 """Verbs that hold the run directory's lock while they run (`runtime.run_dir_lock`)."""
 READS_AN_EXISTING_RUN_DIR = frozenset({"select", "report"})
 """Verbs with nothing to do in a run directory that does not exist yet: refused before the lock would make it."""
-STOPS_ON_SIGTERM = frozenset({"regenerate", "score", "cache", "train", "eval", "pipeline"})
-"""Verbs whose loops save their work and exit 143 when told to stop (`runtime.stop_on_sigterm`)."""
+STOPS_WHEN_TOLD = frozenset({"regenerate", "score", "cache", "train", "eval", "pipeline"})
+"""Verbs whose loops save their work and exit 143 on SIGTERM, 130 on a first Ctrl-C (`runtime.stop_when_told`)."""
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +148,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise FileNotFoundError(f"run directory {cfg.run_dir} does not exist: run `flatspec score` (or "
                                     "`flatspec pipeline`) with this config first, or name the run with --run-dir")
         with (runtime.run_dir_lock(cfg.run_dir) if args.verb in WRITES_RUN_DIR else contextlib.nullcontext(),
-              runtime.stop_on_sigterm() if args.verb in STOPS_ON_SIGTERM else contextlib.nullcontext()):
+              runtime.stop_when_told() if args.verb in STOPS_WHEN_TOLD else contextlib.nullcontext()):
             handler(cfg, args)
         return 0
     except runtime.RunDirBusyError as err:
@@ -156,10 +156,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     except runtime.Preempted as err:
         log.warning("%s", err)
-        return 143  # 128 + SIGTERM, what the scheduler's signal would have given
+        return 128 + runtime.stop_signal()  # the status the signal would have given: 143 SIGTERM, 130 Ctrl-C
     except KeyboardInterrupt:
         log.warning("interrupted; a re-run resumes from the work saved so far (training from its last checkpoint: "
-                    "SIGTERM, unlike Ctrl-C, saves the step it is at)")
+                    "a single Ctrl-C, unlike two, saves the step it is at)")
         return 130
     except (ValueError, OSError) as err:
         # Our own errors (bad config, data, weights, checkpoints) are ValueError/FileNotFoundError

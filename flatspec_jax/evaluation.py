@@ -32,7 +32,7 @@ from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.prompts import Prompt
 from flatspec_jax.decoding.runner import Decoder, DecodeResult
 from flatspec_jax.decoding.speculative import acceptance_by_depth, proposed_by_depth
-from flatspec_jax.runtime import Preempted, reached_preemption
+from flatspec_jax.runtime import Preempted, reached_preemption, stop_cause
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
             spec.run(batch, key, width)
         for index, batch in enumerate(batches):
             if reached_preemption():
-                raise Preempted(f"preempted during evaluation after {calls} batches; evaluation keeps nothing "
+                raise Preempted(f"{stop_cause()} during evaluation after {calls} batches; evaluation keeps nothing "
                                 "until it ends, so the same command evaluates again")
             batch_key = jax.random.fold_in(key, calls)  # sampled batches draw independently of each other
             ar_out: DecodeResult = ar.run(batch, batch_key, width)

@@ -149,50 +149,76 @@ class RunDirBusyError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption) and saved its work first."""
+    """The job was told to stop (SIGTERM, e.g. a SLURM or TPU preemption, or a first Ctrl-C) and saved its work
+    first."""
 
 
 _told_to_stop = False
-"""True once the job was told to stop: by SIGTERM under :func:`stop_on_sigterm`, or at JAX's sync point
-(a plain flag: the signal handler takes no lock the interrupted main thread might hold)."""
+"""True once the job was told to stop: by SIGTERM or Ctrl-C under :func:`stop_when_told`, or at JAX's sync
+point (a plain flag: the signal handler takes no lock the interrupted main thread might hold)."""
+_stop_signal = signal.SIGTERM
+"""The signal that told the job to stop: SIGINT when Ctrl-C came first, SIGTERM otherwise (JAX's sync point
+is a preemption too)."""
+_interrupted = False
+"""True once Ctrl-C came under :func:`stop_when_told`: a second one stops the job at once."""
 _checks = itertools.count()
 """The step ids :func:`reached_preemption` reports to JAX's preemption sync point."""
 
 
 def told_to_stop() -> bool:
-    """Whether :func:`reached_preemption` has said so (or SIGTERM came since), without a check of its own."""
+    """Whether :func:`reached_preemption` has said so (or a signal came since), without a check of its own."""
     return _told_to_stop
 
 
-def _note_sigterm(signum: int, frame: Any) -> None:
-    global _told_to_stop
+def stop_signal() -> int:
+    """The signal the job stopped for (after :func:`reached_preemption` said so): the exit status is 128 + it."""
+    return int(_stop_signal)
+
+
+def stop_cause() -> str:
+    """How messages name the stop: "interrupted (Ctrl-C)" or "preempted" (SIGTERM, JAX's sync point)."""
+    return "interrupted (Ctrl-C)" if _stop_signal == signal.SIGINT else "preempted"
+
+
+def _note_stop(signum: int, frame: Any) -> None:
+    global _told_to_stop, _stop_signal, _interrupted
+    if signum == signal.SIGINT:
+        if _interrupted:
+            raise KeyboardInterrupt
+        _interrupted = True
+        print("flatspec: Ctrl-C: stopping at the next point the work so far is saved (a training step, a part of "
+              "scores or replies, an eval batch); Ctrl-C again stops at once", file=sys.stderr, flush=True)
+    if not _told_to_stop:
+        _stop_signal = signum
     _told_to_stop = True
 
 
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Inside the block a single-process job takes SIGTERM (a scheduler's preemption or ``kill``) as a request
-    to stop at the next :func:`reached_preemption` check, where its work is saved, instead of dying at once.
+def stop_when_told() -> Iterator[None]:
+    """Inside the block a single-process job takes SIGTERM (a scheduler's preemption or ``kill``) and a first
+    Ctrl-C (SIGINT) as a request to stop at the next :func:`reached_preemption` check, where its work is saved,
+    instead of dying at once; a second Ctrl-C raises KeyboardInterrupt as usual.
 
     A process that joined a JAX job (``jax.distributed``, even of one process) leaves SIGTERM to JAX's
-    preemption notifier, which makes the processes agree on the step to stop at. Outside the main thread
-    (where Python cannot take signals) it does nothing.
+    preemption notifier, which makes the processes agree on the step to stop at, and Ctrl-C to Python.
+    Outside the main thread (where Python cannot take signals) it does nothing.
     """
     if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _note_sigterm)
+    previous = {signum: signal.signal(signum, _note_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def reached_preemption() -> bool:
     """True once the job has been told to stop: the caller saves its work and raises :class:`Preempted`.
     Loops call it once per step (scoring and regeneration per part, training per step, eval per batch).
 
-    A single process is told by SIGTERM under :func:`stop_on_sigterm`. In a multi-process job SIGTERM goes
+    A single process is told by SIGTERM or Ctrl-C under :func:`stop_when_told`. In a multi-process job SIGTERM goes
     to JAX's notifier and this is True from the check every process agreed on (JAX's preemption sync point,
     one past the furthest check any process had reached). JAX counts steps; here they are this process's
     checks so far, which every process makes in the same order, and which keep increasing through the
@@ -208,7 +234,7 @@ def reached_preemption() -> bool:
         reached = multihost_utils.reached_preemption_sync_point(check)
     except RuntimeError:  # jax_enable_preemption_service=False
         reached = False
-    if reached:  # only ever set here: a SIGTERM noted meanwhile must not be overwritten
+    if reached:  # only ever set here: a signal noted meanwhile must not be overwritten
         _told_to_stop = True
     return _told_to_stop
 

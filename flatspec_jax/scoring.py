@@ -52,7 +52,7 @@ from flatspec_jax.io import atomic_write
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption
+from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption, stop_cause
 from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows, process_rows
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
             part = parts_dir / f"part-{chunk.start:06d}.parquet"
             if reached_preemption():  # the parts before this chunk are written
                 progress.close()
-                raise Preempted(f"preempted while scoring: the parts written so far are kept in {parts_dir}; "
+                raise Preempted(f"{stop_cause()} while scoring: the parts written so far are kept in {parts_dir}; "
                                 "the same command resumes from them")
             if done:
                 progress.update(len(_chunk_samples(plan, chunk)))

@@ -128,17 +128,36 @@ def test_a_slurm_job_is_joined_only_from_a_multi_task_srun_step(monkeypatch, var
     assert runtime._cluster_detected() is detected
 
 
-def test_sigterm_under_stop_on_sigterm_is_a_request_to_stop_that_stays(monkeypatch):
+def test_sigterm_under_stop_when_told_is_a_request_to_stop_that_stays(monkeypatch):
     import signal
 
-    monkeypatch.setattr(runtime, "_told_to_stop", False)
+    for name, value in (("_told_to_stop", False), ("_interrupted", False), ("_stop_signal", signal.SIGTERM)):
+        monkeypatch.setattr(runtime, name, value)
     before = signal.getsignal(signal.SIGTERM)
     assert not runtime.reached_preemption()
-    with runtime.stop_on_sigterm():
+    with runtime.stop_when_told():
         os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the handler records the request
         assert runtime.reached_preemption()
     assert signal.getsignal(signal.SIGTERM) is before
     assert runtime.reached_preemption(), "a later loop of the same command stops at its first check"
+    assert (runtime.stop_signal(), runtime.stop_cause()) == (signal.SIGTERM, "preempted")
+
+
+def test_a_first_ctrl_c_is_a_request_to_stop_and_a_second_stops_at_once(monkeypatch, capsys):
+    import signal
+
+    for name, value in (("_told_to_stop", False), ("_interrupted", False), ("_stop_signal", signal.SIGTERM)):
+        monkeypatch.setattr(runtime, name, value)
+    before = signal.getsignal(signal.SIGINT)
+    with runtime.stop_when_told():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert runtime.reached_preemption()
+        assert "Ctrl-C again stops at once" in capsys.readouterr().err
+        os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM leaves the cause as it was
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert (runtime.stop_signal(), runtime.stop_cause()) == (signal.SIGINT, "interrupted (Ctrl-C)")
 
 
 def test_the_compilation_cache_is_left_off_over_several_cpu_devices(monkeypatch, tmp_path):
@@ -178,12 +197,13 @@ def test_checks_report_increasing_step_ids_to_jax_and_its_sync_point_stops_every
 
 def test_a_process_that_joined_a_jax_job_leaves_sigterm_to_jaxs_notifier(monkeypatch):
     """JAX's preemption notifier holds SIGTERM from jax.distributed.initialize on, with one process too;
-    replacing it would hide the notice from the other processes' sync point."""
+    replacing it would hide the notice from the other processes' sync point. Ctrl-C, which would stop one
+    process and not the others, stays Python's."""
     import signal
 
     import jax
 
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
-    before = signal.getsignal(signal.SIGTERM)
-    with runtime.stop_on_sigterm():
-        assert signal.getsignal(signal.SIGTERM) is before
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with runtime.stop_when_told():
+        assert {signum: signal.getsignal(signum) for signum in before} == before

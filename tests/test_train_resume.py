@@ -179,23 +179,27 @@ def test_data_position_equals_uninterrupted(runs):
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_equals_uninterrupted(runs, tiny_dir):
-    """A single-process run sent SIGTERM (a scheduler's preemption) saves the step it is at, whatever
-    train.save_every says, and exits 143 instead of dying with the steps since its last checkpoint."""
-    run_dir = runs["reference"].parent / "terminated"
+@pytest.mark.parametrize("signum, status, cause", [(signal.SIGTERM, 143, "preempted"),
+                                                   (signal.SIGINT, 130, r"interrupted \(Ctrl-C\)")])
+def test_a_stop_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(runs, tiny_dir, signum, status,
+                                                                                 cause):
+    """A single-process run sent SIGTERM (a scheduler's preemption) or one Ctrl-C saves the step it is at,
+    whatever train.save_every says, and exits 128 + the signal instead of dying with the steps since its last
+    checkpoint."""
+    run_dir = runs["reference"].parent / f"stopped_{signum}"
     env = cli_env(runs["reference"].parent / "cache")
-    log_path = run_dir.parent / "terminated.log"
+    log_path = run_dir.parent / f"stopped_{signum}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(train_argv(run_dir, tiny_dir), env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
         logged = logged_steps(run_dir)
         if logged and logged[-1] % SAVE_EVERY == 1:  # past a checkpoint: the next is 3 steps away
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
         time.sleep(0.005)
-    assert proc.wait(timeout=120) == 143, log_path.read_text()[-3000:]
-    match = re.search(r"preempted at step (\d+): saved it", log_path.read_text())
+    assert proc.wait(timeout=120) == status, log_path.read_text()[-3000:]
+    match = re.search(rf"{cause} at step (\d+): saved it", log_path.read_text())
     assert match, log_path.read_text()[-3000:]
     step = int(match.group(1))
     assert step % SAVE_EVERY and checkpoint_steps(run_dir)[-1] == step < STEPS

@@ -147,7 +147,7 @@ class TrainingBatches:
         if self._num_workers > 0:
             _allow_grain_workers()
             stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers),
-                                        worker_init_fn=_leave_sigterm_to_the_main_process)
+                                        worker_init_fn=_leave_stop_signals_to_the_main_process)
         return iter(stream)
 
     def __iter__(self) -> "TrainingBatches":
@@ -175,11 +175,12 @@ class TrainingBatches:
         self._iterator = self._start()
 
 
-def _leave_sigterm_to_the_main_process(worker_index: int, worker_count: int) -> None:
-    """A scheduler's SIGTERM reaches the whole process group; the main process stops at its next step and saves
-    (``runtime.reached_preemption``), but a worker it killed would fail that step's batch first. Grain stops
-    its workers itself (an event, then SIGKILL)."""
+def _leave_stop_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
+    """A scheduler's SIGTERM reaches the whole process group, and so does a terminal's Ctrl-C; the main process
+    stops at its next step and saves (``runtime.reached_preemption``), but a worker they killed would fail that
+    step's batch first. Grain stops its workers itself (an event, then SIGKILL)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _allow_grain_workers() -> None:

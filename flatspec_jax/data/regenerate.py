@@ -54,7 +54,7 @@ from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, r
 from flatspec_jax.fingerprint import file_sha256, model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
 from flatspec_jax.models.llama import Llama
-from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption
+from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption, stop_cause
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     for start in chunk_starts:
         if reached_preemption():  # the parts before this chunk are written
             progress.close()
-            raise Preempted(f"preempted while regenerating: the parts written so far are kept in {parts}; "
+            raise Preempted(f"{stop_cause()} while regenerating: the parts written so far are kept in {parts}; "
                             "the same command resumes from them")
         if start in done:
             continue

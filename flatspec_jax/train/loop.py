@@ -31,7 +31,7 @@ from flatspec_jax.data.tokenized import TokenizedDataset
 from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
-from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption
+from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption, stop_cause
 from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, check_process_rows, place_state,
                                    process_rows, state_shardings)
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
@@ -149,8 +149,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     # the first step, so a SIGTERM during restore and compilation stops this run at its first step.
     if reached_preemption():
         checkpoints.close()
-        raise Preempted(f"preempted before training resumed; {checkpoints.directory} holds step {start}, from which "
-                        "the same command resumes")
+        raise Preempted(f"{stop_cause()} before training resumed; {checkpoints.directory} holds step {start}, "
+                        "from which the same command resumes")
     head = create_eagle_head(target.arch, cfg.draft.num_layers, seed=cfg.seed, dtype=tcfg.compute_dtype)
     head_graphdef, params = nnx.split(head)
     param_shardings = state_shardings(params, mesh, rules)
@@ -217,7 +217,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     progress.set_postfix(loss=f"{final['loss']:.4f}", top1=f"{final['top1']:.3f}")
                     window_start, window_counts = time.perf_counter(), []
                     metrics_log.write({"step": step, **final, **(eval_metrics or {})})  # one record per step
-                # Told to stop (SIGTERM; in a multi-process job at the step the processes agree on): save
+                # Told to stop (SIGTERM or Ctrl-C; in a multi-process job at the step the processes agree on): save
                 # this step and stop, and a re-run resumes from it.
                 preempted = reached_preemption()
                 if step % tcfg.save_every == 0 or step == tcfg.steps or preempted:
@@ -225,8 +225,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                                      metrics=None if eval_metrics is None else {"eval_loss": eval_metrics["eval_loss"]})
                 if preempted and step < tcfg.steps:  # at the last step the run is simply done
                     checkpoints.wait()
-                    raise Preempted(f"preempted at step {step}: saved it to {checkpoints.directory}; the same command "
-                                    "resumes from it")
+                    raise Preempted(f"{stop_cause()} at step {step}: saved it to {checkpoints.directory}; the same "
+                                    "command resumes from it")
         checkpoints.wait()
     finally:
         progress.close()
