@@ -6,7 +6,10 @@ with the draft, each row accepting its own number of drafts per round. Every pro
 one width and every batch to one size (a short last batch repeats its first prompt, and the
 copies are dropped), so each decoder compiles exactly once. Multi-turn prompts feed the
 autoregressive reply of turn i back as the assistant's message before turn i + 1, so both
-decoders see the same context.
+decoders see the same context. A first turn longer than the cache is refused before decoding; a later
+turn, whose prompt holds the replies decoded before it, that leaves no cache slot for a new token ends
+its question there: it and the question's later turns are listed in ``skipped_turns`` (with a warning)
+and the figures cover the turns decoded.
 
 Definitions (over all prompts): tau = tokens emitted per target verification forward (the
 bonus token counts; the prefill's first token does not, so autoregressive decoding has tau 1);
@@ -82,10 +85,24 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
     key = jax.random.key(seed)
     replies: dict[str, list[str]] = {p.id: [] for p in prompts}
     records: list[TurnRecord] = []
+    skipped: list[dict[str, Any]] = []
     calls = 0  # batches decoded (timed) so far, over all turns
     for turn in range(max(len(p.turns) for p in prompts)):
-        level = [p for p in prompts if len(p.turns) > turn]
+        level = [p for p in prompts if len(p.turns) > turn and len(replies[p.id]) == turn]
         inputs = [_turn_prompt(tokenizer, p, replies[p.id]) for p in level]
+        if turn:  # the first turns were checked (prompt_width raises) before anything was decoded
+            fits = [len(ids) <= ar.max_prompt_tokens for ids in inputs]
+            for prompt, ids, fit in zip(level, inputs, fits):
+                if not fit:
+                    skipped.append({"prompt_id": prompt.id, "turn": turn + 1, "prompt_tokens": len(ids),
+                                    "turns_not_decoded": len(prompt.turns) - turn})
+                    log.warning("question %s turn %d: its prompt with the replies so far has %d tokens, more than "
+                                "decode.max_cache_length=%d leaves for a new token; it and its later turns are not "
+                                "decoded", prompt.id, turn + 1, len(ids), ar.max_prompt_tokens + 1)
+            level = [p for p, ok in zip(level, fits) if ok]
+            inputs = [ids for ids, ok in zip(inputs, fits) if ok]
+            if not level:
+                break
         width = ar.prompt_width(max(len(ids) for ids in inputs))
         batches = _batches(inputs, batch_size)
         for batch in batches[:warmup]:
@@ -111,7 +128,7 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
                 log.info("question %s turn %d: %d tokens, tau %.2f, speedup %.2fx", prompt.id, turn + 1,
                          record.spec_tokens, _tau([record]), _speedup([record]))
             calls += 1
-    return summarize(records)
+    return summarize(records, skipped)
 
 
 def _per_round(records: Sequence[TurnRecord], count: Callable[[TurnRecord], int]) -> float:
@@ -135,10 +152,12 @@ def _speedup(records: Sequence[TurnRecord]) -> float:
     return _rate(records, "spec") / ar if ar else 0.0
 
 
-def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
+def summarize(records: Sequence[TurnRecord], skipped: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The figures of the module docstring over ``records``; ``turns`` counts decoded turns (a
     2-turn question counts twice), ``prompts`` the questions they came from, ``questions`` lists
-    every turn's record with its own tau, per-depth acceptance, tokens/s and speedup."""
+    every turn's record with its own tau, per-depth acceptance, tokens/s and speedup, and
+    ``skipped_turns`` the turns whose prompt did not fit the cache (``prompt_id``, ``turn``,
+    ``prompt_tokens``, ``turns_not_decoded``: that turn and the question's later ones)."""
     counts = np.sum([r.accept_counts for r in records], axis=0)
     exhausted = np.sum([r.exhausted_counts for r in records], axis=0)
     return {
@@ -157,6 +176,7 @@ def summarize(records: Sequence[TurnRecord]) -> dict[str, Any]:
         "tokens_ar": sum(r.ar_tokens for r in records),
         "tokens_spec": sum(r.spec_tokens for r in records),
         "questions": [dataclasses.asdict(r) | _turn_figures(r) for r in records],
+        "skipped_turns": list(skipped),
     }
 
 

@@ -347,6 +347,45 @@ def test_a_preempted_evaluation_stops_at_the_batch_the_processes_agree_on(monkey
     assert checks == [0, 1, 2] and ar.calls == spec.calls == 2  # one check before each batch
 
 
+def test_a_later_turn_too_long_for_the_cache_ends_its_question_and_is_listed(monkeypatch, caplog):
+    """A second turn's prompt holds the first reply, so its length is known only then: one that leaves no
+    cache slot is skipped with its question's later turns, and the other questions' turns are decoded."""
+    from flatspec_jax import evaluation
+    from flatspec_jax.data.prompts import Prompt
+    from flatspec_jax.decoding.runner import DecodeResult
+
+    class FakeDecoder:
+        max_prompt_tokens = 50
+        widths: list[int] = []
+
+        def prompt_width(self, length: int) -> int:
+            assert length <= self.max_prompt_tokens
+            self.widths.append(length)
+            return length
+
+        def run(self, batch, key, width) -> DecodeResult:
+            rows = len(batch)
+            return DecodeResult([np.array([5, EOS])] * rows, 0.1, np.ones(rows, np.int32), np.ones((rows, 2), np.int32),
+                                np.zeros((rows, 2), np.int32), np.ones(rows, np.int32))
+
+        def text(self, tokenizer, tokens) -> str:
+            return "reply"
+
+    def turn_prompt(tokenizer, prompt, replies):  # question "long" answers its first turn at length
+        return np.arange(60 if replies and prompt.id == "long" else 4 + 8 * len(replies))
+
+    monkeypatch.setattr(evaluation, "_turn_prompt", turn_prompt)
+    prompts = [Prompt("a", "writing", ("q1", "q2", "q3")), Prompt("long", "writing", ("q1", "q2", "q3")),
+               Prompt("b", "writing", ("q1",))]
+    with caplog.at_level("WARNING", logger="flatspec_jax.evaluation"):
+        result = evaluation.evaluate(prompts, None, FakeDecoder(), FakeDecoder(), warmup=0, seed=0)
+    assert [(q["prompt_id"], q["turn"]) for q in result["questions"]] == [
+        ("a", 1), ("long", 1), ("b", 1), ("a", 2), ("a", 3)]
+    assert result["skipped_turns"] == [{"prompt_id": "long", "turn": 2, "prompt_tokens": 60, "turns_not_decoded": 2}]
+    assert "question long turn 2: its prompt with the replies so far has 60 tokens" in caplog.text
+    assert result["turns"] == 5
+
+
 def test_a_capped_cache_is_warned_about_once_per_width(caplog):
     from flatspec_jax.config import DecodeConfig
     from flatspec_jax.decoding.runner import Decoder

@@ -98,6 +98,11 @@ class Decoder:
             return 1
         return 1 + (self.cfg.gamma if self.method == "chain" else self.cfg.total_tokens - 1)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt that leaves a cache slot for a new token: ``decode.max_cache_length - 1``."""
+        return self.cfg.max_cache_length - 1
+
     def prompt_width(self, longest: int) -> int:
         """W for prompts of up to ``longest`` tokens: rounded up to :data:`PROMPT_BUCKET`, but below
         ``decode.max_cache_length`` (a prompt that fits the cache is never refused for its padding).
@@ -105,10 +110,10 @@ class Decoder:
         Raises:
           ConfigError: when the longest prompt leaves no cache slot for a new token.
         """
-        if longest >= self.cfg.max_cache_length:
+        if longest > self.max_prompt_tokens:
             raise ConfigError(f"a prompt of {longest} tokens leaves no room for a new token in "
                               f"decode.max_cache_length={self.cfg.max_cache_length}")
-        return min(round_up(longest, PROMPT_BUCKET), self.cfg.max_cache_length - 1)
+        return min(round_up(longest, PROMPT_BUCKET), self.max_prompt_tokens)
 
     def cache_length(self, width: int) -> int:
         """Cache slots for prompts padded to ``width``: prompt, every new token and one round of drafts."""
