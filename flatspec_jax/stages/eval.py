@@ -61,7 +61,7 @@ def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
 
 def summary_line(result: dict[str, Any]) -> str:
     skipped = len(result.get("skipped_turns", []))  # eval.json files written before the key existed lack it
-    return (f"tau {result['tau']:.2f} tokens per target forward ({result['drafts_per_round']:.2f} drafts verified "
+    return (f"tau {result['tau']:.2f} tokens per target forward ({result['drafts_per_round']:.2f} drafts proposed "
             f"per round), speedup {result['speedup']:.2f}x "
             f"({result['tokens_per_s_spec']:.1f} vs {result['tokens_per_s_ar']:.1f} tokens/s autoregressive) "
             f"over {result['turns']} turn{'s' if result['turns'] != 1 else ''}"

@@ -58,7 +58,7 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
         f"top-3 {heldout.get('eval_top3', float('nan')):.3f}, "
         f"acceptance {heldout.get('eval_acceptance', float('nan')):.3f}",
         f"{'tau (' + result['method'] + ')':<21}{result['tau']:.2f} tokens per target forward "
-        f"({result['drafts_per_round']:.2f} drafts verified per round)",
+        f"({result['drafts_per_round']:.2f} drafts proposed per round)",
         f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "
         f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} "
         f"{'MT-bench turns' if cfg.eval.prompts == 'mtbench' else 'turns of ' + Path(cfg.eval.prompts).name})",
