@@ -1,8 +1,9 @@
 """The EAGLE training step in plain PyTorch, written for ``bench_train.py`` as the baseline.
 
 It implements the step of ``flatspec_jax.train.step`` the way the EAGLE reference
-(SafeAILab/EAGLE ``cnets.py`` + ``eagle/train/main.py``, see /work/notes/eagle_reference.md
-§1a, §1d) does, on the same packed rows:
+(SafeAILab/EAGLE ``eagle/model/cnets.py`` + ``eagle/train/main.py``) does, on the same packed rows,
+except for the clipping, which follows ``flatspec train``'s default (the reference clips each
+gradient element to +-0.5, ``train.grad_clip_mode=value``; either costs one pass over the gradients):
 
     features f = frozen target's last hidden state (after its final norm), computed under no_grad
                  inside the step ("online") or given ("offline")

@@ -4,10 +4,11 @@
                                      [--steps 5] [--warmup 1] [--max-load 1.5] [--max-wait 600]
 
 Both sides train an EAGLE head (fc 2D -> D with bias + one Llama decoder layer without input
-norm, the target's LM head; /work/notes/eagle_reference.md §1a) for the frozen SmolLM2-135M
+norm, the target's LM head, as SafeAILab/EAGLE's ``cnets.py``) for the frozen SmolLM2-135M
 target on the *same* packed batch of real ShareGPT tokens (SmolLM2's chat template, packed into
 ``--rows`` rows of ``--row-length`` tokens by our planner), with the same loss (SmoothL1 + 0.1
-soft CE, masked means over the same trained positions), input noise, norm clipping 0.5 and AdamW:
+soft CE, masked means over the same trained positions), input noise, norm clipping 0.5 (our default; the
+reference clips values) and AdamW:
 
 * ours: ``flatspec_jax.train.step.compile_steps`` (what ``flatspec train`` runs), target loaded by
   ``flatspec_jax.weights.to_nnx.load_target_model`` from the GGUF, float32;

@@ -553,11 +553,12 @@ def test_fc_bias_false_in_the_config_means_no_fc_bias(llama_dir, tokenizer, tmp_
 
 
 def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
-    """--out naming a run directory, or any folder with other files, must not wipe it."""
+    """--out naming a run directory, a published head, or any folder with other files, must not wipe it."""
     tensors = {"fc.weight": np.ones((2, 4), np.float32)}
-    head = eagle_format.write_head_dir(tmp_path / "head", {"a": 1}, tensors)
-    eagle_format.write_head_dir(head, {"a": 2}, tensors)  # an earlier export is replaced
-    assert json.loads((head / "config.json").read_text()) == {"a": 2}
+    ours = {"flatspec": {"format_version": 1}}
+    head = eagle_format.write_head_dir(tmp_path / "head", {"a": 1, **ours}, tensors)
+    eagle_format.write_head_dir(head, {"a": 2, **ours}, tensors)  # an earlier export is replaced
+    assert json.loads((head / "config.json").read_text()) == {"a": 2, **ours}
     (tmp_path / "empty").mkdir()
     eagle_format.write_head_dir(tmp_path / "empty", {"a": 3}, tensors)
     run = tmp_path / "run"
@@ -570,6 +571,27 @@ def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_pat
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"notes\.txt is a file, not an exported head"):
         eagle_format.write_head_dir(tmp_path / "notes.txt", {"a": 5}, tensors)
+    published = eagle_format.write_head_dir(tmp_path / "published", {"architectures": ["LlamaForCausalLM"]}, tensors)
+    weights = (published / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"published is an EAGLE head that flatspec did not export"):
+        eagle_format.write_head_dir(published, {"a": 6, **ours}, tensors)
+    assert (published / "model.safetensors").read_bytes() == weights
+
+
+def test_an_export_removes_what_killed_exports_left_and_names_a_head_set_aside(tmp_path, caplog):
+    tensors = {"fc.weight": np.ones((2, 4), np.float32)}
+    partial = tmp_path / ".head.k1ll3d.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a head")
+    aside = tmp_path / ".head.s3t4s1d3.old" / "head"
+    aside.mkdir(parents=True)
+    (tmp_path / ".other.k1ll3d.tmp").mkdir()  # another output's: not this export's to remove
+    with caplog.at_level("INFO", logger="flatspec_jax.checkpoint.eagle_format"):
+        eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {}}, tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".head.s3t4s1d3.old", ".other.k1ll3d.tmp", "head"]
+    assert f"removing {partial}" in caplog.text
+    assert f"{aside} holds a head an earlier export set aside" in caplog.text
+    assert "the only copy" in caplog.text  # head was missing when the export began
 
 
 def edit_head(source: Path, destination: Path, config_changes: dict | None = None,

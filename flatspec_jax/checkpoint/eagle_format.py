@@ -28,6 +28,7 @@ through :data:`flatspec_jax.weights.layout.LAYER_TENSORS`, the table the target 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import logging
@@ -446,21 +447,19 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
     to ``out``. An existing ``out`` is first renamed aside and deleted after the swap, so
     ``out`` holds either the old or the new complete head, never a mixture; an error puts the
     old one back. Only a process killed between the two renames leaves no ``out``: the old head
-    is then in ``.<name>.*.old/<name>`` beside it.
+    is then in ``.<name>.*.old/<name>`` beside it (named in a warning by the next export). The
+    temporary directories of exports killed while writing, ``.<name>.*.tmp``, are deleted first.
 
     Raises:
-      FileExistsError: ``out`` is a file, or a directory holding anything but an exported head's
-        files (a run directory, say): it is never replaced.
+      FileExistsError: ``out`` is a file, a directory holding anything but an exported head's
+        files (a run directory, say), or a head that flatspec did not export (its config.json has
+        no ``flatspec`` block: a published head, say): it is never replaced.
     """
     out = Path(out).absolute()
     if out.exists():
-        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
-        if held is None or not set(held) <= {CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME}:
-            what = "a file" if held is None else f"a directory holding {', '.join(held[:5])}" + (
-                ", ..." if len(held) > 5 else "")
-            raise FileExistsError(f"{out} is {what}, not an exported head: an export replaces only an earlier "
-                                  "export or an empty directory; name another output directory")
+        _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_exports(out)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_sort_key_safe)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = None
@@ -494,6 +493,41 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
             shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Raises FileExistsError unless ``out`` is an empty directory or one of our earlier exports."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    if held is None or not set(held) <= {CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME}:
+        what = "a file" if held is None else f"a directory holding {', '.join(held[:5])}" + (
+            ", ..." if len(held) > 5 else "")
+    elif held and not _exported_by_us(out / CONFIG_NAME):
+        what = "an EAGLE head that flatspec did not export (its config.json has no 'flatspec' block)"
+    else:
+        return
+    raise FileExistsError(f"{out} is {what}, not an exported head: an export replaces only an earlier "
+                          "export or an empty directory; name another output directory")
+
+
+def _remove_killed_exports(out: Path) -> None:
+    """Deletes the partial heads that exports to ``out`` killed while writing left beside it, and names the
+    heads an export killed between its renames set aside (the only copy when ``out`` is missing)."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.tmp")):
+        if leftover.is_dir():
+            log.info("removing %s, the partial head of an export that was killed", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    for aside in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.old")):
+        if (aside / out.name).is_dir():
+            log.warning("%s holds a head an earlier export set aside and was killed before deleting%s",
+                        aside / out.name, "" if out.exists() else f" (the only copy: {out} is missing)")
+
+
+def _exported_by_us(config_path: Path) -> bool:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):  # missing (a cut export's weights alone), unreadable or not JSON
+        return False
+    return isinstance(config, dict) and isinstance(config.get("flatspec"), dict)
 
 
 def _umask() -> int:
