@@ -15,7 +15,8 @@ its own selection and ``seed=<s>``:
 * ``flatness_low``: the least flat ``--keep`` (the paper's inverse ablation);
 * ``all``: every sample.
 
-The seed also sets the head's initialisation, the data order's shuffle and the feature noise, so
+The seed also sets the head's initialisation and the feature noise (not the data order, which
+``data.shuffle_seed`` sets and ``--set`` may change for every arm), so
 several ``--seeds`` separate the rules from run-to-run variation: the summary gives each rule's
 mean and standard deviation over its seeds. Every arm trains for the same number of epochs over
 its own data: ``train.steps`` scales with the trained tokens the arm keeps, relative to the

@@ -144,7 +144,7 @@ class SelectConfig:
     """Which scored samples train the draft."""
 
     rule: SelectRule = "sfdd"
-    """sfdd: highest flatness; random (seeded); entropy: highest; flatness_low: lowest; nll: highest; all."""
+    """sfdd: highest flatness; random (seeded by `seed`); entropy: highest; flatness_low: lowest; nll: highest; all."""
     keep: float = 0.5
     """Fraction of samples kept, in (0, 1]."""
 
@@ -163,7 +163,8 @@ class DraftConfig:
     before the held-out tail (EOS always in; EAGLE-3's reduced draft vocabulary): the loss compares
     draft and target distributions renormalised over them, so its LM-head work is N / V of the
     whole. The ids are saved with the checkpoint and the head drafts only from them. 0 = the whole
-    vocabulary (EAGLE-1/2); else at least 3, as the top-3 agreement metrics need."""
+    vocabulary (EAGLE-1/2); else at least 3, as the top-3 agreement metrics need, and at least
+    `decode.top_k` unless `decode.method` is `chain` (eval drafts a tree from these tokens)."""
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "draft.num_layers", "must be >= 1")
@@ -333,7 +334,7 @@ class DecodeConfig:
     """Draft proposals only from the N tokens most frequent among the assistant tokens of the run's
     samples before the held-out tail (EOS always in; FR-Spec); cuts the draft's LM-head work by
     V / N at some cost in acceptance. Output is unchanged (lossless either way). 0 = the whole
-    vocabulary. A head trained with draft.vocab always drafts from its own saved tokens (this must
+    vocabulary; else at least `decode.top_k` when `decode.method` is `tree`. A head trained with draft.vocab always drafts from its own saved tokens (this must
     then be 0 or their count)."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
@@ -360,7 +361,7 @@ class DecodeConfig:
             _require(2 <= self.total_tokens <= most, "decode.total_tokens",
                      f"must be between 2 and 1 + top_k + depth x top_k^2 = {most}")
             _require(self.draft_vocab == 0 or self.draft_vocab >= self.top_k, "decode.draft_vocab",
-                     "must be 0 (whole vocabulary) or at least decode.top_k")
+                     f"must be 0 (whole vocabulary) or at least decode.top_k ({self.top_k})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +419,8 @@ class Config:
     eval: EvalConfig = EvalConfig()
     profile: ProfileConfig = ProfileConfig()
     seed: int = 0
-    """Seed of the draft's initialisation, training noise and sampling."""
+    """Seed of the draft's initialisation, training noise, sampling (eval, generate, regenerate: the target's
+    replies are redone for a new seed) and `select.rule: random`. Not the data order (`data.shuffle_seed`)."""
     run_dir: str = "runs/default"
     """Where every output of the run is written."""
 
@@ -481,9 +483,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key.path=value")
         key, given_as = key.strip(), (spelled or {}).get(override, f"--set {override}")
-        if not value.strip():
-            raise ConfigError(f"{given_as}: empty value (write {key}=null for none)")
         keys = key.split(".")
+        if not value.strip():
+            takes_none = type(None) in typing.get_args(_field_hint(keys))
+            raise ConfigError(f"{given_as}: empty value" + (f" (write {key}=null for none)" if takes_none else ""))
         _set_path(raw, keys, _parse_value(value, _field_hint(keys)), source)
         given[key] = given_as
     try:

@@ -96,6 +96,12 @@ def test_an_empty_set_value_is_refused(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override", ["train.steps=", "run_dir="])
+def test_an_empty_set_value_of_a_field_that_takes_no_none_suggests_no_null(override):
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: empty value$"):
+        load_config(None, [override])
+
+
 def test_a_set_value_that_is_not_yaml_meets_the_fields_type_check():
     with pytest.raises(ConfigError, match=r"^--set train\.steps=\[1: train\.steps: expected an integer, got '\[1'"):
         load_config(None, ["train.steps=[1"])
