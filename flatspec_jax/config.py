@@ -334,8 +334,8 @@ class DecodeConfig:
     """Draft proposals only from the N tokens most frequent among the assistant tokens of the run's
     samples before the held-out tail (EOS always in; FR-Spec); cuts the draft's LM-head work by
     V / N at some cost in acceptance. Output is unchanged (lossless either way). 0 = the whole
-    vocabulary; else at least `decode.top_k` when `decode.method` is `tree`. A head trained with draft.vocab always drafts from its own saved tokens (this must
-    then be 0 or their count)."""
+    vocabulary; else at least `decode.top_k` when `decode.method` is `tree`. A head trained with
+    draft.vocab always drafts from its own saved tokens (this must then be 0 or their count)."""
     max_cache_length: int = 2048
     """KV-cache slots per row (prompt + generated + one round of drafts)."""
     scan_layers: bool = False

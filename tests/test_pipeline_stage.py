@@ -40,7 +40,9 @@ def test_pipeline_runs_every_stage_and_summarises(selected_run):
         assert (run_dir / name).is_file(), name
     assert re.search(r"samples kept +3 of 6 \(sfdd, keep 0\.5; 2 held out\)", text), text
     assert re.search(r"training tokens +256 \(2 steps x 128 tokens, eagle loss, online features\)", text), text
-    assert re.search(r"tau \(chain\) +\d\.\d\d tokens per target forward", text), text
+    assert re.search(r"tau \(chain\) +\d\.\d\d tokens per target forward \(\d\.\d\d drafts proposed per round\)",
+                     text), text
+    assert re.search(r"speedup +\d+\.\d\dx \(.* tokens/s autoregressive, 1 MT-bench turn\)", text), text
     plots = re.search(r"plots +(.+)", text).group(1).split(", ")
     assert plots and all(Path(p).is_file() and p.endswith(".png") for p in plots)
 

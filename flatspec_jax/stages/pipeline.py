@@ -61,7 +61,8 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
         f"({result['drafts_per_round']:.2f} drafts proposed per round)",
         f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "
         f"{result['tokens_per_s_ar']:.1f} tokens/s autoregressive, {result['turns']} "
-        f"{'MT-bench turns' if cfg.eval.prompts == 'mtbench' else 'turns of ' + Path(cfg.eval.prompts).name})",
+        f"{'MT-bench turn' if cfg.eval.prompts == 'mtbench' else 'turn'}{'s' if result['turns'] != 1 else ''}"
+        f"{'' if cfg.eval.prompts == 'mtbench' else ' of ' + Path(cfg.eval.prompts).name})",
         f"plots                {', '.join(str(p) for p in plots)}",
     ]
     return "\n".join(lines)
