@@ -320,13 +320,22 @@ def test_a_lowered_train_steps_reports_the_checkpoint_it_keeps(selected_run, tin
 
 
 def test_training_warns_about_samples_cut_at_the_row_length(tiny_dir, tmp_path, caplog):
-    """Samples are scored and selected whole; a train.row_length below data.max_length trains on their heads only."""
-    cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path / "run", "train.row_length=32",
-                                               "train.batch_tokens=64", "train.steps=1"))
-    with caplog.at_level("WARNING", logger="flatspec_jax.train.loop"):
+    """Samples are scored and selected whole; a train.row_length below data.max_length trains on their heads only,
+    and leaves out a sample whose head holds no assistant token to train on (the first training sample's first
+    assistant token is its 64th)."""
+    cfg = load_config(None, tiny_run_overrides(tiny_dir, tmp_path / "run", "train.row_length=48",
+                                               "train.batch_tokens=96", "train.steps=1"))
+    with caplog.at_level("INFO", logger="flatspec_jax.train.loop"):
         train.run(cfg)
-    assert re.search(r"[1-9]\d* of \d+ training samples are longer than train\.row_length=32: [1-9]\d* of their \d+ "
-                     r"tokens are cut \(data\.max_length=64\)", caplog.text), caplog.text
+    assert re.search(r"6 of 6 training samples are longer than train\.row_length=48: 96 of their 384 tokens are cut "
+                     r"\(data\.max_length=64\); 1 keep no assistant token to train on and are left out",
+                     caplog.text), caplog.text
+    assert "training on 5 samples" in caplog.text, caplog.text
+    short = load_config(None, tiny_run_overrides(tiny_dir, tmp_path / "run", "train.row_length=32",
+                                                 "train.batch_tokens=64", "train.steps=1"))
+    with pytest.raises(ConfigError, match=r"train\.row_length=32 leaves no assistant token to train on in any of "
+                                          r"the 6 training samples"):
+        train.run(short)
 
 
 def test_generate_prints_only_the_reply_and_a_draft_leaves_it_unchanged(selected_run, tiny_dir, capsys, caplog):

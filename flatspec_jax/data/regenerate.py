@@ -1,10 +1,16 @@
 """Target-generated training data (Goel et al., arXiv 2403.00858): the source's user turns, answered by the target.
 
 A draft is asked, at decoding time, to predict the target's own next tokens. Trained on a
-dataset's replies (ChatGPT's, for ShareGPT) it learns them only as far as the target happens
-to agree; trained on the target's replies it learns exactly the distribution it will be
-verified against. With ``data.responses: target`` every stage reads these conversations
-instead of the source's.
+dataset's replies (ChatGPT's, for ShareGPT) it sees contexts the target would not write; trained
+on the target's replies it sees the target's own. With ``data.responses: target`` every stage
+reads these conversations instead of the source's.
+
+Replies are kept as text and tokenized again with the chat template like any source, which is
+not always the target's own token sequence: a token the target generated may be read back as
+several (SmolLM2's ``'\n\n'`` before a list item as two ``'\n'``), whitespace around a reply is
+stripped, and a reply cut at ``regenerate.max_new_tokens`` ends in the end-of-turn token the
+target did not write. The draft's targets are the target's distributions on those contexts
+either way; only these few contexts differ from what the target wrote.
 
 Each conversation keeps its system message (if any) and its first ``regenerate.turns`` user
 turns; the source's replies are not read, so a source of prompts alone (records of user turns)

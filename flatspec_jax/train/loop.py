@@ -114,14 +114,23 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     _check_rows_fit_mesh(tcfg, mesh)
     inputs = training_inputs(dataset, selected_ids)
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
+    lengths = dataset.lengths[train_indices]
+    if (lengths > tcfg.row_length).any():  # scored and selected whole, trained on their first row_length tokens
+        # A draft is trained at t where x_{t+2} is an assistant token (step.trained_positions): a sample whose
+        # first row_length tokens hold none after its first two would only fill rows.
+        untrained = np.array([not dataset[i][1][2:tcfg.row_length].any() for i in train_indices], bool)
+        log.warning("%d of %d training samples are longer than train.row_length=%d: %d of their %d tokens are cut "
+                    "(data.max_length=%d)%s", int((lengths > tcfg.row_length).sum()), len(lengths), tcfg.row_length,
+                    int(np.maximum(lengths - tcfg.row_length, 0).sum()), int(lengths.sum()), cfg.data.max_length,
+                    f"; {int(untrained.sum())} keep no assistant token to train on and are left out"
+                    if untrained.any() else "")
+        if untrained.all():
+            raise ConfigError(f"train.row_length={tcfg.row_length} leaves no assistant token to train on in any of "
+                              f"the {len(train_indices)} training samples")
+        train_indices = train_indices[~untrained]
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
     log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
              tcfg.row_length, len(heldout_indices))
-    lengths = dataset.lengths[train_indices]
-    if (lengths > tcfg.row_length).any():  # scored and selected whole, trained on their first row_length tokens
-        log.warning("%d of %d training samples are longer than train.row_length=%d: %d of their %d tokens are cut "
-                    "(data.max_length=%d)", int((lengths > tcfg.row_length).sum()), len(lengths), tcfg.row_length,
-                    int(np.maximum(lengths - tcfg.row_length, 0).sum()), int(lengths.sum()), cfg.data.max_length)
     iterator = training_iterator(dataset, rows, row_length=tcfg.row_length, global_rows_per_batch=tcfg.rows_per_step,
                                  seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers, features=features,
                                  positions=process_rows(batch_sharding(mesh, rules, 1), (tcfg.rows_per_step,)))
