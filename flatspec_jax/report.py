@@ -352,7 +352,7 @@ def plot_depth_acceptance(result: Mapping[str, Any], path: str | Path) -> Path:
     Args:
       result: with ``per_depth_acceptance`` (list; index d is depth d + 1) and optionally
         ``per_depth_proposed`` (rounds that verified a draft at each depth: a depth with none is
-        labelled so, not drawn as 0% acceptance), ``tau`` (mean accepted tokens per round) and
+        labelled so, not drawn as 0% acceptance), ``tau`` (tokens emitted per target forward, bonus included) and
         ``speedup``.
     """
     rates = result.get("per_depth_acceptance")

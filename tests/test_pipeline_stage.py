@@ -55,6 +55,7 @@ def test_metrics_hold_one_record_per_step(selected_run):
     # The untrained head, on the first training batch and on the held-out samples.
     assert {"loss", "loss_feature", "loss_token", "top1", "eval_loss", "eval_top1"} <= set(baseline)
     assert "loss" in logged and "eval_loss" not in logged
+    assert "tokens_per_s" not in logged, "step 1 compiled: its time is no throughput"
     assert {"loss", "lr", "tokens_per_s", "eval_loss", "eval_top1"} <= set(evaluated)
 
 

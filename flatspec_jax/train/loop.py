@@ -199,14 +199,17 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                                                         tcfg.unroll) if heldout else {})
                     metrics_log.write({"step": 0, **_untrained_metrics(evaluate, state.params, target_params, batches),
                                        **heldout_metrics})
-                    window_start = time.perf_counter()
                 evaluated = bool(heldout) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
                 logged = step % tcfg.log_every == 0 or step == tcfg.steps or evaluated
                 with profiler.step(step - start):
                     state, metrics = train_step(state, target_params, batches, logged)
                 profiler.step_done(step - start, (state, metrics))
                 progress.update(1)
-                window_counts.append(metrics["tokens"])  # a device scalar: read when the step is logged
+                if step == start + 1:  # this process's first step compiled train_step: its time is no throughput
+                    jax.block_until_ready(state)
+                    window_start = time.perf_counter()
+                else:
+                    window_counts.append(metrics["tokens"])  # a device scalar: read when the step is logged
                 eval_metrics = None
                 if evaluated:
                     jax.block_until_ready(state.params)  # the steps so far count as training time, the evaluation not
@@ -217,9 +220,10 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                     window_start += time.perf_counter() - paused
                 if logged:
                     final = {name: float(value) for name, value in metrics.items()}  # waits for the step to finish
-                    elapsed = time.perf_counter() - window_start
-                    window_tokens = sum(float(count) for count in window_counts)
-                    final.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
+                    final["lr"] = float(schedule(step - 1))
+                    if window_counts:  # none when the first step is logged
+                        window_tokens = sum(float(count) for count in window_counts)
+                        final["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
                     peak = device_peak_gib()
                     if peak is not None:
                         final["device_peak_gib"] = peak

@@ -2,7 +2,8 @@
 
 A logged step's record holds the training batch's metrics (``loss``, ``loss_*``, agreement,
 ``grad_norm``, ``lr``, ``tokens``: the step's non-padding tokens over all processes, and
-``tokens_per_s`` since the previous logged step, held-out evaluation time excluded, and on
+``tokens_per_s`` since the previous logged step, held-out evaluation time and a process's first step
+(which compiles) excluded, so a record of that first step has none, and on
 backends that keep allocator statistics (GPU, TPU; not CPU) ``device_peak_gib``: the peak memory
 in use on any of process 0's devices so far, GiB) and, when
 the step is evaluated (an evaluated step is always logged), the held-out ones (``eval_``

@@ -194,8 +194,9 @@ def _train_step(head_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: 
     :func:`draft_loss_on_rows`), so the micro-batches' gradients and metrics sum to the whole
     batch's, for every draft of the training-time test too. (The EAGLE reference's accumulation
     averages the micro-batch means instead, so a micro-batch with few trained tokens weighs as
-    much as a full one.) TVD++ normalises its reward within each micro-batch, so for that loss
-    the equality holds only for the normalisation's statistics.
+    much as a full one.) TVD++ normalises its reward over each position's vocabulary, so the
+    equality holds for it too; only ``losses.tvd_plus_plus(normalize="batch")``, which no config selects,
+    standardises within each micro-batch.
 
     Metrics: the loss terms and agreement of :func:`metrics_of`, ``grad_norm`` and ``tokens`` (the
     step's non-padding tokens, all rows of the global batch).
