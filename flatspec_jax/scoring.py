@@ -261,11 +261,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
       The scores table (also when everything was already current and nothing ran).
     """
     parts_dir = out_path.with_name(out_path.name + ".parts")
-    if process_zero_says(read_fingerprint(out_path) == fingerprint and (
-            feature_dir is None or feature_cache.index_is_current(feature_dir, fingerprint))):
+    scores_current = bool(process_zero_says(read_fingerprint(out_path) == fingerprint))
+    if scores_current and (feature_dir is None or process_zero_says(
+            feature_cache.index_is_current(feature_dir, fingerprint))):
         log.info("scores in %s are current; nothing to do", out_path)
         if jax.process_index() == 0 and parts_dir.exists():
-            shutil.rmtree(parts_dir)  # left by a run killed after its last write
+            shutil.rmtree(parts_dir)  # left by a run killed after its last write (a features pass needs none)
         return pq.read_table(out_path)
     if dataset.lengths.max() > cfg.row_length:
         raise ConfigError(f"score.row_length={cfg.row_length} is shorter than the longest sample "
@@ -290,8 +291,9 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     tokens_done, start = 0, time.perf_counter()
     part_fingerprint = _part_fingerprint(fingerprint, cfg)
     chunks = list(_chunks(len(plan.batches), cfg.flush_every))
+    # With current scores only the feature shards are missing: a chunk whose shard is written needs no part.
     written = process_zero_says([
-        read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint and (
+        (scores_current or read_fingerprint(parts_dir / f"part-{chunk.start:06d}.parquet") == part_fingerprint) and (
             feature_dir is None
             or feature_cache.shard_is_current(feature_dir, chunk.start, fingerprint, _chunk_samples(plan, chunk)))
         for chunk in chunks])
@@ -335,11 +337,12 @@ def score_dataset(model: Llama, dataset: TokenizedDataset, cfg: ScoreConfig, mes
     progress.close()
     multihost_utils.sync_global_devices("flatspec: score parts written")
     if is_writer:
-        table, positions = _merge_parts(parts_dir, part_fingerprint, len(dataset))
-        _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
-                                                      POSITION_KEY: json.dumps(positions),
-                                                      INPUTS_KEY: json.dumps(inputs, sort_keys=True)})
-        log.info("wrote %s (%d samples)", out_path, table.num_rows)
+        if not scores_current:
+            table, positions = _merge_parts(parts_dir, part_fingerprint, len(dataset))
+            _write_parquet(out_path, table, fingerprint, {"padding_fraction": f"{plan.padding:.6f}",
+                                                          POSITION_KEY: json.dumps(positions),
+                                                          INPUTS_KEY: json.dumps(inputs, sort_keys=True)})
+            log.info("wrote %s (%d samples)", out_path, table.num_rows)
         if feature_dir is not None:
             feature_cache.write_index(feature_dir, [c.start for c in _chunks(len(plan.batches), cfg.flush_every)],
                                       model.arch.hidden_size, fingerprint)

@@ -576,6 +576,39 @@ def test_a_feature_pass_resumed_at_another_grouping_rewrites_shards_of_other_sam
         np.testing.assert_array_equal(np.asarray(got[i]), want[i])
 
 
+def test_a_feature_pass_over_current_scores_keeps_the_shards_a_killed_one_wrote(cli_runs, tiny_dir, monkeypatch):
+    """`flatspec cache` killed after some shards, over a scores.parquet already current; a scores-only run
+    (`flatspec score`) then finds its scores current and removes the parts. The next feature pass needs no
+    part where the scores are current: it computes only the missing shards and leaves the scores file alone."""
+    run_dir = cli_runs["base"] / "cache_over_scores"
+    run_dir.mkdir()
+    monkeypatch.setenv("FLATSPEC_CACHE_DIR", str(cli_runs["base"] / "cache"))
+    out, features = run_dir / "scores.parquet", run_dir / "features"
+    cfg, dataset, model, mesh, rules = _stage_inputs(run_dir, tiny_dir, ["score.flush_every=1"])
+    fingerprint = score_fingerprint(cfg, dataset.fingerprint)
+    score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint, feature_dir=features)
+    want = FeatureCache(features)
+    want = {i: np.asarray(want[i]) for i in range(len(dataset))}
+    feature_cache.unseal(features)  # as the killed pass left it: the first shard only
+    shards = sorted(features.glob("shard-*.npy"))
+    assert len(shards) >= 2
+    for shard in shards[1:]:
+        shard.unlink()
+        shard.with_suffix(".json").unlink()
+    score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint)  # scores current: parts removed
+    assert not (run_dir / "scores.parquet.parts").exists()
+    scores_bytes = out.read_bytes()
+    written, write_shard = [], feature_cache.write_shard
+    monkeypatch.setattr(feature_cache, "write_shard", lambda directory, chunk, *rest: (
+        written.append(chunk), write_shard(directory, chunk, *rest)))
+    score_dataset(model, dataset, cfg.score, mesh, rules, out, fingerprint, feature_dir=features)
+    assert 0 not in written and len(written) == len(shards) - 1
+    assert out.read_bytes() == scores_bytes
+    got = FeatureCache(features)
+    for i in range(len(dataset)):
+        np.testing.assert_array_equal(np.asarray(got[i]), want[i])
+
+
 def test_resume_after_kill_during_a_part_write(tiny_dir, tmp_path):
     """A SIGKILL between mkstemp and os.replace in atomic_write leaves `.part-*.parquet.*.tmp`
     behind. The resumed run should still finish and clean up, not crash after writing scores."""
