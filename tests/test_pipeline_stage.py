@@ -192,6 +192,18 @@ def test_eval_decodes_prompts_in_batches(selected_run, tiny_dir, tmp_path):
     assert result["same_output_fraction"] == 1.0  # greedy rows of a batch equal their autoregressive decoding
 
 
+def test_a_mesh_that_leaves_a_process_out_is_refused_before_anything_is_placed_on_it(tmp_path, monkeypatch):
+    """Every verb takes its mesh from RunContext.mesh: a process holding none of its devices would fail
+    placing the target with a raw JAX error (or hang the others), so the mesh is checked there."""
+    import jax
+
+    ctx = RunContext(load_config(None, [f"run_dir={tmp_path}", "mesh.data=1"]))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # the 8 test devices are all process 0's
+    with pytest.raises(ConfigError, match=r"mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\} holds devices of "
+                                          r"process\(es\) \[0\] only, but all 2 processes"):
+        ctx.mesh
+
+
 def test_a_second_command_on_a_busy_run_dir_is_refused(tiny_dir, tmp_path, capsys):
     """Two commands writing one run directory at once would interleave their outputs."""
     from flatspec_jax import cli, runtime

@@ -22,7 +22,7 @@ from flatspec_jax.data.tokenizer import load_tokenizer
 from flatspec_jax.decoding.draft_vocab import frequent_token_ids
 from flatspec_jax.models.eagle import EagleHead
 from flatspec_jax.models.llama import Llama, split_layers
-from flatspec_jax.sharding import ShardingRules, make_mesh
+from flatspec_jax.sharding import ShardingRules, check_process_rows, make_mesh
 from flatspec_jax.weights.to_nnx import load_target_model
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class RunContext:
 
     @functools.cached_property
     def mesh(self) -> Mesh:
+        """The job's mesh (``mesh.*``), refused before anything is placed on it when it leaves a process out."""
         mesh = make_mesh(self.cfg.mesh)
+        check_process_rows(mesh)
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
         return mesh
 
