@@ -578,20 +578,24 @@ def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_pat
     assert (published / "model.safetensors").read_bytes() == weights
 
 
-def test_an_export_removes_what_killed_exports_left_and_names_a_head_set_aside(tmp_path, caplog):
+@pytest.mark.parametrize("head_exists", [False, True])
+def test_an_export_clears_what_killed_exports_left(tmp_path, caplog, head_exists):
+    """A partial head (.head.*.tmp) is deleted; a head set aside (.head.*.old/head) is put back when the kill
+    came between the renames (no head), and deleted when its replacement is in place."""
     tensors = {"fc.weight": np.ones((2, 4), np.float32)}
+    if head_exists:
+        eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {"new": 1}}, tensors)
+    aside = eagle_format.write_head_dir(tmp_path / ".head.s3t4s1d3.old" / "head", {"flatspec": {"old": 1}}, tensors)
     partial = tmp_path / ".head.k1ll3d.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a head")
-    aside = tmp_path / ".head.s3t4s1d3.old" / "head"
-    aside.mkdir(parents=True)
     (tmp_path / ".other.k1ll3d.tmp").mkdir()  # another output's: not this export's to remove
     with caplog.at_level("INFO", logger="flatspec_jax.checkpoint.eagle_format"):
-        eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {}}, tensors)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".head.s3t4s1d3.old", ".other.k1ll3d.tmp", "head"]
+        eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {"newest": 1}}, tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k1ll3d.tmp", "head"]
+    assert json.loads((tmp_path / "head" / "config.json").read_text()) == {"flatspec": {"newest": 1}}
     assert f"removing {partial}" in caplog.text
-    assert f"{aside} holds a head an earlier export set aside" in caplog.text
-    assert "the only copy" in caplog.text  # head was missing when the export began
+    assert (f"putting back {aside}" in caplog.text) is not head_exists
 
 
 def edit_head(source: Path, destination: Path, config_changes: dict | None = None,

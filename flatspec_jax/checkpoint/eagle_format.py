@@ -447,8 +447,9 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
     to ``out``. An existing ``out`` is first renamed aside and deleted after the swap, so
     ``out`` holds either the old or the new complete head, never a mixture; an error puts the
     old one back. Only a process killed between the two renames leaves no ``out``: the old head
-    is then in ``.<name>.*.old/<name>`` beside it (named in a warning by the next export). The
-    temporary directories of exports killed while writing, ``.<name>.*.tmp``, are deleted first.
+    is then in ``.<name>.*.old/<name>`` beside it, and the next export to ``out`` puts it back
+    first. What killed exports left beside ``out`` is cleared first: their partial heads
+    (``.<name>.*.tmp``) and heads set aside whose replacement is in place.
 
     Raises:
       FileExistsError: ``out`` is a file, a directory holding anything but an exported head's
@@ -456,10 +457,10 @@ def write_head_dir(out: Path, config: Mapping[str, Any], tensors: Mapping[str, n
         no ``flatspec`` block: a published head, say): it is never replaced.
     """
     out = Path(out).absolute()
+    _recover_from_killed_exports(out)
     if out.exists():
         _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_killed_exports(out)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_sort_key_safe)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = None
@@ -509,17 +510,21 @@ def _check_replaceable(out: Path) -> None:
                           "export or an empty directory; name another output directory")
 
 
-def _remove_killed_exports(out: Path) -> None:
-    """Deletes the partial heads that exports to ``out`` killed while writing left beside it, and names the
-    heads an export killed between its renames set aside (the only copy when ``out`` is missing)."""
+def _recover_from_killed_exports(out: Path) -> None:
+    """Clears what exports to ``out`` that were killed left beside it: a partial head is deleted; a head set
+    aside is put back as ``out`` when ``out`` is missing (killed between the renames), else deleted (its
+    replacement is in place)."""
     for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.tmp")):
         if leftover.is_dir():
             log.info("removing %s, the partial head of an export that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
     for aside in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.old")):
-        if (aside / out.name).is_dir():
-            log.warning("%s holds a head an earlier export set aside and was killed before deleting%s",
-                        aside / out.name, "" if out.exists() else f" (the only copy: {out} is missing)")
+        if (aside / out.name).is_dir() and not out.exists():
+            log.warning("putting back %s, which an export killed before writing %s had set aside", aside / out.name,
+                        out)
+            os.rename(aside / out.name, out)
+        log.info("removing %s, left by an export that was killed", aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _exported_by_us(config_path: Path) -> bool:
