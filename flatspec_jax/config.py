@@ -419,8 +419,9 @@ class Config:
     eval: EvalConfig = EvalConfig()
     profile: ProfileConfig = ProfileConfig()
     seed: int = 0
-    """Seed of the draft's initialisation, training noise, sampling (eval, generate, regenerate: the target's
-    replies are redone for a new seed) and `select.rule: random`. Not the data order (`data.shuffle_seed`)."""
+    """Seed of the draft's initialisation, training noise, sampling (eval, generate, and regenerate at
+    `regenerate.temperature` > 0, whose replies are redone for a new seed) and `select.rule: random`. Not the
+    data order (`data.shuffle_seed`)."""
     run_dir: str = "runs/default"
     """Where every output of the run is written."""
 

@@ -121,9 +121,10 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(reference, tiny_dir, t
 
 
 def test_a_preempted_run_stops_between_parts_and_resumes_to_the_same_replies(reference, tiny_dir, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, caplog):
     """In a multi-process job SIGTERM goes to JAX's preemption notifier: regeneration stops at the part
-    boundary the processes agree on, keeping the parts before it, and a re-run finishes from them."""
+    boundary the processes agree on, keeping the parts before it, and a re-run finishes from them, redoing a
+    part damaged meanwhile."""
     _, ref_ctx, ref_meta, ref_bytes = reference
     cfg = make_config(tiny_dir, tmp_path / "run")
     ctx = RunContext(cfg)
@@ -141,9 +142,20 @@ def test_a_preempted_run_stops_between_parts_and_resumes_to_the_same_replies(ref
             regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
     assert checks == [0, 1, 2]  # one check before each part
     assert sorted(p.name for p in parts_dir.glob("part-*.jsonl")) == ["part-000000.jsonl", "part-000001.jsonl"]
-    meta = regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    damaged = parts_dir / "part-000001.jsonl"  # damaged afterwards (parts are written atomically)
+    damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 2])
+    with caplog.at_level("WARNING", logger="flatspec_jax.data.regenerate"):
+        meta = regen.regenerate(cfg, ctx.target, ctx.tokenizer, ctx.eos_ids(), ctx.pad_id(), ctx.model_path)
+    assert f"redoing 1 damaged part(s) in {parts_dir}, from part-000001.jsonl" in caplog.text
     assert regen.responses_path(cfg.run_dir).read_bytes() == ref_bytes
     assert meta == ref_meta
+
+
+def test_a_reply_file_that_is_not_jsonl_is_named_with_its_line(tmp_path):
+    path = tmp_path / "part-000000.jsonl"
+    path.write_text('{"index": 0}\n{"index": 1, "id": "cut\n')
+    with pytest.raises(regen.DataFormatError, match=rf"{path}:2: not a JSON record"):
+        list(regen._read_jsonl(path))
 
 
 def test_parts_of_another_flush_every_are_not_resumed(reference, tiny_dir, tmp_path, monkeypatch):
@@ -185,6 +197,12 @@ def test_current_replies_are_reused_and_changed_settings_redo_them(reference, ti
     changed = make_config(tiny_dir, Path(cfg.run_dir), "regenerate.max_new_tokens=4")
     assert not regen.responses_are_current(changed, ctx.model_path)
     assert regen.regenerate_fingerprint(changed, ctx.model_path) != meta["fingerprint"]
+    greedy = make_config(tiny_dir, Path(cfg.run_dir), "seed=7", "regenerate.top_p=0.5")  # greedy draws nothing
+    assert regen.responses_are_current(greedy, ctx.model_path)
+    sampled = [regen.regenerate_fingerprint(make_config(tiny_dir, Path(cfg.run_dir), "regenerate.temperature=0.7",
+                                                        *extra), ctx.model_path)
+               for extra in ([], ["seed=7"], ["regenerate.top_p=0.5"])]
+    assert len(set(sampled) | {meta["fingerprint"]}) == 4
 
 
 def test_replies_replaced_beside_an_old_meta_are_not_current(reference, tmp_path):

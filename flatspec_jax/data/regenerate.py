@@ -52,10 +52,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from flatspec_jax.config import Config, ConfigError, DecodeConfig
+from flatspec_jax.config import Config, ConfigError, DecodeConfig, RegenerateConfig
 from flatspec_jax.data.chat import answered_turns, render_prompt
 from flatspec_jax.data.conversations import Conversation, SkipReport
-from flatspec_jax.data.sources import iter_conversations
+from flatspec_jax.data.sources import DataFormatError, iter_conversations
 from flatspec_jax.decoding.runner import CACHE_BUCKET, PROMPT_BUCKET, Decoder, round_up
 from flatspec_jax.fingerprint import file_sha256, model_identity, source_identity
 from flatspec_jax.io import atomic_write, atomic_write_json
@@ -76,17 +76,23 @@ def responses_path(run_dir: str | Path) -> Path:
 
 def _reply_settings(cfg: Config) -> dict[str, Any]:
     """The regenerate settings except ``flush_every``, which only groups batches into part files
-    (each batch's sampling key depends on its index alone)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.regenerate).items() if k != "flush_every"}
+    (each batch's sampling key depends on its index alone); greedy replies (temperature 0) draw
+    nothing, so their ``top_p`` counts as the default's."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.regenerate).items() if k != "flush_every"}
+    if cfg.regenerate.temperature == 0:
+        settings["top_p"] = RegenerateConfig.top_p
+    return settings
 
 
 def regenerate_fingerprint(cfg: Config, model_path: str) -> str:
     """What the replies depend on: the target (settings and files), the source's files and how its
-    records are read (as prompts), the lengths, the regenerate settings and the seed."""
+    records are read (as prompts), the lengths, the regenerate settings and, for sampled replies, the
+    seed (greedy ones are fingerprinted with the default seed: another seed gives the same replies)."""
+    seed = cfg.seed if cfg.regenerate.temperature > 0 else Config.seed
     payload = json.dumps({"model": cfg.section_hash("model"), "model_files": model_identity(model_path),
                           "source": source_identity(cfg.data.source), "limit": cfg.data.limit,
                           "max_length": cfg.data.max_length, "records": "prompts",
-                          "regenerate": _reply_settings(cfg), "seed": cfg.seed}, sort_keys=True)
+                          "regenerate": _reply_settings(cfg), "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -198,8 +204,21 @@ def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)
+        for number, line in enumerate(handle, 1):
+            try:
+                yield json.loads(line)
+            except ValueError as err:
+                raise DataFormatError(f"{path}:{number}: not a JSON record ({err}); delete the file and run "
+                                      "the same command again") from None
+
+
+def _part_is_whole(path: Path, rows: int) -> bool:
+    """Part ``path`` holds ``rows`` JSON records (one per conversation of its batches): not missing or damaged."""
+    try:
+        records = list(_read_jsonl(path))
+    except (OSError, ValueError):
+        return False
+    return len(records) == rows and all(isinstance(r, dict) and "index" in r for r in records)
 
 
 def _parts_dir(run_dir: Path, fingerprint: str) -> Path:
@@ -253,13 +272,19 @@ def regenerate(cfg: Config, target: Llama, tokenizer, eos_ids: Sequence[int], pa
     order = [sources[i] for i in np.argsort(first_lengths, kind="stable")]
     num_batches = -(-len(sources) // settings.batch_size)
     chunk_starts = range(0, num_batches, settings.flush_every)
-    written = process_zero_says([(parts / f"part-{start:06d}.jsonl").exists() for start in chunk_starts])
-    done = {start for start, exists in zip(chunk_starts, written) if exists}
+    chunk_rows = {start: min(settings.flush_every * settings.batch_size, len(sources) - start * settings.batch_size)
+                  for start in chunk_starts}
+    written = process_zero_says([_part_is_whole(parts / f"part-{start:06d}.jsonl", chunk_rows[start])
+                                 for start in chunk_starts])
+    damaged = [start for start, whole in zip(chunk_starts, written)
+               if not whole and (parts / f"part-{start:06d}.jsonl").exists()]
+    if damaged and jax.process_index() == 0:
+        log.warning("redoing %d damaged part(s) in %s, from part-%06d.jsonl", len(damaged), parts, damaged[0])
+    done = {start for start, whole in zip(chunk_starts, written) if whole}
     if done:
         log.info("resuming: %d of %d parts already written", len(done), len(chunk_starts))
     key = jax.random.key(cfg.seed)
-    finished_rows = sum(min(settings.flush_every * settings.batch_size, len(sources) - start * settings.batch_size)
-                        for start in done)
+    finished_rows = sum(chunk_rows[start] for start in done)
     progress = tqdm(total=len(sources), initial=finished_rows, unit="conversation", desc="regenerate",
                     file=sys.stderr, disable=jax.process_index() != 0, mininterval=5)
     began, generated = time.perf_counter(), 0
