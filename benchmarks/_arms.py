@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -66,23 +67,39 @@ def link_outputs(source_dir: Path, run_dir: Path, names: tuple[str, ...] = SCORE
                 os.link(path, target)
 
 
+def _attempt_logs(run_dir: Path) -> list[Path]:
+    """The stderr logs of the pipeline runs that did work in ``run_dir``: ``pipeline.err``, then
+    ``pipeline-2.err``, ... for runs that continued one cut off before it finished."""
+    logs = [p for p in run_dir.glob("pipeline*.err") if re.fullmatch(r"pipeline(-\d+)?\.err", p.name)]
+    return sorted(logs, key=lambda p: int(p.stem.partition("-")[2] or 1))
+
+
 def run_arm_pipeline(config: str, run_dir: Path, overrides: list[str]) -> dict:
     """Runs (or completes) ``flatspec pipeline`` in ``run_dir``; returns its outcome: stage wall times,
-    the held-out agreement at every evaluated step, and eval.json's summary (per-question records
-    dropped).
+    the held-out agreement at every evaluated step (empty with ``data.heldout=0``), and eval.json's
+    summary (per-question records dropped).
 
     A run that was complete before (``eval.json`` present) is run again only to confirm it is
-    current; that check logs to ``pipeline-check.*``, so ``pipeline.err`` and the stage times
-    stay those of the run that did the work (``reused_complete_run`` says so).
+    current; that check logs to ``pipeline-check.*``, so the stage times stay those of the runs
+    that did the work (``reused_complete_run`` says so). A run cut off before it finished is
+    continued with its log in ``pipeline-<n>.*``, and each stage's time adds up over the
+    ``attempts``.
     """
-    reused = (run_dir / "eval.json").exists() and (run_dir / "pipeline.err").exists()
-    flatspec("pipeline", config, run_dir, overrides, "pipeline-check" if reused else "pipeline")
+    attempts = _attempt_logs(run_dir)
+    reused = (run_dir / "eval.json").exists() and bool(attempts)
+    flatspec("pipeline", config, run_dir, overrides,
+             "pipeline-check" if reused else "pipeline" if not attempts else f"pipeline-{len(attempts) + 1}")
+    attempts = _attempt_logs(run_dir)
+    stage_seconds: dict[str, float] = {}
+    for log in attempts:
+        for stage, seconds in stage_times(log).items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
     evaluation = json.loads((run_dir / "eval.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance", "eval_loss")} for r in records
              if "eval_top1" in r]
-    return {"reused_complete_run": reused, "stage_seconds": stage_times(run_dir / "pipeline.err"), "heldout": curve,
-            "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
+    return {"reused_complete_run": reused, "attempts": len(attempts), "stage_seconds": stage_seconds,
+            "heldout": curve, "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
 
 
 def run_selected_arm(config: str, selected: Path, run_dir: Path, overrides: list[str]) -> dict:
@@ -104,21 +121,43 @@ def evaluate_arm(config: str, arm_dir: Path, suffix: str, overrides: list[str]) 
     return {k: v for k, v in evaluation.items() if k != "questions"}
 
 
+def last_heldout_cells(arm: dict) -> list[str]:
+    """The last held-out evaluation's top-1 and acceptance ("-" with ``data.heldout=0``)."""
+    if not arm["heldout"]:
+        return ["-", "-"]
+    last = arm["heldout"][-1]
+    return [f"{last['eval_top1']:.3f}", f"{last['eval_acceptance']:.3f}"]
+
+
 def outcome_cells(arm: dict) -> list[str]:
     """Table cells of :func:`run_arm_pipeline`'s outcome: train minutes, last held-out top-1 and acceptance, tau,
     per-depth acceptance, speedup."""
-    last, e = arm["heldout"][-1], arm["eval"]
+    e = arm["eval"]
     per_depth = ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"])
-    return [f"{arm['stage_seconds'].get('train', float('nan')) / 60:.1f}", f"{last['eval_top1']:.3f}",
-            f"{last['eval_acceptance']:.3f}", f"{e['tau']:.3f}", per_depth, f"{e['speedup']:.2f}x"]
+    return [f"{arm['stage_seconds'].get('train', float('nan')) / 60:.1f}", *last_heldout_cells(arm),
+            f"{e['tau']:.3f}", per_depth, f"{e['speedup']:.2f}x"]
+
+
+def relative(arm: dict, baseline: dict | None) -> dict[str, float | None] | None:
+    """``arm``'s tau, speedup and training wall time over ``baseline``'s (None without a baseline; the
+    training time None when either run's log has no train stage)."""
+    if baseline is None:
+        return None
+    e, b = arm["eval"], baseline["eval"]
+    arm_train, base_train = arm["stage_seconds"].get("train"), baseline["stage_seconds"].get("train")
+    train = arm_train / base_train if arm_train is not None and base_train else None
+    return {"tau": e["tau"] / b["tau"], "speedup": e["speedup"] / b["speedup"], "train_time": train}
+
+
+RELATIVE_HEADER = "tau / speedup / train time vs"
 
 
 def relative_cell(arm: dict, baseline: dict | None) -> str:
-    """``arm``'s tau and speedup over ``baseline``'s ("1.02x / 0.98x"; empty without a baseline)."""
-    if baseline is None:
+    """:func:`relative` as one cell ("1.02x / 0.98x / 0.51x"; empty without a baseline)."""
+    ratios = relative(arm, baseline)
+    if ratios is None:
         return ""
-    e, b = arm["eval"], baseline["eval"]
-    return f"{e['tau'] / b['tau']:.2f}x / {e['speedup'] / b['speedup']:.2f}x"
+    return " / ".join("-" if ratios[k] is None else f"{ratios[k]:.2f}x" for k in ("tau", "speedup", "train_time"))
 
 
 OUTCOME_HEADER = ["train min", "held-out top-1", "held-out acceptance", "tau", "per-depth acceptance", "speedup"]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arms_parser, outcome_cells, relative_cell, run_selected_arm,  # noqa: E402
-                   score_and_select)
+from _arms import (OUTCOME_HEADER, RELATIVE_HEADER, arms_parser, outcome_cells, relative, relative_cell,  # noqa: E402
+                   run_selected_arm, score_and_select)
 from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 
@@ -61,12 +61,15 @@ def main() -> int:
             write_results(results, args.out)
     arms = results["arms"]
     baseline_name = next(iter(arms))
+    results["relative_to"] = {"arm": baseline_name,
+                              **{name: relative(arm, arms[baseline_name]) for name, arm in arms.items()}}
+    written = write_results(results, args.out)
     rows = [[name, *outcome_cells(arm), relative_cell(arm, arms[baseline_name]),
              ", ".join(f"{r['step']}: {r['eval_top1']:.3f}" for r in arm["heldout"])] for name, arm in arms.items()]
     title = f"draft per training budget, same data ({args.config} {' '.join(args.overrides)})"
-    print_table(title, ["arm", *OUTCOME_HEADER, f"tau / speedup vs {baseline_name}", "held-out top-1 by step"],
+    print_table(title, ["arm", *OUTCOME_HEADER, f"{RELATIVE_HEADER} {baseline_name}", "held-out top-1 by step"],
                 rows)
-    print(f"wrote {write_results(results, args.out)}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arms_parser, evaluate_arm, outcome_cells, print_evaluations,  # noqa: E402
-                   relative_cell, run_selected_arm, score_and_select)
+from _arms import (OUTCOME_HEADER, RELATIVE_HEADER, arms_parser, evaluate_arm, outcome_cells,  # noqa: E402
+                   print_evaluations, relative, relative_cell, run_selected_arm, score_and_select)
 from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 LOSSES = ("eagle", "kl", "tvd", "tvdpp", "lk", "lk_hybrid")
@@ -55,13 +55,15 @@ def main() -> int:
         results["arms"][loss] = arm
     arms = results["arms"]
     baseline = arms.get("eagle")
+    results["relative_to_eagle"] = {name: relative(arm, baseline) for name, arm in arms.items()}
+    written = write_results(results, args.out)
     title = f"draft per token loss, same data and steps ({args.config} {' '.join(args.overrides)})"
     rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline)] for name, arm in arms.items()]
-    print_table(title, ["loss", *OUTCOME_HEADER, "tau / speedup vs eagle"], rows)
+    print_table(title, ["loss", *OUTCOME_HEADER, f"{RELATIVE_HEADER} eagle"], rows)
     for t in args.temperatures:
         print_evaluations(f"{title}, sampled at temperature {t:g}", "loss",
                           {name: arm["sampled"][f"{t:g}"] for name, arm in arms.items()})
-    print(f"wrote {write_results(results, args.out)}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -22,30 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import arms_parser  # noqa: E402
-from _common import child_env, print_table, run_measured, wait_for_quiet, write_results  # noqa: E402
-from collect_demo import stage_times  # noqa: E402
+from _arms import arms_parser, last_heldout_cells, run_arm_pipeline  # noqa: E402
+from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 SIDES = ("source", "target")
 
 
 def run_side(config: str, run_dir: Path, responses: str, overrides: list[str]) -> dict:
-    """Runs (or completes) one pipeline and reads back what it measured."""
+    """Runs (or completes) one pipeline (:func:`_arms.run_arm_pipeline`) and adds its replies' record."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    reused = (run_dir / "eval.json").exists()
-    argv = [sys.executable, "-m", "flatspec_jax.cli", "pipeline", "--config", config, "--run-dir", str(run_dir),
-            "--set", f"data.responses={responses}"]
-    for override in overrides:
-        argv += ["--set", override]
-    done = run_measured(argv, child_env(), run_dir / "pipeline").check(f"pipeline ({responses} replies)")
-    evaluation = json.loads((run_dir / "eval.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    curve = [{k: r[k] for k in ("step", "eval_top1", "eval_top3", "eval_acceptance")} for r in records
-             if "eval_top1" in r]
-    # A reused run's stages were skipped: its wall and stage times are not the pipeline's cost.
-    side = {"reused_complete_run": reused, "wall_s": round(done.wall_s, 1), "stage_seconds": stage_times(done.stderr),
-            "heldout": curve,
-            "eval": {k: v for k, v in evaluation.items() if k != "questions"}}
+    side = run_arm_pipeline(config, run_dir, [f"data.responses={responses}", *overrides])
     meta = run_dir / "responses.meta.json"
     if meta.exists():
         side["responses"] = json.loads(meta.read_text())
@@ -58,21 +44,21 @@ def main() -> int:
     results = {"config": args.config, "overrides": args.overrides, "machine_load": gate}
     for responses in SIDES:
         results[responses] = run_side(args.config, Path(args.work) / responses, responses, args.overrides)
+    results["ratio"] = {key: results["target"]["eval"][key] / results["source"]["eval"][key]
+                        for key in ("tau", "speedup")}
+    written = write_results(results, args.out)
     rows = []
     for responses in SIDES:
         side = results[responses]
-        last = side["heldout"][-1]
         e = side["eval"]
-        rows.append([responses, f"{last['eval_top1']:.3f}", f"{last['eval_acceptance']:.3f}", f"{e['tau']:.2f}",
+        rows.append([responses, *last_heldout_cells(side), f"{e['tau']:.2f}",
                      ", ".join(f"{a:.2f}" for a in e["per_depth_acceptance"]), f"{e['tokens_per_s_ar']:.1f}",
                      f"{e['tokens_per_s_spec']:.1f}", f"{e['speedup']:.2f}x"])
     print_table(f"draft trained on the dataset's vs the target's replies ({args.config})",
                 ["replies", "held-out top-1", "held-out acceptance", "tau", "per-depth acceptance", "AR tok/s",
                  "spec tok/s", "speedup"], rows)
-    results["ratio"] = {key: results["target"]["eval"][key] / results["source"]["eval"][key]
-                        for key in ("tau", "speedup")}
     print(f"\ntarget/source: tau {results['ratio']['tau']:.2f}x, speedup {results['ratio']['speedup']:.2f}x")
-    print(f"wrote {write_results(results, args.out)}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -44,8 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arms_parser, evaluate_arm, flatspec, link_outputs, outcome_cells,  # noqa: E402
-                   relative_cell, run_arm_pipeline, score_and_select)
+from _arms import (OUTCOME_HEADER, RELATIVE_HEADER, arms_parser, evaluate_arm, flatspec, link_outputs,  # noqa: E402
+                   outcome_cells, relative, relative_cell, run_arm_pipeline, score_and_select)
 from _common import print_table, wait_for_quiet, write_results  # noqa: E402
 
 ARMS = ("sfdd", "random", "flatness_low", "all")
@@ -83,8 +83,9 @@ def run_name(arm: str, seed: int) -> str:
 def rule_summary(runs: list[dict]) -> dict:
     """Mean and standard deviation (ddof 1; 0 for one run) over one rule's seeds of the last held-out
     top-1 and acceptance, tau (and ``tau_extra`` on the extra prompts) and the training minutes."""
-    values = {"heldout_top1": [r["heldout"][-1]["eval_top1"] for r in runs],
-              "heldout_acceptance": [r["heldout"][-1]["eval_acceptance"] for r in runs],
+    values = {"heldout_top1": [r["heldout"][-1]["eval_top1"] if r["heldout"] else float("nan") for r in runs],
+              "heldout_acceptance": [r["heldout"][-1]["eval_acceptance"] if r["heldout"] else float("nan")
+                                     for r in runs],
               "tau": [r["eval"]["tau"] for r in runs],
               "train_minutes": [r["stage_seconds"].get("train", float("nan")) / 60 for r in runs]}
     if all("extra_eval" in r for r in runs):
@@ -118,20 +119,23 @@ def main() -> int:
                 args.config, scored, work / run_name(arm, seed), arm, args.keep, seed, args.overrides, base_steps,
                 reference_tokens, args.extra_prompts)
     arms = results["arms"]
-    baseline = arms.get("all")
-    rows = [[name, arm["samples"], arm["trained_tokens"], arm["steps"], *outcome_cells(arm),
-             relative_cell(arm, arms.get(run_name("all", arm["seed"])) or baseline)] for name, arm in arms.items()]
-    print_table(f"draft per selection rule, same epochs ({args.config})",
-                ["run", "samples", "trained tokens", "steps", *OUTCOME_HEADER, "tau / speedup vs all"], rows)
+    baselines = {name: arms.get(run_name("all", arm["seed"])) or arms.get("all") for name, arm in arms.items()}
+    results["relative_to_all"] = {name: relative(arm, baselines[name]) for name, arm in arms.items()}
     if len(args.seeds) > 1:
         results["rules"] = {arm: rule_summary([r for r in arms.values() if r["rule"] == arm]) for arm in args.arms}
+    written = write_results(results, args.out)
+    rows = [[name, arm["samples"], arm["trained_tokens"], arm["steps"], *outcome_cells(arm),
+             relative_cell(arm, baselines[name])] for name, arm in arms.items()]
+    print_table(f"draft per selection rule, same epochs ({args.config})",
+                ["run", "samples", "trained tokens", "steps", *OUTCOME_HEADER, f"{RELATIVE_HEADER} all"], rows)
+    if len(args.seeds) > 1:
         columns = {"heldout_top1": "held-out top-1", "heldout_acceptance": "held-out acceptance", "tau": "tau",
                    "tau_extra": "tau (extra prompts)", "train_minutes": "train min"}
         shown = [k for k in columns if all(k in summary for summary in results["rules"].values())]
         print_table(f"per rule over seeds {args.seeds} (mean +- std)", ["rule", *(columns[k] for k in shown)],
                     [[arm, *(f"{summary[k]['mean']:.3f} +- {summary[k]['std']:.3f}" for k in shown)]
                      for arm, summary in results["rules"].items()])
-    print(f"wrote {write_results(results, args.out)}")
+    print(f"wrote {written}")
     return 0
 
 

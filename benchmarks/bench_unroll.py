@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arms import (OUTCOME_HEADER, arms_parser, evaluate_arm, outcome_cells, print_evaluations,  # noqa: E402
-                   relative_cell, run_selected_arm, score_and_select)
+from _arms import (OUTCOME_HEADER, RELATIVE_HEADER, arms_parser, evaluate_arm, outcome_cells,  # noqa: E402
+                   print_evaluations, relative, relative_cell, run_selected_arm, score_and_select)
 from _common import decode_variant, print_table, wait_for_quiet, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = ("gamma3:gamma=3",)
@@ -36,7 +36,8 @@ DEFAULT_VARIANTS = ("gamma3:gamma=3",)
 def later_drafts_heldout(run_dir: Path) -> dict[str, float]:
     """The last held-out evaluation's metrics of drafts 2, 3, ... (``eval_depth{k}_top1`` and ``_acceptance``)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    last = [r for r in records if "eval_top1" in r][-1]
+    evaluated = [r for r in records if "eval_top1" in r]  # none with data.heldout=0
+    last = evaluated[-1] if evaluated else {}
     return {k: v for k, v in last.items() if k.startswith("eval_depth") and k.endswith(("_top1", "_acceptance"))}
 
 
@@ -61,15 +62,17 @@ def main() -> int:
         results["arms"][str(unroll)] = arm
     arms = results["arms"]
     baseline = arms.get("1")
+    results["relative_to_unroll_1"] = {name: relative(arm, baseline) for name, arm in arms.items()}
+    written = write_results(results, args.out)
     title = f"draft per train.unroll, same data and steps ({args.config} {' '.join(args.overrides)})"
     rows = [[name, *outcome_cells(arm), relative_cell(arm, baseline),
              ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in sorted(arm["later_drafts_heldout"].items()))]
             for name, arm in arms.items()]
-    print_table(title, ["unroll", *OUTCOME_HEADER, "tau / speedup vs unroll 1", "held-out, later drafts"], rows)
+    print_table(title, ["unroll", *OUTCOME_HEADER, f"{RELATIVE_HEADER} unroll 1", "held-out, later drafts"], rows)
     for variant, settings in variants.items():
         print_evaluations(f"{title}, {variant} ({', '.join(settings)})", "unroll",
                           {name: arm["variants"][variant] for name, arm in arms.items()})
-    print(f"wrote {write_results(results, args.out)}")
+    print(f"wrote {written}")
     return 0
 
 
