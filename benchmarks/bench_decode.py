@@ -126,6 +126,11 @@ def main() -> None:
     hf_device = args.hf_device if args.hf_device != "auto" else ("cuda" if accelerator.platform == "gpu" else "cpu")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = model.to(hf_device).eval()
+    precision = jax.config.jax_default_matmul_precision or "default"
+    if hf_device == "cuda" and precision != "highest":
+        print(f"[bench] warning: JAX's float32 matmuls run at precision {precision} (TF32 on this GPU) against "
+              "PyTorch's full float32; JAX_DEFAULT_MATMUL_PRECISION=highest makes them alike (gpu_check.sh sets it)",
+              file=sys.stderr, flush=True)
     eos_list = list(eos)
 
     def hf_generate(prompt: np.ndarray) -> tuple[np.ndarray, float, int, int]:
@@ -173,7 +178,10 @@ def main() -> None:
 
     report = {
         "benchmark": "bench_decode", "jax_device": accelerator.device_kind, "hf_device": hf_device,
-        "model_dtype": cfg.model.dtype, "load": {**quiet, "load_at_end": load1()},
+        "model_dtype": cfg.model.dtype, "jax_matmul_precision": precision, "hf_dtype": "float32",
+        "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_threads": torch.get_num_threads(),
+        "load": {**quiet, "load_at_end": load1()},
         "run_dir": str(args.run_dir), "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
         "variants": {name: {k: getattr(d, k) for k in VARIANT_KEYS} for name, d in settings.items()},
         "results": results,

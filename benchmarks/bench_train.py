@@ -35,8 +35,9 @@ ours with ``draft.vocab = N`` (the loss over the N most frequent tokens of the b
 ``flatspec train`` does with that setting; not the same step as PyTorch's, so it is reported
 against our full-vocabulary step, not as a PyTorch ratio).
 
-The machine's 1-minute load average is checked before timing; above ``--max-load`` the benchmark waits
-(polling every 30 s, at most ``--max-wait`` s) and records the load it ran under either way.
+The machine's 1-minute load average is checked before loading (later this script's own loading and
+compiling would count in it); above ``--max-load`` the benchmark waits (polling every 30 s, at most
+``--max-wait`` s) and records the load it ran under either way.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def run(args) -> dict:
     import jax
     import torch
 
+    gate = wait_for_quiet(args.max_load, args.max_wait)  # before this script's own loading and compiling
+    print(f"[bench] load average {gate['load_at_start']:.2f} before loading", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     batch, batch_info = real_batch(args.rows, args.row_length, args.limit, work)
     print(f"[bench] batch {batch_info}", file=sys.stderr, flush=True)
@@ -261,8 +264,6 @@ def run(args) -> dict:
     if agreement["rel_diff"] > LOSS_AGREEMENT_RTOL:
         raise SystemExit(f"the two steps disagree on the loss: {agreement}")
 
-    gate = wait_for_quiet(args.max_load, args.max_wait)
-    print(f"[bench] load average {gate['load_at_start']:.2f} before timing", file=sys.stderr, flush=True)
     results = {}
     steppers = {side: functools.partial(ours.step, side=side) for side in ours.train}
     steppers["pytorch"] = theirs.step
@@ -313,7 +314,7 @@ def report(res: dict) -> None:
     b, g = res["batch"], res["load_gate"]
     print(f"\nEAGLE training step, SmolLM2-135M target, one packed batch {b['shape'][0]} x {b['shape'][1]} of ShareGPT "
           f"({b['samples']} samples, {b['tokens']} tokens, {b['assistant_tokens']} assistant), "
-          f"{res['machine']['cpus']} CPUs; load {g['load_at_start']:.2f} before timing "
+          f"{res['machine']['cpus']} CPUs; load {g['load_at_start']:.2f} before loading "
           f"({'quiet' if g['quiet'] else 'NOT quiet'}: limit {g['max_load']}, waited {g['waited_s']:.0f} s), "
           f"{res['load_after']:.2f} after")
     rows = []
