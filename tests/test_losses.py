@@ -673,3 +673,16 @@ def test_top_k_metric_ties_rank_the_lower_token_id_first(seed, levels):
     _, top1, top3 = agreement(jnp.asarray(draft), jnp.asarray(target))
     np.testing.assert_array_equal(np.asarray(top1), rank == 0)
     np.testing.assert_array_equal(np.asarray(top3), rank < 3)
+
+
+def test_a_draft_position_holding_a_nan_hits_nothing():
+    """A diverged head's NaN logits compare false with everything, so the target's argmax would rank first."""
+    target = np.zeros((1, 3, VOCAB), np.float32)
+    target[..., 2] = 5.0
+    draft = np.zeros((1, 3, VOCAB), np.float32)
+    draft[..., 2] = 1.0  # position 0: a finite hit
+    draft[0, 1] = np.nan
+    draft[0, 2, 0] = np.nan  # one NaN elsewhere in the row
+    _, top1, top3 = agreement(jnp.asarray(draft), jnp.asarray(target))
+    np.testing.assert_array_equal(np.asarray(top1), [[1.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(top3), [[1.0, 0.0, 0.0]])

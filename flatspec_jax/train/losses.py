@@ -391,7 +391,8 @@ def agreement_terms(draft_logits: Array, target_logits: Array) -> tuple[Array, A
     Top-1/top-3 compare on the raw logits: argmax is invariant to the softmax shift, and the raw
     values avoid ties that rounding in z - logsumexp(z) could create. The target's argmax's rank
     among the draft logits (ties ordered by token id, as top_k orders them) takes one fused pass
-    over the vocabulary; a top_k over V is several times slower on CPU.
+    over the vocabulary; a top_k over V is several times slower on CPU. A draft position holding a NaN
+    (a diverged head) hits nothing: every comparison with NaN is false, so it would rank first.
     """
     draft = jax.lax.stop_gradient(draft_logits)
     target = jax.lax.stop_gradient(target_logits)
@@ -400,7 +401,7 @@ def agreement_terms(draft_logits: Array, target_logits: Array) -> tuple[Array, A
     picked = jnp.take_along_axis(draft, target_top[..., None], axis=-1)
     ids = jnp.arange(draft.shape[-1])
     ahead = (draft > picked) | ((draft == picked) & (ids < target_top[..., None]))
-    rank = jnp.sum(ahead, axis=-1)
+    rank = jnp.where(jnp.any(jnp.isnan(draft), axis=-1), draft.shape[-1], jnp.sum(ahead, axis=-1))
     return acceptance, (rank == 0).astype(jnp.float32), (rank < 3).astype(jnp.float32)
 
 
