@@ -47,6 +47,18 @@ def test_pipeline_runs_every_stage_and_summarises(selected_run):
     assert plots and all(Path(p).is_file() and p.endswith(".png") for p in plots)
 
 
+def test_the_summary_of_a_run_without_held_out_samples_says_so_instead_of_nan():
+    from flatspec_jax.train.loop import TrainSummary
+
+    cfg = load_config(None, ["data.heldout=0", "eval.limit=1"])
+    trained = TrainSummary(steps=2, train_samples=5, train_tokens_per_step=cfg.train.batch_tokens, final={}, heldout={})
+    result = {"method": "chain", "tau": 1.5, "drafts_per_round": 2.0, "speedup": 1.1, "tokens_per_s_spec": 11.0,
+              "tokens_per_s_ar": 10.0, "turns": 1}
+    text = pipeline.summary(cfg, None, trained, result, [])
+    assert re.search(r"held-out agreement +none \(data\.heldout=0\)", text), text
+    assert "nan" not in text
+
+
 def test_metrics_hold_one_record_per_step(selected_run):
     run_dir, _ = selected_run
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -375,6 +387,8 @@ def test_generate_prints_only_the_reply_and_a_draft_leaves_it_unchanged(selected
     assert replies["ar"] == replies["ar"].rstrip("\n") + "\n"  # the reply alone on stdout (logs go to stderr)
     assert cli.main(["generate", "--prompt", "  ", *overrides]) == 1
     assert "--prompt is empty" in capsys.readouterr().err
+    assert cli.main(["generate", "--prompt", "caf\udce9", *overrides]) == 1  # Latin-1 bytes under a UTF-8 locale
+    assert "--prompt is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_generate_counts_a_draft_vocabulary_from_the_samples_built_and_never_writes_them(selected_run, tiny_dir,

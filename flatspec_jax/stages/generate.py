@@ -13,6 +13,7 @@ import jax
 
 from flatspec_jax.config import Config, ConfigError
 from flatspec_jax.data.chat import render_prompt
+from flatspec_jax.data.conversations import is_unicode_text
 from flatspec_jax.decoding.runner import Decoder
 from flatspec_jax.stages.common import RunContext
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, args: argparse.Namespace, ctx: RunContext | None = None) -> str:
     if not args.prompt.strip():
         raise ConfigError("--prompt is empty: give the user message to answer")
+    if not is_unicode_text(args.prompt):  # bytes the shell's locale could not decode arrive as lone surrogates
+        raise ConfigError("--prompt is not UTF-8 text (is the terminal's encoding another, e.g. Latin-1?)")
     if args.draft and cfg.decode.method == "ar":
         log.warning("--draft %s is not used: decode.method=ar decodes autoregressively (set decode.method to chain "
                     "or tree to decode with it)", args.draft)

@@ -54,9 +54,9 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
     lines += [
         f"training tokens      {trained.steps * cfg.train.batch_tokens:,} ({trained.steps} steps x "
         f"{cfg.train.batch_tokens} tokens, {cfg.train.loss} loss, {cfg.train.features} features)",
-        f"held-out agreement   top-1 {heldout.get('eval_top1', float('nan')):.3f}, "
-        f"top-3 {heldout.get('eval_top3', float('nan')):.3f}, "
-        f"acceptance {heldout.get('eval_acceptance', float('nan')):.3f}",
+        "held-out agreement   " + (f"top-1 {heldout['eval_top1']:.3f}, top-3 {heldout['eval_top3']:.3f}, "
+                                   f"acceptance {heldout['eval_acceptance']:.3f}" if heldout
+                                   else "none (data.heldout=0)"),
         f"{'tau (' + result['method'] + ')':<21}{result['tau']:.2f} tokens per target forward "
         f"({result['drafts_per_round']:.2f} drafts proposed per round)",
         f"speedup              {result['speedup']:.2f}x ({result['tokens_per_s_spec']:.1f} vs "

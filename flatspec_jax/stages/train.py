@@ -93,5 +93,5 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     summary = train_draft(cfg, ctx.run_dir, ctx.mesh, ctx.rules, ctx.target, ctx.samples, selected,
                           vocab_hash(ctx.tokenizer), features, _training_draft_ids(cfg, ctx))
     log.info("trained %d steps on %d samples; held-out: %s", summary.steps, summary.train_samples,
-             ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())))
+             ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.heldout.items())) or "none (data.heldout=0)")
     return summary
