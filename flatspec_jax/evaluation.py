@@ -61,7 +61,7 @@ class TurnRecord:
     same_output: bool
 
 
-def _turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarray:
+def turn_prompt(tokenizer, prompt: Prompt, replies: Sequence[str]) -> np.ndarray:
     """Prompt ids of the next turn: the user turns so far, each answered by its earlier reply."""
     return render_prompt(tokenizer, answered_turns(prompt.turns[:len(replies) + 1], replies))
 
@@ -89,7 +89,7 @@ def evaluate(prompts: Sequence[Prompt], tokenizer, ar: Decoder, spec: Decoder, *
     calls = 0  # batches decoded (timed) so far, over all turns
     for turn in range(max(len(p.turns) for p in prompts)):
         level = [p for p in prompts if len(p.turns) > turn and len(replies[p.id]) == turn]
-        inputs = [_turn_prompt(tokenizer, p, replies[p.id]) for p in level]
+        inputs = [turn_prompt(tokenizer, p, replies[p.id]) for p in level]
         if turn:  # the first turns were checked (prompt_width raises) before anything was decoded
             fits = [len(ids) <= ar.max_prompt_tokens for ids in inputs]
             for prompt, ids, fit in zip(level, inputs, fits):

@@ -292,6 +292,11 @@ def test_pipeline_refuses_a_bad_prompts_file_before_the_first_stage(tiny_dir, tm
     with pytest.raises(ValueError, match=rf"{prompts}:2: not valid JSON"):
         pipeline.run(cfg)
     assert not (run_dir / "tokens.npz").exists()
+    prompts.write_text('{"prompt": "Hi"}\n{"id": "long", "prompt": "' + "word " * 600 + '"}\n')
+    with pytest.raises(ValueError, match=rf"{prompts}: prompt 'long' is \d+ tokens in the chat template, leaving no "
+                                         r"room for a new token in decode\.max_cache_length=512"):
+        pipeline.run(cfg)
+    assert not (run_dir / "tokens.npz").exists()
 
 
 def test_select_refuses_to_rewrite_the_selection_the_checkpoints_were_trained_on(selected_run, tiny_dir):

@@ -338,7 +338,7 @@ def test_a_preempted_evaluation_stops_at_the_batch_the_processes_agree_on(monkey
             return "reply"
 
     checks = []
-    monkeypatch.setattr(evaluation, "_turn_prompt", lambda tokenizer, prompt, replies: np.arange(4))
+    monkeypatch.setattr(evaluation, "turn_prompt", lambda tokenizer, prompt, replies: np.arange(4))
     monkeypatch.setattr(evaluation, "reached_preemption", lambda: checks.append(len(checks)) or len(checks) == 3)
     ar, spec = CountingDecoder(), CountingDecoder()
     prompts = [Prompt(str(i), "writing", ("question",)) for i in range(4)]
@@ -374,7 +374,7 @@ def test_a_later_turn_too_long_for_the_cache_ends_its_question_and_is_listed(mon
     def turn_prompt(tokenizer, prompt, replies):  # question "long" answers its first turn at length
         return np.arange(60 if replies and prompt.id == "long" else 4 + 8 * len(replies))
 
-    monkeypatch.setattr(evaluation, "_turn_prompt", turn_prompt)
+    monkeypatch.setattr(evaluation, "turn_prompt", turn_prompt)
     prompts = [Prompt("a", "writing", ("q1", "q2", "q3")), Prompt("long", "writing", ("q1", "q2", "q3")),
                Prompt("b", "writing", ("q1",))]
     with caplog.at_level("WARNING", logger="flatspec_jax.evaluation"):

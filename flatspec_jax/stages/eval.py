@@ -15,9 +15,10 @@ import jax
 from flatspec_jax.checkpoint.manager import read_meta
 from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import tokens_fingerprint
-from flatspec_jax.data.prompts import load_prompts
+from flatspec_jax.data.prompts import Prompt, load_prompts
+from flatspec_jax.data.sources import DataFormatError
 from flatspec_jax.decoding.runner import Decoder
-from flatspec_jax.evaluation import evaluate
+from flatspec_jax.evaluation import evaluate, turn_prompt
 from flatspec_jax.fingerprint import file_identity, model_identity
 from flatspec_jax.io import atomic_write_json
 from flatspec_jax.runtime import process_zero_says
@@ -59,6 +60,24 @@ def eval_is_current(cfg: Config, checkpoint: Path) -> bool:
         return False
 
 
+def load_eval_prompts(cfg: Config, tokenizer) -> list[Prompt]:
+    """``eval.prompts`` as evaluation reads them, refused before any model loads when the file cannot be read
+    or a first turn leaves no cache slot for a new token (a later turn, which holds the replies before it, is
+    checked when it is reached).
+
+    Raises:
+      DataFormatError: naming the file (and line) or the prompt and its length.
+    """
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)
+    for prompt in prompts:
+        length = len(turn_prompt(tokenizer, prompt, []))
+        if length >= cfg.decode.max_cache_length:
+            source = "MT-bench" if cfg.eval.prompts == "mtbench" else cfg.eval.prompts
+            raise DataFormatError(f"{source}: prompt {prompt.id!r} is {length} tokens in the chat template, leaving "
+                                  f"no room for a new token in decode.max_cache_length={cfg.decode.max_cache_length}")
+    return prompts
+
+
 def summary_line(result: dict[str, Any]) -> str:
     skipped = len(result.get("skipped_turns", []))  # eval.json files written before the key existed lack it
     return (f"tau {result['tau']:.2f} tokens per target forward ({result['drafts_per_round']:.2f} drafts proposed "
@@ -76,7 +95,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None, ctx: RunContext | N
     if process_zero_says(checkpoint.is_dir()) and process_zero_says(eval_is_current(cfg, checkpoint)):
         log.info("%s is current; nothing to do", path)
         return json.loads(path.read_text())
-    prompts = load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad file fails before any loading
+    prompts = load_eval_prompts(cfg, ctx.tokenizer)  # a bad file fails before the models load
     if not cfg.eval.warmup:
         log.warning("eval.warmup=0: the first batch of each turn is timed with its compilation, so tokens/s "
                     "and the speedup understate both decoders")

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from flatspec_jax.checkpoint.manager import CHECKPOINT_DIR, holds_trained_steps, read_meta
 from flatspec_jax.config import Config
 from flatspec_jax.data.prepare import tokens_fingerprint
-from flatspec_jax.data.prompts import load_prompts
 from flatspec_jax.data.regenerate import responses_are_current
 from flatspec_jax.runtime import process_zero_says
 from flatspec_jax.scoring import read_fingerprint
@@ -124,7 +123,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> str:
         return out
 
     check_training_resumes(cfg, ctx)
-    load_prompts(cfg.eval.prompts, cfg.eval.limit, cfg.eval.turns)  # a bad prompts file fails now, not after training
+    eval_stage.load_eval_prompts(cfg, ctx.tokenizer)  # a bad prompts file fails now, not after training
     if cfg.data.responses == "target":
         timed("regenerate", lambda: ctx.responses)
     timed("score", lambda: score.run(cfg, ctx=ctx))
