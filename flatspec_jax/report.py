@@ -191,6 +191,23 @@ def metric_series(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.asarray([by_step[s] for s in steps], dtype=np.float64)
 
 
+def non_finite_metrics(records: Records) -> dict[str, float]:
+    """The keys logged as NaN or infinite somewhere (a diverged training run), each with the first step
+    that did; the plots leave those values out."""
+    first: dict[str, float] = {}
+    for record in records:
+        step = record.get("step")
+        for key, value in record.items():
+            if isinstance(value, float) and not math.isfinite(value) and _is_number(step):
+                first[key] = min(first.get(key, step), step)
+    return first
+
+
+def _points(steps: np.ndarray) -> dict[str, Any]:
+    """Line style that still shows a series of one logged step (a line through one point draws nothing)."""
+    return {"marker": "o", "markersize": 4} if steps.size < 2 else {}
+
+
 def metric_keys(records: Records) -> list[str]:
     """Every key with a numeric value in some record (except ``step``), sorted."""
     return sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
@@ -235,7 +252,8 @@ def _train_and_heldout(ax: Any, records: Records, keys: Sequence[str], label: Ca
         color = f"C{index % 10}"
         steps, values = metric_series(records, key)
         if steps.size:
-            ax.plot(steps, values, color=color, linewidth=width(key), label=f"{label(key)} (training batches)")
+            ax.plot(steps, values, color=color, linewidth=width(key), label=f"{label(key)} (training batches)",
+                    **_points(steps))
             drawn.append(values)
         steps, values = metric_series(records, HELDOUT_PREFIX + key)
         if steps.size:
@@ -284,7 +302,7 @@ def plot_learning_rate(records: Records, path: str | Path) -> Path:
     _, steps, values = _series_or_raise(records, LR_KEYS, "learning rate")[0]
     figure = _figure(7.0, 3.5)
     ax = figure.add_subplot()
-    ax.plot(steps, values, color="tab:purple")
+    ax.plot(steps, values, color="tab:purple", **_points(steps))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -337,7 +355,7 @@ def plot_throughput(records: Records, path: str | Path) -> Path:
     _, steps, values = _series_or_raise(records, ("tokens_per_s",), "throughput (tokens_per_s)")[0]
     figure = _figure(7.0, 3.5)
     ax = figure.add_subplot()
-    ax.plot(steps, values, color="tab:green")
+    ax.plot(steps, values, color="tab:green", **_points(steps))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("tokens / s")
     ax.set_ylim(bottom=0)

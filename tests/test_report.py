@@ -198,3 +198,41 @@ def test_agreement_plot_draws_the_later_drafts_of_an_unrolled_run(tmp_path, monk
     assert_png(report.plot_agreement(records, tmp_path / "agreement.png"))
     assert labels == ["top-1 agreement", "top-3 agreement", "acceptance Σ min(p, q)",
                       "draft 2 top-1 agreement (from its own drafts)"]
+
+
+def test_a_diverged_run_is_named_and_its_unplottable_curves_leave_no_old_plot(tmp_path, caplog):
+    """A loss that turned NaN is warned about with its first step; a metric that is NaN throughout cannot be
+    drawn, and the plot an earlier report drew from these metrics is removed rather than left as current."""
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "training_loss.png").write_bytes(PNG_SIGNATURE + b"an earlier, healthy curve")
+    records = [{"step": step, "loss": float("nan"), "lr": 1e-3, "tokens_per_s": 100.0 + step} for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.INFO):
+        written = report_stage.run(config(tmp_path))
+    assert {p.name for p in written} == {"learning_rate.png", "throughput.png"}
+    assert re.search(r"metrics\.jsonl: loss is NaN or infinite from step 1 on \(did the training diverge\?\)",
+                     caplog.text)
+    assert not (tmp_path / "plots" / "training_loss.png").exists()
+
+
+def test_a_metric_logged_at_one_step_is_still_drawn(tmp_path):
+    """log_every above train.steps logs lr once; a line through one point would leave the plot empty."""
+    path = report.plot_learning_rate([{"step": 2, "lr": 1e-3}], tmp_path / "learning_rate.png")
+    pixels = imread(path)[..., :3]
+    purple = np.array([0x94, 0x67, 0xBD]) / 255  # tab:purple
+    assert np.sum(np.all(np.abs(pixels - purple) < 0.05, axis=-1)) > 10
+
+
+def test_an_unreadable_scores_file_skips_only_its_plots_and_an_empty_metrics_file_is_named(tmp_path, caplog):
+    (tmp_path / "scores.parquet").write_bytes(b"PAR1 cut")
+    write_metrics(tmp_path / "metrics.jsonl")
+    with caplog.at_level(logging.WARNING):
+        written = report_stage.run(config(tmp_path))
+    assert {p.name for p in written} == METRIC_PLOTS
+    assert re.search(r"no score plots: cannot read .*scores\.parquet", caplog.text)
+    (tmp_path / "metrics.jsonl").write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert report_stage.run(config(tmp_path)) == []
+    assert "nothing to plot in" in caplog.text
+    assert "scores.parquet, metrics.jsonl hold(s) nothing it can draw" in caplog.text

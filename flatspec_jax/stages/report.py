@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flatspec_jax import report
@@ -58,7 +59,11 @@ def _current_manifest(directory: Path, scores_path: Path) -> dict[str, Any] | No
 
 def score_plots(cfg: Config, scores_path: Path, out: Path) -> list[Path]:
     """Flatness histogram with the selection cut, flatness vs entropy, token flatness by position."""
-    table = pq.read_table(scores_path)
+    try:
+        table = pq.read_table(scores_path)
+    except (OSError, pa.ArrowException) as err:
+        log.warning("no score plots: cannot read %s (%s); re-run `flatspec score`", scores_path, err)
+        return []
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         log.warning("no score plots: %s lacks column %r (has %s); re-run `flatspec score`", scores_path, missing[0],
@@ -103,6 +108,9 @@ def score_plots(cfg: Config, scores_path: Path, out: Path) -> list[Path]:
 def metrics_plots(metrics_path: Path, out: Path) -> list[Path]:
     """Training curves: loss terms, learning rate, top-k agreement, throughput (those logged)."""
     records = read_metrics(metrics_path)
+    for key, step in sorted(report.non_finite_metrics(records).items(), key=lambda item: (item[1], item[0])):
+        log.warning("%s: %s is NaN or infinite from step %g on (did the training diverge?); the plots leave those "
+                    "values out", metrics_path, key, step)
     keys = set(report.metric_keys(records))
     plots: list[tuple[bool, Callable[..., Path], str]] = [
         (bool(report.loss_keys(records)), report.plot_training_loss, "training_loss.png"),
@@ -111,6 +119,10 @@ def metrics_plots(metrics_path: Path, out: Path) -> list[Path]:
         ("tokens_per_s" in keys, report.plot_throughput, "throughput.png"),
     ]
     written = [_try(plot, records, out / name) for present, plot, name in plots if present]
+    for present, _, name in plots:
+        if not present and (out / name).is_file():  # drawn from an earlier state of these metrics
+            log.info("removing %s: %s no longer holds what it plots", out / name, metrics_path.name)
+            (out / name).unlink()
     return [p for p in written if p is not None]
 
 
@@ -158,8 +170,11 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> list[Path]:
         written += metrics_plots(directory / METRICS_FILE, out)
     if (directory / EVAL_FILE).is_file():
         written += eval_plots(directory / EVAL_FILE, out)
+    present = [name for name in (SCORES_FILE, METRICS_FILE, EVAL_FILE) if (directory / name).is_file()]
     if written:
         log.info("report: wrote %d plot(s) to %s: %s", len(written), out, ", ".join(p.name for p in written))
+    elif present:
+        log.warning("report: nothing to plot in %s: %s hold(s) nothing it can draw", directory, ", ".join(present))
     else:
         log.warning("report: nothing to plot in %s (no %s, %s or %s)", directory, SCORES_FILE, METRICS_FILE,
                     EVAL_FILE)
