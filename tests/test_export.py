@@ -586,13 +586,16 @@ def test_an_export_clears_what_killed_exports_left(tmp_path, caplog, head_exists
     if head_exists:
         eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {"new": 1}}, tensors)
     aside = eagle_format.write_head_dir(tmp_path / ".head.s3t4s1d3.old" / "head", {"flatspec": {"old": 1}}, tensors)
-    partial = tmp_path / ".head.k1ll3d.tmp"
+    partial = tmp_path / ".head.k1ll3d00.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a head")
-    (tmp_path / ".other.k1ll3d.tmp").mkdir()  # another output's: not this export's to remove
+    others = [".other.k1ll3d.tmp", ".head.v2.k1ll3d0.tmp", ".head.v2.s3t4s1d3.old"]  # other outputs' (head.v2)
+    for name in others:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".head.v2.s3t4s1d3.old" / "head.v2").mkdir()  # the only copy of head.v2
     with caplog.at_level("INFO", logger="flatspec_jax.checkpoint.eagle_format"):
         eagle_format.write_head_dir(tmp_path / "head", {"flatspec": {"newest": 1}}, tensors)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k1ll3d.tmp", "head"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "head"])
     assert json.loads((tmp_path / "head" / "config.json").read_text()) == {"flatspec": {"newest": 1}}
     assert f"removing {partial}" in caplog.text
     assert (f"putting back {aside}" in caplog.text) is not head_exists

@@ -28,11 +28,11 @@ through :data:`flatspec_jax.weights.layout.LAYER_TENSORS`, the table the target 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -510,16 +510,27 @@ def _check_replaceable(out: Path) -> None:
                           "export or an empty directory; name another output directory")
 
 
+def _leftovers(out: Path, suffix: str) -> list[Path]:
+    """The directories ``tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix)`` makes beside ``out``: its
+    random part is 8 characters of [a-z0-9_], so another output's (``out.name`` + ".v2", say) never match."""
+    pattern = re.escape(f".{out.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix)
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if re.fullmatch(pattern, p.name) and p.is_dir())
+
+
 def _recover_from_killed_exports(out: Path) -> None:
     """Clears what exports to ``out`` that were killed left beside it: a partial head is deleted; a head set
     aside is put back as ``out`` when ``out`` is missing (killed between the renames), else deleted (its
     replacement is in place)."""
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.tmp")):
-        if leftover.is_dir():
-            log.info("removing %s, the partial head of an export that was killed", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-    for aside in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.old")):
-        if (aside / out.name).is_dir() and not out.exists():
+    for leftover in _leftovers(out, ".tmp"):
+        log.info("removing %s, the partial head of an export that was killed", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for aside in _leftovers(out, ".old"):
+        held = [p.name for p in aside.iterdir()]
+        if held not in ([], [out.name]):
+            continue  # not what an export sets aside: leave it
+        if held and not out.exists():
             log.warning("putting back %s, which an export killed before writing %s had set aside", aside / out.name,
                         out)
             os.rename(aside / out.name, out)
