@@ -4,6 +4,7 @@ that redoes nothing, and the select stage only where training reads its manifest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,9 @@ def test_the_summary_of_a_run_without_held_out_samples_says_so_instead_of_nan():
     text = pipeline.summary(cfg, None, trained, result, [])
     assert re.search(r"held-out agreement +none \(data\.heldout=0\)", text), text
     assert "nan" not in text
+    trained = dataclasses.replace(trained, left_out=1)
+    assert re.search(r"samples kept +all 6 \(data\.selection: null; 0 held out; 1 with nothing to train within "
+                     r"train\.row_length left out\)", pipeline.summary(cfg, None, trained, result, []))
 
 
 def test_metrics_hold_one_record_per_step(selected_run):

@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flatspec_jax.config import load_config
+from flatspec_jax.config import ConfigError, load_config
 from flatspec_jax.train.metrics import read_metrics
 from flatspec_jax.train.optim import learning_rate_schedule
 from flatspec_jax.train.resume import check_resumable
@@ -248,8 +248,6 @@ def test_a_new_train_steps_warns_with_the_learning_rate_it_resumes_at(tmp_path, 
 
 
 def test_changed_samples_name_the_setting_behind_them_or_else_the_files(tmp_path):
-    from flatspec_jax.config import ConfigError
-
     saved = load_config(None, ["model.path=/models/a", "data.limit=12"])
     meta = {"config": saved.to_dict(), "inputs": {"samples": "before"}}
     moved = load_config(None, ["model.path=/models/b", "data.limit=12"])
@@ -257,3 +255,20 @@ def test_changed_samples_name_the_setting_behind_them_or_else_the_files(tmp_path
         check_resumable(tmp_path, meta, moved, {"samples": "after"}, start=4)
     with pytest.raises(ConfigError, match=r"the tokenized samples \(the contents of the data or model files"):
         check_resumable(tmp_path, meta, saved, {"samples": "after"}, start=4)
+
+
+def test_samples_left_out_for_nothing_to_train_are_compared_and_an_older_checkpoint_is_warned_about(tmp_path,
+                                                                                                   caplog):
+    cfg = load_config(None, ["data.limit=12"])
+    now = {"samples": "s", "selection": None, "left_out": 2}
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.train.resume"):
+        check_resumable(tmp_path, {"config": cfg.to_dict(), "inputs": {"samples": "s", "selection": None}}, cfg,
+                        now, start=4)
+    assert "was written before training left out samples" in caplog.text and "2 such samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flatspec_jax.train.resume"):
+        check_resumable(tmp_path, {"config": cfg.to_dict(), "inputs": now}, cfg, now, start=4)
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match=r"the samples left out for nothing to train within train\.row_length "
+                                          r"\(1 -> 2\)"):
+        check_resumable(tmp_path, {"config": cfg.to_dict(), "inputs": {**now, "left_out": 1}}, cfg, now, start=4)

@@ -44,12 +44,14 @@ def summary(cfg: Config, manifest: dict[str, Any] | None, trained: Any, result: 
         lines.append(f"target replies       {responses['conversations']} conversations, "
                      f"{responses['reply_tokens']:,} tokens ({responses['cut_replies']} cut at "
                      f"{cfg.regenerate.max_new_tokens})")
+    left_out = (f"; {trained.left_out} with nothing to train within train.row_length left out"
+                if trained.left_out else "")
     if manifest is None:
-        lines.append(f"samples kept         all {trained.train_samples} (data.selection: null; "
-                     f"{cfg.data.heldout} held out)")
+        lines.append(f"samples kept         all {trained.train_samples + trained.left_out} (data.selection: null; "
+                     f"{cfg.data.heldout} held out{left_out})")
     else:
         lines.append(f"samples kept         {manifest['count']} of {manifest['candidates']} ({manifest['rule']}, "
-                     f"keep {manifest['keep']:g}; {manifest['heldout']} held out)")
+                     f"keep {manifest['keep']:g}; {manifest['heldout']} held out{left_out})")
     lines += [
         f"training tokens      {trained.steps * cfg.train.batch_tokens:,} ({trained.steps} steps x "
         f"{cfg.train.batch_tokens} tokens, {cfg.train.loss} loss, {cfg.train.features} features)",

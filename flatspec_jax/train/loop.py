@@ -49,6 +49,8 @@ class TrainSummary:
     train_tokens_per_step: int
     final: dict[str, float]
     heldout: dict[str, float]
+    left_out: int = 0
+    """Training samples left out: nothing to train within ``train.row_length``."""
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
@@ -115,6 +117,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
     inputs = training_inputs(dataset, selected_ids)
     train_indices, heldout_indices = train_and_heldout_indices(dataset, cfg.data.heldout, selected_ids)
     lengths = dataset.lengths[train_indices]
+    left_out = 0
     if (lengths > tcfg.row_length).any():  # scored and selected whole, trained on their first row_length tokens
         # A draft is trained at t where x_{t+2} is an assistant token (step.trained_positions): a sample whose
         # first row_length tokens hold none after its first two would only fill rows.
@@ -127,7 +130,8 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         if untrained.all():
             raise ConfigError(f"train.row_length={tcfg.row_length} leaves no assistant token to train on in any of "
                               f"the {len(train_indices)} training samples")
-        train_indices = train_indices[~untrained]
+        train_indices, left_out = train_indices[~untrained], int(untrained.sum())
+    inputs["left_out"] = left_out  # how the rows are planned: compared on resume (train.resume)
     rows = plan_training_rows(dataset, train_indices, tcfg.row_length)
     log.info("training on %d samples packed into %d rows of %d tokens; %d held out", len(train_indices), len(rows),
              tcfg.row_length, len(heldout_indices))
@@ -153,7 +157,7 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
                 "%s holds step %d (train.steps=%d): nothing to train; the head of step %d is the run's",
                 checkpoints.directory, start, tcfg.steps, start)
         checkpoints.close()
-        return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices))
+        return _finished_summary(run_dir / METRICS_FILE, start, tcfg, len(train_indices), left_out)
     # JAX's preemption sync settles on one check past the furthest any process reported: check once before
     # the first step, so a SIGTERM during restore and compilation stops this run at its first step.
     if reached_preemption():
@@ -246,10 +250,11 @@ def train_draft(cfg: Config, run_dir: Path, mesh: Mesh, rules: ShardingRules, ta
         checkpoints.close()
         metrics_log.close()
     return TrainSummary(steps=tcfg.steps, train_samples=len(train_indices), train_tokens_per_step=tcfg.batch_tokens,
-                        final=final, heldout=heldout_metrics)
+                        final=final, heldout=heldout_metrics, left_out=left_out)
 
 
-def _finished_summary(metrics_path: Path, steps: int, tcfg: TrainConfig, train_samples: int) -> TrainSummary:
+def _finished_summary(metrics_path: Path, steps: int, tcfg: TrainConfig, train_samples: int,
+                      left_out: int) -> TrainSummary:
     """The summary of a run whose last checkpoint, of step ``steps``, ends its training, from what it logged."""
     records = [r for r in read_metrics(metrics_path) if r["step"] <= steps]  # not what a lost tail logged
     last_logged = next((r for r in reversed(records) if "loss" in r), {})
@@ -258,4 +263,4 @@ def _finished_summary(metrics_path: Path, steps: int, tcfg: TrainConfig, train_s
              if name != "step" and not name.startswith(HELDOUT_PREFIX)}
     heldout = {name: value for name, value in last_evaluated.items() if name.startswith(HELDOUT_PREFIX)}
     return TrainSummary(steps=steps, train_samples=train_samples, train_tokens_per_step=tcfg.batch_tokens,
-                        final=final, heldout=heldout)
+                        final=final, heldout=heldout, left_out=left_out)

@@ -41,7 +41,7 @@ def selection_hash(selected_ids: Sequence[str] | None) -> str | None:
     return None if selected_ids is None else hashlib.sha256(json.dumps(list(selected_ids)).encode()).hexdigest()
 
 
-def training_inputs(dataset: TokenizedDataset, selected_ids: Sequence[str] | None) -> dict[str, str | None]:
+def training_inputs(dataset: TokenizedDataset, selected_ids: Sequence[str] | None) -> dict[str, Any]:
     """The fingerprint of the tokenized samples and the sha256 of the selected ids (None: all samples)."""
     return {"samples": dataset.fingerprint, "selection": selection_hash(selected_ids)}
 
@@ -78,14 +78,21 @@ def refuse_imported_head(directory: Path) -> None:
                       "run_dir")
 
 
-def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, str | None],
+def check_resumable(directory: Path, saved_meta: dict[str, Any], cfg: Config, inputs: dict[str, Any],
                     start: int) -> None:
     """Raises ConfigError listing every difference between the checkpoints in ``directory`` and this run,
     and warns when a new ``train.steps`` changes the learning rate the run resumes with at step ``start``.
 
-    Settings and inputs a checkpoint written by an older version did not record are not compared.
+    Settings and inputs a checkpoint written by an older version did not record are not compared; one
+    written before training left out samples with nothing to train within ``train.row_length`` was
+    trained on rows that held them, so resuming it where this run leaves some out is warned about.
     """
     refuse(directory, setting_changes(saved_meta, cfg) + input_changes(saved_meta, inputs, cfg))
+    if inputs.get("left_out") and "left_out" not in (saved_meta.get("inputs") or {}):
+        log.warning("%s was written before training left out samples with nothing to train within "
+                    "train.row_length; %s such samples are left out now, so the rows from the step it resumes at "
+                    "differ from those an uninterrupted run of that version would have trained on", directory,
+                    inputs["left_out"])
     saved_steps = saved_meta.get("config", {}).get("train", {}).get("steps", cfg.train.steps)
     if saved_steps == cfg.train.steps:
         return
@@ -119,7 +126,7 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
             for key, value in fields.items()}
 
 
-def input_changes(saved_meta: dict[str, Any], inputs: dict[str, str | None], cfg: Config | None = None) -> list[str]:
+def input_changes(saved_meta: dict[str, Any], inputs: dict[str, Any], cfg: Config | None = None) -> list[str]:
     """The training inputs (:func:`training_inputs`; a key left out is not compared) that differ from
     the checkpoints' ``saved_meta``; with ``cfg`` (this run's), a changed sample setting is named."""
     saved_inputs = saved_meta.get("inputs") or {}
@@ -128,4 +135,7 @@ def input_changes(saved_meta: dict[str, Any], inputs: dict[str, str | None], cfg
         changes.append(samples_change(saved_meta.get("config", {}), cfg))
     if "selection" in inputs and saved_inputs.get("selection", inputs["selection"]) != inputs["selection"]:
         changes.append("the selected samples (select.*, score.* or data.selection changed)")
+    if "left_out" in inputs and saved_inputs.get("left_out", inputs["left_out"]) != inputs["left_out"]:
+        changes.append(f"the samples left out for nothing to train within train.row_length "
+                       f"({saved_inputs['left_out']} -> {inputs['left_out']})")
     return changes
