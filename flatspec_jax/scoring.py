@@ -53,7 +53,7 @@ from flatspec_jax.models.llama import Llama
 from flatspec_jax.models.masks import segment_causal_mask
 from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption, stop_cause
-from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, check_process_rows, process_rows
+from flatspec_jax.sharding import ShardingRules, batch_sharding, batch_shards, process_rows
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def make_plan(lengths: np.ndarray, cfg: ScoreConfig, row_multiple: int = 1) -> S
 
 
 def check_mesh_fits(cfg: ScoreConfig, mesh: Mesh) -> None:
-    check_process_rows(mesh)
     shards = batch_shards(mesh)
     if cfg.rows_per_batch % shards:
         raise ConfigError(f"score.rows_per_batch={cfg.rows_per_batch} is not a multiple of the {shards} "

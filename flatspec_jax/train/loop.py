@@ -32,7 +32,7 @@ from flatspec_jax.models.eagle import create_eagle_head
 from flatspec_jax.models.llama import Llama
 from flatspec_jax.profiling import StepProfiler
 from flatspec_jax.runtime import Preempted, process_zero_says, reached_preemption, stop_cause
-from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, check_process_rows, place_state,
+from flatspec_jax.sharding import (ShardingRules, batch_sharding, batch_shards, place_state,
                                    process_rows, state_shardings)
 from flatspec_jax.train.metrics import HELDOUT_PREFIX, METRICS_FILE, MetricsLog, device_peak_gib, read_metrics
 from flatspec_jax.train.optim import build_optimizer, learning_rate_schedule
@@ -93,9 +93,8 @@ def _untrained_metrics(evaluate, params: nnx.State, target_params: nnx.State,
 
 
 def _check_rows_fit_mesh(tcfg: TrainConfig, mesh: Mesh) -> None:
-    """Every micro-batch's rows must split evenly over the mesh's batch shards, and every process hold
-    some of the mesh's devices."""
-    check_process_rows(mesh)
+    """Every micro-batch's rows must split evenly over the mesh's batch shards (that every process holds
+    some of the mesh's devices is checked where the mesh is made, ``RunContext.mesh``)."""
     shards = batch_shards(mesh)
     if tcfg.rows_per_step % shards:
         raise ConfigError(f"train.batch_tokens / (train.row_length x train.grad_accum) = {tcfg.rows_per_step} "
